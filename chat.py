@@ -1,0 +1,1466 @@
+#!/usr/bin/env python3
+"""chat.py -- a terminal chat room in one file, standard library only.
+
+    python3 chat.py server [--host H] [--port P] [limits...]   run a room
+    python3 chat.py client [--name NICK] [--host H] [--port P] join it
+    nc 127.0.0.1 9999                                          or join with netcat
+
+The wire protocol, in short (README.md has all of it): UTF-8 lines ending in
+LF. The first line a connection sends is its nickname. After that a line is
+a message to everyone, or a command: /me, /msg, /nick, /who, /help, /ping,
+/quit. The server sends `<NICK> ` messages, `* NICK ` actions, `*NICK* `
+private messages, `-> *NICK* ` echoes of your own, `*** ` notices and `!!! `
+errors. Every broadcast reaches everyone in one and the same order.
+"""
+
+import argparse
+import errno
+import heapq
+import os
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+import unicodedata
+
+try:
+    import resource  # Unix only: used to raise the open-files limit.
+except ImportError:  # Windows
+    resource = None
+
+
+# --- Settings -----------------------------------------------------------------
+# Every default and limit, with its unit. The server's flags start from these.
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 9999
+
+MAX_LINE_BYTES = 4096         # longest accepted line, line end not counted
+RATE_LINES_PER_S = 10.0       # flood control: token refill rate (0 = off)
+BURST_LINES = 20              # flood control: bucket size
+BYTES_PER_EXTRA_TOKEN = 512   # a line costs one more token per full 512 bytes
+MAX_SENDQ_BYTES = 262144      # unsent output past which a client is evicted
+MAX_CLIENTS = 10000           # connections, registered or not
+MAX_PER_IP = 16               # connections from one address (0 = no limit)
+REGISTER_TIMEOUT_S = 60.0     # from connect to an accepted nickname
+MAX_NICK_CHARS = 24
+
+# Loopback is exempt from the per-address limit: local tests, bots and
+# tunnels all arrive from it.
+EXEMPT_ADDRESSES = frozenset({"127.0.0.1", "::1"})
+
+RECV_BYTES = 65536            # large reads: fewer system calls under load
+ACCEPTS_PER_PASS = 128        # accept in batches, but let others run too
+LISTEN_BACKLOG = 1024
+LINGER_S = 2.0                # after our last byte, wait this long for the peer
+SHUTDOWN_FLUSH_S = 2.0        # on SIGINT/SIGTERM, flush for at most this long
+ACCEPT_PAUSE_S = 0.1          # out of file descriptors and no spare: wait
+
+# TCP keepalive finds peers that vanished without a word: first probe after
+# 5 minutes of silence, then 4 probes 30 s apart, so dropped within 7 minutes.
+KEEPALIVE_IDLE_S = 300
+KEEPALIVE_INTERVAL_S = 30
+KEEPALIVE_PROBES = 4
+
+CLIENT_CONNECT_TIMEOUT_S = 10.0
+CLIENT_QUIT_WAIT_S = 10.0     # after /quit, wait this long for silence to end
+CLIENT_MAX_OUTBUF = 65536     # stop taking typed lines while this much is unsent
+
+
+# --- Protocol -----------------------------------------------------------------
+# The only code that knows what bytes on the wire look like: framing, telnet
+# filtering, cleaning text, nickname rules, parsing a client's line, and the
+# text of every line the server sends. Pure functions, no sockets.
+
+ENCODING = "utf-8"
+NOTICE = "*** "
+ERROR = "!!! "
+
+# Every line the server sends, in one table. Only encode_line() adds the LF.
+FORMATS = {
+    "message": "<{nick}> {text}",
+    "action": "* {nick} {text}",
+    "private": "*{nick}* {text}",
+    "private_echo": "-> *{nick}* {text}",
+    "joined": NOTICE + "{nick} joined ({count} online)",
+    "left": NOTICE + "{nick} left ({reason})",
+    "renamed": NOTICE + "{old} is now known as {new}",
+    "who": NOTICE + "{count} online: {nicks}",
+    "pong": NOTICE + "pong {token}",
+    "notice": NOTICE + "{text}",
+    "error": ERROR + "{text}",
+}
+
+GREETING = (
+    "welcome to chat.py ({count} online)",
+    "choose a nickname: 1-24 letters, digits, _ or -",
+)
+HELP = (
+    "TEXT                 say TEXT to everyone (//TEXT says /TEXT)",
+    "/me TEXT             act: * NICK TEXT",
+    "/msg NICK TEXT       a private message to NICK",
+    "/nick NEW            change your nickname",
+    "/who                 who is online",
+    "/ping [TOKEN]        answered with: pong TOKEN",
+    "/help                this list",
+    "/quit [REASON]       leave",
+)
+USAGE = {
+    "me": "usage: /me TEXT",
+    "msg": "usage: /msg NICK TEXT",
+    "nick": "usage: /nick NEW",
+}
+SHUTDOWN_NOTICE = "server shutting down"
+LEFT_QUIT = "quit"
+LEFT_CLOSED = "connection closed"
+LEFT_TOO_SLOW = "too slow"
+
+
+def format_line(kind, **fields):
+    """Return the text of one server line of the given kind."""
+    return FORMATS[kind].format(**fields)
+
+
+def encode_line(text):
+    """Return text as it goes on the wire: UTF-8 with the LF line end."""
+    return (text + "\n").encode(ENCODING)
+
+
+def notice(text):
+    return format_line("notice", text=text)
+
+
+def error(text):
+    return format_line("error", text=text)
+
+
+# Telnet: IAC (0xFF) starts a command. States of the filter below.
+IAC, SB, SE, WILL, DONT = 0xFF, 0xFA, 0xF0, 0xFB, 0xFE
+LF, CR = 0x0A, 0x0D
+TELNET_DATA, TELNET_IAC, TELNET_OPTION, TELNET_SUB, TELNET_SUB_IAC = range(5)
+
+
+def strip_telnet(data, state=TELNET_DATA):
+    """Drop telnet commands from a chunk of the byte stream.
+
+    Returns (data without commands, state to pass with the next chunk): a
+    command may be split across reads, down to one byte per read.
+    """
+    if state == TELNET_DATA and IAC not in data:
+        return data, state  # the common case: no telnet at all
+    out = bytearray()
+    for byte in data:
+        if state == TELNET_DATA:
+            if byte == IAC:
+                state = TELNET_IAC
+            else:
+                out.append(byte)
+        elif state == TELNET_IAC:
+            if WILL <= byte <= DONT:
+                state = TELNET_OPTION
+            elif byte == SB:
+                state = TELNET_SUB
+            else:
+                if byte == LF:  # a lone IAC must not swallow the line end
+                    out.append(byte)
+                state = TELNET_DATA
+        elif state == TELNET_OPTION:
+            state = TELNET_DATA
+        elif state == TELNET_SUB:
+            if byte == IAC:
+                state = TELNET_SUB_IAC
+        else:  # TELNET_SUB_IAC
+            state = TELNET_DATA if byte == SE else TELNET_SUB
+    return bytes(out), state
+
+
+TOO_LONG = object()  # what LineReader.pop_line() returns for a refused line
+
+
+class LineReader:
+    """Frame a byte stream into lines, refusing overlong ones without keeping them.
+
+    Invariant: an unfinished line is kept only while it could still be
+    accepted (at most max_line bytes and a CR); past that it is dropped and
+    the rest of it, up to its LF, is discarded as it arrives.
+    """
+
+    __slots__ = ("max_line", "buf", "pos", "discarding", "telnet")
+
+    def __init__(self, max_line=MAX_LINE_BYTES):
+        self.max_line = max_line
+        self.buf = bytearray()
+        self.pos = 0              # buf[:pos] has been handed out already
+        self.discarding = False   # inside an overlong line, waiting for its LF
+        self.telnet = TELNET_DATA
+
+    def feed(self, data):
+        """Add bytes as they came from the socket."""
+        data, self.telnet = strip_telnet(data, self.telnet)
+        self.buf += data
+
+    def pop_line(self):
+        """Return the next line (bytes, no line end), TOO_LONG, or None for none yet."""
+        buf = self.buf
+        while True:
+            start = self.pos
+            end = buf.find(b"\n", start)
+            if end < 0:
+                return self._keep_unfinished()
+            self.pos = end + 1
+            if self.discarding:  # the end of a line already refused
+                self.discarding = False
+                continue
+            if end > start and buf[end - 1] == CR:
+                end -= 1
+            if end - start > self.max_line:
+                return TOO_LONG
+            return bytes(buf[start:end])
+
+    def _keep_unfinished(self):
+        """Compact the buffer; refuse an unfinished line that is already too long."""
+        buf = self.buf
+        del buf[:self.pos]
+        self.pos = 0
+        if self.discarding:
+            buf.clear()
+            return None
+        room = self.max_line + 1  # the line, and perhaps a CR before its LF
+        if len(buf) > room or (len(buf) == room and buf[-1] != CR):
+            buf.clear()
+            self.discarding = True
+            return TOO_LONG
+        return None
+
+    def has_line(self):
+        """Tell whether a complete line is waiting."""
+        return self.buf.find(b"\n", self.pos) >= 0
+
+
+def _unsafe_characters():
+    """Build the str.translate table that makes text safe for a terminal."""
+    table = {code: None for code in range(0x20)}          # C0 controls
+    table.update({code: None for code in range(0x7F, 0xA0)})  # DEL, C1
+    for code in (0x061C, 0x200B, 0x200E, 0x200F, 0xFEFF):
+        table[code] = None
+    for first, last in ((0x202A, 0x202E), (0x2060, 0x2064), (0x2066, 0x2069)):
+        table.update({code: None for code in range(first, last + 1)})
+    for code in (0x09, 0x2028, 0x2029):  # TAB and the Unicode line breaks
+        table[code] = " "
+    return table
+
+
+UNSAFE_CHARACTERS = _unsafe_characters()
+
+
+def clean_text(text):
+    """Remove what could act on a terminal: controls and invisible reordering marks."""
+    return text.translate(UNSAFE_CHARACTERS)
+
+
+def decode_line(line):
+    """Turn a received line into safe text without trailing whitespace."""
+    return clean_text(line.decode(ENCODING, "replace")).rstrip()
+
+
+HANGUL_FILLERS = frozenset("\u115f\u1160\u3164\uffa0")
+CONFUSABLE_SCRIPTS = frozenset({"LATIN", "GREEK", "CYRILLIC"})
+
+
+def nick_key(nick):
+    """Return the form in which two nicknames clash when equal."""
+    return unicodedata.normalize("NFKC", nick).casefold()
+
+
+def nick_problem(nick):
+    """Return why nick is not a valid nickname, or None if it is."""
+    if not nick:
+        return "usage: /nick NEW"
+    if len(nick) > MAX_NICK_CHARS:
+        return "nickname too long (max %d characters)" % MAX_NICK_CHARS
+    if nick.startswith("-") or any(
+            not (ch.isalnum() or ch in "_-") or ch in HANGUL_FILLERS for ch in nick):
+        return ("invalid nickname %s: use letters, digits, _ and -"
+                " (not first)" % nick)
+    scripts = {unicodedata.name(ch, "").split(" ")[0] for ch in nick if ch.isalpha()}
+    if len(scripts & CONFUSABLE_SCRIPTS) > 1:
+        return "invalid nickname %s: it mixes Latin, Greek or Cyrillic letters" % nick
+    return None
+
+
+def parse_line(text):
+    """Split a client's line into (command, argument); command is None for a message.
+
+    `//TEXT` is the message `/TEXT`. A command name is lower-cased; its
+    argument is the rest of the line, stripped.
+    """
+    if not text.startswith("/") or text.startswith("//"):
+        return None, text[1:] if text.startswith("//") else text
+    name, _, arg = text[1:].partition(" ")
+    return name.lower(), arg.strip()
+
+
+# --- Server -------------------------------------------------------------------
+# One selectors loop, non-blocking sockets. Each loop pass: handle the ready
+# sockets, hand the broadcasts of the pass to every member at once, then write
+# each connection with output once. Nothing a client sends can raise out of it.
+
+def log_to_stderr(text):
+    """Write one timestamped log line to stderr."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        sys.stderr.write("%s %s\n" % (stamp, text))
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass  # a closed or broken stderr must not stop the room
+
+
+def peer_ip(addr):
+    """Return the IP address of a peer, IPv4 addresses unmapped from IPv6."""
+    ip = addr[0]
+    if ip.startswith("::ffff:") and "." in ip:
+        ip = ip[len("::ffff:"):]
+    return ip
+
+
+def format_address(addr):
+    """Return host:port, with brackets around an IPv6 host."""
+    host, port = addr[0], addr[1]
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+def raise_open_files_limit():
+    """Raise the soft open-files limit to the hard one, so thousands of clients fit."""
+    if resource is None:
+        return
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            except (ValueError, OSError):
+                # macOS refuses "unlimited" past OPEN_MAX; settle for that.
+                resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 10240), hard))
+    except (ValueError, OSError):
+        pass  # keep the limit we have: fewer clients fit, nothing breaks
+
+
+def set_keepalive(sock):
+    """Turn on TCP keepalive, with the idle time shortened where it can be set."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    idle = getattr(socket, "TCP_KEEPIDLE", getattr(socket, "TCP_KEEPALIVE", None))
+    for option, value in ((idle, KEEPALIVE_IDLE_S),
+                          (getattr(socket, "TCP_KEEPINTVL", None), KEEPALIVE_INTERVAL_S),
+                          (getattr(socket, "TCP_KEEPCNT", None), KEEPALIVE_PROBES)):
+        if option is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
+            except OSError:
+                pass  # the platform's default probing still applies
+
+
+class Limits:
+    """The server's limits; each is a command-line flag with this default."""
+
+    def __init__(self, max_line=MAX_LINE_BYTES, rate=RATE_LINES_PER_S,
+                 burst=BURST_LINES, max_sendq=MAX_SENDQ_BYTES,
+                 max_clients=MAX_CLIENTS, max_per_ip=MAX_PER_IP,
+                 register_timeout=REGISTER_TIMEOUT_S):
+        self.max_line = max_line
+        self.rate = rate
+        self.burst = burst
+        self.max_sendq = max_sendq
+        self.max_clients = max_clients
+        self.max_per_ip = max_per_ip
+        self.register_timeout = register_timeout
+
+
+class Connection:
+    """The server's record of one client socket."""
+
+    __slots__ = ("sock", "addr", "ip", "name", "nick", "key", "reader", "outbuf",
+                 "tokens", "refilled", "paused", "counted", "closing", "closed", "events")
+
+    def __init__(self, sock, addr, limits, now):
+        self.sock = sock
+        self.addr = addr
+        self.ip = peer_ip(addr)
+        self.name = format_address(addr)   # for the log until it has a nick
+        self.nick = None                   # set once registered
+        self.key = None                    # nick_key(nick)
+        self.reader = LineReader(limits.max_line)
+        self.outbuf = bytearray()
+        self.tokens = float(limits.burst)  # flood control bucket
+        self.refilled = now
+        self.paused = False                # not reading: out of tokens
+        self.counted = False               # in the max-clients and per-IP counts
+        self.closing = False               # flushing its last lines, then closed
+        self.closed = False
+        self.events = 0                    # what the selector watches for it
+
+
+class ChatServer:
+    """The chat room: accepts connections, reads lines, relays them."""
+
+    def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT, limits=None,
+                 log=log_to_stderr, verbose=True):
+        self.host = host
+        self.port = port
+        self.limits = limits or Limits()
+        self.log = log                     # None: silent
+        self.verbose = verbose             # False (-q): no per-client lines
+        self.selector = None
+        self.listener = None
+        self.address = None                # (host, port) actually bound
+        self.conns = set()                 # every open socket but the listener
+        self.members = {}                  # nick_key -> registered Connection
+        self.per_ip = {}                   # ip -> connections counted
+        self.counted = 0                   # connections counted, all addresses
+        self.dirty = set()                 # connections with output to write
+        self.pending = bytearray()         # this pass's broadcasts, not yet handed out
+        self.late = {}                     # joined this pass: conn -> offset in pending
+        self.timers = []                   # heap of (when, seq, function, conn)
+        self.timer_seq = 0
+        self.spare_fd = None               # given up to accept-and-refuse at EMFILE
+        self.wake_r = self.wake_w = None
+        self.stopping = False
+
+    # -- lifecycle --
+
+    def start(self):
+        """Bind and listen; return the (host, port) bound. Raises OSError."""
+        self.listener = self._listen()
+        self.address = self.listener.getsockname()[:2]
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, self._on_wake)
+        self._open_spare_fd()
+        self._log("listening on %s" % format_address(self.address), always=True)
+        return self.address
+
+    def _listen(self):
+        """Create the listening socket; `::` listens on IPv4 too where it can."""
+        infos = socket.getaddrinfo(self.host or None, self.port, socket.AF_UNSPEC,
+                                   socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+        family, _, _, _, sockaddr = infos[0]
+        dualstack = (family == socket.AF_INET6 and sockaddr[0] == "::"
+                     and socket.has_dualstack_ipv6())
+        sock = socket.create_server(sockaddr, family=family, backlog=LISTEN_BACKLOG,
+                                    dualstack_ipv6=dualstack)
+        sock.setblocking(False)
+        return sock
+
+    def serve_forever(self):
+        """Run the loop until shutdown(); then say goodbye, flush, close."""
+        try:
+            while not self.stopping:
+                self._run_pass(self._next_timeout())
+            self._say_goodbye()
+        finally:
+            self._close_everything()
+
+    def shutdown(self):
+        """Ask the loop to stop; safe from another thread or a signal handler."""
+        self.stopping = True
+        try:
+            self.wake_w.send(b"x")
+        except (OSError, AttributeError):
+            pass  # the loop is already awake, finished, or never started
+
+    def _run_pass(self, timeout):
+        """One loop pass: dispatch ready sockets, fire timers, write output."""
+        for key, mask in self.selector.select(timeout):
+            if isinstance(key.data, Connection):
+                self._on_event_guarded(key.data, mask)
+            else:
+                key.data()
+        self._fire_timers()
+        self._write_output()
+
+    def _next_timeout(self):
+        """Sleep until the next timer, or not at all while output is waiting."""
+        if self.pending or self.dirty:
+            return 0
+        if not self.timers:
+            return None
+        return max(0.0, self.timers[0][0] - time.monotonic())
+
+    def _on_wake(self):
+        try:
+            while self.wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass  # drained
+
+    def _say_goodbye(self):
+        """Tell every connection the server is going; flush for a while."""
+        self._log("shutting down", always=True)
+        self._deliver_pending()
+        line = encode_line(notice(SHUTDOWN_NOTICE))
+        for conn in self.conns:
+            if not conn.closing:
+                conn.outbuf += line
+                self.dirty.add(conn)
+        deadline = time.monotonic() + SHUTDOWN_FLUSH_S
+        while True:
+            for conn in list(self.conns):
+                if conn.outbuf:
+                    self._flush(conn)
+            if not any(conn.outbuf for conn in self.conns):
+                break
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)  # a bounded wait for slow readers, not a sync
+        for conn in self.conns:
+            self._discard_input(conn)
+
+    def _discard_input(self, conn):
+        """Read and forget what the peer sent: closing with unread input
+        resets the connection, which can destroy our last lines in flight."""
+        try:
+            while conn.sock.recv(RECV_BYTES):
+                pass
+        except OSError:
+            pass  # drained, or the peer is gone: either way, done
+
+    def _close_everything(self):
+        for conn in list(self.conns):
+            self._close(conn)
+        for sock in (self.listener, self.wake_r, self.wake_w):
+            if sock is not None:
+                sock.close()
+        if self.spare_fd is not None:
+            os.close(self.spare_fd)
+            self.spare_fd = None
+        if self.selector is not None:
+            self.selector.close()
+
+    def _log(self, text, always=False):
+        if self.log is not None and (always or self.verbose):
+            self.log(text)
+
+    # -- timers --
+
+    def _call_later(self, delay, function, conn=None):
+        """Call function(conn) after delay seconds; it checks whether still due."""
+        self.timer_seq += 1
+        heapq.heappush(self.timers, (time.monotonic() + delay, self.timer_seq,
+                                     function, conn))
+
+    def _fire_timers(self):
+        now = time.monotonic()
+        while self.timers and self.timers[0][0] <= now:
+            _, _, function, conn = heapq.heappop(self.timers)
+            if conn is None:
+                function()
+            elif not conn.closed:
+                function(conn)
+
+    # -- accepting --
+
+    def _accept(self):
+        """Accept waiting connections, a batch at a time."""
+        for _ in range(ACCEPTS_PER_PASS):
+            try:
+                sock, addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue  # the peer gave up while waiting: nothing to do
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._refuse_without_descriptors()
+                else:
+                    self._log("accept failed: %s" % exc, always=True)
+                return
+            self._admit(sock, addr)
+
+    def _admit(self, sock, addr):
+        """Set up a new connection: refuse it past a limit, else greet it."""
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            set_keepalive(sock)
+        except OSError as exc:  # the peer is already gone
+            self._log("%s: %s" % (format_address(addr), exc))
+            sock.close()
+            return
+        conn = Connection(sock, addr, self.limits, time.monotonic())
+        self.conns.add(conn)
+        self._watch(conn)
+        refusal = self._refusal(conn)
+        if refusal:
+            self._log("%s refused: %s" % (conn.name, refusal))
+            self._send(conn, error(refusal))
+            self._close_after_flush(conn)
+            return
+        self._count(conn)
+        self._log("%s connected" % conn.name)
+        for text in GREETING:
+            self._send(conn, notice(text.format(count=len(self.members))))
+        self._call_later(self.limits.register_timeout, self._expire_registration, conn)
+
+    def _refusal(self, conn):
+        """Return why a new connection can't stay, or None."""
+        limits = self.limits
+        if self.counted >= limits.max_clients:
+            return "server full"
+        if (limits.max_per_ip and conn.ip not in EXEMPT_ADDRESSES
+                and self.per_ip.get(conn.ip, 0) >= limits.max_per_ip):
+            return "too many connections from your address"
+        return None
+
+    def _open_spare_fd(self):
+        try:
+            self.spare_fd = os.open(os.devnull, os.O_RDONLY)
+        except OSError:
+            self.spare_fd = None
+
+    def _refuse_without_descriptors(self):
+        """Out of descriptors: free the spare to accept one peer and refuse it.
+
+        Without this the listener stays readable and the loop would spin on
+        EMFILE. With no spare to give, stop watching the listener briefly.
+        """
+        if self.spare_fd is not None:
+            os.close(self.spare_fd)
+            self.spare_fd = None
+            try:
+                sock, addr = self.listener.accept()
+                try:
+                    sock.send(encode_line(error("server full")))
+                except OSError:
+                    pass  # refused either way
+                sock.close()
+                self._log("%s refused: out of file descriptors" % format_address(addr))
+            except OSError:
+                pass  # nobody waiting after all, or no descriptor even now
+            self._open_spare_fd()
+        if self.spare_fd is None:
+            self.selector.unregister(self.listener)
+            self._call_later(ACCEPT_PAUSE_S, self._resume_accepting)
+
+    def _resume_accepting(self):
+        if self.spare_fd is None:
+            self._open_spare_fd()
+        self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
+
+    def _expire_registration(self, conn):
+        if conn.nick is None and not conn.closing:
+            self._send(conn, error("registration timed out"))
+            self._log("%s: registration timed out" % conn.name)
+            self._close_after_flush(conn)
+
+    # -- the selector's view of a connection --
+
+    def _watch(self, conn):
+        """Make the selector watch conn for exactly what it needs now.
+
+        Reading while not paused for flood control; writing only while outbuf
+        holds bytes (it is called after a send, so: bytes the send left).
+        """
+        want = 0 if conn.paused else selectors.EVENT_READ
+        if conn.outbuf:
+            want |= selectors.EVENT_WRITE
+        if want == conn.events or conn.closed:
+            return
+        if conn.events == 0:
+            self.selector.register(conn.sock, want, conn)
+        elif want == 0:
+            self.selector.unregister(conn.sock)
+        else:
+            self.selector.modify(conn.sock, want, conn)
+        conn.events = want
+
+    def _on_event_guarded(self, conn, mask):
+        """Handle an event; a bug here costs one connection, never the room."""
+        try:
+            self._on_event(conn, mask)
+        except Exception:  # deliberately broad: the room must outlive a bug
+            self._log("internal error on %s, dropped:\n%s"
+                      % (conn.name, traceback.format_exc().rstrip()), always=True)
+            self._drop(conn, LEFT_CLOSED)
+
+    def _on_event(self, conn, mask):
+        if conn.closed:
+            return
+        if mask & selectors.EVENT_WRITE:
+            self._flush(conn)
+        if mask & selectors.EVENT_READ and not conn.closed:
+            self._read(conn)
+
+    # -- reading --
+
+    def _read(self, conn):
+        """Read what the peer sent and handle its complete lines."""
+        try:
+            data = conn.sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._log("%s: %s" % (conn.name, exc))
+            self._drop(conn, LEFT_CLOSED)
+            return
+        if not data:
+            self._drop(conn, LEFT_CLOSED)
+            return
+        if conn.closing:
+            return  # a closing connection's input is discarded
+        conn.reader.feed(data)
+        self._handle_lines(conn)
+
+    def _handle_lines(self, conn):
+        """Handle complete lines while the flood-control bucket allows."""
+        reader = conn.reader
+        rate = self.limits.rate
+        while not conn.closing:
+            if rate and not self._take_token(conn):
+                return
+            line = reader.pop_line()
+            if line is None:
+                return
+            if line is TOO_LONG:
+                self._send(conn, error("line too long (max %d bytes)"
+                                       % self.limits.max_line))
+                continue
+            if rate:
+                conn.tokens -= 1 + len(line) // BYTES_PER_EXTRA_TOKEN
+            self._handle_line(conn, line)
+
+    def _take_token(self, conn):
+        """Refill the bucket; if it is empty and a line waits, pause reading.
+
+        Pausing is TCP back-pressure: the peer's kernel stops sending once our
+        receive buffer fills, so a fast sender is slowed and nothing is lost.
+        """
+        now = time.monotonic()
+        limits = self.limits
+        conn.tokens = min(float(limits.burst),
+                          conn.tokens + (now - conn.refilled) * limits.rate)
+        conn.refilled = now
+        if conn.tokens >= 1 or not conn.reader.has_line():
+            return True
+        if not conn.paused:
+            conn.paused = True
+            self._watch(conn)
+            self._call_later((1 - conn.tokens) / limits.rate, self._resume_reading, conn)
+        return False
+
+    def _resume_reading(self, conn):
+        conn.paused = False
+        self._handle_lines(conn)
+        if not conn.closed:
+            self._watch(conn)
+
+    def _handle_line(self, conn, line):
+        """Handle one line from conn: a nickname, a message or a command."""
+        text = decode_line(line)
+        if not text.strip():
+            return
+        command, arg = parse_line(text)
+        if conn.nick is None:
+            self._handle_unregistered(conn, command, arg)
+        elif command is None:
+            self._broadcast(format_line("message", nick=conn.nick, text=arg))
+        else:
+            handler = self.COMMANDS.get(command)
+            if handler is None:
+                self._send(conn, error("unknown command /%s (try /help)" % command))
+            else:
+                handler(self, conn, arg)
+
+    def _handle_unregistered(self, conn, command, arg):
+        """Before registration a line is a nickname; /quit and /nick are allowed."""
+        if command is None:
+            self._register(conn, arg.strip())
+        elif command == "nick":
+            self._register(conn, arg)
+        elif command == "quit":
+            self._close_after_flush(conn)
+        else:
+            self._send(conn, error("choose a nickname first"))
+
+    def _register(self, conn, nick):
+        problem = self._nick_problem(nick)
+        if problem:
+            self._send(conn, error(problem))
+            return
+        conn.nick, conn.key = nick, nick_key(nick)
+        self.members[conn.key] = conn
+        # It missed this pass's earlier broadcasts: it was not in the room yet.
+        self.late[conn] = len(self.pending)
+        self._log("%s joined from %s" % (nick, conn.name))
+        conn.name = nick
+        self._broadcast(format_line("joined", nick=nick, count=len(self.members)))
+
+    def _nick_problem(self, nick, conn=None):
+        """Return why nick can't be taken (by conn, if renaming), or None."""
+        problem = nick_problem(nick)
+        if problem:
+            return problem
+        holder = self.members.get(nick_key(nick))
+        if holder is not None and holder is not conn:
+            return "nickname %s is taken" % nick
+        return None
+
+    # -- commands of registered clients --
+
+    def _cmd_me(self, conn, arg):
+        if not arg:
+            self._send(conn, error(USAGE["me"]))
+        else:
+            self._broadcast(format_line("action", nick=conn.nick, text=arg))
+
+    def _cmd_msg(self, conn, arg):
+        parts = arg.split(None, 1)
+        if len(parts) < 2:
+            self._send(conn, error(USAGE["msg"]))
+            return
+        target_nick, text = parts
+        target = self.members.get(nick_key(target_nick))
+        if target is None:
+            self._send(conn, error("no such user: %s" % target_nick))
+            return
+        self._send(target, format_line("private", nick=conn.nick, text=text))
+        self._send(conn, format_line("private_echo", nick=target.nick, text=text))
+
+    def _cmd_nick(self, conn, arg):
+        if not arg:
+            self._send(conn, error(USAGE["nick"]))
+            return
+        if arg == conn.nick:
+            self._send(conn, error("you are already %s" % arg))
+            return
+        problem = self._nick_problem(arg, conn)
+        if problem:
+            self._send(conn, error(problem))
+            return
+        old = conn.nick
+        del self.members[conn.key]
+        conn.nick, conn.key, conn.name = arg, nick_key(arg), arg
+        self.members[conn.key] = conn
+        self._log("%s is now known as %s" % (old, arg))
+        self._broadcast(format_line("renamed", old=old, new=arg))
+
+    def _cmd_who(self, conn, arg):
+        nicks = sorted((member.nick for member in self.members.values()), key=nick_key)
+        self._send(conn, format_line("who", count=len(nicks), nicks=", ".join(nicks)))
+
+    def _cmd_help(self, conn, arg):
+        for text in HELP:
+            self._send(conn, notice(text))
+
+    def _cmd_ping(self, conn, arg):
+        self._send(conn, format_line("pong", token=arg).rstrip())
+
+    def _cmd_quit(self, conn, arg):
+        self._leave(conn, arg or LEFT_QUIT)
+        self._close_after_flush(conn)
+
+    COMMANDS = {
+        "me": _cmd_me,
+        "msg": _cmd_msg,
+        "nick": _cmd_nick,
+        "who": _cmd_who,
+        "help": _cmd_help,
+        "ping": _cmd_ping,
+        "quit": _cmd_quit,
+    }
+
+    # -- output --
+
+    def _broadcast(self, text):
+        """Queue a line for every member, in the one order all of them see."""
+        self.pending += encode_line(text)
+
+    def _send(self, conn, text):
+        """Queue a line for one connection, after the broadcasts it is owed."""
+        if conn.closed:
+            return
+        if conn.key is not None and self.pending:
+            self._deliver_pending()  # keep its lines in the room's order
+        conn.outbuf += encode_line(text)
+        self.dirty.add(conn)
+
+    def _deliver_pending(self):
+        """Hand this pass's broadcasts to every member: one append each."""
+        if not self.pending:
+            return
+        data = bytes(self.pending)
+        self.pending.clear()
+        late = self.late
+        for conn in self.members.values():
+            if late and conn in late:
+                conn.outbuf += data[late[conn]:]
+            else:
+                conn.outbuf += data
+        late.clear()
+        self.dirty.update(self.members.values())
+
+    def _write_output(self):
+        """Write each connection with output once; evict those far behind."""
+        self._deliver_pending()
+        dirty, self.dirty = self.dirty, set()
+        max_sendq = self.limits.max_sendq
+        for conn in dirty:
+            if conn.closed:
+                continue
+            if not conn.events & selectors.EVENT_WRITE:
+                self._flush(conn)  # else: the socket is full; the selector tells us
+            if not conn.closed and len(conn.outbuf) > max_sendq:
+                self._log("%s evicted: %d bytes unsent" % (conn.name, len(conn.outbuf)))
+                self._drop(conn, LEFT_TOO_SLOW)
+        if self.pending:
+            self._deliver_pending()  # leave notices from evictions
+
+    def _flush(self, conn):
+        """Send as much of outbuf as the socket takes, in one call."""
+        if conn.outbuf:
+            try:
+                sent = conn.sock.send(conn.outbuf)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._log("%s: %s" % (conn.name, exc))
+                self._drop(conn, LEFT_CLOSED)
+                return
+            del conn.outbuf[:sent]
+        if conn.closing and not conn.outbuf:
+            self._finish_closing(conn)
+        else:
+            self._watch(conn)
+
+    # -- leaving --
+
+    def _leave(self, conn, reason):
+        """Take conn out of the room and tell the others why."""
+        if conn.key is None:
+            return
+        if self.members.get(conn.key) is conn:
+            offset = self.late.pop(conn, 0)
+            conn.outbuf += self.pending[offset:]  # what it is owed of this pass
+            del self.members[conn.key]
+            self._broadcast(format_line("left", nick=conn.nick, reason=reason))
+            self._log("%s left (%s)" % (conn.nick, reason))
+        conn.key = None
+
+    def _close_after_flush(self, conn):
+        """Stop handling conn's input; close once its output is written."""
+        if conn.closing:
+            return
+        self._leave(conn, LEFT_QUIT)
+        self._uncount(conn)
+        conn.closing = True
+        conn.paused = False  # read on, to notice the peer's close
+        self.dirty.add(conn)
+        self._call_later(LINGER_S, self._close, conn)
+
+    def _finish_closing(self, conn):
+        """Everything is written: say we are done, and wait for the peer's close.
+
+        Closing at once would reset the connection if the peer's late bytes
+        arrive, and a reset can destroy our last lines before it reads them.
+        """
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+            return
+        self._watch(conn)
+
+    def _drop(self, conn, reason):
+        """The one exit for a connection that went away or was evicted."""
+        if conn.closed:
+            return
+        if conn.key is None and not conn.closing:
+            self._log("%s disconnected" % conn.name)
+        self._leave(conn, reason)
+        self._close(conn)
+
+    def _count(self, conn):
+        conn.counted = True
+        self.counted += 1
+        self.per_ip[conn.ip] = self.per_ip.get(conn.ip, 0) + 1
+
+    def _uncount(self, conn):
+        """Stop counting a connection that is leaving toward the limits."""
+        if not conn.counted:
+            return
+        conn.counted = False
+        self.counted -= 1
+        count = self.per_ip.pop(conn.ip)
+        if count > 1:
+            self.per_ip[conn.ip] = count - 1
+
+    def _close(self, conn):
+        if conn.closed:
+            return
+        self._uncount(conn)
+        if conn.events:
+            self.selector.unregister(conn.sock)
+        conn.sock.close()
+        conn.closed = True
+        conn.closing = True
+        conn.events = 0
+        conn.outbuf.clear()
+        self.conns.discard(conn)
+        self.dirty.discard(conn)
+        self.late.pop(conn, None)
+
+
+# --- Client -------------------------------------------------------------------
+# The threaded pipe-socket client: a thread reads the keyboard and hands each
+# line through a socket pair to the network loop, which selects on that socket
+# and the server's. Stdin is never selected on, so the loop works on Windows.
+
+PROMPT = "> "
+NICK_PROMPT = "nickname: "
+CLIENT_MAX_LINE = 65536       # a longer line from the server is not shown
+
+
+def display_width(text):
+    """Return how many terminal columns text takes: wide 2, combining 0."""
+    width = 0
+    for ch in text:
+        if unicodedata.combining(ch):
+            continue
+        width += 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+    return width
+
+
+class Terminal:
+    """Where the client's lines go. On a terminal, a line that arrives while
+    the user types is printed above the input line, which is then redrawn."""
+
+    def __init__(self, out, interactive, readline_module=None):
+        self.out = out
+        self.interactive = interactive
+        self.readline = readline_module
+        self.prompt = ""
+        self.lock = threading.Lock()  # the stdin thread writes prompts too
+
+    def show(self, text):
+        """Print one line without tearing what the user is typing."""
+        with self.lock:
+            if self.interactive:
+                typed = self.readline.get_line_buffer() if self.readline else ""
+                self._write(self._erase(self.prompt + typed) + text + "\n"
+                            + self.prompt + typed)
+            else:
+                self._write(text + "\n")
+
+    def _erase(self, shown):
+        """Escape codes that move to the start of the input and clear it.
+
+        It may span several rows; the cursor is taken to be at its end.
+        """
+        columns = max(1, self._columns())
+        rows = max(0, display_width(shown) - 1) // columns
+        return "\r" + ("\x1b[%dA" % rows if rows else "") + "\x1b[J"
+
+    def _columns(self):
+        try:
+            return os.get_terminal_size(self.out.fileno()).columns
+        except (OSError, ValueError, AttributeError):
+            return 80
+
+    def _write(self, text):
+        try:
+            self.out.write(text)
+            self.out.flush()
+        except (OSError, ValueError):
+            pass  # a closed stdout (a pipe's reader gone) ends nothing here
+
+
+class ChatClient:
+    """Connects to a server, shows what it sends, sends what the user types."""
+
+    def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT, nick=None,
+                 stdin_fd=0, out=None, interactive=None):
+        self.host = host
+        self.port = port
+        self.nick = nick
+        self.stdin_fd = stdin_fd
+        out = out or sys.stdout
+        if interactive is None:
+            interactive = os.isatty(stdin_fd) and out.isatty()
+        self.interactive = interactive
+        self.readline = self._load_readline() if interactive else None
+        self.terminal = Terminal(out, interactive, self.readline)
+        self.sock = None
+        self.selector = None
+        self.typed_r = self.typed_w = None
+        self.reader = LineReader(CLIENT_MAX_LINE)
+        self.outbuf = bytearray()
+        self.registered = False
+        self.may_read = threading.Event()  # clear while a nickname awaits its answer
+        self.quitting = False
+        self.quit_deadline = None
+        self.result = None                 # the exit code, once known
+
+    @staticmethod
+    def _load_readline():
+        """Line editing and history where the readline module exists (not Windows).
+
+        Imported only for a terminal: importing it can write escape codes.
+        """
+        try:
+            import readline
+        except ImportError:
+            return None
+        return readline
+
+    def run(self):
+        """Connect and chat until stdin ends or the server goes; return the exit code."""
+        try:
+            self.sock = socket.create_connection((self.host, self.port),
+                                                 timeout=CLIENT_CONNECT_TIMEOUT_S)
+        except OSError as exc:
+            sys.stderr.write("chat.py: cannot connect to %s: %s\n"
+                             % (format_address((self.host, self.port)), describe_error(exc)))
+            return 1
+        self.sock.setblocking(False)
+        self.typed_r, self.typed_w = socket.socketpair()
+        self.typed_r.setblocking(False)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.sock, selectors.EVENT_READ, self._on_server)
+        self.selector.register(self.typed_r, selectors.EVENT_READ, self._on_typed)
+        if self.nick is not None and self._clean_nick(self.nick):
+            self._send_nick(self._clean_nick(self.nick))
+        else:
+            self.may_read.set()
+        threading.Thread(target=self._read_stdin, name="stdin", daemon=True).start()
+        try:
+            return self._loop()
+        finally:
+            self._close()
+
+    def _loop(self):
+        while self.result is None:
+            try:
+                self._run_pass()
+            except KeyboardInterrupt:  # Ctrl-C: leave as on Ctrl-D; twice: now
+                if self.quitting:
+                    return 0
+                self._quit()
+        return self.result
+
+    def _run_pass(self):
+        timeout = None
+        if self.quit_deadline is not None:
+            timeout = self.quit_deadline - time.monotonic()
+            if timeout <= 0:
+                self.result = 0  # the server never closed: leave anyway
+                return
+        for key, mask in self.selector.select(timeout):
+            key.data(mask)
+            if self.result is not None:
+                return
+
+    def _close(self):
+        for sock in (self.sock, self.typed_r):
+            if sock is not None:
+                sock.close()
+        if self.selector is not None:
+            self.selector.close()
+        if self.interactive:
+            self.terminal._write("\n")
+
+    # -- the server's side --
+
+    def _on_server(self, mask):
+        if mask & selectors.EVENT_WRITE:
+            self._flush()
+        if mask & selectors.EVENT_READ and self.result is None:
+            self._receive()
+
+    def _receive(self):
+        try:
+            data = self.sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._server_closed()
+            return
+        if self.quit_deadline is not None:  # it is still talking: wait on
+            self.quit_deadline = time.monotonic() + CLIENT_QUIT_WAIT_S
+        self.reader.feed(data)
+        while self.result is None:
+            line = self.reader.pop_line()
+            if line is None:
+                break
+            if line is not TOO_LONG:
+                self._handle_server_line(decode_line(line))
+
+    def _server_closed(self):
+        if self.quitting:
+            self.result = 0
+        else:
+            self.terminal.show(notice("disconnected from server"))
+            self.result = 1
+
+    def _handle_server_line(self, text):
+        """Show a line; before registration, watch for the answer to our nick."""
+        self.terminal.show(text)
+        if self.registered or self.may_read.is_set():
+            return
+        if text.startswith(NOTICE) and " joined (" in text:
+            self.registered = True
+            self.terminal.prompt = PROMPT if self.interactive else ""
+            self.may_read.set()
+        elif text.startswith(ERROR):
+            if self.interactive:
+                self.may_read.set()  # ask for another nickname
+            else:
+                self.result = 1      # nobody to ask: the reason is shown
+
+    def _flush(self):
+        try:
+            sent = self.sock.send(self.outbuf)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._server_closed()
+            return
+        del self.outbuf[:sent]
+        self._watch()
+
+    def _watch(self):
+        """Watch the server for writing only while output waits; stop taking
+        typed lines while much is unsent (the stdin thread then waits)."""
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.outbuf else 0)
+        self.selector.modify(self.sock, events, self._on_server)
+        if not self.quitting:
+            self._watch_typed(len(self.outbuf) <= CLIENT_MAX_OUTBUF)
+
+    def _watch_typed(self, wanted):
+        try:
+            self.selector.get_key(self.typed_r)
+            watching = True
+        except KeyError:
+            watching = False
+        if wanted and not watching:
+            self.selector.register(self.typed_r, selectors.EVENT_READ, self._on_typed)
+        elif watching and not wanted:
+            self.selector.unregister(self.typed_r)
+
+    def _queue(self, data):
+        self.outbuf += data
+        self._flush()
+
+    # -- the keyboard's side --
+
+    def _on_typed(self, mask):
+        try:
+            data = self.typed_r.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not data:
+            self._quit()
+            return
+        if not self.registered:
+            self.may_read.clear()  # it was a nickname: wait for the answer
+        if any(line.lower().split(b" ")[0] == b"/quit" for line in data.split(b"\n")):
+            self.quitting = True   # the server's close is then expected
+        self._queue(data)
+
+    def _quit(self):
+        """Stdin ended or Ctrl-C: send /quit and wait for the server to close."""
+        if self.quit_deadline is not None:
+            return
+        self.quitting = True
+        self.quit_deadline = time.monotonic() + CLIENT_QUIT_WAIT_S
+        self._watch_typed(False)
+        self._queue(b"/quit\n")
+
+    def _send_nick(self, nick):
+        self.may_read.clear()
+        self._queue(nick.encode(ENCODING) + b"\n")
+
+    @staticmethod
+    def _clean_nick(text):
+        return clean_text(text).strip()
+
+    def _read_stdin(self):
+        """The stdin thread: hand typed lines to the loop through the socket pair."""
+        lines = self._typed_lines()
+        try:
+            while True:
+                self.may_read.wait()
+                asking_nick = not self.registered
+                line = next(lines, None)
+                if line is None:
+                    break
+                if asking_nick and not self._clean_nick(line.decode(ENCODING, "replace")):
+                    continue  # a blank nickname: ask again
+                if asking_nick:
+                    self.may_read.clear()
+                self.typed_w.sendall(line + b"\n")
+        except OSError:
+            pass  # the loop has finished and closed its end
+        finally:
+            try:
+                self.typed_w.close()  # the loop reads this as the end of stdin
+            except OSError:
+                pass
+
+    def _typed_lines(self):
+        """Yield typed lines as bytes, without their line ends."""
+        if self.interactive:
+            while True:
+                prompt = PROMPT if self.registered else NICK_PROMPT
+                self.terminal.prompt = prompt
+                try:
+                    text = input(prompt)
+                except (EOFError, KeyboardInterrupt):
+                    return
+                yield text.encode(ENCODING, "replace")
+        else:
+            # os.read, not sys.stdin: a daemon thread blocked inside a buffered
+            # stream's lock makes the interpreter abort at exit.
+            pending = b""
+            while True:
+                try:
+                    chunk = os.read(self.stdin_fd, RECV_BYTES)
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    if pending:
+                        yield pending
+                    return
+                pending += chunk
+                *complete, pending = pending.split(b"\n")
+                for line in complete:
+                    yield line.rstrip(b"\r")
+
+
+# --- Command line -------------------------------------------------------------
+
+def describe_error(exc):
+    """Return the words of an OSError without its errno number."""
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def port_number(text):
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError("port must be 0-65535, not %s" % text)
+    return value
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more, not %s" % text)
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more, not %s" % text)
+    return value
+
+
+def non_negative_float(text):
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be a number 0 or more, not %s" % text)
+    return value
+
+
+def positive_float(text):
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="chat.py", description="A terminal chat room in one file.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    server = commands.add_parser("server", help="run a chat room")
+    server.set_defaults(run=run_server)
+    server.add_argument("--host", default=DEFAULT_HOST,
+                        help="address to listen on (default %(default)s; "
+                             "0.0.0.0 or :: for every interface)")
+    server.add_argument("--port", type=port_number, default=DEFAULT_PORT,
+                        help="TCP port (default %(default)s; 0 picks a free one)")
+    server.add_argument("--max-line", type=positive_int, default=MAX_LINE_BYTES,
+                        metavar="BYTES", help="longest line accepted (default %(default)s)")
+    server.add_argument("--rate", type=non_negative_float, default=RATE_LINES_PER_S,
+                        metavar="LINES_PER_S",
+                        help="lines per second per client; 0 = no flood control "
+                             "(default %(default)s)")
+    server.add_argument("--burst", type=positive_int, default=BURST_LINES,
+                        metavar="LINES", help="lines a client may send at once "
+                                              "(default %(default)s)")
+    server.add_argument("--max-sendq", type=positive_int, default=MAX_SENDQ_BYTES,
+                        metavar="BYTES", help="unsent bytes past which a client is "
+                                              "evicted as too slow (default %(default)s)")
+    server.add_argument("--max-clients", type=positive_int, default=MAX_CLIENTS,
+                        metavar="N", help="connections, registered or not "
+                                          "(default %(default)s)")
+    server.add_argument("--max-per-ip", type=non_negative_int, default=MAX_PER_IP,
+                        metavar="N", help="connections from one address, loopback "
+                                          "exempt; 0 = no limit (default %(default)s)")
+    server.add_argument("--register-timeout", type=positive_float,
+                        default=REGISTER_TIMEOUT_S, metavar="SECONDS",
+                        help="time to choose a nickname (default %(default)s)")
+    server.add_argument("-q", "--quiet", action="store_true",
+                        help="log only start, stop and errors")
+
+    client = commands.add_parser("client", help="join a chat room")
+    client.set_defaults(run=run_client)
+    client.add_argument("--name", metavar="NICK", help="your nickname (asked if not given)")
+    client.add_argument("--host", default=DEFAULT_HOST,
+                        help="server address (default %(default)s)")
+    client.add_argument("--port", type=port_number, default=DEFAULT_PORT,
+                        help="server port (default %(default)s)")
+    return parser
+
+
+def run_server(args):
+    raise_open_files_limit()
+    limits = Limits(max_line=args.max_line, rate=args.rate, burst=args.burst,
+                    max_sendq=args.max_sendq, max_clients=args.max_clients,
+                    max_per_ip=args.max_per_ip, register_timeout=args.register_timeout)
+    server = ChatServer(args.host, args.port, limits, verbose=not args.quiet)
+    log_to_stderr("chat.py server starting (pid %d, Python %s)"
+                  % (os.getpid(), sys.version.split()[0]))
+    try:
+        server.start()
+    except OSError as exc:  # socket.gaierror is one too: a bad host
+        sys.stderr.write("chat.py: cannot listen on %s: %s\n"
+                         % (format_address((args.host, args.port)), describe_error(exc)))
+        return 2
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: server.shutdown())
+    server.serve_forever()
+    return 0
+
+
+def run_client(args):
+    return ChatClient(args.host, args.port, args.name).run()
+
+
+def main(argv=None):
+    """Run the subcommand named in argv; return the exit code."""
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
