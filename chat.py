@@ -53,6 +53,11 @@ MAX_NICK_CHARS = 24
 EXEMPT_ADDRESSES = frozenset({"127.0.0.1", "::1"})
 
 RECV_BYTES = 65536            # large reads: fewer system calls under load
+# The kernel's send buffer per client. Left alone, Linux grows it to 4 MB on
+# loopback, so a client that stopped reading would hide megabytes there
+# before --max-sendq ever saw them. Fixed, it keeps "how far behind may a
+# client be" our decision and the kernel's memory per client bounded.
+SEND_BUFFER_BYTES = 65536
 ACCEPTS_PER_PASS = 128        # accept in batches, but let others run too
 LISTEN_BACKLOG = 1024
 LINGER_S = 2.0                # after our last byte, wait this long for the peer
@@ -586,6 +591,7 @@ class ChatServer:
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
             set_keepalive(sock)
         except OSError as exc:  # the peer is already gone
             self._log("%s: %s" % (format_address(addr), exc))

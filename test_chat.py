@@ -1,0 +1,965 @@
+"""Tests for chat.py: the protocol in PROTOCOL (README.md), made executable.
+
+    python3 -m unittest -v test_chat
+
+From cheapest to dearest: pure protocol functions, the server with raw
+socket peers, the client as a subprocess, the command line. Servers listen
+on port 0; every wait is bounded by a timeout.
+"""
+
+import ast
+import collections
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import unittest
+
+import chat
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CHAT_PY = os.path.join(HERE, "chat.py")
+TIMEOUT = 10.0       # the longest any single expected line may take
+QUIET = 0.3          # how long "nothing arrives" is watched for
+
+
+# --- helpers --------------------------------------------------------------------
+
+class Peer:
+    """A raw-socket client, as netcat would be."""
+
+    def __init__(self, port, host="127.0.0.1", source=None, rcvbuf=None):
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        if rcvbuf:  # before connecting, so the TCP window is small from the start
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if source:
+            self.sock.bind((source, 0))
+        self.sock.settimeout(TIMEOUT)
+        self.sock.connect((host, port))
+        self.buf = b""                      # an unfinished line
+        self.lines = collections.deque()    # complete lines not yet read
+        self.seen = []                      # every line read, for failure messages
+
+    def close(self):
+        self.sock.close()
+
+    def send_raw(self, data):
+        self.sock.sendall(data)
+
+    def send_line(self, text):
+        self.sock.sendall(text.encode("utf-8") + b"\n")
+
+    def read_line(self, timeout=TIMEOUT):
+        """Return the next line (str, no LF); None if the server closed."""
+        deadline = time.monotonic() + timeout
+        while not self.lines:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError("no line within %.1fs; lines so far: %r"
+                                     % (timeout, self.seen[-10:]))
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(1 << 20)
+            except socket.timeout:
+                continue
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                return None
+            *complete, self.buf = (self.buf + data).split(b"\n")
+            self.lines.extend(complete)
+        text = self.lines.popleft().decode("utf-8")
+        self.seen.append(text)
+        return text
+
+    def expect(self, *lines):
+        """The next lines must be exactly these."""
+        for line in lines:
+            got = self.read_line()
+            if got != line:
+                raise AssertionError("expected %r, got %r; before it: %r"
+                                     % (line, got, self.seen[-10:-1]))
+
+    def wait_for(self, line):
+        """Skip lines until this one; return the ones skipped."""
+        skipped = []
+        while True:
+            got = self.read_line()
+            if got is None:
+                raise AssertionError("closed before %r; got %r" % (line, skipped))
+            if got == line:
+                return skipped
+            skipped.append(got)
+
+    def expect_closed(self):
+        """Read to the end; return the lines that came before it."""
+        lines = []
+        while True:
+            got = self.read_line()
+            if got is None:
+                return lines
+            lines.append(got)
+
+    def expect_nothing(self, quiet=QUIET):
+        """Nothing may arrive for a moment (used only where absence is the point)."""
+        if self.lines:
+            raise AssertionError("expected nothing, got %r" % list(self.lines))
+        self.sock.settimeout(quiet)
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            return
+        raise AssertionError("expected nothing, got %r" % (self.buf + data))
+
+    def sync(self, token="sync"):
+        """Barrier: every line sent before has been handled; return lines before it."""
+        self.send_line("/ping " + token)
+        return self.wait_for("*** pong " + token)
+
+
+class ServerTestCase(unittest.TestCase):
+    """Starts a server in a thread on port 0; connects peers to it."""
+
+    def start_server(self, **limits):
+        server = chat.ChatServer("127.0.0.1", 0, chat.Limits(**limits), log=None)
+        server.start()
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 5)
+        self.addCleanup(server.shutdown)
+        self.server = server
+        self.port = server.address[1]
+        return server
+
+    def connect(self, **kwargs):
+        peer = Peer(self.port, **kwargs)
+        self.addCleanup(peer.close)
+        return peer
+
+    def greeted(self, **kwargs):
+        """A connected peer that has read the greeting."""
+
+        peer = self.connect(**kwargs)
+        line = ""
+        while not line.startswith("*** choose a nickname"):
+            line = peer.read_line()
+            self.assertTrue(line and line.startswith("*** "), line)
+        return peer
+
+    def join(self, nick, **kwargs):
+        """A registered peer; its own join line has been read."""
+        peer = self.greeted(**kwargs)
+        peer.send_line(nick)
+        line = peer.read_line()
+        self.assertRegex(line, r"^\*\*\* %s joined \(\d+ online\)$" % nick)
+        return peer
+
+    def join_all(self, *nicks):
+        """Register several peers; each has read every join line up to the last."""
+        peers = []
+        for nick in nicks:
+            peers.append(self.join(nick))
+            for earlier in peers[:-1]:
+                earlier.wait_for("*** %s joined (%d online)" % (nick, len(peers)))
+        return peers
+
+
+def run_chat(*args, stdin=b"", timeout=TIMEOUT, env=None):
+    """Run chat.py as a subprocess; return (exit code, stdout, stderr)."""
+    proc = subprocess.run([sys.executable, CHAT_PY] + list(args), input=stdin,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          timeout=timeout, env=env)
+    return proc.returncode, proc.stdout.decode("utf-8", "replace"), \
+        proc.stderr.decode("utf-8", "replace")
+
+
+# --- Protocol: pure functions ---------------------------------------------------
+
+class TelnetTest(unittest.TestCase):
+
+    def strip(self, *chunks):
+        state, out = chat.TELNET_DATA, b""
+        for chunk in chunks:
+            data, state = chat.strip_telnet(chunk, state)
+            out += data
+        return out
+
+    def test_plain_bytes_pass_through(self):
+        self.assertEqual(self.strip(b"hello\r\n"), b"hello\r\n")
+
+    def test_option_negotiation_drops_three_bytes(self):
+        for verb in (0xFB, 0xFC, 0xFD, 0xFE):
+            self.assertEqual(self.strip(b"a\xff" + bytes([verb]) + b"\x01b"), b"ab")
+
+    def test_subnegotiation_is_dropped_whole(self):
+        self.assertEqual(self.strip(b"a\xff\xfa\x18\x00xterm\xff\xf0b"), b"ab")
+
+    def test_other_commands_drop_two_bytes(self):
+        self.assertEqual(self.strip(b"a\xff\xf4b\xff\xffc"), b"abc")
+
+    def test_iac_before_lf_keeps_the_line_end(self):
+        self.assertEqual(self.strip(b"a\xff\nb"), b"a\nb")
+
+    def test_ctrl_c_sequence_vanishes_even_one_byte_at_a_time(self):
+        data = b"hi\xff\xf4\xff\xfd\x06 there\n"
+        self.assertEqual(self.strip(data), b"hi there\n")
+        self.assertEqual(self.strip(*[bytes([b]) for b in data]), b"hi there\n")
+
+
+class LineReaderTest(unittest.TestCase):
+
+    def lines(self, reader):
+        out = []
+        while True:
+            line = reader.pop_line()
+            if line is None:
+                return out
+            out.append("TOO_LONG" if line is chat.TOO_LONG else line)
+
+    def test_frames_lf_crlf_and_partial_lines(self):
+        reader = chat.LineReader(100)
+        reader.feed(b"one\r\ntwo\nthr")
+        self.assertEqual(self.lines(reader), [b"one", b"two"])
+        reader.feed(b"ee\n")
+        self.assertEqual(self.lines(reader), [b"three"])
+
+    def test_a_line_of_exactly_the_limit_is_accepted_with_either_line_end(self):
+        reader = chat.LineReader(10)
+        reader.feed(b"x" * 10 + b"\r\n" + b"y" * 10 + b"\n")
+        self.assertEqual(self.lines(reader), [b"x" * 10, b"y" * 10])
+
+    def test_a_line_over_the_limit_is_refused_once_and_discarded(self):
+        reader = chat.LineReader(10)
+        reader.feed(b"x" * 11 + b"\nok\n")
+        self.assertEqual(self.lines(reader), ["TOO_LONG", b"ok"])
+
+    def test_an_unfinished_overlong_line_is_not_kept(self):
+        reader = chat.LineReader(10)
+        reader.feed(b"x" * 12)
+        self.assertEqual(self.lines(reader), ["TOO_LONG"])
+        for _ in range(100):
+            reader.feed(b"x" * 1000)
+            self.assertEqual(self.lines(reader), [])
+            self.assertEqual(len(reader.buf), 0)
+        reader.feed(b"xx\nafter\n")
+        self.assertEqual(self.lines(reader), [b"after"])
+
+    def test_a_lone_cr_inside_a_line_is_kept_for_cleaning(self):
+        reader = chat.LineReader(100)
+        reader.feed(b"a\rb\n")
+        self.assertEqual(self.lines(reader), [b"a\rb"])
+
+
+class CleanTextTest(unittest.TestCase):
+
+    def test_controls_and_invisible_marks_are_removed(self):
+        for ch in ["\x00", "\x07", "\x1b", "\r", "\x7f", "\x85", "\x9b", "\u061c",
+                   "\u200b", "\u200e", "\u200f", "\u202a", "\u202e", "\u2060",
+                   "\u2064", "\u2066", "\u2069", "\ufeff"]:
+            self.assertEqual(chat.clean_text("a%sb" % ch), "ab", repr(ch))
+
+    def test_tab_and_unicode_line_breaks_become_spaces(self):
+        self.assertEqual(chat.clean_text("a\tb\u2028c\u2029d"), "a b c d")
+
+    def test_joiners_and_ordinary_text_stay(self):
+        for text in ["👨\u200d👩\u200d👧", "क्\u200dष", "naïve café", "日本語"]:
+            self.assertEqual(chat.clean_text(text), text)
+
+    def test_decode_line_replaces_each_invalid_sequence(self):
+        self.assertEqual(chat.decode_line(b"a\xffb\xc3(c\xe2\x82  "), "a\ufffdb\ufffd(c\ufffd")
+
+
+class NickTest(unittest.TestCase):
+
+    def test_valid_nicknames(self):
+        for nick in ["bob", "B0b_-x", "Zoë", "日本", "Ωμέγα", "Андрей", "x" * 24, "a-"]:
+            self.assertIsNone(chat.nick_problem(nick), nick)
+
+    def test_invalid_nicknames(self):
+        for nick in ["", "x" * 25, "-bob", "bob smith", "bob!", "b/b", "аlice",
+                     "Ωmega", "a\u3164", "\u115fbob", "\uffa0"]:
+            self.assertIsNotNone(chat.nick_problem(nick), nick)
+
+    def test_clash_key_folds_case_and_width(self):
+        self.assertEqual(chat.nick_key("Bob"), chat.nick_key("bob"))
+        self.assertEqual(chat.nick_key("Ｂob"), chat.nick_key("bob"))
+        self.assertNotEqual(chat.nick_key("bob"), chat.nick_key("bob2"))
+
+
+class ParseLineTest(unittest.TestCase):
+
+    def test_parse(self):
+        self.assertEqual(chat.parse_line("hello"), (None, "hello"))
+        self.assertEqual(chat.parse_line("//etc"), (None, "/etc"))
+        self.assertEqual(chat.parse_line("/ME  waves "), ("me", "waves"))
+        self.assertEqual(chat.parse_line("/nick two words"), ("nick", "two words"))
+        self.assertEqual(chat.parse_line("/who"), ("who", ""))
+
+    def test_every_server_line_kind_has_its_prefix(self):
+        f = chat.format_line
+        self.assertEqual(f("message", nick="a", text="t"), "<a> t")
+        self.assertEqual(f("action", nick="a", text="t"), "* a t")
+        self.assertEqual(f("private", nick="a", text="t"), "*a* t")
+        self.assertEqual(f("private_echo", nick="a", text="t"), "-> *a* t")
+        self.assertEqual(chat.encode_line("é"), "é\n".encode("utf-8"))
+
+
+# --- Server: registration ---------------------------------------------------------
+
+class RegistrationTest(ServerTestCase):
+
+    def setUp(self):
+        self.start_server()
+
+    def test_greeting_asks_for_a_nickname_and_join_counts_the_newcomer(self):
+        alice = self.join("alice")
+        bob = self.greeted()
+        bob.send_line("bob")
+        bob.expect("*** bob joined (2 online)")
+        alice.expect("*** bob joined (2 online)")
+
+    def test_unregistered_connection_gets_no_chat_and_is_not_counted(self):
+        alice = self.join("alice")
+        lurker = self.greeted()
+        alice.send_line("secret")
+        alice.expect("<alice> secret")
+        alice.send_line("/who")
+        alice.expect("*** 1 online: alice")
+        lurker.expect_nothing()
+
+    def test_nickname_is_cleaned_and_trimmed_blank_lines_ignored(self):
+        peer = self.greeted()
+        peer.send_raw(b"\n   \n\x1b\n  bob\x1b  \n")
+        peer.expect("*** bob joined (1 online)")
+
+    def test_nick_command_registers(self):
+        peer = self.greeted()
+        peer.send_line("/NICK carol")
+        peer.expect("*** carol joined (1 online)")
+
+    def test_commands_before_registration(self):
+        peer = self.greeted()
+        peer.send_line("/who")
+        peer.expect("!!! choose a nickname first")
+        peer.send_line("/nick")
+        self.assertTrue(peer.read_line().startswith("!!! usage: /nick"))
+        peer.send_line("/quit")
+        self.assertEqual(peer.expect_closed(), [])
+
+    def test_invalid_nickname_gets_an_error_and_another_try(self):
+        peer = self.greeted()
+        for bad in ["-x", "x" * 25, "two words", "аlice", "bob\u3164"]:
+            peer.send_line(bad)
+            line = peer.read_line()
+            self.assertTrue(line.startswith("!!! "), (bad, line))
+        peer.send_line("good")
+        peer.expect("*** good joined (1 online)")
+
+    def test_taken_nickname_ignores_case_and_width(self):
+        self.join("Bob")
+        peer = self.greeted()
+        for same in ["bob", "BOB", "Ｂob"]:
+            peer.send_line(same)
+            line = peer.read_line()
+            self.assertTrue(line.startswith("!!! ") and "taken" in line, line)
+        peer.send_line("bob2")
+        peer.expect("*** bob2 joined (2 online)")
+
+
+# --- Server: every row of the table of client lines -------------------------------
+
+class CommandTest(ServerTestCase):
+
+    def setUp(self):
+        self.start_server()
+        self.alice, self.bob = self.join_all("alice", "bob")
+
+    def test_message_reaches_everyone_sender_included(self):
+        self.alice.send_line("hello there")
+        self.alice.expect("<alice> hello there")
+        self.bob.expect("<alice> hello there")
+
+    def test_double_slash_sends_a_slash(self):
+        self.alice.send_line("//etc/passwd is a file")
+        self.bob.expect("<alice> /etc/passwd is a file")
+
+    def test_me(self):
+        self.alice.send_line("/me waves")
+        self.bob.expect("* alice waves")
+        self.alice.expect("* alice waves")
+        self.alice.send_line("/ME")
+        self.alice.expect("!!! usage: /me TEXT")
+
+    def test_msg(self):
+        self.alice.send_line("/msg BOB psst, hi")
+        self.bob.expect("*alice* psst, hi")
+        self.alice.expect("-> *bob* psst, hi")
+        self.alice.send_line("/msg nobody hi")
+        self.alice.expect("!!! no such user: nobody")
+        self.alice.send_line("/msg bob")
+        self.alice.expect("!!! usage: /msg NICK TEXT")
+        self.assertEqual(self.bob.sync(), [])
+
+    def test_nick(self):
+        self.alice.send_line("/nick Alicia")
+        self.alice.expect("*** alice is now known as Alicia")
+        self.bob.expect("*** alice is now known as Alicia")
+        self.alice.send_line("/nick ALICIA")  # only the case differs: allowed
+        self.bob.expect("*** Alicia is now known as ALICIA")
+        self.alice.wait_for("*** Alicia is now known as ALICIA")
+        self.alice.send_line("/nick Bob")
+        self.assertIn("taken", self.alice.read_line())
+        self.alice.send_line("/nick two words")
+        self.assertTrue(self.alice.read_line().startswith("!!! invalid nickname"))
+        self.alice.send_line("/nick")
+        self.alice.expect("!!! usage: /nick NEW")
+        self.bob.send_line("hi")
+        self.alice.expect("<bob> hi")
+        self.bob.send_line("/msg alicia x")
+        self.alice.expect("*bob* x")
+
+    def test_who_is_sorted_without_regard_to_case(self):
+        self.join("Carol")
+        self.alice.send_line("/who")
+        self.alice.wait_for("*** 3 online: alice, bob, Carol")
+
+    def test_help_is_notices_only(self):
+        self.alice.send_line("/help")
+        lines = self.alice.sync()
+        self.assertGreaterEqual(len(lines), 7)
+        self.assertTrue(all(line.startswith("*** ") for line in lines), lines)
+        text = "\n".join(lines)
+        for command in ["/me", "/msg", "/nick", "/who", "/ping", "/quit", "/help"]:
+            self.assertIn(command, text)
+
+    def test_ping_answers_with_the_token(self):
+        self.alice.send_line("/ping abc 123")
+        self.alice.expect("*** pong abc 123")
+        self.alice.send_line("/ping")
+        self.alice.expect("*** pong")
+
+    def test_quit_with_and_without_reason(self):
+        self.alice.send_line("/quit gone fishing")
+        self.assertEqual(self.alice.expect_closed(), [])
+        self.bob.expect("*** alice left (gone fishing)")
+        carol = self.join("carol")
+        self.bob.expect("*** carol joined (2 online)")
+        carol.send_line("/QUIT")
+        carol.expect_closed()
+        self.bob.expect("*** carol left (quit)")
+
+    def test_closing_without_quit_is_announced(self):
+        self.alice.close()
+        self.bob.expect("*** alice left (connection closed)")
+
+    def test_unknown_command(self):
+        self.alice.send_line("/frobnicate now")
+        self.alice.expect("!!! unknown command /frobnicate (try /help)")
+
+    def test_empty_and_blank_lines_do_nothing(self):
+        self.alice.send_raw(b"\n \r\n\t\n\x1b\n")
+        self.assertEqual(self.alice.sync(), [])
+        self.assertEqual(self.bob.sync(), [])
+
+    def test_trailing_whitespace_removed_leading_kept(self):
+        self.alice.send_line("   indented   ")
+        self.bob.expect("<alice>    indented")
+
+
+# --- Server: bad input ------------------------------------------------------------
+
+class BadInputTest(ServerTestCase):
+
+    def setUp(self):
+        self.start_server()
+        self.alice, self.bob = self.join_all("alice", "bob")
+
+    def test_escape_sequences_and_lone_cr_never_reach_a_terminal(self):
+        self.alice.send_raw("\x1b[2J\x1b]0;owned\x07red\x9b31m\rfake\u202eabc\u200dz\n"
+                            .encode("utf-8"))
+        line = self.bob.read_line()
+        self.assertEqual(line, "<alice> [2J]0;ownedred31mfakeabc\u200dz")
+
+    def test_invalid_utf8_becomes_replacement_characters(self):
+        self.alice.send_raw(b"caf\xe9 \xfe\xfd ok \xed\xa0\x80 \xc3\n")
+        self.bob.expect("<alice> caf\ufffd \ufffd\ufffd ok \ufffd\ufffd\ufffd \ufffd")
+
+    def test_bytes_one_at_a_time(self):
+        for byte in "slow é\r\n".encode("utf-8"):
+            self.alice.send_raw(bytes([byte]))
+        self.bob.expect("<alice> slow é")
+
+    def test_telnet_commands_are_dropped(self):
+        self.alice.send_raw(b"\xff\xfb\x01\xff\xfd\x03hel\xff\xf4\xff\xfd\x06lo\r\n")
+        self.bob.expect("<alice> hello")
+
+    def test_binary_junk_disturbs_nobody(self):
+        junk = bytes(range(256)) * 8 + bytes(reversed(range(256))) * 8
+        self.alice.send_raw(junk.replace(b"\xff", b"") + b"\n")
+        line = self.bob.read_line()
+        self.assertTrue(line.startswith("<alice> "))
+        self.assertFalse(any(ord(ch) < 32 or 0x7f <= ord(ch) < 0xa0 for ch in line))
+        self.alice.send_line("still here")
+        self.bob.wait_for("<alice> still here")
+        self.assertEqual(self.bob.sync(), [])
+
+    def test_identity_cannot_be_spoofed(self):
+        self.alice.send_raw(b"<bob> I owe alice money\r*** bob left (quit)\n")
+        self.bob.expect("<alice> <bob> I owe alice money*** bob left (quit)")
+        self.alice.send_raw(b"hi\n<bob> fake\n")
+        self.bob.expect("<alice> hi", "<alice> <bob> fake")
+
+    def test_line_too_long_is_refused_and_the_connection_stays(self):
+        self.alice.send_raw(b"x" * 4096 + b"\r\n")
+        self.bob.expect("<alice> " + "x" * 4096)
+        self.alice.send_raw(b"y" * 4097 + b"\n")
+        self.alice.wait_for("!!! line too long (max 4096 bytes)")
+        self.alice.send_line("after")
+        self.bob.expect("<alice> after")
+
+    def test_an_endless_line_is_not_buffered(self):
+        for _ in range(64):
+            self.alice.send_raw(b"z" * 8192)
+        self.alice.wait_for("!!! line too long (max 4096 bytes)")
+        self.alice.send_raw(b"\n")
+        self.alice.sync()
+        held = [len(conn.reader.buf) for conn in list(self.server.conns)]
+        self.assertLessEqual(max(held), 4097)
+        self.bob.expect_nothing()
+
+
+# --- Server: the guarantees -------------------------------------------------------
+
+class GuaranteeTest(ServerTestCase):
+
+    def test_concurrent_senders_everyone_sees_one_order_nothing_lost(self):
+        self.start_server(rate=0)
+        senders = self.join_all("s1", "s2", "s3", "s4")
+        watchers = [self.join("w1"), self.join("w2")]
+        for peer in senders + watchers:
+            peer.sync("ready")
+        count = 200
+
+        def send_all(peer, nick):
+            peer.send_raw(b"".join(b"%s %d\n" % (nick.encode(), i) for i in range(count)))
+        threads = [threading.Thread(target=send_all, args=(peer, "s%d" % (i + 1)))
+                   for i, peer in enumerate(senders)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        transcripts = []
+        for peer in senders + watchers:
+            lines = [peer.read_line() for _ in range(count * len(senders))]
+            transcripts.append(lines)
+        self.assertTrue(all(t == transcripts[0] for t in transcripts))
+        for i in range(len(senders)):
+            mine = [line for line in transcripts[0] if line.startswith("<s%d>" % (i + 1))]
+            self.assertEqual(mine, ["<s%d> s%d %d" % (i + 1, i + 1, n) for n in range(count)])
+
+    def test_a_newcomer_gets_nothing_from_before_it_joined(self):
+        self.start_server(rate=0)
+        alice = self.join("alice")
+        newcomer = self.greeted()
+        alice.send_raw(b"one\ntwo\n")
+        newcomer.send_line("carol")
+        lines = newcomer.sync()
+        self.assertEqual(lines[0], "*** carol joined (2 online)")
+        alice.wait_for("*** carol joined (2 online)")
+
+
+# --- Server: limits ---------------------------------------------------------------
+
+class LimitTest(ServerTestCase):
+
+    def test_flood_control_slows_the_sender_and_loses_nothing(self):
+        self.start_server(rate=20, burst=5)
+        alice, bob = self.join_all("alice", "bob")
+        started = time.monotonic()
+        alice.send_raw(b"".join(b"line %d\n" % i for i in range(35)))
+        for i in range(35):
+            bob.expect("<alice> line %d" % i)
+        elapsed = time.monotonic() - started
+        self.assertGreaterEqual(elapsed, 1.2)  # (35 - 5) lines at 20/s is 1.5 s
+
+    def test_flood_control_charges_long_lines_more(self):
+        self.start_server(rate=10, burst=1)
+        alice = self.join("alice")
+        started = time.monotonic()
+        alice.send_raw((b"x" * 2048 + b"\n") * 3)  # 5 tokens each: 1 s for three
+        for _ in range(3):
+            alice.read_line()
+        self.assertGreaterEqual(time.monotonic() - started, 0.8)
+
+    def test_a_slow_consumer_is_evicted_and_the_others_get_everything(self):
+        self.start_server(rate=0)
+        alice, bob = self.join_all("alice", "bob")
+        slow = self.join("slow", rcvbuf=4096)  # and it never reads again
+        alice.wait_for("*** slow joined (3 online)")
+        bob.wait_for("*** slow joined (3 online)")
+        payload = "p" * 200
+        lines = 6000  # 1.2 MB: far past the slow one's sendq and kernel buffers
+        expected = ["<alice> %d %s" % (i, payload) for i in range(lines)]
+        transcripts = {}
+
+        def read_all(peer):
+            try:
+                got = peer.wait_for("<alice> %d %s" % (lines - 1, payload))
+                transcripts[peer] = got + peer.sync()
+            except AssertionError as exc:
+                transcripts[peer] = exc
+        readers = [threading.Thread(target=read_all, args=(peer,)) for peer in (alice, bob)]
+        for reader in readers:
+            reader.start()
+        alice.send_raw(b"".join(b"%d %s\n" % (i, payload.encode()) for i in range(lines)))
+        for reader in readers:
+            reader.join(TIMEOUT * 3)
+        for peer in (alice, bob):
+            self.assertIsInstance(transcripts.get(peer), list, transcripts.get(peer))
+            got = transcripts[peer] + [expected[-1]]
+            self.assertEqual([line for line in got if line.startswith("<")], expected)
+            self.assertIn("*** slow left (too slow)", got)
+        slow.expect_closed()  # what it was owed until eviction, then the end
+
+    def test_max_clients(self):
+        self.start_server(max_clients=2)
+        self.join("a")
+        self.greeted()  # unregistered connections count too
+        third = self.connect()
+        self.assertEqual(third.expect_closed(), ["!!! server full"])
+
+    def test_max_per_ip_exempts_loopback(self):
+        self.start_server(max_per_ip=1)
+        self.join("a")
+        self.join("b")  # 127.0.0.1 is exempt
+        try:
+            first = self.connect(source="127.0.0.2")
+        except OSError:
+            self.skipTest("127.0.0.2 is not a local address here")
+        first.read_line()
+        second = self.connect(source="127.0.0.2")
+        self.assertEqual(second.expect_closed(), ["!!! too many connections from your address"])
+
+    def test_registration_timeout_however_slow_the_trickle(self):
+        self.start_server(register_timeout=0.6)
+        peer = self.greeted()
+        started = time.monotonic()
+        peer.send_raw(b"b")
+        peer.send_raw(b"o")
+        lines = peer.expect_closed()
+        self.assertEqual(lines, ["!!! registration timed out"])
+        self.assertLess(time.monotonic() - started, 3)
+
+    def test_accepted_sockets_use_keepalive(self):
+        self.start_server()
+        peer = self.join("alice")
+        peer.sync()
+        (conn,) = list(self.server.conns)
+        self.assertEqual(conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            idle = conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE)
+            self.assertLessEqual(idle, 300)
+
+    def test_1500_concurrent_clients(self):
+        chat.raise_open_files_limit()
+        self.start_server(rate=0)
+        count = 1500
+        selector = selectors.DefaultSelector()
+        self.addCleanup(selector.close)
+        tails = {}  # peer number -> the last bytes it received
+        for i in range(count):
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT)
+            self.addCleanup(sock.close)
+            sock.sendall(b"user%d\n" % i)
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ, i)
+            if i % 100 == 0:
+                self._drain(selector, tails)
+        last_join = b"*** user%d joined (%d online)\n" % (count - 1, count)
+        self._drain_until(selector, tails, lambda: last_join in tails.get(0, b""))
+        first = next(key.fileobj for key in selector.get_map().values() if key.data == 0)
+        first.sendall(b"hello all\n")
+        hello = b"<user0> hello all\n"
+        self._drain_until(selector, tails, lambda: all(
+            hello in tails.get(i, b"") for i in range(count)))
+
+    def _drain_until(self, selector, tails, done, timeout=30):
+        deadline = time.monotonic() + timeout
+        while not done():
+            self.assertLess(time.monotonic(), deadline, "timed out draining")
+            self._drain(selector, tails)
+
+    @staticmethod
+    def _drain(selector, tails):
+        """Read what arrived; keep each peer's last 64 bytes (enough for one line)."""
+        for key, _ in selector.select(0.2):
+            try:
+                data = key.fileobj.recv(1 << 20)
+            except BlockingIOError:
+                continue
+            tails[key.data] = (tails.get(key.data, b"") + data)[-64:]
+
+
+# --- Server: as a process ---------------------------------------------------------
+
+class ServerProcessTest(unittest.TestCase):
+
+    def start(self, *args):
+        proc = subprocess.Popen([sys.executable, CHAT_PY, "server", "--port", "0"] + list(args),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(proc.stderr.close)
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill() or proc.wait())
+        port = None
+        log = []
+        while port is None:
+            line = proc.stderr.readline().decode()
+            self.assertTrue(line, "server exited: %r" % log)
+            log.append(line)
+            if "listening on " in line:
+                port = int(line.rsplit(":", 1)[1])
+        return proc, port
+
+    def test_sigterm_says_goodbye_and_exits_0(self):
+        proc, port = self.start()
+        peer = Peer(port)
+        self.addCleanup(peer.close)
+        peer.send_line("alice")
+        peer.wait_for("*** alice joined (1 online)")
+        lurker = Peer(port)
+        self.addCleanup(lurker.close)
+        lurker.wait_for("*** choose a nickname: 1-24 letters, digits, _ or -")
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        self.assertEqual(peer.expect_closed(), ["*** server shutting down"])
+        self.assertEqual(lurker.expect_closed(), ["*** server shutting down"])
+        err = proc.stderr.read().decode()
+        self.assertNotIn("Traceback", err)
+
+    def test_sigint_exits_0_and_logs_without_message_text(self):
+        proc, port = self.start()
+        peer = Peer(port)
+        self.addCleanup(peer.close)
+        peer.send_line("alice")
+        peer.send_line("my secret words")
+        peer.wait_for("<alice> my secret words")
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        err = proc.stderr.read().decode()
+        self.assertIn("alice joined", err)
+        self.assertNotIn("secret", err)
+        self.assertNotIn("Traceback", err)
+
+    def test_port_in_use_is_one_line_and_exit_2(self):
+        busy = socket.socket()
+        self.addCleanup(busy.close)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        code, out, err = run_chat("server", "--port", str(busy.getsockname()[1]))
+        self.assertEqual(code, 2)
+        self.assertNotIn("Traceback", err)
+        self.assertIn("cannot listen on 127.0.0.1:%d" % busy.getsockname()[1], err)
+
+    def test_bad_host_is_one_line_and_exit_2(self):
+        code, out, err = run_chat("server", "--host", "no.such.host.invalid", "--port", "0")
+        self.assertEqual(code, 2)
+        self.assertIn("cannot listen on no.such.host.invalid", err)
+        self.assertNotIn("Traceback", err)
+
+    def test_ipv6_any_address(self):
+        if not socket.has_ipv6:
+            self.skipTest("no IPv6")
+        try:
+            proc, port = self.start("--host", "::")
+        except AssertionError:
+            self.skipTest("cannot listen on ::")
+        peer = Peer(port, host="::1")
+        self.addCleanup(peer.close)
+        peer.send_line("six")
+        peer.wait_for("*** six joined (1 online)")
+        proc.terminate()
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+
+    @unittest.skipUnless(hasattr(os, "fork") and sys.platform.startswith("linux"),
+                         "RLIMIT_NOFILE and /proc: Linux")
+    def test_out_of_descriptors_refuses_without_spinning(self):
+        script = ("import resource, sys; sys.argv[1:] = ['server', '--port', '0', '-q'];"
+                  "resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40));"
+                  "sys.path.insert(0, %r); import chat; sys.exit(chat.main(sys.argv[1:]))" % HERE)
+        proc = subprocess.Popen([sys.executable, "-c", script],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(proc.stderr.close)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill() or proc.wait())
+        line = proc.stderr.readline().decode()
+        while "listening on" not in line:
+            line = proc.stderr.readline().decode()
+            self.assertTrue(line)
+        port = int(line.rsplit(":", 1)[1])
+        peers = []
+        refused = 0
+        for _ in range(60):
+            peer = Peer(port)
+            self.addCleanup(peer.close)
+            first = peer.read_line()
+            if first == "!!! server full":
+                refused += 1
+            else:
+                peers.append(peer)
+        self.assertGreater(refused, 0)
+        self.assertGreater(len(peers), 20)
+
+        def cpu_seconds():
+            with open("/proc/%d/stat" % proc.pid) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        before = cpu_seconds()
+        waiting = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+        for sock in waiting:
+            self.addCleanup(sock.close)
+        time.sleep(1.0)  # measuring idle CPU over a fixed window, not a sync
+        self.assertLess(cpu_seconds() - before, 0.5)
+        peers[0].send_line("alice")
+        peers[0].wait_for("*** alice joined (1 online)")
+
+
+# --- Client -----------------------------------------------------------------------
+
+class ClientTest(ServerTestCase):
+
+    def setUp(self):
+        self.start_server()
+
+    def test_piped_lines_are_delivered_and_it_exits_by_itself(self):
+        watcher = self.join("watcher")
+        code, out, err = run_chat("client", "--name", "bot", "--port", str(self.port),
+                                  stdin=b"a\nb\n")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("<bot> a\n<bot> b\n", out)
+        watcher.wait_for("*** bot joined (2 online)")
+        watcher.expect("<bot> a", "<bot> b", "*** bot left (quit)")
+
+    def test_without_name_the_first_line_is_the_nickname(self):
+        watcher = self.join("watcher")
+        code, out, err = run_chat("client", "--port", str(self.port), stdin=b"robot\nbeep\n")
+        self.assertEqual(code, 0, err)
+        watcher.wait_for("*** robot joined (2 online)")
+        watcher.expect("<robot> beep")
+
+    def test_a_taken_name_prints_the_reason_and_exits_1(self):
+        self.join("bot")
+        code, out, err = run_chat("client", "--name", "BOT", "--port", str(self.port),
+                                  stdin=b"never sent\n")
+        self.assertEqual(code, 1)
+        self.assertIn("!!! nickname BOT is taken", out)
+        self.assertNotIn("never sent", out)
+
+    def test_nothing_listening_is_one_line_and_exit_1(self):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        code, out, err = run_chat("client", "--name", "x", "--port", str(port))
+        self.assertEqual(code, 1)
+        self.assertEqual(err.strip().count("\n"), 0)
+        self.assertIn("cannot connect to 127.0.0.1:%d" % port, err)
+
+    def test_server_going_away_prints_disconnected_and_exits_1(self):
+        proc = subprocess.Popen([sys.executable, CHAT_PY, "client", "--name", "bot",
+                                 "--port", str(self.port)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        watcher = self.join("watcher")
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(proc.stderr.close)
+        self.addCleanup(proc.stdin.close)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        watcher.wait_for("*** bot joined (2 online)")
+        self.server.shutdown()
+        self.assertEqual(proc.wait(TIMEOUT), 1)  # stdin stays open: not a quit
+        out, err = proc.stdout.read(), proc.stderr.read()
+        self.assertTrue(out.decode().endswith("*** disconnected from server\n"), out)
+        self.assertNotIn(b"Traceback", err)
+
+    def test_client_cleans_what_a_hostile_server_sends(self):
+        fake = socket.socket()
+        self.addCleanup(fake.close)
+        fake.bind(("127.0.0.1", 0))
+        fake.listen()
+
+        def serve():
+            conn, _ = fake.accept()
+            with conn:
+                conn.recv(100)
+                conn.sendall(b"*** x joined (1 online)\n\x1b[2Jevil\x1b]0;t\x07\rline"
+                             + "\u009b\u202e".encode("utf-8") + b"\x9b\n")
+        thread = threading.Thread(target=serve)
+        thread.start()
+        code, out, err = run_chat("client", "--name", "x", "--port",
+                                  str(fake.getsockname()[1]), stdin=b"")
+        thread.join()
+        self.assertIn("[2Jevil]0;tline\ufffd\n", out)
+        self.assertNotIn("\x1b", out)
+        self.assertNotIn("\r", out)
+
+    def test_sigint_leaves_cleanly(self):
+        watcher = self.join("watcher")
+        proc = subprocess.Popen([sys.executable, CHAT_PY, "client", "--name", "bot",
+                                 "--port", str(self.port)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(proc.stderr.close)
+        self.addCleanup(proc.stdin.close)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        watcher.wait_for("*** bot joined (2 online)")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=TIMEOUT)
+        self.assertEqual(proc.returncode, 0)
+        self.assertNotIn(b"Traceback", err)
+        watcher.expect("*** bot left (quit)")
+
+
+# --- Command line and the design card ---------------------------------------------
+
+class CommandLineTest(unittest.TestCase):
+
+    def test_a_wrong_flag_is_a_usage_error(self):
+        code, out, err = run_chat("server", "--rate", "fast")
+        self.assertEqual(code, 2)
+        self.assertIn("--rate", err)
+        self.assertNotIn("Traceback", err)
+        code, out, err = run_chat("server", "--port", "70000")
+        self.assertEqual(code, 2)
+        code, out, err = run_chat()
+        self.assertEqual(code, 2)
+
+    def test_imports_are_standard_library_only(self):
+        stdlib = getattr(sys, "stdlib_module_names", None)
+        for name in ("chat.py", "test_chat.py"):
+            with open(os.path.join(HERE, name), encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    roots = [alias.name.split(".")[0] for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                    roots = [node.module.split(".")[0]]
+                else:
+                    continue
+                for root in roots:
+                    if root == "chat":
+                        continue
+                    if stdlib is not None:
+                        self.assertIn(root, stdlib, "%s imports %s" % (name, root))
+                    else:  # Python < 3.10: the module must come from the stdlib dir
+                        module = __import__(root)
+                        origin = getattr(module, "__file__", None) or ""
+                        self.assertNotIn("site-packages", origin, root)
+
+
+if __name__ == "__main__":
+    unittest.main()
