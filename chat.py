@@ -18,6 +18,7 @@ import errno
 import heapq
 import os
 import selectors
+import shutil
 import signal
 import socket
 import sys
@@ -1048,33 +1049,40 @@ class Terminal:
         self.out = out
         self.interactive = interactive
         self.readline = readline_module
-        self.prompt = ""
-        self.lock = threading.Lock()  # the stdin thread writes prompts too
+        self.prompt = None            # None: no input line is on the screen
+        self.lock = threading.Lock()  # show() runs in the loop, input in its thread
 
     def show(self, text):
         """Print one line without tearing what the user is typing."""
         with self.lock:
-            if self.interactive:
+            if self.interactive and self.prompt is not None:
                 typed = self.readline.get_line_buffer() if self.readline else ""
                 self._write(self._erase(self.prompt + typed) + text + "\n"
                             + self.prompt + typed)
             else:
                 self._write(text + "\n")
 
+    def read_line(self, prompt):
+        """Read a typed line (str) showing prompt; EOFError at the end of input."""
+        if self.readline:
+            # The hook runs once readline has shown the prompt: from then on
+            # an incoming line must redraw it.
+            self.readline.set_pre_input_hook(lambda: setattr(self, "prompt", prompt))
+        else:
+            self.prompt = prompt
+        try:
+            return input(prompt)
+        finally:
+            self.prompt = None
+
     def _erase(self, shown):
         """Escape codes that move to the start of the input and clear it.
 
         It may span several rows; the cursor is taken to be at its end.
         """
-        columns = max(1, self._columns())
+        columns = shutil.get_terminal_size().columns or 80
         rows = max(0, display_width(shown) - 1) // columns
         return "\r" + ("\x1b[%dA" % rows if rows else "") + "\x1b[J"
-
-    def _columns(self):
-        try:
-            return os.get_terminal_size(self.out.fileno()).columns
-        except (OSError, ValueError, AttributeError):
-            return 80
 
     def _write(self, text):
         try:
@@ -1220,7 +1228,6 @@ class ChatClient:
             return
         if text.startswith(NOTICE) and " joined (" in text:
             self.registered = True
-            self.terminal.prompt = PROMPT if self.interactive else ""
             self.may_read.set()
         elif text.startswith(ERROR):
             if self.interactive:
@@ -1323,9 +1330,8 @@ class ChatClient:
         if self.interactive:
             while True:
                 prompt = PROMPT if self.registered else NICK_PROMPT
-                self.terminal.prompt = prompt
                 try:
-                    text = input(prompt)
+                    text = self.terminal.read_line(prompt)
                 except (EOFError, KeyboardInterrupt):
                     return
                 yield text.encode(ENCODING, "replace")

@@ -924,6 +924,70 @@ class ClientTest(ServerTestCase):
         watcher.expect("*** bot left (quit)")
 
 
+class TerminalClientTest(ServerTestCase):
+    """The client on a pseudo-terminal, as a person at a keyboard runs it."""
+
+    def setUp(self):
+        if not hasattr(os, "openpty"):
+            self.skipTest("no pseudo-terminals here")
+        self.start_server()
+        self.bob = self.join("bob")
+        master, slave = os.openpty()
+        env = dict(os.environ, TERM="xterm", COLUMNS="40", LINES="24")
+        env.pop("NO_COLOR", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, CHAT_PY, "client", "--port", str(self.port)],
+            stdin=slave, stdout=slave, stderr=slave, env=env)
+        os.close(slave)
+        self.master = master
+        self.addCleanup(os.close, master)
+        self.addCleanup(lambda: self.proc.poll() is None and self.proc.kill() or self.proc.wait())
+        self.screen = b""
+
+    def read_until(self, expected, timeout=TIMEOUT):
+        """Read the terminal's output until expected appears; return what came."""
+        deadline = time.monotonic() + timeout
+        start = len(self.screen)
+        selector = selectors.DefaultSelector()
+        selector.register(self.master, selectors.EVENT_READ)
+        with selector:
+            while expected not in self.screen[start:]:
+                self.assertLess(time.monotonic(), deadline,
+                                "%r not in %r" % (expected, self.screen[start:]))
+                if selector.select(0.1):
+                    try:
+                        self.screen += os.read(self.master, 4096)
+                    except OSError:  # the client has exited
+                        break
+        return self.screen[start:]
+
+    def type(self, keys):
+        os.write(self.master, keys)
+
+    def test_asks_for_the_nickname_again_then_chats_without_tearing(self):
+        self.read_until(b"nickname: ")
+        self.type(b"bob\r")
+        self.read_until(b"!!! nickname bob is taken\r\nnickname: ")
+        self.type(b"al\r")
+        self.read_until(b"*** al joined (2 online)\r\n> ")
+        self.bob.wait_for("*** al joined (2 online)")
+        self.type(b"hel")
+        self.read_until(b"hel")
+        self.bob.send_line("hi there")
+        # The typed line is erased, the message printed, the line redrawn.
+        self.read_until(b"\r\x1b[J<bob> hi there\r\n> hel")
+        self.type(b"lo\r")
+        self.bob.expect("<bob> hi there", "<al> hello")
+        long_input = b"x" * 50  # 52 columns with the prompt: two rows of 40
+        self.type(long_input)
+        self.read_until(long_input[-10:])
+        self.bob.send_line("wrap")
+        self.read_until(b"\r\x1b[1A\x1b[J<bob> wrap\r\n> " + long_input)
+        self.type(b"\r\x04")  # Enter, then Ctrl-D: leave
+        self.bob.expect("<bob> wrap", "<al> " + "x" * 50, "*** al left (quit)")
+        self.assertEqual(self.proc.wait(TIMEOUT), 0)
+
+
 # --- Command line and the design card ---------------------------------------------
 
 class CommandLineTest(unittest.TestCase):
