@@ -31,6 +31,10 @@ try:
     import resource  # Unix only: used to raise the open-files limit.
 except ImportError:  # Windows
     resource = None
+try:
+    import termios   # Unix only: the client restores the terminal's modes.
+except ImportError:  # Windows
+    termios = None
 
 
 # --- Settings -----------------------------------------------------------------
@@ -1062,6 +1066,14 @@ class Terminal:
             else:
                 self._write(text + "\n")
 
+    def finish(self):
+        """Erase the input line, leaving the shell a clean one."""
+        with self.lock:
+            if self.interactive and self.prompt is not None:
+                typed = self.readline.get_line_buffer() if self.readline else ""
+                self._write(self._erase(self.prompt + typed))
+            self.prompt = None
+
     def read_line(self, prompt):
         """Read a typed line (str) showing prompt; EOFError at the end of input."""
         if self.readline:
@@ -1117,6 +1129,7 @@ class ChatClient:
         self.quitting = False
         self.quit_deadline = None
         self.result = None                 # the exit code, once known
+        self.saved_tty = None              # terminal modes to restore at exit
 
     @staticmethod
     def _load_readline():
@@ -1145,6 +1158,7 @@ class ChatClient:
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.sock, selectors.EVENT_READ, self._on_server)
         self.selector.register(self.typed_r, selectors.EVENT_READ, self._on_typed)
+        self._save_terminal_modes()
         if self.nick is not None and self._clean_nick(self.nick):
             self._send_nick(self._clean_nick(self.nick))
         else:
@@ -1183,8 +1197,24 @@ class ChatClient:
                 sock.close()
         if self.selector is not None:
             self.selector.close()
-        if self.interactive:
-            self.terminal._write("\n")
+        self.terminal.finish()
+        self._restore_terminal_modes()
+
+    def _save_terminal_modes(self):
+        if self.interactive and termios is not None:
+            try:
+                self.saved_tty = termios.tcgetattr(self.stdin_fd)
+            except termios.error:
+                self.saved_tty = None
+
+    def _restore_terminal_modes(self):
+        """Put back the modes readline changed: the stdin thread may still be
+        inside readline, which would leave the shell without echo."""
+        if self.saved_tty is not None:
+            try:
+                termios.tcsetattr(self.stdin_fd, termios.TCSADRAIN, self.saved_tty)
+            except termios.error:
+                pass  # the terminal is gone: nothing to restore
 
     # -- the server's side --
 

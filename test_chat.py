@@ -987,6 +987,20 @@ class TerminalClientTest(ServerTestCase):
         self.bob.expect("<bob> wrap", "<al> " + "x" * 50, "*** al left (quit)")
         self.assertEqual(self.proc.wait(TIMEOUT), 0)
 
+    def test_ctrl_c_leaves_and_gives_the_terminal_back(self):
+        import termios
+        self.read_until(b"nickname: ")
+        self.type(b"al\r")
+        self.read_until(b"> ")
+        self.type(b"half a line")
+        self.read_until(b"half a line")
+        self.proc.send_signal(signal.SIGINT)  # what Ctrl-C sends the foreground
+        self.assertEqual(self.proc.wait(TIMEOUT), 0)
+        self.bob.wait_for("*** al left (quit)")
+        self.assertTrue(self.read_until(b"\x1b[J").endswith(b"\r\x1b[J"))
+        modes = termios.tcgetattr(self.master)[3]
+        self.assertTrue(modes & termios.ECHO and modes & termios.ICANON, "modes not restored")
+
 
 # --- Command line and the design card ---------------------------------------------
 
