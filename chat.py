@@ -16,11 +16,13 @@ errors. Every broadcast reaches everyone in one and the same order.
 import argparse
 import errno
 import heapq
+import json
 import os
 import selectors
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -899,24 +901,41 @@ class ChatServer:
         conn.outbuf += encode_line(text)
         self.dirty.add(conn)
 
-    def _deliver_pending(self):
-        """Hand this pass's broadcasts to every member: one append each."""
+    def _deliver_pending(self, write=False):
+        """Hand the broadcasts queued so far to every member, in one piece.
+
+        With write (at the end of a pass), a member with nothing else queued
+        is sent the shared bytes at once: no copy per member, one send each.
+        Otherwise, or for what a send leaves, they are appended to outbuf.
+        """
         if not self.pending:
             return
         data = bytes(self.pending)
         self.pending.clear()
-        late = self.late
+        late, failed = self.late, []
         for conn in self.members.values():
-            if late and conn in late:
-                conn.outbuf += data[late[conn]:]
-            else:
-                conn.outbuf += data
+            chunk = data[late[conn]:] if late and conn in late else data
+            if write and not conn.outbuf and not conn.events & selectors.EVENT_WRITE:
+                try:
+                    sent = conn.sock.send(chunk)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError as exc:
+                    failed.append((conn, exc))
+                    continue
+                if sent == len(chunk):
+                    continue
+                chunk = memoryview(chunk)[sent:]
+            conn.outbuf += chunk
+            self.dirty.add(conn)
         late.clear()
-        self.dirty.update(self.members.values())
+        for conn, exc in failed:  # dropped after the loop: it changes members
+            self._log("%s: %s" % (conn.name, exc))
+            self._drop(conn, LEFT_CLOSED)
 
     def _write_output(self):
         """Write each connection with output once; evict those far behind."""
-        self._deliver_pending()
+        self._deliver_pending(write=True)
         dirty, self.dirty = self.dirty, set()
         max_sendq = self.limits.max_sendq
         for conn in dirty:
@@ -928,7 +947,7 @@ class ChatServer:
                 self._log("%s evicted: %d bytes unsent" % (conn.name, len(conn.outbuf)))
                 self._drop(conn, LEFT_TOO_SLOW)
         if self.pending:
-            self._deliver_pending()  # leave notices from evictions
+            self._deliver_pending()  # leave notices from evictions: next pass
 
     def _flush(self, conn):
         """Send as much of outbuf as the socket takes, in one call."""
@@ -1384,6 +1403,496 @@ class ChatClient:
                     yield line.rstrip(b"\r")
 
 
+# --- Bench --------------------------------------------------------------------
+# `chat.py bench`: a load generator in one process, to answer "how many people
+# can my machine take?". It speaks only registration and broadcast, so it can
+# measure any server of this protocol. It must not be the bottleneck it
+# measures: one selectors loop, large reads, and most receivers only count
+# line ends in bulk; a few observers parse every line for latency and order.
+
+BENCH_OBSERVERS = 3           # clients that parse every line they receive
+BENCH_RECV_BYTES = 1 << 18
+BENCH_SEND_CHUNK = 1 << 16    # flood senders build lines in chunks of this much
+BENCH_CONCURRENCY = 100       # connects in flight (connected, not yet registered)
+BENCH_STALL_S = 15.0          # a phase with no progress this long has failed
+BENCH_SERVER_START_S = 10.0
+BENCH_PROGRESS_S = 1.0
+BENCH_NICK = "b%d"
+BENCH_MESSAGE = "m %d %d %.6f"  # sender index, sequence number, send time
+
+
+class BenchError(Exception):
+    """A bench run that can't go on: said in one line, exit code 1."""
+
+
+class BenchClient:
+    """One simulated user: its socket and what it has seen."""
+
+    __slots__ = ("index", "nick", "sock", "sender", "slow", "observer", "state",
+                 "inbuf", "rank", "lines", "outbuf", "seq", "next_send", "events",
+                 "order", "notices")
+
+    def __init__(self, index, sender, slow, observer):
+        self.index = index
+        self.nick = BENCH_NICK % index
+        self.sock = None
+        self.sender = sender
+        self.slow = slow
+        self.observer = observer
+        self.state = "new"         # new, connecting, registering, in, closed
+        self.inbuf = b""           # parsed lines' unfinished tail (observers, registering)
+        self.rank = 0              # N in its own "joined (N online)"
+        self.lines = 0             # lines received after its own join line
+        self.outbuf = bytearray()
+        self.seq = 0               # messages sent
+        self.next_send = 0.0       # rate mode: when the next message is due
+        self.events = 0
+        self.order = []            # observers: (sender, seq) of each message seen
+        self.notices = 0           # observers: notice lines after the join phase
+
+
+class Bench:
+    """Runs one workload against a server and collects the numbers."""
+
+    def __init__(self, args, host, port, server=None):
+        self.args = args
+        self.host = host
+        self.port = port
+        self.server = server       # the subprocess when the bench started it
+        self.selector = selectors.DefaultSelector()
+        count = args.clients
+        observers = set(range(min(BENCH_OBSERVERS, count - args.slow)))
+        self.clients = [BenchClient(i, i < args.senders, i >= count - args.slow,
+                                    i in observers) for i in range(count)]
+        self.by_nick = {client.nick: client for client in self.clients}
+        self.waiting = list(reversed(self.clients))   # not yet connecting
+        self.in_flight = 0
+        self.registered = 0
+        self.latencies = []
+        self.evicted = set()
+        self.closed_early = set()
+        self.phase = "register"
+        self.progress_at = 0.0
+        self.last_progress = time.monotonic()
+        self.result = {}
+
+    # -- the run --
+
+    def run(self):
+        """Register every client, then send the messages; return the results."""
+        started = time.monotonic()
+        try:
+            self._loop(self._registration_done)
+            registered_at = time.monotonic()
+            self._loop(self._joins_drained)
+            self.phase = "messages"
+            self._start_senders()
+            messages_started = time.monotonic()
+            self._loop(self._messages_done)
+            finished = time.monotonic()
+        finally:
+            self._progress(force=True, end=True)
+        self._collect(started, registered_at, messages_started, finished)
+        return self.result
+
+    def close(self):
+        for client in self.clients:
+            if client.sock is not None:
+                client.sock.close()
+        self.selector.close()
+
+    def _loop(self, done):
+        """Run passes until done() or a stall longer than the timeout."""
+        self.last_progress = time.monotonic()
+        while not done():
+            self._check_server()
+            self._connect_more()
+            now = time.monotonic()
+            if now - self.last_progress > self.args.timeout:
+                raise BenchError("no progress for %.0f s in the %s phase (%s)"
+                                 % (self.args.timeout, self.phase, self._status()))
+            for key, mask in self.selector.select(self._timeout(now)):
+                self._on_event(key.data, mask)
+            if self.phase == "messages" and self.args.rate:
+                self._send_due(time.monotonic())
+            self._progress()
+
+    def _timeout(self, now):
+        if self.phase == "messages" and self.args.rate:
+            due = [c.next_send for c in self.clients if c.sender and c.seq < self.args.messages
+                   and c.state == "in"]
+            if due:
+                return max(0.0, min(min(due) - now, 0.1))
+        return 0.1
+
+    def _check_server(self):
+        if self.server is not None and self.server.poll() is not None:
+            raise BenchError("the server exited with code %d during the %s phase"
+                             % (self.server.returncode, self.phase))
+
+    # -- phase 1: connect and register, a bounded number in flight --
+
+    def _connect_more(self):
+        while self.waiting and self.in_flight < self.args.concurrency:
+            client = self.waiting.pop()
+            self._connect(client)
+
+    def _connect(self, client):
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        client.sock = sock
+        client.state = "connecting"
+        self.in_flight += 1
+        err = sock.connect_ex((self.host, self.port))
+        if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
+            raise BenchError("cannot connect to %s: %s"
+                             % (format_address((self.host, self.port)), os.strerror(err)))
+        self._watch(client, selectors.EVENT_WRITE)
+
+    def _watch(self, client, events):
+        if events == client.events:
+            return
+        if client.events == 0:
+            self.selector.register(client.sock, events, client)
+        elif events == 0:
+            self.selector.unregister(client.sock)
+        else:
+            self.selector.modify(client.sock, events, client)
+        client.events = events
+
+    def _on_event(self, client, mask):
+        if client.state == "connecting":
+            self._connected(client)
+            return
+        if mask & selectors.EVENT_READ:
+            self._receive(client)
+        if mask & selectors.EVENT_WRITE and client.state == "in":
+            if self.args.rate:
+                self._flush(client)
+            else:
+                self._send_flood(client)
+
+    def _connected(self, client):
+        err = client.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise BenchError("cannot connect to %s: %s"
+                             % (format_address((self.host, self.port)), os.strerror(err)))
+        client.state = "registering"
+        client.sock.sendall(encode_line(client.nick))  # a fresh socket takes a few bytes
+        self._watch(client, selectors.EVENT_READ)
+
+    def _receive(self, client):
+        try:
+            data = client.sock.recv(BENCH_RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._closed(client)
+            return
+        if client.state == "registering":
+            self._registering(client, data)
+        else:
+            self._receive_data(client, data)
+        self.last_progress = time.monotonic()
+
+    def _registering(self, client, data):
+        """Before its own join line, parse; after it, count like everyone else."""
+        lines = (client.inbuf + data).split(b"\n")
+        client.inbuf = lines.pop()
+        for i, line in enumerate(lines):
+            text = line.decode(ENCODING, "replace")
+            if text.startswith(ERROR):
+                raise BenchError("%s was refused: %s" % (client.nick, text))
+            if text.startswith(NOTICE + client.nick + " joined ("):
+                client.rank = int(text.rsplit("(", 1)[1].split()[0])
+                client.state = "in"
+                self.in_flight -= 1
+                self.registered += 1
+                rest = b"\n".join(lines[i + 1:] + [client.inbuf])
+                client.inbuf = b""
+                if client.slow:
+                    self._watch(client, 0)  # a slow client never reads again
+                elif rest:
+                    self._receive_data(client, rest)
+                return
+
+    def _receive_data(self, client, data):
+        if client.observer:
+            self._observe(client, data)
+        else:
+            client.lines += data.count(b"\n")
+
+    def _observe(self, client, data):
+        """Parse every line: latency and order of messages, notices counted."""
+        now = time.monotonic()
+        lines = (client.inbuf + data).split(b"\n")
+        client.inbuf = lines.pop()
+        client.lines += len(lines)
+        if self.phase != "messages":
+            return
+        for line in lines:
+            if line.startswith(b"<"):
+                fields = line.split(b" ", 5)
+                try:
+                    sender, seq, sent = int(fields[2]), int(fields[3]), float(fields[4])
+                except (IndexError, ValueError):
+                    continue  # not one of ours
+                client.order.append((sender, seq))
+                self.latencies.append(now - sent)
+            elif line.startswith(NOTICE.encode()):
+                client.notices += 1
+                if line.endswith(b" left (too slow)"):
+                    self.evicted.add(line[4:].split(b" ", 1)[0].decode())
+
+    def _closed(self, client):
+        if client.state == "registering":
+            raise BenchError("the server closed %s's connection before it registered"
+                             % client.nick)
+        client.state = "closed"
+        self._watch(client, 0)
+        self.closed_early.add(client.nick)
+
+    def _registration_done(self):
+        return self.registered == len(self.clients)
+
+    def _joins_drained(self):
+        """Every reading client has had all join lines: N - rank after its own."""
+        total = len(self.clients)
+        return all(c.lines >= total - c.rank for c in self.clients
+                   if not c.slow and c.state == "in")
+
+    # -- phase 2: the messages --
+
+    def _start_senders(self):
+        now = time.monotonic()
+        for client in self.clients:
+            if not client.slow:  # from now on, count only what follows the joins
+                client.lines -= len(self.clients) - client.rank
+        senders = [c for c in self.clients if c.sender]
+        for i, client in enumerate(senders):
+            if self.args.rate:  # spread the senders evenly over one interval
+                client.next_send = now + i / (len(senders) * self.args.rate)
+            else:
+                self._watch(client, selectors.EVENT_READ | selectors.EVENT_WRITE)
+
+    def _message(self, client, now):
+        text = BENCH_MESSAGE % (client.index, client.seq, now)
+        if len(text) < self.args.size:
+            text += " " + "x" * (self.args.size - len(text) - 1)
+        client.seq += 1
+        return encode_line(text)
+
+    def _send_flood(self, client):
+        """Keep a flood sender's socket full, building lines only as it drains."""
+        if len(client.outbuf) < BENCH_SEND_CHUNK // 2 and client.seq < self.args.messages:
+            now = time.monotonic()
+            while len(client.outbuf) < BENCH_SEND_CHUNK and client.seq < self.args.messages:
+                client.outbuf += self._message(client, now)
+        self._flush(client)
+
+    def _send_due(self, now):
+        interval = 1.0 / self.args.rate
+        for client in self.clients:
+            if client.sender and client.state == "in" and client.seq < self.args.messages \
+                    and client.next_send <= now:
+                client.outbuf += self._message(client, now)
+                client.next_send += interval
+                self._flush(client)
+
+    def _flush(self, client):
+        if client.outbuf:
+            try:
+                sent = client.sock.send(client.outbuf)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self._closed(client)
+                return
+            del client.outbuf[:sent]
+            self.last_progress = time.monotonic()
+        more = client.outbuf or (not self.args.rate and client.seq < self.args.messages)
+        self._watch(client, selectors.EVENT_READ | (selectors.EVENT_WRITE if more else 0))
+
+    def _expected_per_client(self):
+        return self.args.senders * self.args.messages
+
+    def _received(self, client, notices):
+        """Messages a client has received: its lines since the joins, less the
+        notices (evictions) among them. Observers count notices for everyone
+        (all get the same broadcasts): pass _notices()."""
+        return client.lines - (client.notices if client.observer else notices)
+
+    def _notices(self):
+        return max((c.notices for c in self.clients if c.observer), default=0)
+
+    def _messages_done(self):
+        expected = self._expected_per_client()
+        if any(c.seq < self.args.messages or c.outbuf for c in self.clients
+               if c.sender and c.state == "in"):
+            return False
+        notices = self._notices()
+        return all(self._received(c, notices) >= expected for c in self.clients
+                   if not c.slow and c.state == "in")
+
+    # -- reporting --
+
+    def _status(self):
+        if self.phase == "register":
+            return "%d/%d registered" % (self.registered, len(self.clients))
+        receivers = [c for c in self.clients if not c.slow and c.state == "in"]
+        notices = self._notices()
+        got = sum(max(0, self._received(c, notices)) for c in receivers)
+        return "%d/%d delivered" % (got, len(receivers) * self._expected_per_client())
+
+    def _progress(self, force=False, end=False):
+        now = time.monotonic()
+        if not force and now - self.progress_at < BENCH_PROGRESS_S:
+            return
+        self.progress_at = now
+        if self.args.json and not sys.stderr.isatty():
+            return
+        line = "bench: %s: %s" % (self.phase, self._status())
+        if sys.stderr.isatty():
+            sys.stderr.write("\r\x1b[K" + line + ("\n" if end else ""))
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def _collect(self, started, registered_at, messages_started, finished):
+        args = self.args
+        receivers = [c for c in self.clients if not c.slow and c.nick not in self.closed_early]
+        expected = len([c for c in self.clients if not c.slow]) * self._expected_per_client()
+        notices = self._notices()
+        received = sum(max(0, self._received(c, notices)) for c in receivers)
+        orders = [c.order for c in self.clients if c.observer and c.state == "in"]
+        latencies = sorted(self.latencies)
+        register_s = max(registered_at - started, 1e-9)
+        message_s = max(finished - messages_started, 1e-9)
+        self.result = {
+            "clients": len(self.clients),
+            "registered": self.registered,
+            "registrations_per_s": round(self.registered / register_s, 1),
+            "register_s": round(register_s, 3),
+            "senders": args.senders,
+            "messages": args.messages,
+            "mode": "flood" if not args.rate else "%g/s" % args.rate,
+            "deliveries_expected": expected,
+            "deliveries_received": received,
+            "deliveries_per_s": round(received / message_s, 1),
+            "message_s": round(message_s, 3),
+            "latency_ms": {name: round(percentile(latencies, q) * 1000, 2)
+                           for name, q in (("p50", 50), ("p90", 90), ("p99", 99),
+                                           ("max", 100))} if latencies else None,
+            "same_order": all(order == orders[0] for order in orders) if orders else None,
+            "observers": len(orders),
+            "slow": args.slow,
+            "slow_evicted": len([c for c in self.clients if c.slow and c.nick in self.evicted]),
+            "others_evicted": sorted(nick for nick in self.evicted | self.closed_early
+                                     if nick in self.by_nick and not self.by_nick[nick].slow),
+        }
+
+
+def percentile(sorted_values, q):
+    """Return the q-th percentile (nearest rank) of already sorted values."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, -(-len(sorted_values) * q // 100))
+    return sorted_values[min(len(sorted_values), int(rank)) - 1]
+
+
+def start_bench_server(clients):
+    """Start `chat.py server --port 0 --rate 0` as a child; return (process, port)."""
+    command = [sys.executable, os.path.abspath(__file__), "server", "--host", DEFAULT_HOST,
+               "--port", "0", "--rate", "0", "-q",
+               "--max-clients", str(max(MAX_CLIENTS, clients))]
+    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + BENCH_SERVER_START_S
+    lines = []
+    while True:
+        line = proc.stderr.readline().decode(ENCODING, "replace")  # bounded: see below
+        if not line or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise BenchError("the server did not start: %s"
+                             % ("".join(lines[-3:]).strip() or "no output"))
+        lines.append(line)
+        if "listening on " in line:
+            port = int(line.rsplit(":", 1)[1])
+            break
+    # Keep reading its stderr so that its log can never fill the pipe and block it.
+    threading.Thread(target=proc.stderr.read, daemon=True).start()
+    return proc, port
+
+
+def server_usage(proc):
+    """Return (CPU seconds, peak RSS bytes) of a running server child, Linux /proc."""
+    try:
+        with open("/proc/%d/stat" % proc.pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        with open("/proc/%d/status" % proc.pid) as f:
+            peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        return cpu, peak
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None, None
+
+
+def stop_bench_server(proc):
+    """SIGTERM the server; return its (CPU seconds, peak RSS bytes) from getrusage."""
+    proc.terminate()
+    try:
+        proc.wait(SHUTDOWN_FLUSH_S + 5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if resource is None:
+        return None, None
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes there, KiB here
+    return usage.ru_utime + usage.ru_stime, usage.ru_maxrss * scale
+
+
+def format_bench_table(result):
+    """The human-readable report: one row per number."""
+    latency = result["latency_ms"]
+    rows = [
+        ("server", result["server"]),
+        ("workload", "%d clients, %d senders x %d messages (%s), %d slow, %s"
+         % (result["clients"], result["senders"], result["messages"], result["mode"],
+            result["slow"], "lines padded to %d bytes" % result["size"]
+            if result["size"] else "short lines")),
+        ("clients registered", "%d / %d" % (result["registered"], result["clients"])),
+        ("registrations/s", "%.0f  (%.2f s)" % (result["registrations_per_s"],
+                                                result["register_s"])),
+        ("deliveries", "%d received / %d expected" % (result["deliveries_received"],
+                                                      result["deliveries_expected"])),
+        ("deliveries/s", "%.0f  (%.2f s)" % (result["deliveries_per_s"], result["message_s"])),
+        ("latency ms", "p50 %(p50).2f  p90 %(p90).2f  p99 %(p99).2f  max %(max).2f" % latency
+         if latency else "n/a"),
+        ("same order", {True: "yes", False: "NO", None: "n/a"}[result["same_order"]]
+         + " (%d observers)" % result["observers"]),
+        ("slow evicted", "%d / %d" % (result["slow_evicted"], result["slow"])),
+        ("others evicted", ", ".join(result["others_evicted"]) or "none"),
+        ("server CPU s", "%.2f" % result["server_cpu_s"] if result["server_cpu_s"] is not None
+         else "n/a (not started by the bench)"),
+        ("server peak RSS MB", "%.1f" % (result["server_peak_rss"] / 1e6)
+         if result["server_peak_rss"] else "n/a (not started by the bench)"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join("%-*s  %s" % (width, name, value) for name, value in rows)
+
+
+def bench_complete(result):
+    """Tell whether the run delivered everything it should have."""
+    return (result["registered"] == result["clients"]
+            and result["deliveries_received"] >= result["deliveries_expected"]
+            and result["same_order"] is not False and not result["others_evicted"])
+
+
 # --- Command line -------------------------------------------------------------
 
 def describe_error(exc):
@@ -1470,7 +1979,84 @@ def build_parser():
                         help="server address (default %(default)s)")
     client.add_argument("--port", type=port_number, default=DEFAULT_PORT,
                         help="server port (default %(default)s)")
+    bench = commands.add_parser(
+        "bench", help="measure a server: registrations, deliveries, latency",
+        description="Start a chat.py server (or use --host/--port), run one workload, "
+                    "report. Clients register, then senders send their messages.")
+    bench.set_defaults(run=run_bench)
+    bench.add_argument("--host", help="measure the server at this address instead of "
+                                      "starting one")
+    bench.add_argument("--port", type=port_number, help="its port (with --host, or alone "
+                                                        "for 127.0.0.1)")
+    bench.add_argument("--clients", type=positive_int, default=100, metavar="N",
+                       help="clients that connect and register (default %(default)s)")
+    bench.add_argument("--senders", type=positive_int, default=10, metavar="S",
+                       help="of them, how many send (default %(default)s)")
+    bench.add_argument("--messages", type=positive_int, default=100, metavar="M",
+                       help="lines each sender sends (default %(default)s)")
+    mode = bench.add_mutually_exclusive_group()
+    mode.add_argument("--flood", action="store_true",
+                      help="send as fast as the server takes them (the default)")
+    mode.add_argument("--rate", type=positive_float, metavar="R",
+                      help="send R lines per second per sender")
+    bench.add_argument("--duration", type=positive_float, metavar="SECONDS",
+                       help="with --rate: send for this long (sets --messages)")
+    bench.add_argument("--slow", type=non_negative_int, default=0, metavar="K",
+                       help="clients that register and never read (default %(default)s)")
+    bench.add_argument("--size", type=non_negative_int, default=0, metavar="B",
+                       help="pad each message to B bytes (default: no padding)")
+    bench.add_argument("--concurrency", type=positive_int, default=BENCH_CONCURRENCY,
+                       metavar="C", help="connections in flight while registering "
+                                         "(default %(default)s)")
+    bench.add_argument("--timeout", type=positive_float, default=BENCH_STALL_S,
+                       metavar="SECONDS", help="fail a phase that makes no progress "
+                                               "this long (default %(default)s)")
+    bench.add_argument("--json", action="store_true", help="print one JSON line")
     return parser
+
+
+def run_bench(args):
+    """Run one bench workload; print the table (or JSON); return the exit code."""
+    problem = bench_flags_problem(args)
+    if problem:
+        sys.stderr.write("chat.py bench: %s\n" % problem)
+        return 2
+    raise_open_files_limit()
+    server = None
+    try:
+        if args.host is None and args.port is None:
+            server, port = start_bench_server(args.clients)
+            host, label = DEFAULT_HOST, "chat.py server (started by the bench)"
+        else:
+            host, port = args.host or DEFAULT_HOST, args.port or DEFAULT_PORT
+            label = format_address((host, port))
+        bench = Bench(args, host, port, server)
+        try:
+            result = bench.run()
+            cpu, peak = server_usage(server) if server else (None, None)
+        finally:
+            if server is not None:
+                stopped = stop_bench_server(server)
+                cpu, peak = (cpu, peak) if cpu is not None else stopped
+            bench.close()
+    except BenchError as exc:
+        sys.stderr.write("chat.py bench: %s\n" % exc)
+        return 1
+    result.update(server=label, size=args.size, server_cpu_s=cpu, server_peak_rss=peak)
+    print(json.dumps(result) if args.json else format_bench_table(result))
+    return 0 if bench_complete(result) else 1
+
+
+def bench_flags_problem(args):
+    """Return what is wrong with the bench's flags, or None."""
+    if args.duration is not None:
+        if not args.rate:
+            return "--duration needs --rate"
+        args.messages = max(1, int(round(args.rate * args.duration)))
+    if args.senders + args.slow > args.clients:
+        return "--senders (%d) and --slow (%d) need that many --clients (%d)" % (
+            args.senders, args.slow, args.clients)
+    return None
 
 
 def run_server(args):

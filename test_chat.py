@@ -9,6 +9,7 @@ on port 0; every wait is bounded by a timeout.
 
 import ast
 import collections
+import json
 import os
 import selectors
 import signal
@@ -1000,6 +1001,66 @@ class TerminalClientTest(ServerTestCase):
         self.assertTrue(self.read_until(b"\x1b[J").endswith(b"\r\x1b[J"))
         modes = termios.tcgetattr(self.master)[3]
         self.assertTrue(modes & termios.ECHO and modes & termios.ICANON, "modes not restored")
+
+
+class BenchTest(unittest.TestCase):
+    """A short smoke run of `chat.py bench`; the long workloads are not tests."""
+
+    def bench(self, *args, timeout=60):
+        code, out, err = run_chat("bench", "--json", *args, timeout=timeout)
+        self.assertNotIn("Traceback", err)
+        return code, out, err
+
+    def test_a_small_flood_is_delivered_whole_and_in_one_order(self):
+        code, out, err = self.bench("--clients", "30", "--senders", "5", "--messages", "50")
+        self.assertEqual(code, 0, err)
+        result = json.loads(out)
+        self.assertEqual(result["registered"], 30)
+        self.assertEqual(result["deliveries_expected"], 30 * 5 * 50)
+        self.assertEqual(result["deliveries_received"], 30 * 5 * 50)
+        self.assertIs(result["same_order"], True)
+        self.assertGreater(result["deliveries_per_s"], 0)
+        self.assertLessEqual(result["latency_ms"]["p50"], result["latency_ms"]["max"])
+        self.assertGreater(result["server_cpu_s"], 0)
+        self.assertGreater(result["server_peak_rss"], 1e6)
+
+    def test_rate_mode_and_a_slow_client_evicted(self):
+        code, out, err = self.bench("--clients", "6", "--senders", "4", "--slow", "1",
+                                    "--messages", "400", "--size", "1500", "--rate", "400")
+        self.assertEqual(code, 0, err)
+        result = json.loads(out)
+        self.assertEqual(result["slow_evicted"], 1)
+        self.assertEqual(result["others_evicted"], [])
+        self.assertEqual(result["deliveries_received"], 5 * 4 * 400)
+
+    def test_the_table_names_every_number(self):
+        code, out, err = run_chat("bench", "--clients", "3", "--senders", "1",
+                                  "--messages", "2", timeout=60)
+        self.assertEqual(code, 0, err)
+        for row in ["clients registered", "registrations/s", "deliveries", "deliveries/s",
+                    "latency ms", "same order", "slow evicted", "server CPU s",
+                    "server peak RSS MB"]:
+            self.assertIn(row, out)
+
+    def test_bad_flags_nothing_listening_and_a_silent_server(self):
+        code, out, err = self.bench("--clients", "2", "--senders", "3")
+        self.assertEqual(code, 2)
+        self.assertIn("--senders", err)
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        closed.close()
+        code, out, err = self.bench("--port", str(port), "--clients", "2", "--senders", "1")
+        self.assertEqual(code, 1)
+        self.assertIn("cannot connect", err)
+        silent = socket.socket()
+        self.addCleanup(silent.close)
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        code, out, err = self.bench("--port", str(silent.getsockname()[1]), "--clients", "2",
+                                    "--senders", "1", "--timeout", "0.5")
+        self.assertEqual(code, 1)
+        self.assertIn("no progress", err)
 
 
 # --- Command line and the design card ---------------------------------------------
