@@ -1149,6 +1149,8 @@ class ChatClient:
         self.quit_deadline = None
         self.result = None                 # the exit code, once known
         self.saved_tty = None              # terminal modes to restore at exit
+        self.wake_r = self.wake_w = None   # the SIGINT handler wakes the loop
+        self.interrupts = 0                # Ctrl-C presses
 
     @staticmethod
     def _load_readline():
@@ -1164,6 +1166,17 @@ class ChatClient:
 
     def run(self):
         """Connect and chat until stdin ends or the server goes; return the exit code."""
+        previous_handler = self._catch_interrupts()
+        try:
+            return self._connect_and_chat()
+        except KeyboardInterrupt:  # Ctrl-C while connecting: nothing to leave
+            return 0
+        finally:
+            self._close()
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
+
+    def _connect_and_chat(self):
         try:
             self.sock = socket.create_connection((self.host, self.port),
                                                  timeout=CLIENT_CONNECT_TIMEOUT_S)
@@ -1172,31 +1185,54 @@ class ChatClient:
                              % (format_address((self.host, self.port)), describe_error(exc)))
             return 1
         self.sock.setblocking(False)
-        self.typed_r, self.typed_w = socket.socketpair()
-        self.typed_r.setblocking(False)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.sock, selectors.EVENT_READ, self._on_server)
+        self.typed_r, self.typed_w = socket.socketpair()
+        self.typed_r.setblocking(False)
         self.selector.register(self.typed_r, selectors.EVENT_READ, self._on_typed)
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        self.selector.register(wake_r, selectors.EVENT_READ, self._on_interrupt)
+        self.wake_r, self.wake_w = wake_r, wake_w  # from now on Ctrl-C wakes the loop
+        if self.interrupts:
+            return 0
         self._save_terminal_modes()
         if self.nick is not None and self._clean_nick(self.nick):
             self._send_nick(self._clean_nick(self.nick))
         else:
             self.may_read.set()
         threading.Thread(target=self._read_stdin, name="stdin", daemon=True).start()
-        try:
-            return self._loop()
-        finally:
-            self._close()
-
-    def _loop(self):
         while self.result is None:
-            try:
-                self._run_pass()
-            except KeyboardInterrupt:  # Ctrl-C: leave as on Ctrl-D; twice: now
-                if self.quitting:
-                    return 0
-                self._quit()
+            self._run_pass()
         return self.result
+
+    def _catch_interrupts(self):
+        """Handle Ctrl-C in the loop, not as an exception wherever it lands."""
+        if threading.current_thread() is not threading.main_thread():
+            return None  # signals only reach the main thread
+        return signal.signal(signal.SIGINT, self._interrupted)
+
+    def _interrupted(self, signum, frame):
+        self.interrupts += 1
+        if self.selector is None:
+            raise KeyboardInterrupt  # still connecting: give up on it
+        if self.wake_w is not None:  # else the loop checks self.interrupts first
+            try:
+                self.wake_w.send(b"\0")
+            except OSError:
+                pass  # already awake, or closed: either way nothing to do
+
+    def _on_interrupt(self, mask):
+        """Ctrl-C: leave as on Ctrl-D; a second one leaves at once."""
+        try:
+            self.wake_r.recv(4096)
+        except OSError:
+            pass
+        if self.interrupts > 1:
+            self.result = 0
+        else:
+            self._quit()
 
     def _run_pass(self):
         timeout = None
@@ -1211,7 +1247,7 @@ class ChatClient:
                 return
 
     def _close(self):
-        for sock in (self.sock, self.typed_r):
+        for sock in (self.sock, self.typed_r, self.wake_r, self.wake_w):
             if sock is not None:
                 sock.close()
         if self.selector is not None:

@@ -597,13 +597,15 @@ class LimitTest(ServerTestCase):
         self.assertGreaterEqual(time.monotonic() - started, 0.8)
 
     def test_a_slow_consumer_is_evicted_and_the_others_get_everything(self):
-        self.start_server(rate=0)
+        # A generous sendq: the readers here are threads sharing the CPU with
+        # the server; the slow one's tiny window still overflows it.
+        self.start_server(rate=0, max_sendq=1 << 20)
         alice, bob = self.join_all("alice", "bob")
         slow = self.join("slow", rcvbuf=4096)  # and it never reads again
         alice.wait_for("*** slow joined (3 online)")
         bob.wait_for("*** slow joined (3 online)")
-        payload = "p" * 200
-        lines = 6000  # 1.2 MB: far past the slow one's sendq and kernel buffers
+        payload = "p" * 100
+        lines = 24000  # 2.6 MB: far past the slow one's sendq and kernel buffers
         expected = ["<alice> %d %s" % (i, payload) for i in range(lines)]
         transcripts = {}
 
@@ -965,6 +967,15 @@ class TerminalClientTest(ServerTestCase):
     def type(self, keys):
         os.write(self.master, keys)
 
+    def wait_until_reading(self):
+        """Wait until readline reads the keyboard (echo off): keys typed before
+        are echoed by the terminal itself, and readline shows them only later."""
+        import termios
+        deadline = time.monotonic() + TIMEOUT
+        while termios.tcgetattr(self.master)[3] & termios.ECHO:
+            self.assertLess(time.monotonic(), deadline, "readline never started")
+            time.sleep(0.01)  # polling a condition, bounded by the deadline
+
     def test_asks_for_the_nickname_again_then_chats_without_tearing(self):
         self.read_until(b"nickname: ")
         self.type(b"bob\r")
@@ -972,6 +983,7 @@ class TerminalClientTest(ServerTestCase):
         self.type(b"al\r")
         self.read_until(b"*** al joined (2 online)\r\n> ")
         self.bob.wait_for("*** al joined (2 online)")
+        self.wait_until_reading()
         self.type(b"hel")
         self.read_until(b"hel")
         self.bob.send_line("hi there")
@@ -980,6 +992,7 @@ class TerminalClientTest(ServerTestCase):
         self.type(b"lo\r")
         self.bob.expect("<bob> hi there", "<al> hello")
         long_input = b"x" * 50  # 52 columns with the prompt: two rows of 40
+        self.wait_until_reading()
         self.type(long_input)
         self.read_until(long_input[-10:])
         self.bob.send_line("wrap")
@@ -993,6 +1006,7 @@ class TerminalClientTest(ServerTestCase):
         self.read_until(b"nickname: ")
         self.type(b"al\r")
         self.read_until(b"> ")
+        self.wait_until_reading()
         self.type(b"half a line")
         self.read_until(b"half a line")
         self.proc.send_signal(signal.SIGINT)  # what Ctrl-C sends the foreground
