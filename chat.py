@@ -60,11 +60,20 @@ MAX_NICK_CHARS = 24
 EXEMPT_ADDRESSES = frozenset({"127.0.0.1", "::1"})
 
 RECV_BYTES = 65536            # large reads: fewer system calls under load
-# The kernel's send buffer per client. Left alone, Linux grows it to 4 MB on
-# loopback, so a client that stopped reading would hide megabytes there
-# before --max-sendq ever saw them. Fixed, it keeps "how far behind may a
-# client be" our decision and the kernel's memory per client bounded.
-SEND_BUFFER_BYTES = 65536
+PASS_BROADCAST_BYTES = 65536  # broadcast per loop pass before reads wait a pass
+# When most members are more than half a sendq behind yet still reading, the
+# room as a whole can't keep up: input waits (TCP slows the senders) until
+# none of them is behind, instead of readers being evicted. A member whose
+# sends made no progress for this long is not reading: it never holds the
+# room back, and is evicted at --max-sendq. One slow reader alone is not the
+# room either: nobody waits for it.
+STALL_S = 1.0
+HELD_RECHECK_S = 0.05         # while input waits, judge the room at least this often
+# The kernel's send buffer per client (Linux doubles it). Left alone, Linux
+# grows it to 4 MB on loopback, where a client that stopped reading would
+# hide megabytes before --max-sendq saw any; fixed, a stalled client is found
+# after about a megabyte, while one that reads keeps room to lag a little.
+SEND_BUFFER_BYTES = 262144
 ACCEPTS_PER_PASS = 128        # accept in batches, but let others run too
 LISTEN_BACKLOG = 1024
 LINGER_S = 2.0                # after our last byte, wait this long for the peer
@@ -394,7 +403,8 @@ class Connection:
     """The server's record of one client socket."""
 
     __slots__ = ("sock", "addr", "ip", "name", "nick", "key", "reader", "outbuf",
-                 "tokens", "refilled", "paused", "counted", "closing", "closed", "events")
+                 "tokens", "refilled", "paused", "held", "counted", "closing", "closed",
+                 "events", "drained_at")
 
     def __init__(self, sock, addr, limits, now):
         self.sock = sock
@@ -408,6 +418,8 @@ class Connection:
         self.tokens = float(limits.burst)  # flood control bucket
         self.refilled = now
         self.paused = False                # not reading: out of tokens
+        self.held = False                  # not reading: the room is behind
+        self.drained_at = now              # when a send last took some of its bytes
         self.counted = False               # in the max-clients and per-IP counts
         self.closing = False               # flushing its last lines, then closed
         self.closed = False
@@ -434,6 +446,14 @@ class ChatServer:
         self.dirty = set()                 # connections with output to write
         self.pending = bytearray()         # this pass's broadcasts, not yet handed out
         self.late = {}                     # joined this pass: conn -> offset in pending
+        self.deferred = {}                 # conns to read next pass (a dict: ordered, unique)
+        self.lagging = set()               # members more than lag_bytes behind
+        self.lag_bytes = self.limits.max_sendq // 2
+        self.held = []                     # conns not read while the room is behind
+        self.throttled = False             # is the room behind (this pass)?
+        # A pass stops reading once this much broadcast is queued, so no one
+        # is sent more in one pass than a client that reads can take.
+        self.pass_budget = min(PASS_BROADCAST_BYTES, self.limits.max_sendq // 4)
         self.timers = []                   # heap of (when, seq, function, conn)
         self.timer_seq = 0
         self.spare_fd = None               # given up to accept-and-refuse at EMFILE
@@ -487,7 +507,12 @@ class ChatServer:
 
     def _run_pass(self, timeout):
         """One loop pass: dispatch ready sockets, fire timers, write output."""
-        for key, mask in self.selector.select(timeout):
+        events = self.selector.select(timeout)
+        self.throttled = self._room_is_behind()
+        if self.held and not self.throttled:
+            self._release_held()
+        self._read_deferred()
+        for key, mask in events:
             if isinstance(key.data, Connection):
                 self._on_event_guarded(key.data, mask)
             else:
@@ -495,13 +520,53 @@ class ChatServer:
         self._fire_timers()
         self._write_output()
 
+    def _room_is_behind(self):
+        """Tell whether input should wait: most members are far behind while
+        still reading; once waiting, until none of those is behind."""
+        if not self.lagging or (not self.throttled
+                                and len(self.lagging) * 2 <= len(self.members)):
+            return False
+        now = time.monotonic()
+        reading = sum(1 for conn in self.lagging if now - conn.drained_at < STALL_S)
+        return reading > 0 if self.throttled else reading * 2 > len(self.members)
+
+    def _hold(self, conn):
+        """Stop reading conn until the room catches up."""
+        conn.held = True
+        self.held.append(conn)
+        self._watch(conn)
+
+    def _release_held(self):
+        held, self.held = self.held, []
+        for conn in held:
+            conn.held = False
+            if not conn.closed:
+                self._watch(conn)
+                self.deferred[conn] = None  # lines may wait in its reader
+
+    def _note_backlog(self, conn):
+        """Keep self.lagging current after conn's outbuf changed."""
+        if len(conn.outbuf) > self.lag_bytes and conn.key is not None:
+            self.lagging.add(conn)
+        else:
+            self.lagging.discard(conn)
+
+    def _read_deferred(self):
+        """First in a pass: the reads an earlier pass put off, oldest first."""
+        deferred, self.deferred = self.deferred, {}
+        for conn in deferred:
+            if not conn.closed and not conn.paused:
+                self._on_event_guarded(conn, selectors.EVENT_READ)
+
     def _next_timeout(self):
-        """Sleep until the next timer, or not at all while output is waiting."""
-        if self.pending or self.dirty:
+        """Sleep until the next timer, or not at all while work is waiting."""
+        if self.pending or self.dirty or self.deferred:
             return 0
-        if not self.timers:
-            return None
-        return max(0.0, self.timers[0][0] - time.monotonic())
+        timeout = HELD_RECHECK_S if self.held else None  # re-judge the room
+        if self.timers:
+            due = max(0.0, self.timers[0][0] - time.monotonic())
+            timeout = due if timeout is None else min(timeout, due)
+        return timeout
 
     def _on_wake(self):
         try:
@@ -678,7 +743,7 @@ class ChatServer:
         Reading while not paused for flood control; writing only while outbuf
         holds bytes (it is called after a send, so: bytes the send left).
         """
-        want = 0 if conn.paused else selectors.EVENT_READ
+        want = 0 if conn.paused or conn.held else selectors.EVENT_READ
         if conn.outbuf:
             want |= selectors.EVENT_WRITE
         if want == conn.events or conn.closed:
@@ -706,12 +771,21 @@ class ChatServer:
         if mask & selectors.EVENT_WRITE:
             self._flush(conn)
         if mask & selectors.EVENT_READ and not conn.closed:
-            self._read(conn)
+            if self.throttled:
+                self._hold(conn)
+            elif len(self.pending) >= self.pass_budget:
+                self.deferred[conn] = None  # read in a later pass, in this order
+            else:
+                self._read(conn)
 
     # -- reading --
 
     def _read(self, conn):
-        """Read what the peer sent and handle its complete lines."""
+        """Handle lines left from an earlier pass; then read more and handle those."""
+        if conn.reader.has_line():
+            self._handle_lines(conn)
+            if conn.reader.has_line() or conn.closing:
+                return  # the pass's budget is spent: the rest waits
         try:
             data = conn.sock.recv(RECV_BYTES)
         except (BlockingIOError, InterruptedError):
@@ -733,6 +807,9 @@ class ChatServer:
         reader = conn.reader
         rate = self.limits.rate
         while not conn.closing:
+            if len(self.pending) >= self.pass_budget:
+                self.deferred[conn] = None  # the rest in a later pass
+                return
             if rate and not self._take_token(conn):
                 return
             line = reader.pop_line()
@@ -923,6 +1000,8 @@ class ChatServer:
                 except OSError as exc:
                     failed.append((conn, exc))
                     continue
+                if sent:
+                    conn.drained_at = time.monotonic()
                 if sent == len(chunk):
                     continue
                 chunk = memoryview(chunk)[sent:]
@@ -943,6 +1022,7 @@ class ChatServer:
                 continue
             if not conn.events & selectors.EVENT_WRITE:
                 self._flush(conn)  # else: the socket is full; the selector tells us
+            self._note_backlog(conn)
             if not conn.closed and len(conn.outbuf) > max_sendq:
                 self._log("%s evicted: %d bytes unsent" % (conn.name, len(conn.outbuf)))
                 self._drop(conn, LEFT_TOO_SLOW)
@@ -960,7 +1040,10 @@ class ChatServer:
                 self._log("%s: %s" % (conn.name, exc))
                 self._drop(conn, LEFT_CLOSED)
                 return
-            del conn.outbuf[:sent]
+            if sent:
+                del conn.outbuf[:sent]
+                conn.drained_at = time.monotonic()
+                self._note_backlog(conn)
         if conn.closing and not conn.outbuf:
             self._finish_closing(conn)
         else:
@@ -976,6 +1059,7 @@ class ChatServer:
             offset = self.late.pop(conn, 0)
             conn.outbuf += self.pending[offset:]  # what it is owed of this pass
             del self.members[conn.key]
+            self.lagging.discard(conn)
             self._broadcast(format_line("left", nick=conn.nick, reason=reason))
             self._log("%s left (%s)" % (conn.nick, reason))
         conn.key = None
@@ -987,7 +1071,7 @@ class ChatServer:
         self._leave(conn, LEFT_QUIT)
         self._uncount(conn)
         conn.closing = True
-        conn.paused = False  # read on, to notice the peer's close
+        conn.paused = conn.held = False  # read on, to notice the peer's close
         self.dirty.add(conn)
         self._call_later(LINGER_S, self._close, conn)
 
@@ -1041,6 +1125,7 @@ class ChatServer:
         conn.outbuf.clear()
         self.conns.discard(conn)
         self.dirty.discard(conn)
+        self.lagging.discard(conn)
         self.late.pop(conn, None)
 
 
@@ -1172,9 +1257,10 @@ class ChatClient:
         except KeyboardInterrupt:  # Ctrl-C while connecting: nothing to leave
             return 0
         finally:
-            self._close()
             if previous_handler is not None:
+                signal.set_wakeup_fd(-1)
                 signal.signal(signal.SIGINT, previous_handler)
+            self._close()
 
     def _connect_and_chat(self):
         try:
@@ -1195,6 +1281,10 @@ class ChatClient:
         wake_w.setblocking(False)
         self.selector.register(wake_r, selectors.EVENT_READ, self._on_interrupt)
         self.wake_r, self.wake_w = wake_r, wake_w  # from now on Ctrl-C wakes the loop
+        if threading.current_thread() is threading.main_thread():
+            # The signal may land in the stdin thread, which leaves the loop's
+            # select asleep; the wake-up fd is written whichever thread gets it.
+            signal.set_wakeup_fd(wake_w.fileno())
         if self.interrupts:
             return 0
         self._save_terminal_modes()
@@ -1501,6 +1591,7 @@ class Bench:
         self.clients = [BenchClient(i, i < args.senders, i >= count - args.slow,
                                     i in observers) for i in range(count)]
         self.by_nick = {client.nick: client for client in self.clients}
+        self.recv_buffer = bytearray(BENCH_RECV_BYTES)
         self.waiting = list(reversed(self.clients))   # not yet connecting
         self.in_flight = 0
         self.registered = 0
@@ -1545,6 +1636,8 @@ class Bench:
             self._connect_more()
             now = time.monotonic()
             if now - self.last_progress > self.args.timeout:
+                if self.phase == "messages" and self.closed_early:
+                    return  # readers were evicted: what they miss never comes; report
                 raise BenchError("no progress for %.0f s in the %s phase (%s)"
                                  % (self.args.timeout, self.phase, self._status()))
             for key, mask in self.selector.select(self._timeout(now)):
@@ -1619,20 +1712,27 @@ class Bench:
         self._watch(client, selectors.EVENT_READ)
 
     def _receive(self, client):
+        """Read into one reused buffer: a fresh 256 KiB object per read would
+        be a new memory mapping each time, and its page faults cost more than
+        the read. Counting clients never copy what they read."""
         try:
-            data = client.sock.recv(BENCH_RECV_BYTES)
+            size = client.sock.recv_into(self.recv_buffer)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""
-        if not data:
+            size = 0
+        if not size:
             self._closed(client)
             return
+        self.last_progress = time.monotonic()
+        if client.state == "in" and not client.observer:
+            client.lines += self.recv_buffer.count(b"\n", 0, size)
+            return
+        data = bytes(memoryview(self.recv_buffer)[:size])
         if client.state == "registering":
             self._registering(client, data)
         else:
             self._receive_data(client, data)
-        self.last_progress = time.monotonic()
 
     def _registering(self, client, data):
         """Before its own join line, parse; after it, count like everyone else."""
@@ -2067,13 +2167,16 @@ def run_bench(args):
             host, port = args.host or DEFAULT_HOST, args.port or DEFAULT_PORT
             label = format_address((host, port))
         bench = Bench(args, host, port, server)
+        cpu = peak = None
         try:
             result = bench.run()
-            cpu, peak = server_usage(server) if server else (None, None)
+            if server is not None:
+                cpu, peak = server_usage(server)  # before the teardown adds to them
         finally:
             if server is not None:
                 stopped = stop_bench_server(server)
-                cpu, peak = (cpu, peak) if cpu is not None else stopped
+                if cpu is None:
+                    cpu, peak = stopped
             bench.close()
     except BenchError as exc:
         sys.stderr.write("chat.py bench: %s\n" % exc)

@@ -628,6 +628,43 @@ class LimitTest(ServerTestCase):
             self.assertIn("*** slow left (too slow)", got)
         slow.expect_closed()  # what it was owed until eviction, then the end
 
+    def test_a_room_that_reads_slowly_slows_the_sender_and_nobody_is_evicted(self):
+        self.start_server(rate=0, max_sendq=65536)
+        alice = self.join("alice")
+        bob = self.join("bob", rcvbuf=4096)
+        carol = self.join("carol", rcvbuf=4096)
+        alice.wait_for("*** carol joined (3 online)")
+        bob.wait_for("*** carol joined (3 online)")
+        lines = 8000  # 1.1 MB: far more than the sendq and the kernel's buffers
+        payload = "q" * 130
+        expected = ["<alice> %d %s" % (i, payload) for i in range(lines)]
+        got = {}
+
+        def read(peers, pause_every):
+            """Read the peers in turn, line by line: they lag alike."""
+            try:
+                for peer in peers:
+                    got[peer] = []
+                for i in range(lines):
+                    for peer in peers:
+                        line = peer.read_line()
+                        if line is None or line.endswith("(too slow)"):
+                            return
+                        got[peer].append(line)
+                    if pause_every and i % pause_every == 0:
+                        time.sleep(0.001)  # a slow link, not a synchronisation
+            except AssertionError as exc:
+                got[peers[0]] = exc
+        readers = [threading.Thread(target=read, args=([alice], 0)),
+                   threading.Thread(target=read, args=([bob, carol], 40))]
+        for reader in readers:
+            reader.start()
+        alice.send_raw(b"".join(b"%d %s\n" % (i, payload.encode()) for i in range(lines)))
+        for reader in readers:
+            reader.join(TIMEOUT * 3)
+        for peer in (alice, bob, carol):
+            self.assertEqual(got.get(peer), expected)
+
     def test_max_clients(self):
         self.start_server(max_clients=2)
         self.join("a")
