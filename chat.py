@@ -1543,6 +1543,8 @@ BENCH_CONCURRENCY = 100       # connects in flight (connected, not yet registere
 BENCH_STALL_S = 15.0          # a phase with no progress this long has failed
 BENCH_SERVER_START_S = 10.0
 BENCH_PROGRESS_S = 1.0
+BENCH_SWEEP_BATCH = 32        # rate mode: counting receivers read per loop pass
+BENCH_SWEEP_WAIT_S = 0.005    # rate mode: the loop passes at least this often
 BENCH_NICK = "b%d"
 BENCH_MESSAGE = "m %d %d %.6f"  # sender index, sequence number, send time
 
@@ -1592,6 +1594,8 @@ class Bench:
                                     i in observers) for i in range(count)]
         self.by_nick = {client.nick: client for client in self.clients}
         self.recv_buffer = bytearray(BENCH_RECV_BYTES)
+        self.swept = []                # receivers read in sweeps (rate mode)
+        self.sweep_next = 0            # where the next sweep starts in swept
         self.waiting = list(reversed(self.clients))   # not yet connecting
         self.in_flight = 0
         self.registered = 0
@@ -1644,15 +1648,18 @@ class Bench:
                 self._on_event(key.data, mask)
             if self.phase == "messages" and self.args.rate:
                 self._send_due(time.monotonic())
+                if self.swept:
+                    self._sweep()
             self._progress()
 
     def _timeout(self, now):
-        if self.phase == "messages" and self.args.rate:
-            due = [c.next_send for c in self.clients if c.sender and c.seq < self.args.messages
-                   and c.state == "in"]
-            if due:
-                return max(0.0, min(min(due) - now, 0.1))
-        return 0.1
+        """Wait no longer than the next message due, or the next sweep step."""
+        if self.phase != "messages" or not self.args.rate:
+            return 0.1
+        longest = BENCH_SWEEP_WAIT_S if self.swept else 0.1
+        due = [c.next_send for c in self.clients if c.sender and c.seq < self.args.messages
+               and c.state == "in"]
+        return max(0.0, min(min(due) - now, longest)) if due else longest
 
     def _check_server(self):
         if self.server is not None and self.server.poll() is not None:
@@ -1807,12 +1814,45 @@ class Bench:
         for client in self.clients:
             if not client.slow:  # from now on, count only what follows the joins
                 client.lines -= len(self.clients) - client.rank
+        if self.args.rate:
+            self._sweep_counters()
         senders = [c for c in self.clients if c.sender]
         for i, client in enumerate(senders):
             if self.args.rate:  # spread the senders evenly over one interval
                 client.next_send = now + i / (len(senders) * self.args.rate)
             else:
                 self._watch(client, selectors.EVENT_READ | selectors.EVENT_WRITE)
+
+    def _sweep_counters(self):
+        """At a steady rate, counting receivers are read in sweeps, not
+        watched: one wake-up per message per receiver would make the bench
+        itself the slowest part, and its latency numbers its own."""
+        self.swept = [c for c in self.clients if c.state == "in" and not c.slow
+                      and not c.observer and not c.sender]
+        for client in self.swept:
+            self._watch(client, 0)
+
+    def _sweep(self):
+        """Read the next few swept receivers: a short step per loop pass, so
+        that the observers' reads (the latency) are never held up long."""
+        start = self.sweep_next % len(self.swept)
+        batch = self.swept[start:start + BENCH_SWEEP_BATCH]
+        self.sweep_next = start + len(batch)
+        for client in batch:
+            if client.state != "in":
+                continue
+            try:
+                while True:
+                    size = client.sock.recv_into(self.recv_buffer)
+                    if not size:
+                        self._closed(client)
+                        break
+                    client.lines += self.recv_buffer.count(b"\n", 0, size)
+                    self.last_progress = time.monotonic()
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                self._closed(client)
 
     def _message(self, client, now):
         text = BENCH_MESSAGE % (client.index, client.seq, now)
