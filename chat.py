@@ -1589,7 +1589,11 @@ class Bench:
         self.server = server       # the subprocess when the bench started it
         self.selector = selectors.DefaultSelector()
         count = args.clients
-        observers = set(range(min(BENCH_OBSERVERS, count - args.slow)))
+        # Observers spread over the join order: a server that writes to its
+        # members in turn reaches the first one early and the last one late.
+        readers = count - args.slow
+        observers = {i * (readers - 1) // max(1, BENCH_OBSERVERS - 1)
+                     for i in range(min(BENCH_OBSERVERS, readers))}
         self.clients = [BenchClient(i, i < args.senders, i >= count - args.slow,
                                     i in observers) for i in range(count)]
         self.by_nick = {client.nick: client for client in self.clients}
