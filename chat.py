@@ -4,6 +4,7 @@
     python3 chat.py server [--host H] [--port P] [limits...]   run a room
     python3 chat.py client [--name NICK] [--host H] [--port P] join it
     nc 127.0.0.1 9999                                          or join with netcat
+    python3 chat.py bench [--clients N] [--senders S] ...      measure a server
 
 The wire protocol, in short (README.md has all of it): UTF-8 lines ending in
 LF. The first line a connection sends is its nickname. After that a line is
