@@ -354,6 +354,21 @@ def format_address(addr):
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
+def watch(selector, sock, old, new, data):
+    """Make selector watch sock for the events `new` (0: not at all); return new.
+
+    Registering, modifying and unregistering are three calls; this is one.
+    """
+    if new != old:
+        if old == 0:
+            selector.register(sock, new, data)
+        elif new == 0:
+            selector.unregister(sock)
+        else:
+            selector.modify(sock, new, data)
+    return new
+
+
 def raise_open_files_limit():
     """Raise the soft open-files limit to the hard one, so thousands of clients fit."""
     if resource is None:
@@ -747,15 +762,8 @@ class ChatServer:
         want = 0 if conn.paused or conn.held else selectors.EVENT_READ
         if conn.outbuf:
             want |= selectors.EVENT_WRITE
-        if want == conn.events or conn.closed:
-            return
-        if conn.events == 0:
-            self.selector.register(conn.sock, want, conn)
-        elif want == 0:
-            self.selector.unregister(conn.sock)
-        else:
-            self.selector.modify(conn.sock, want, conn)
-        conn.events = want
+        if not conn.closed:
+            conn.events = watch(self.selector, conn.sock, conn.events, want, conn)
 
     def _on_event_guarded(self, conn, mask):
         """Handle an event; a bug here costs one connection, never the room."""
@@ -1692,15 +1700,7 @@ class Bench:
         self._watch(client, selectors.EVENT_WRITE)
 
     def _watch(self, client, events):
-        if events == client.events:
-            return
-        if client.events == 0:
-            self.selector.register(client.sock, events, client)
-        elif events == 0:
-            self.selector.unregister(client.sock)
-        else:
-            self.selector.modify(client.sock, events, client)
-        client.events = events
+        client.events = watch(self.selector, client.sock, client.events, events, client)
 
     def _on_event(self, client, mask):
         if client.state == "connecting":
@@ -1802,6 +1802,9 @@ class Bench:
         client.state = "closed"
         self._watch(client, 0)
         self.closed_early.add(client.nick)
+        if not any(c.state == "in" and not c.slow for c in self.clients):
+            raise BenchError("the server closed every connection during the %s phase"
+                             % self.phase)
 
     def _registration_done(self):
         return self.registered == len(self.clients)

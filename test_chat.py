@@ -1093,6 +1093,30 @@ class BenchTest(unittest.TestCase):
                     "server peak RSS MB"]:
             self.assertIn(row, out)
 
+    def test_a_server_that_goes_away_mid_run(self):
+        server = chat.ChatServer("127.0.0.1", 0, chat.Limits(rate=0), log=None)
+        server.start()
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 5)
+        self.addCleanup(server.shutdown)
+        proc = subprocess.Popen([sys.executable, CHAT_PY, "bench", "--port",
+                                 str(server.address[1]), "--clients", "5", "--senders", "1",
+                                 "--rate", "2", "--messages", "100"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(proc.stderr.close)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        line = proc.stderr.readline()
+        while b"messages" not in line:  # registered: the messages are under way
+            self.assertTrue(line, "the bench ended early")
+            line = proc.stderr.readline()
+        server.shutdown()
+        self.assertEqual(proc.wait(TIMEOUT), 1)
+        err = proc.stderr.read().decode()
+        self.assertIn("closed every connection", err)
+        self.assertNotIn("Traceback", err)
+
     def test_bad_flags_nothing_listening_and_a_silent_server(self):
         code, out, err = self.bench("--clients", "2", "--senders", "3")
         self.assertEqual(code, 2)
