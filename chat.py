@@ -16,13 +16,16 @@ errors. Every broadcast reaches everyone in one and the same order.
 
 import argparse
 import errno
+import hashlib
 import heapq
+import hmac
 import json
 import os
 import selectors
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -86,6 +89,10 @@ ACCEPT_PAUSE_S = 0.1          # out of file descriptors and no spare: wait
 KEEPALIVE_IDLE_S = 300
 KEEPALIVE_INTERVAL_S = 30
 KEEPALIVE_PROBES = 4
+
+TLS_MIN_VERSION = ssl.TLSVersion.TLSv1_2
+TLS_RECORD_BYTES = 16384      # one TLS record: what one TLS send() carries
+TLS_RECORDS_PER_FLUSH = 16    # a TLS flush writes at most this many records
 
 CLIENT_CONNECT_TIMEOUT_S = 10.0
 CLIENT_QUIT_WAIT_S = 10.0     # after /quit, wait this long for silence to end
@@ -325,6 +332,32 @@ def parse_line(text):
     return name.lower(), arg.strip()
 
 
+FINGERPRINT_PREFIX = "SHA256:"
+
+
+def certificate_fingerprint(der):
+    """Return a certificate's fingerprint as SHA256:AB:CD:... (what
+    `openssl x509 -noout -fingerprint -sha256` prints after its '=')."""
+    return format_fingerprint(hashlib.sha256(der).hexdigest())
+
+
+def format_fingerprint(hex_digits):
+    digits = hex_digits.upper()
+    return FINGERPRINT_PREFIX + ":".join(digits[i:i + 2] for i in range(0, len(digits), 2))
+
+
+def normalize_fingerprint(text):
+    """Return a fingerprint a user gave in the one form we compare: the
+    SHA256: prefix and the colons optional, any case. ValueError if not one."""
+    digits = text.strip()
+    if digits.upper().startswith(FINGERPRINT_PREFIX):
+        digits = digits[len(FINGERPRINT_PREFIX):]
+    digits = digits.replace(":", "")
+    if len(digits) != 64 or any(ch not in "0123456789abcdefABCDEF" for ch in digits):
+        raise ValueError("not a SHA-256 fingerprint: %s" % text)
+    return format_fingerprint(digits)
+
+
 # --- Server -------------------------------------------------------------------
 # One selectors loop, non-blocking sockets. Each loop pass: handle the ready
 # sockets, hand the broadcasts of the pass to every member at once, then write
@@ -399,6 +432,55 @@ def set_keepalive(sock):
                 pass  # the platform's default probing still applies
 
 
+def receive_some(sock, tls):
+    """One read (b"" at the end); for TLS also what OpenSSL already decrypted,
+    which the selector can't see: the kernel's buffer is empty by then.
+
+    Raises BlockingIOError, or for TLS ssl.SSLWantReadError, when there is
+    nothing to read yet.
+    """
+    data = sock.recv(RECV_BYTES)
+    if tls and data:
+        while sock.pending():
+            data += sock.recv(sock.pending())
+    return data
+
+
+def send_some(sock, buf, tls):
+    """Send from the start of buf; return how many bytes went (0: full).
+
+    For TLS, a record at a time: OpenSSL wants a write it refused retried
+    with the same bytes, and the next call starts at the same place of buf,
+    which only grows at its end.
+    """
+    if not tls:
+        return sock.send(buf)
+    sent = 0
+    for _ in range(TLS_RECORDS_PER_FLUSH):
+        if sent >= len(buf):
+            break
+        try:
+            sent += sock.send(buf[sent:sent + TLS_RECORD_BYTES])
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            break
+    return sent
+
+
+def server_tls_context(cert_file, key_file):
+    """Return (an SSLContext for the server, its certificate's fingerprint).
+
+    Raises OSError or ssl.SSLError when the files can't be used.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = TLS_MIN_VERSION
+    context.load_cert_chain(cert_file, key_file)
+    with open(cert_file, encoding="ascii", errors="replace") as f:
+        pem = f.read()
+    end = pem.index(ssl.PEM_FOOTER) + len(ssl.PEM_FOOTER)  # the first certificate
+    der = ssl.PEM_cert_to_DER_cert(pem[pem.index(ssl.PEM_HEADER):end])
+    return context, certificate_fingerprint(der)
+
+
 class Limits:
     """The server's limits; each is a command-line flag with this default."""
 
@@ -420,7 +502,7 @@ class Connection:
 
     __slots__ = ("sock", "addr", "ip", "name", "nick", "key", "reader", "outbuf",
                  "tokens", "refilled", "paused", "held", "counted", "closing", "closed",
-                 "events", "drained_at")
+                 "events", "drained_at", "tls", "handshake_wait")
 
     def __init__(self, sock, addr, limits, now):
         self.sock = sock
@@ -436,6 +518,8 @@ class Connection:
         self.paused = False                # not reading: out of tokens
         self.held = False                  # not reading: the room is behind
         self.drained_at = now              # when a send last took some of its bytes
+        self.tls = False                   # sock is an SSLSocket
+        self.handshake_wait = 0            # while the TLS handshake runs: the event it waits for
         self.counted = False               # in the max-clients and per-IP counts
         self.closing = False               # flushing its last lines, then closed
         self.closed = False
@@ -446,7 +530,8 @@ class ChatServer:
     """The chat room: accepts connections, reads lines, relays them."""
 
     def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT, limits=None,
-                 log=log_to_stderr, verbose=True):
+                 log=log_to_stderr, verbose=True, tls_context=None):
+        self.tls_context = tls_context     # None: plain TCP
         self.host = host
         self.port = port
         self.limits = limits or Limits()
@@ -597,7 +682,7 @@ class ChatServer:
         self._deliver_pending()
         line = encode_line(notice(SHUTDOWN_NOTICE))
         for conn in self.conns:
-            if not conn.closing:
+            if not conn.closing and not conn.handshake_wait:
                 conn.outbuf += line
                 self.dirty.add(conn)
         deadline = time.monotonic() + SHUTDOWN_FLUSH_S
@@ -605,7 +690,7 @@ class ChatServer:
             for conn in list(self.conns):
                 if conn.outbuf:
                     self._flush(conn)
-            if not any(conn.outbuf for conn in self.conns):
+            if not any(conn.outbuf and not conn.handshake_wait for conn in self.conns):
                 break
             if time.monotonic() >= deadline:
                 break
@@ -686,6 +771,8 @@ class ChatServer:
             sock.close()
             return
         conn = Connection(sock, addr, self.limits, time.monotonic())
+        if self.tls_context is not None:
+            self._start_tls(conn)
         self.conns.add(conn)
         self._watch(conn)
         refusal = self._refusal(conn)
@@ -699,6 +786,35 @@ class ChatServer:
         for text in GREETING:
             self._send(conn, notice(text.format(count=len(self.members))))
         self._call_later(self.limits.register_timeout, self._expire_registration, conn)
+
+    def _start_tls(self, conn):
+        """Wrap the socket; the handshake runs in the loop like any other I/O.
+
+        Lines queued before it completes (the greeting, or a refusal) wait
+        in outbuf. The registration timeout bounds it.
+        """
+        conn.sock = self.tls_context.wrap_socket(conn.sock, server_side=True,
+                                                 do_handshake_on_connect=False)
+        conn.tls = True
+        conn.handshake_wait = selectors.EVENT_READ  # the client speaks first
+
+    def _continue_handshake(self, conn):
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            conn.handshake_wait = selectors.EVENT_READ
+        except ssl.SSLWantWriteError:
+            conn.handshake_wait = selectors.EVENT_WRITE
+        except (ssl.SSLError, OSError) as exc:  # plain text, or a peer that gave up
+            self._log("%s: TLS handshake failed: %s"
+                      % (conn.name, getattr(exc, "reason", None) or exc))
+            self._drop(conn, LEFT_CLOSED)
+            return
+        else:
+            conn.handshake_wait = 0
+            self._log("%s: %s established" % (conn.name, conn.sock.version()))
+            self.dirty.add(conn)  # what was queued meanwhile goes now
+        self._watch(conn)
 
     def _refusal(self, conn):
         """Return why a new connection can't stay, or None."""
@@ -746,7 +862,10 @@ class ChatServer:
         self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
 
     def _expire_registration(self, conn):
-        if conn.nick is None and not conn.closing:
+        if conn.handshake_wait:
+            self._log("%s: TLS handshake timed out" % conn.name)
+            self._close(conn)
+        elif conn.nick is None and not conn.closing:
             self._send(conn, error("registration timed out"))
             self._log("%s: registration timed out" % conn.name)
             self._close_after_flush(conn)
@@ -759,9 +878,12 @@ class ChatServer:
         Reading while not paused for flood control; writing only while outbuf
         holds bytes (it is called after a send, so: bytes the send left).
         """
-        want = 0 if conn.paused or conn.held else selectors.EVENT_READ
-        if conn.outbuf:
-            want |= selectors.EVENT_WRITE
+        if conn.handshake_wait:
+            want = conn.handshake_wait
+        else:
+            want = 0 if conn.paused or conn.held else selectors.EVENT_READ
+            if conn.outbuf:
+                want |= selectors.EVENT_WRITE
         if not conn.closed:
             conn.events = watch(self.selector, conn.sock, conn.events, want, conn)
 
@@ -776,6 +898,9 @@ class ChatServer:
 
     def _on_event(self, conn, mask):
         if conn.closed:
+            return
+        if conn.handshake_wait:
+            self._continue_handshake(conn)
             return
         if mask & selectors.EVENT_WRITE:
             self._flush(conn)
@@ -796,9 +921,10 @@ class ChatServer:
             if conn.reader.has_line() or conn.closing:
                 return  # the pass's budget is spent: the rest waits
         try:
-            data = conn.sock.recv(RECV_BYTES)
-        except (BlockingIOError, InterruptedError):
-            return
+            data = receive_some(conn.sock, conn.tls)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
+                ssl.SSLWantWriteError):
+            return  # nothing yet (for TLS: no whole record yet)
         except OSError as exc:
             self._log("%s: %s" % (conn.name, exc))
             self._drop(conn, LEFT_CLOSED)
@@ -1001,7 +1127,8 @@ class ChatServer:
         late, failed = self.late, []
         for conn in self.members.values():
             chunk = data[late[conn]:] if late and conn in late else data
-            if write and not conn.outbuf and not conn.events & selectors.EVENT_WRITE:
+            if write and not conn.outbuf and not conn.tls \
+                    and not conn.events & selectors.EVENT_WRITE:
                 try:
                     sent = conn.sock.send(chunk)
                 except (BlockingIOError, InterruptedError):
@@ -1039,10 +1166,12 @@ class ChatServer:
             self._deliver_pending()  # leave notices from evictions: next pass
 
     def _flush(self, conn):
-        """Send as much of outbuf as the socket takes, in one call."""
+        """Send as much of outbuf as the socket takes, in one call (TLS: a few)."""
+        if conn.handshake_wait:
+            return  # outbuf waits for the handshake
         if conn.outbuf:
             try:
-                sent = conn.sock.send(conn.outbuf)
+                sent = send_some(conn.sock, conn.outbuf, conn.tls)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as exc:
@@ -2153,6 +2282,9 @@ def build_parser():
     server.add_argument("--register-timeout", type=positive_float,
                         default=REGISTER_TIMEOUT_S, metavar="SECONDS",
                         help="time to choose a nickname (default %(default)s)")
+    server.add_argument("--tls-cert", metavar="FILE",
+                        help="TLS certificate (PEM); with --tls-key, clients must use TLS")
+    server.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
     server.add_argument("-q", "--quiet", action="store_true",
                         help="log only start, stop and errors")
 
@@ -2251,9 +2383,23 @@ def run_server(args):
     limits = Limits(max_line=args.max_line, rate=args.rate, burst=args.burst,
                     max_sendq=args.max_sendq, max_clients=args.max_clients,
                     max_per_ip=args.max_per_ip, register_timeout=args.register_timeout)
-    server = ChatServer(args.host, args.port, limits, verbose=not args.quiet)
+    tls_context = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            sys.stderr.write("chat.py: --tls-cert and --tls-key go together\n")
+            return 2
+        try:
+            tls_context, fingerprint = server_tls_context(args.tls_cert, args.tls_key)
+        except (OSError, ValueError, ssl.SSLError) as exc:
+            sys.stderr.write("chat.py: cannot use %s and %s for TLS: %s\n"
+                             % (args.tls_cert, args.tls_key, describe_error(exc)))
+            return 2
+    server = ChatServer(args.host, args.port, limits, verbose=not args.quiet,
+                        tls_context=tls_context)
     log_to_stderr("chat.py server starting (pid %d, Python %s)"
                   % (os.getpid(), sys.version.split()[0]))
+    if tls_context is not None:
+        log_to_stderr("TLS on; the certificate's fingerprint is %s" % fingerprint)
     try:
         server.start()
     except OSError as exc:  # socket.gaierror is one too: a bad host
