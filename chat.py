@@ -466,6 +466,20 @@ def send_some(sock, buf, tls):
     return sent
 
 
+def client_tls_context(cafile=None, pinned=False, insecure=False):
+    """Return the client's SSLContext: verified against the system's CAs (or
+    cafile) with the host name checked; with a pinned fingerprint or
+    --insecure, not verified here (the pin is checked after the handshake)."""
+    if pinned or insecure:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        context = ssl.create_default_context(cafile=cafile)
+    context.minimum_version = TLS_MIN_VERSION
+    return context
+
+
 def server_tls_context(cert_file, key_file):
     """Return (an SSLContext for the server, its certificate's fingerprint).
 
@@ -1350,10 +1364,14 @@ class ChatClient:
     """Connects to a server, shows what it sends, sends what the user types."""
 
     def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT, nick=None,
-                 stdin_fd=0, out=None, interactive=None):
+                 stdin_fd=0, out=None, interactive=None, tls_context=None,
+                 fingerprint=None):
         self.host = host
         self.port = port
         self.nick = nick
+        self.tls_context = tls_context     # None: plain TCP
+        self.tls = tls_context is not None
+        self.fingerprint = fingerprint     # pinned SHA256:..., checked after the handshake
         self.stdin_fd = stdin_fd
         out = out or sys.stdout
         if interactive is None:
@@ -1367,6 +1385,7 @@ class ChatClient:
         self.reader = LineReader(CLIENT_MAX_LINE)
         self.outbuf = bytearray()
         self.registered = False
+        self.heard_server = False          # has any byte come from the server?
         self.may_read = threading.Event()  # clear while a nickname awaits its answer
         self.quitting = False
         self.quit_deadline = None
@@ -1408,6 +1427,8 @@ class ChatClient:
             sys.stderr.write("chat.py: cannot connect to %s: %s\n"
                              % (format_address((self.host, self.port)), describe_error(exc)))
             return 1
+        if self.tls and not self._start_tls():
+            return 1
         self.sock.setblocking(False)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.sock, selectors.EVENT_READ, self._on_server)
@@ -1434,6 +1455,28 @@ class ChatClient:
         while self.result is None:
             self._run_pass()
         return self.result
+
+    def _start_tls(self):
+        """Handshake (still blocking, with the connect timeout) and check the
+        server's certificate; say why in one line and return False if not."""
+        where = format_address((self.host, self.port))
+        try:
+            self.sock = self.tls_context.wrap_socket(self.sock, server_hostname=self.host)
+        except ssl.SSLCertVerificationError as exc:
+            sys.stderr.write("chat.py: cannot verify the server at %s: %s\n"
+                             % (where, exc.verify_message or exc.reason))
+            return False
+        except (ssl.SSLError, OSError) as exc:
+            sys.stderr.write("chat.py: TLS with %s failed: %s\n"
+                             % (where, getattr(exc, "reason", None) or describe_error(exc)))
+            return False
+        if self.fingerprint is not None:
+            seen = certificate_fingerprint(self.sock.getpeercert(binary_form=True))
+            if not hmac.compare_digest(seen, self.fingerprint):
+                sys.stderr.write("chat.py: the server at %s shows the certificate %s, "
+                                 "not the pinned %s\n" % (where, seen, self.fingerprint))
+                return False
+        return True
 
     def _catch_interrupts(self):
         """Handle Ctrl-C in the loop, not as an exception wherever it lands."""
@@ -1509,8 +1552,9 @@ class ChatClient:
 
     def _receive(self):
         try:
-            data = self.sock.recv(RECV_BYTES)
-        except (BlockingIOError, InterruptedError):
+            data = receive_some(self.sock, self.tls)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
+                ssl.SSLWantWriteError):
             return
         except OSError:
             data = b""
@@ -1519,6 +1563,7 @@ class ChatClient:
             return
         if self.quit_deadline is not None:  # it is still talking: wait on
             self.quit_deadline = time.monotonic() + CLIENT_QUIT_WAIT_S
+        self.heard_server = True
         self.reader.feed(data)
         while self.result is None:
             line = self.reader.pop_line()
@@ -1530,6 +1575,10 @@ class ChatClient:
     def _server_closed(self):
         if self.quitting:
             self.result = 0
+        elif not self.heard_server:
+            self.terminal.show(notice("disconnected from server before it said anything"
+                                      + ("" if self.tls else " (does it need --tls?)")))
+            self.result = 1
         else:
             self.terminal.show(notice("disconnected from server"))
             self.result = 1
@@ -1550,7 +1599,7 @@ class ChatClient:
 
     def _flush(self):
         try:
-            sent = self.sock.send(self.outbuf)
+            sent = send_some(self.sock, self.outbuf, self.tls)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
@@ -2248,6 +2297,13 @@ def positive_float(text):
     return value
 
 
+def fingerprint_argument(text):
+    try:
+        return normalize_fingerprint(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="chat.py", description="A terminal chat room in one file.")
@@ -2295,6 +2351,15 @@ def build_parser():
                         help="server address (default %(default)s)")
     client.add_argument("--port", type=port_number, default=DEFAULT_PORT,
                         help="server port (default %(default)s)")
+    client.add_argument("--tls", action="store_true",
+                        help="use TLS, verifying the server against the system's CAs")
+    client.add_argument("--cafile", metavar="FILE",
+                        help="verify the server against this CA file instead (implies --tls)")
+    client.add_argument("--fingerprint", type=fingerprint_argument, metavar="SHA256:...",
+                        help="trust exactly the certificate with this fingerprint, "
+                             "as the server logs it (implies --tls)")
+    client.add_argument("--insecure", action="store_true",
+                        help="use TLS without checking the certificate (implies --tls)")
     bench = commands.add_parser(
         "bench", help="measure a server: registrations, deliveries, latency",
         description="Start a chat.py server (or use --host/--port), run one workload, "
@@ -2414,7 +2479,19 @@ def run_server(args):
 
 
 def run_client(args):
-    return ChatClient(args.host, args.port, args.name).run()
+    tls_context = None
+    if args.tls or args.cafile or args.fingerprint or args.insecure:
+        if args.insecure:
+            sys.stderr.write("chat.py: warning: --insecure: the server's certificate is not "
+                             "checked; anyone on the way can read and change this chat\n")
+        try:
+            tls_context = client_tls_context(args.cafile, args.fingerprint is not None,
+                                             args.insecure)
+        except (OSError, ssl.SSLError) as exc:
+            sys.stderr.write("chat.py: cannot use %s: %s\n" % (args.cafile, describe_error(exc)))
+            return 1
+    return ChatClient(args.host, args.port, args.name, tls_context=tls_context,
+                      fingerprint=args.fingerprint).run()
 
 
 def main(argv=None):
