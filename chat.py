@@ -16,6 +16,7 @@ errors. Every broadcast reaches everyone in one and the same order.
 
 import argparse
 import errno
+import getpass
 import hashlib
 import heapq
 import hmac
@@ -58,6 +59,8 @@ MAX_CLIENTS = 10000           # connections, registered or not
 MAX_PER_IP = 16               # connections from one address (0 = no limit)
 REGISTER_TIMEOUT_S = 60.0     # from connect to an accepted nickname
 MAX_NICK_CHARS = 24
+WRONG_PASSWORD_DELAY_S = 1.0  # a wrong room password: closed after this, to slow guessing
+MAX_OP_ATTEMPTS = 3           # wrong /op passwords before the connection is closed
 
 # Loopback is exempt from the per-address limit: local tests, bots and
 # tunnels all arrive from it.
@@ -94,6 +97,11 @@ TLS_MIN_VERSION = ssl.TLSVersion.TLSv1_2
 TLS_RECORD_BYTES = 16384      # one TLS record: what one TLS send() carries
 TLS_RECORDS_PER_FLUSH = 16    # a TLS flush writes at most this many records
 
+# Secrets come from a file or the environment, never from the command line,
+# which other local users can read in `ps`.
+PASSWORD_ENV = "CHAT_PASSWORD"
+OP_PASSWORD_ENV = "CHAT_OP_PASSWORD"
+
 CLIENT_CONNECT_TIMEOUT_S = 10.0
 CLIENT_QUIT_WAIT_S = 10.0     # after /quit, wait this long for silence to end
 CLIENT_MAX_OUTBUF = 65536     # stop taking typed lines while this much is unsent
@@ -119,6 +127,11 @@ FORMATS = {
     "renamed": NOTICE + "{old} is now known as {new}",
     "who": NOTICE + "{count} online: {nicks}",
     "pong": NOTICE + "pong {token}",
+    "kicked": NOTICE + "{nick} was kicked by {op} ({reason})",
+    "banned": NOTICE + "{nick} was banned by {op} ({reason})",
+    "opped": NOTICE + "{nick} is now an operator",
+    "muted": NOTICE + "{nick} was muted by {op}",
+    "unmuted": NOTICE + "{nick} was unmuted by {op}",
     "notice": NOTICE + "{text}",
     "error": ERROR + "{text}",
 }
@@ -127,6 +140,9 @@ GREETING = (
     "welcome to chat.py ({count} online)",
     "choose a nickname: 1-24 letters, digits, _ or -",
 )
+PASSWORD_GREETING = "this room needs a password: send /pass SECRET, then a nickname"
+PASSWORD_REQUIRED = "password required: send /pass SECRET first"
+WRONG_PASSWORD = "wrong password"
 HELP = (
     "TEXT                 say TEXT to everyone (//TEXT says /TEXT)",
     "/me TEXT             act: * NICK TEXT",
@@ -137,11 +153,26 @@ HELP = (
     "/help                this list",
     "/quit [REASON]       leave",
 )
+HELP_OP = "/op SECRET           become an operator"
+HELP_OPERATORS = (
+    "/kick NICK [REASON]  disconnect NICK",
+    "/ban NICK [REASON]   disconnect NICK and refuse its address",
+    "/unban ADDRESS       accept that address again",
+    "/bans                the banned addresses",
+    "/mute NICK           NICK's lines reach no one",
+    "/unmute NICK         undo /mute",
+)
 USAGE = {
     "me": "usage: /me TEXT",
     "msg": "usage: /msg NICK TEXT",
     "nick": "usage: /nick NEW",
+    "kick": "usage: /kick NICK [REASON]",
+    "ban": "usage: /ban NICK [REASON]",
+    "unban": "usage: /unban ADDRESS",
+    "mute": "usage: /mute NICK",
+    "unmute": "usage: /unmute NICK",
 }
+NO_REASON = "no reason given"
 SHUTDOWN_NOTICE = "server shutting down"
 LEFT_QUIT = "quit"
 LEFT_CLOSED = "connection closed"
@@ -332,6 +363,12 @@ def parse_line(text):
     return name.lower(), arg.strip()
 
 
+def secrets_match(given, expected):
+    """Compare two passwords in constant time (their digests: no length leak)."""
+    digest = lambda text: hashlib.sha256(text.encode(ENCODING, "replace")).digest()
+    return hmac.compare_digest(digest(given), digest(expected))
+
+
 FINGERPRINT_PREFIX = "SHA256:"
 
 
@@ -516,7 +553,8 @@ class Connection:
 
     __slots__ = ("sock", "addr", "ip", "name", "nick", "key", "reader", "outbuf",
                  "tokens", "refilled", "paused", "held", "counted", "closing", "closed",
-                 "events", "drained_at", "tls", "handshake_wait")
+                 "events", "drained_at", "tls", "handshake_wait", "authed", "op",
+                 "muted", "op_attempts")
 
     def __init__(self, sock, addr, limits, now):
         self.sock = sock
@@ -534,6 +572,11 @@ class Connection:
         self.drained_at = now              # when a send last took some of its bytes
         self.tls = False                   # sock is an SSLSocket
         self.handshake_wait = 0            # while the TLS handshake runs: the event it waits for
+        self.authed = False                # gave the room password (or none is needed);
+                                           # None: gave a wrong one, closed soon
+        self.op = False                    # an operator
+        self.muted = False                 # its lines reach no one
+        self.op_attempts = 0               # wrong /op passwords so far
         self.counted = False               # in the max-clients and per-IP counts
         self.closing = False               # flushing its last lines, then closed
         self.closed = False
@@ -544,8 +587,12 @@ class ChatServer:
     """The chat room: accepts connections, reads lines, relays them."""
 
     def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT, limits=None,
-                 log=log_to_stderr, verbose=True, tls_context=None):
+                 log=log_to_stderr, verbose=True, tls_context=None, password=None,
+                 op_password=None):
         self.tls_context = tls_context     # None: plain TCP
+        self.password = password           # the room's, or None
+        self.op_password = op_password     # for /op, or None: no operators
+        self.bans = {}                     # banned ip -> the nick it was banned as
         self.host = host
         self.port = port
         self.limits = limits or Limits()
@@ -797,8 +844,12 @@ class ChatServer:
             return
         self._count(conn)
         self._log("%s connected" % conn.name)
-        for text in GREETING:
-            self._send(conn, notice(text.format(count=len(self.members))))
+        conn.authed = self.password is None
+        greeting = [text.format(count=len(self.members)) for text in GREETING]
+        if not conn.authed:
+            greeting.insert(-1, PASSWORD_GREETING)  # the last line still asks for a nick
+        for text in greeting:
+            self._send(conn, notice(text))
         self._call_later(self.limits.register_timeout, self._expire_registration, conn)
 
     def _start_tls(self, conn):
@@ -833,6 +884,8 @@ class ChatServer:
     def _refusal(self, conn):
         """Return why a new connection can't stay, or None."""
         limits = self.limits
+        if conn.ip in self.bans:
+            return "you are banned"
         if self.counted >= limits.max_clients:
             return "server full"
         if (limits.max_per_ip and conn.ip not in EXEMPT_ADDRESSES
@@ -895,7 +948,9 @@ class ChatServer:
         if conn.handshake_wait:
             want = conn.handshake_wait
         else:
-            want = 0 if conn.paused or conn.held else selectors.EVENT_READ
+            reading = not (conn.paused or conn.held) and (
+                conn.authed is not None or conn.closing)
+            want = selectors.EVENT_READ if reading else 0
             if conn.outbuf:
                 want |= selectors.EVENT_WRITE
         if not conn.closed:
@@ -955,7 +1010,7 @@ class ChatServer:
         """Handle complete lines while the flood-control bucket allows."""
         reader = conn.reader
         rate = self.limits.rate
-        while not conn.closing:
+        while not conn.closing and conn.authed is not None:
             if len(self.pending) >= self.pass_budget:
                 self.deferred[conn] = None  # the rest in a later pass
                 return
@@ -1006,7 +1061,8 @@ class ChatServer:
         if conn.nick is None:
             self._handle_unregistered(conn, command, arg)
         elif command is None:
-            self._broadcast(format_line("message", nick=conn.nick, text=arg))
+            if self._allowed_to_speak(conn):
+                self._broadcast(format_line("message", nick=conn.nick, text=arg))
         else:
             handler = self.COMMANDS.get(command)
             if handler is None:
@@ -1015,15 +1071,33 @@ class ChatServer:
                 handler(self, conn, arg)
 
     def _handle_unregistered(self, conn, command, arg):
-        """Before registration a line is a nickname; /quit and /nick are allowed."""
-        if command is None:
+        """Before registration: the room password if one is set, then a
+        nickname (a line, or /nick); /quit is allowed throughout."""
+        if command == "quit":
+            self._close_after_flush(conn)
+        elif command == "pass":
+            self._check_password(conn, arg)
+        elif not conn.authed:
+            self._send(conn, error(PASSWORD_REQUIRED))
+        elif command is None:
             self._register(conn, arg.strip())
         elif command == "nick":
             self._register(conn, arg)
-        elif command == "quit":
-            self._close_after_flush(conn)
         else:
             self._send(conn, error("choose a nickname first"))
+
+    def _check_password(self, conn, secret):
+        if conn.authed:
+            self._send(conn, notice("no password needed now: choose a nickname"))
+        elif secrets_match(secret, self.password):
+            conn.authed = True
+            self._send(conn, notice("password accepted: choose a nickname"))
+        else:
+            self._log("%s: wrong password" % conn.name)
+            self._send(conn, error(WRONG_PASSWORD))
+            conn.authed = None  # refused: nothing more from it is read or handled
+            self._watch(conn)
+            self._call_later(WRONG_PASSWORD_DELAY_S, self._close_after_flush, conn)
 
     def _register(self, conn, nick):
         problem = self._nick_problem(nick)
@@ -1050,10 +1124,16 @@ class ChatServer:
 
     # -- commands of registered clients --
 
+    def _allowed_to_speak(self, conn):
+        """A muted member's lines reach no one; it is told so."""
+        if conn.muted:
+            self._send(conn, error("you are muted"))
+        return not conn.muted
+
     def _cmd_me(self, conn, arg):
         if not arg:
             self._send(conn, error(USAGE["me"]))
-        else:
+        elif self._allowed_to_speak(conn):
             self._broadcast(format_line("action", nick=conn.nick, text=arg))
 
     def _cmd_msg(self, conn, arg):
@@ -1065,6 +1145,8 @@ class ChatServer:
         target = self.members.get(nick_key(target_nick))
         if target is None:
             self._send(conn, error("no such user: %s" % target_nick))
+            return
+        if not self._allowed_to_speak(conn):
             return
         self._send(target, format_line("private", nick=conn.nick, text=text))
         self._send(conn, format_line("private_echo", nick=target.nick, text=text))
@@ -1088,11 +1170,17 @@ class ChatServer:
         self._broadcast(format_line("renamed", old=old, new=arg))
 
     def _cmd_who(self, conn, arg):
-        nicks = sorted((member.nick for member in self.members.values()), key=nick_key)
+        members = sorted(self.members.values(), key=lambda member: member.key)
+        nicks = ["@" + m.nick if m.op else m.nick for m in members]
         self._send(conn, format_line("who", count=len(nicks), nicks=", ".join(nicks)))
 
     def _cmd_help(self, conn, arg):
-        for text in HELP:
+        lines = list(HELP)
+        if self.op_password is not None and not conn.op:
+            lines.append(HELP_OP)
+        if conn.op:
+            lines.extend(HELP_OPERATORS)
+        for text in lines:
             self._send(conn, notice(text))
 
     def _cmd_ping(self, conn, arg):
@@ -1102,6 +1190,103 @@ class ChatServer:
         self._leave(conn, arg or LEFT_QUIT)
         self._close_after_flush(conn)
 
+    # -- operators --
+
+    def _cmd_op(self, conn, arg):
+        if self.op_password is None:
+            self._send(conn, error("this server has no operators"))
+        elif conn.op:
+            self._send(conn, notice("you are an operator already"))
+        elif secrets_match(arg, self.op_password):
+            conn.op = True
+            self._log("%s is now an operator" % conn.nick)
+            self._broadcast(format_line("opped", nick=conn.nick))
+        else:
+            conn.op_attempts += 1
+            self._log("%s: wrong operator password" % conn.nick)
+            self._send(conn, error("wrong operator password"))
+            if conn.op_attempts >= MAX_OP_ATTEMPTS:
+                self._send(conn, error("too many wrong operator passwords"))
+                self._leave(conn, LEFT_CLOSED)
+                self._close_after_flush(conn)
+
+    def _operator_target(self, conn, command, arg):
+        """For an operator command: return (target member, rest of arg), or
+        (None, None) after telling conn why not."""
+        if not conn.op:
+            self._send(conn, error("operators only"))
+            return None, None
+        parts = arg.split(None, 1)
+        if not parts:
+            self._send(conn, error(USAGE[command]))
+            return None, None
+        target = self.members.get(nick_key(parts[0]))
+        if target is None:
+            self._send(conn, error("no such user: %s" % parts[0]))
+            return None, None
+        return target, parts[1] if len(parts) > 1 else ""
+
+    def _remove(self, target, line):
+        """Tell everyone (target included) line, then disconnect target."""
+        self._broadcast(line)
+        self._leave(target, None)
+        self._close_after_flush(target)
+
+    def _cmd_kick(self, conn, arg):
+        target, reason = self._operator_target(conn, "kick", arg)
+        if target is not None:
+            self._log("%s kicked %s" % (conn.nick, target.nick))
+            self._remove(target, format_line("kicked", nick=target.nick, op=conn.nick,
+                                             reason=reason or NO_REASON))
+
+    def _cmd_ban(self, conn, arg):
+        target, reason = self._operator_target(conn, "ban", arg)
+        if target is not None:
+            self.bans[target.ip] = target.nick
+            self._log("%s banned %s (%s)" % (conn.nick, target.nick, target.ip))
+            self._remove(target, format_line("banned", nick=target.nick, op=conn.nick,
+                                             reason=reason or NO_REASON))
+
+    def _cmd_unban(self, conn, arg):
+        if not conn.op:
+            self._send(conn, error("operators only"))
+        elif not arg:
+            self._send(conn, error(USAGE["unban"]))
+        elif arg not in self.bans:
+            self._send(conn, error("%s is not banned" % arg))
+        else:
+            del self.bans[arg]
+            self._log("%s unbanned %s" % (conn.nick, arg))
+            self._send(conn, notice("%s is no longer banned" % arg))
+
+    def _cmd_bans(self, conn, arg):
+        if not conn.op:
+            self._send(conn, error("operators only"))
+        elif not self.bans:
+            self._send(conn, notice("no address is banned"))
+        else:
+            self._send(conn, notice("banned: " + ", ".join(
+                "%s (%s)" % (ip, nick) for ip, nick in sorted(self.bans.items()))))
+
+    def _cmd_mute(self, conn, arg):
+        self._set_muted(conn, "mute", arg, True)
+
+    def _cmd_unmute(self, conn, arg):
+        self._set_muted(conn, "unmute", arg, False)
+
+    def _set_muted(self, conn, command, arg, muted):
+        target, _ = self._operator_target(conn, command, arg)
+        if target is None:
+            return
+        if target.muted == muted:
+            self._send(conn, error("%s is %s already" % (target.nick,
+                                                         "muted" if muted else "not muted")))
+            return
+        target.muted = muted
+        self._log("%s %sd %s" % (conn.nick, command, target.nick))
+        self._broadcast(format_line("muted" if muted else "unmuted", nick=target.nick,
+                                    op=conn.nick))
+
     COMMANDS = {
         "me": _cmd_me,
         "msg": _cmd_msg,
@@ -1110,6 +1295,14 @@ class ChatServer:
         "help": _cmd_help,
         "ping": _cmd_ping,
         "quit": _cmd_quit,
+        "pass": lambda self, conn, arg: self._send(conn, notice("you are in already")),
+        "op": _cmd_op,
+        "kick": _cmd_kick,
+        "ban": _cmd_ban,
+        "unban": _cmd_unban,
+        "bans": _cmd_bans,
+        "mute": _cmd_mute,
+        "unmute": _cmd_unmute,
     }
 
     # -- output --
@@ -1204,7 +1397,8 @@ class ChatServer:
     # -- leaving --
 
     def _leave(self, conn, reason):
-        """Take conn out of the room and tell the others why."""
+        """Take conn out of the room and tell the others why (reason None:
+        they have been told already)."""
         if conn.key is None:
             return
         if self.members.get(conn.key) is conn:
@@ -1212,8 +1406,9 @@ class ChatServer:
             conn.outbuf += self.pending[offset:]  # what it is owed of this pass
             del self.members[conn.key]
             self.lagging.discard(conn)
-            self._broadcast(format_line("left", nick=conn.nick, reason=reason))
-            self._log("%s left (%s)" % (conn.nick, reason))
+            if reason is not None:
+                self._broadcast(format_line("left", nick=conn.nick, reason=reason))
+                self._log("%s left (%s)" % (conn.nick, reason))
         conn.key = None
 
     def _close_after_flush(self, conn):
@@ -1288,6 +1483,7 @@ class ChatServer:
 
 PROMPT = "> "
 NICK_PROMPT = "nickname: "
+PASSWORD_PROMPT = "room password: "
 CLIENT_MAX_LINE = 65536       # a longer line from the server is not shown
 
 
@@ -1365,13 +1561,15 @@ class ChatClient:
 
     def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT, nick=None,
                  stdin_fd=0, out=None, interactive=None, tls_context=None,
-                 fingerprint=None):
+                 fingerprint=None, password=None):
         self.host = host
         self.port = port
         self.nick = nick
         self.tls_context = tls_context     # None: plain TCP
         self.tls = tls_context is not None
         self.fingerprint = fingerprint     # pinned SHA256:..., checked after the handshake
+        self.password = password           # the room's, sent with /pass before the nick
+        self.asking_password = False       # the stdin thread's next line is the password
         self.stdin_fd = stdin_fd
         out = out or sys.stdout
         if interactive is None:
@@ -1447,6 +1645,8 @@ class ChatClient:
         if self.interrupts:
             return 0
         self._save_terminal_modes()
+        if self.password is not None:
+            self._send_password(self.password)
         if self.nick is not None and self._clean_nick(self.nick):
             self._send_nick(self._clean_nick(self.nick))
         else:
@@ -1591,11 +1791,14 @@ class ChatClient:
         if text.startswith(NOTICE) and " joined (" in text:
             self.registered = True
             self.may_read.set()
+        elif text == error(PASSWORD_REQUIRED) and self.interactive and self.password is None:
+            self.asking_password = True  # then the nickname goes again
+            self.may_read.set()
         elif text.startswith(ERROR):
-            if self.interactive:
+            if self.interactive and text != error(WRONG_PASSWORD):
                 self.may_read.set()  # ask for another nickname
             else:
-                self.result = 1      # nobody to ask: the reason is shown
+                self.result = 1      # nobody to ask, or closed anyway: the reason is shown
 
     def _flush(self):
         try:
@@ -1641,8 +1844,18 @@ class ChatClient:
         if not data:
             self._quit()
             return
+        if self.asking_password:
+            self.asking_password = False
+            self.password = data.rstrip(b"\r\n").decode(ENCODING, "replace")
+            self._send_password(self.password)
+            if self.nick:
+                self._send_nick(self.nick)  # the one refused for want of it
+            else:
+                self.may_read.set()
+            return
         if not self.registered:
             self.may_read.clear()  # it was a nickname: wait for the answer
+            self.nick = self._clean_nick(data.decode(ENCODING, "replace"))
         if any(line.lower().split(b" ")[0] == b"/quit" for line in data.split(b"\n")):
             self.quitting = True   # the server's close is then expected
         self._queue(data)
@@ -1660,6 +1873,9 @@ class ChatClient:
         self.may_read.clear()
         self._queue(nick.encode(ENCODING) + b"\n")
 
+    def _send_password(self, password):
+        self._queue(b"/pass " + password.encode(ENCODING) + b"\n")
+
     @staticmethod
     def _clean_nick(text):
         return clean_text(text).strip()
@@ -1670,6 +1886,10 @@ class ChatClient:
         try:
             while True:
                 self.may_read.wait()
+                if self.asking_password:
+                    self.may_read.clear()
+                    self.typed_w.sendall(self._read_password() + b"\n")
+                    continue
                 asking_nick = not self.registered
                 line = next(lines, None)
                 if line is None:
@@ -1686,6 +1906,13 @@ class ChatClient:
                 self.typed_w.close()  # the loop reads this as the end of stdin
             except OSError:
                 pass
+
+    def _read_password(self):
+        """Ask for the room password without echoing it (this thread owns the keyboard)."""
+        try:
+            return getpass.getpass(PASSWORD_PROMPT).encode(ENCODING, "replace")
+        except (EOFError, KeyboardInterrupt):
+            return b""
 
     def _typed_lines(self):
         """Yield typed lines as bytes, without their line ends."""
@@ -2341,6 +2568,12 @@ def build_parser():
     server.add_argument("--tls-cert", metavar="FILE",
                         help="TLS certificate (PEM); with --tls-key, clients must use TLS")
     server.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
+    server.add_argument("--password-file", metavar="FILE",
+                        help="the room's password, the file's first line (or the "
+                             "environment variable %s); clients send /pass first" % PASSWORD_ENV)
+    server.add_argument("--op-password-file", metavar="FILE",
+                        help="the operators' password for /op (or the environment "
+                             "variable %s)" % OP_PASSWORD_ENV)
     server.add_argument("-q", "--quiet", action="store_true",
                         help="log only start, stop and errors")
 
@@ -2360,6 +2593,10 @@ def build_parser():
                              "as the server logs it (implies --tls)")
     client.add_argument("--insecure", action="store_true",
                         help="use TLS without checking the certificate (implies --tls)")
+    client.add_argument("--password-file", metavar="FILE",
+                        help="the room's password, the file's first line (or the "
+                             "environment variable %s; asked for if the room needs one)"
+                             % PASSWORD_ENV)
     bench = commands.add_parser(
         "bench", help="measure a server: registrations, deliveries, latency",
         description="Start a chat.py server (or use --host/--port), run one workload, "
@@ -2443,6 +2680,23 @@ def bench_flags_problem(args):
     return None
 
 
+def read_secret(path, env_name, what):
+    """Return a password from the file at path (its first line), else from
+    the environment variable, else None. Raises ValueError saying what is wrong."""
+    if path:
+        try:
+            with open(path, encoding=ENCODING) as f:
+                secret = f.readline().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError("cannot read the %s file %s: %s"
+                             % (what, path, describe_error(exc)))
+        if not secret:
+            raise ValueError("the %s file %s is empty" % (what, path))
+        return secret
+    secret = os.environ.get(env_name, "").strip()
+    return secret or None
+
+
 def run_server(args):
     raise_open_files_limit()
     limits = Limits(max_line=args.max_line, rate=args.rate, burst=args.burst,
@@ -2459,12 +2713,22 @@ def run_server(args):
             sys.stderr.write("chat.py: cannot use %s and %s for TLS: %s\n"
                              % (args.tls_cert, args.tls_key, describe_error(exc)))
             return 2
+    try:
+        password = read_secret(args.password_file, PASSWORD_ENV, "password")
+        op_password = read_secret(args.op_password_file, OP_PASSWORD_ENV, "operator password")
+    except ValueError as exc:
+        sys.stderr.write("chat.py: %s\n" % exc)
+        return 2
     server = ChatServer(args.host, args.port, limits, verbose=not args.quiet,
-                        tls_context=tls_context)
+                        tls_context=tls_context, password=password, op_password=op_password)
     log_to_stderr("chat.py server starting (pid %d, Python %s)"
                   % (os.getpid(), sys.version.split()[0]))
     if tls_context is not None:
         log_to_stderr("TLS on; the certificate's fingerprint is %s" % fingerprint)
+    if password is not None:
+        log_to_stderr("the room needs a password")
+    if op_password is not None:
+        log_to_stderr("operators: /op with the operator password")
     try:
         server.start()
     except OSError as exc:  # socket.gaierror is one too: a bad host
@@ -2490,8 +2754,13 @@ def run_client(args):
         except (OSError, ssl.SSLError) as exc:
             sys.stderr.write("chat.py: cannot use %s: %s\n" % (args.cafile, describe_error(exc)))
             return 1
+    try:
+        password = read_secret(args.password_file, PASSWORD_ENV, "password")
+    except ValueError as exc:
+        sys.stderr.write("chat.py: %s\n" % exc)
+        return 1
     return ChatClient(args.host, args.port, args.name, tls_context=tls_context,
-                      fingerprint=args.fingerprint).run()
+                      fingerprint=args.fingerprint, password=password).run()
 
 
 def main(argv=None):

@@ -12,10 +12,13 @@ import collections
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
+import ssl
 import sys
+import tempfile
 import threading
 import time
 import unittest
@@ -28,12 +31,50 @@ TIMEOUT = 10.0       # the longest any single expected line may take
 QUIET = 0.3          # how long "nothing arrives" is watched for
 
 
+# A self-signed certificate for localhost, 127.0.0.1 and ::1, valid until 2126,
+# made once with: openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1
+#   -nodes -days 36500 -subj /CN=localhost
+#   -addext "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1"
+TEST_CERT = """-----BEGIN CERTIFICATE-----
+MIIBrjCCAVSgAwIBAgIUIF/AQk48HSgY1ceXwso6U5/EAWUwCgYIKoZIzj0EAwIw
+FDESMBAGA1UEAwwJbG9jYWxob3N0MCAXDTI2MTEyNzE2MzkyNFoYDzIxMjYxMTAz
+MTYzOTI0WjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIBBggqhkjO
+PQMBBwNCAAS4XfkN08clHsWomIXCOjIJ3RLC7fpLdO3lRqeBClBb8rBGzUDReHxI
+VF6Q4BgVVSaVcT86Rb1HoLfWkS9OylPyo4GBMH8wHQYDVR0OBBYEFPNPKjS3rhy6
+vfaG3TFFJg2/cu9vMB8GA1UdIwQYMBaAFPNPKjS3rhy6vfaG3TFFJg2/cu9vMA8G
+A1UdEwEB/wQFMAMBAf8wLAYDVR0RBCUwI4IJbG9jYWxob3N0hwR/AAABhxAAAAAA
+AAAAAAAAAAAAAAABMAoGCCqGSM49BAMCA0gAMEUCIQC/gO+paz2e+Zy8pBdXHgFP
+8XLZQlwmimIQ/8jpRU+rzAIgSilZAmAQFvltVn/G3zgTQvByZmcfikPdYRN/nG9I
+mYY=
+-----END CERTIFICATE-----
+"""
+TEST_KEY = """-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgrFpUy3tTorFW7uxs
+Ws+UaOWnrRk6TaznUuM2Ur3JAuuhRANCAAS4XfkN08clHsWomIXCOjIJ3RLC7fpL
+dO3lRqeBClBb8rBGzUDReHxIVF6Q4BgVVSaVcT86Rb1HoLfWkS9OylPy
+-----END PRIVATE KEY-----
+"""
+# What `openssl x509 -noout -fingerprint -sha256` prints for it.
+TEST_FINGERPRINT = ("SHA256:12:74:C3:62:9F:23:A0:28:91:F8:7A:03:73:C4:70:98:43:88:"
+                    "4E:F7:38:F4:CB:57:FF:B6:5F:41:2A:3D:7D:3D")
+
+
+def write_file(case, name, text):
+    """Write text to a file in a temporary folder removed after the test."""
+    folder = tempfile.mkdtemp()
+    case.addCleanup(shutil.rmtree, folder)
+    path = os.path.join(folder, name)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
 # --- helpers --------------------------------------------------------------------
 
 class Peer:
     """A raw-socket client, as netcat would be."""
 
-    def __init__(self, port, host="127.0.0.1", source=None, rcvbuf=None):
+    def __init__(self, port, host="127.0.0.1", source=None, rcvbuf=None, tls=None):
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         if rcvbuf:  # before connecting, so the TCP window is small from the start
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -41,6 +82,8 @@ class Peer:
             self.sock.bind((source, 0))
         self.sock.settimeout(TIMEOUT)
         self.sock.connect((host, port))
+        if tls is not None:  # an SSLContext that trusts the server
+            self.sock = tls.wrap_socket(self.sock, server_hostname=host)
         self.buf = b""                      # an unfinished line
         self.lines = collections.deque()    # complete lines not yet read
         self.seen = []                      # every line read, for failure messages
@@ -67,7 +110,7 @@ class Peer:
                 data = self.sock.recv(1 << 20)
             except socket.timeout:
                 continue
-            except ConnectionResetError:
+            except (ConnectionResetError, ssl.SSLEOFError):
                 data = b""
             if not data:
                 return None
@@ -125,8 +168,18 @@ class Peer:
 class ServerTestCase(unittest.TestCase):
     """Starts a server in a thread on port 0; connects peers to it."""
 
-    def start_server(self, **limits):
-        server = chat.ChatServer("127.0.0.1", 0, chat.Limits(**limits), log=None)
+    peer_options = {}  # passed to every Peer (tls=...)
+
+    def start_server(self, tls=False, password=None, op_password=None, **limits):
+        context = None
+        if tls:
+            context, _ = chat.server_tls_context(write_file(self, "cert.pem", TEST_CERT),
+                                                 write_file(self, "key.pem", TEST_KEY))
+            client_context = ssl.create_default_context(cadata=TEST_CERT)
+            self.peer_options = {"tls": client_context}
+        server = chat.ChatServer("127.0.0.1", 0, chat.Limits(**limits), log=None,
+                                 tls_context=context, password=password,
+                                 op_password=op_password)
         server.start()
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
@@ -137,7 +190,7 @@ class ServerTestCase(unittest.TestCase):
         return server
 
     def connect(self, **kwargs):
-        peer = Peer(self.port, **kwargs)
+        peer = Peer(self.port, **dict(self.peer_options, **kwargs))
         self.addCleanup(peer.close)
         return peer
 
@@ -962,6 +1015,279 @@ class ClientTest(ServerTestCase):
         self.assertEqual(proc.returncode, 0)
         self.assertNotIn(b"Traceback", err)
         watcher.expect("*** bot left (quit)")
+
+
+class TlsTest(ServerTestCase):
+
+    def setUp(self):
+        self.start_server(tls=True, rate=0)
+        self.cert = write_file(self, "cert.pem", TEST_CERT)
+
+    def test_tls_chat_end_to_end_with_the_bundled_client(self):
+        watcher = self.join("watcher")
+        code, out, err = run_chat("client", "--name", "bot", "--port", str(self.port),
+                                  "--cafile", self.cert, stdin=b"over tls\n")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("<bot> over tls", out)
+        watcher.wait_for("<bot> over tls")
+        self.assertEqual(watcher.sock.version()[:4], "TLSv")
+
+    def test_a_silent_connection_delays_no_one(self):
+        silent = socket.create_connection(("127.0.0.1", self.port))
+        self.addCleanup(silent.close)
+        started = time.monotonic()
+        alice = self.join("alice")
+        alice.send_line("quick")
+        alice.expect("<alice> quick")
+        self.assertLess(time.monotonic() - started, 1.0)
+
+    def test_plain_text_to_the_tls_port_is_closed_without_harm(self):
+        alice = self.join("alice")
+        plain = Peer(self.port)  # no TLS
+        self.addCleanup(plain.close)
+        plain.send_line("bob")
+        plain.send_raw(b"hello\r\n" * 10)
+        self.assertEqual(plain.expect_closed(), [])
+        alice.send_line("still fine")
+        alice.expect("<alice> still fine")
+        self.assertEqual(alice.sync(), [])
+
+    def test_a_large_burst_arrives_whole(self):
+        alice, bob = self.join_all("alice", "bob")
+        lines = ["%d %s" % (i, "z" * 300) for i in range(2000)]  # 600 kB: many records
+        alice.send_raw("".join(line + "\n" for line in lines).encode())
+        for line in lines:
+            bob.expect("<alice> " + line)
+
+    def test_a_slow_tls_reader_is_evicted_and_the_others_get_everything(self):
+        self.start_server(tls=True, rate=0, max_sendq=65536)
+        alice, bob = self.join_all("alice", "bob")
+        slow = self.join("slow", rcvbuf=4096)
+        bob.wait_for("*** slow joined (3 online)")
+        alice.wait_for("*** slow joined (3 online)")
+        lines = 12000  # 1.3 MB
+        got = {}
+
+        def read(peer):
+            try:
+                got[peer] = peer.wait_for("<alice> %d %s" % (lines - 1, "w" * 100))
+            except AssertionError as exc:
+                got[peer] = exc
+        readers = [threading.Thread(target=read, args=(peer,)) for peer in (alice, bob)]
+        for reader in readers:
+            reader.start()
+        alice.send_raw(b"".join(b"%d %s\n" % (i, b"w" * 100) for i in range(lines)))
+        for reader in readers:
+            reader.join(TIMEOUT * 3)
+        for peer in (alice, bob):
+            self.assertIsInstance(got[peer], list, got[peer])
+            self.assertIn("*** slow left (too slow)", got[peer])
+            messages = [line for line in got[peer] if line.startswith("<")]
+            self.assertEqual(len(messages), lines - 1)
+
+    def test_fingerprint_match_and_mismatch(self):
+        code, out, err = run_chat("client", "--name", "pin", "--port", str(self.port),
+                                  "--fingerprint", TEST_FINGERPRINT.lower(), stdin=b"x\n")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("<pin> x", out)
+        wrong = "SHA256:" + "00" * 32
+        code, out, err = run_chat("client", "--name", "pin", "--port", str(self.port),
+                                  "--fingerprint", wrong, stdin=b"x\n")
+        self.assertEqual(code, 1)
+        self.assertIn("shows the certificate %s, not the pinned" % TEST_FINGERPRINT, err)
+        self.assertNotIn("Traceback", err)
+
+    def test_insecure_says_so_and_connects(self):
+        code, out, err = run_chat("client", "--name", "yolo", "--port", str(self.port),
+                                  "--insecure", stdin=b"x\n")
+        self.assertEqual(code, 0)
+        self.assertIn("--insecure", err)
+        self.assertIn("<yolo> x", out)
+
+    def test_an_unverifiable_server_is_one_line_and_exit_1(self):
+        env = dict(os.environ, SSL_CERT_FILE=os.devnull, SSL_CERT_DIR=os.devnull)
+        code, out, err = run_chat("client", "--name", "x", "--port", str(self.port),
+                                  "--tls", env=env)
+        self.assertEqual(code, 1)
+        self.assertIn("cannot verify the server at 127.0.0.1:%d" % self.port, err)
+        self.assertEqual(err.count("\n"), 1)
+
+    def test_the_server_logs_its_fingerprint(self):
+        key = write_file(self, "key.pem", TEST_KEY)
+        proc = subprocess.Popen([sys.executable, CHAT_PY, "server", "--port", "0",
+                                 "--tls-cert", self.cert, "--tls-key", key],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.addCleanup(proc.stderr.close)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill() or proc.wait())
+        log = b""
+        while b"listening on" not in log:
+            line = proc.stderr.readline()
+            self.assertTrue(line, log)
+            log += line
+        self.assertIn(TEST_FINGERPRINT.encode(), log)
+        proc.terminate()
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+
+    def test_a_bad_key_is_one_line_and_exit_2(self):
+        code, out, err = run_chat("server", "--port", "0", "--tls-cert", self.cert,
+                                  "--tls-key", self.cert)
+        self.assertEqual(code, 2)
+        self.assertIn("cannot use", err)
+        self.assertNotIn("Traceback", err)
+        code, out, err = run_chat("server", "--port", "0", "--tls-cert", self.cert)
+        self.assertEqual(code, 2)
+
+
+class PasswordTest(ServerTestCase):
+
+    def setUp(self):
+        self.start_server(password="open sesame")
+
+    def test_the_greeting_asks_for_it_and_the_nick_must_wait(self):
+        peer = self.connect()
+        lines = [peer.read_line() for _ in range(3)]
+        self.assertIn("*** " + chat.PASSWORD_GREETING, lines)
+        self.assertTrue(lines[-1].startswith("*** choose a nickname"))
+        peer.send_line("alice")
+        peer.expect("!!! password required: send /pass SECRET first")
+        peer.send_line("/pass open sesame")
+        peer.expect("*** password accepted: choose a nickname")
+        peer.send_line("alice")
+        peer.expect("*** alice joined (1 online)")
+
+    def test_a_wrong_password_is_closed_after_a_delay(self):
+        peer = self.greeted()
+        started = time.monotonic()
+        peer.send_line("/pass guess")
+        peer.send_line("/pass open sesame")  # too late: it is not read
+        self.assertEqual(peer.expect_closed(), ["!!! wrong password"])
+        self.assertGreaterEqual(time.monotonic() - started, 0.8)
+
+    def test_the_client_sends_it_from_a_file_or_the_environment(self):
+        path = write_file(self, "password", "open sesame\n")
+        code, out, err = run_chat("client", "--name", "a", "--port", str(self.port),
+                                  "--password-file", path, stdin=b"in\n")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("<a> in", out)
+        env = dict(os.environ, CHAT_PASSWORD="open sesame")
+        code, out, err = run_chat("client", "--name", "b", "--port", str(self.port),
+                                  stdin=b"in\n", env=env)
+        self.assertEqual(code, 0)
+        self.assertIn("<b> in", out)
+
+    def test_the_client_without_it_or_with_a_wrong_one_exits_1(self):
+        code, out, err = run_chat("client", "--name", "a", "--port", str(self.port),
+                                  stdin=b"in\n")
+        self.assertEqual(code, 1)
+        self.assertIn("!!! password required", out)
+        env = dict(os.environ, CHAT_PASSWORD="nope")
+        code, out, err = run_chat("client", "--name", "a", "--port", str(self.port),
+                                  stdin=b"in\n", env=env)
+        self.assertEqual(code, 1)
+        self.assertIn("!!! wrong password", out)
+
+    def test_the_server_reads_it_from_a_file_never_the_command_line(self):
+        code, out, err = run_chat("server", "--port", "0", "--password-file",
+                                  "/no/such/file")
+        self.assertEqual(code, 2)
+        self.assertIn("cannot read the password file", err)
+        code, out, err = run_chat("server", "--port", "0", "--password", "x")
+        self.assertEqual(code, 2)  # no such flag
+
+
+class OperatorTest(ServerTestCase):
+
+    def setUp(self):
+        self.start_server(op_password="hunter2")
+        self.alice, self.bob = self.join_all("alice", "bob")
+
+    def make_op(self, peer, nick):
+        peer.send_line("/op hunter2")
+        peer.wait_for("*** %s is now an operator" % nick)
+
+    def test_op_with_the_wrong_and_the_right_password(self):
+        self.alice.send_line("/op guess")
+        self.alice.expect("!!! wrong operator password")
+        self.make_op(self.alice, "alice")
+        self.bob.wait_for("*** alice is now an operator")
+        self.bob.send_line("/who")
+        self.bob.expect("*** 2 online: @alice, bob")
+
+    def test_three_wrong_op_passwords_close_the_connection(self):
+        for _ in range(3):
+            self.bob.send_line("/op guess")
+        lines = self.bob.expect_closed()
+        self.assertEqual(lines[-1], "!!! too many wrong operator passwords")
+        self.alice.wait_for("*** bob left (connection closed)")
+
+    def test_operator_commands_are_refused_to_others(self):
+        for command in ["/kick alice", "/ban alice", "/unban 1.2.3.4", "/bans",
+                        "/mute alice", "/unmute alice"]:
+            self.bob.send_line(command)
+            self.bob.expect("!!! operators only")
+
+    def test_help_lists_operator_commands_only_to_operators(self):
+        self.bob.send_line("/help")
+        text = "\n".join(self.bob.sync())
+        self.assertIn("/op SECRET", text)
+        self.assertNotIn("/kick", text)
+        self.make_op(self.alice, "alice")
+        self.alice.send_line("/help")
+        text = "\n".join(self.alice.sync())
+        for command in ["/kick", "/ban", "/unban", "/bans", "/mute", "/unmute"]:
+            self.assertIn(command, text)
+
+    def test_kick(self):
+        self.make_op(self.alice, "alice")
+        self.alice.send_line("/kick BOB spamming")
+        self.alice.expect("*** bob was kicked by alice (spamming)")
+        lines = self.bob.expect_closed()
+        self.assertEqual(lines[-1], "*** bob was kicked by alice (spamming)")
+        self.alice.send_line("/kick nobody")
+        self.alice.expect("!!! no such user: nobody")
+        carol = self.join("carol")
+        self.alice.wait_for("*** carol joined (2 online)")
+        self.alice.send_line("/kick carol")
+        carol.wait_for("*** carol was kicked by alice (no reason given)")
+
+    def test_ban_and_unban(self):
+        self.make_op(self.alice, "alice")
+        self.alice.send_line("/ban bob flooding")
+        self.alice.expect("*** bob was banned by alice (flooding)")
+        self.bob.expect_closed()
+        self.alice.send_line("/bans")
+        self.alice.expect("*** banned: 127.0.0.1 (bob)")
+        again = self.connect()
+        self.assertEqual(again.expect_closed(), ["!!! you are banned"])
+        self.alice.send_line("/unban 10.0.0.1")
+        self.alice.expect("!!! 10.0.0.1 is not banned")
+        self.alice.send_line("/unban 127.0.0.1")
+        self.alice.expect("*** 127.0.0.1 is no longer banned")
+        self.join("bob")
+        self.alice.send_line("/bans")
+        self.alice.wait_for("*** no address is banned")
+
+    def test_mute_and_unmute(self):
+        self.make_op(self.alice, "alice")
+        self.alice.send_line("/mute bob")
+        self.alice.expect("*** bob was muted by alice")
+        self.bob.wait_for("*** bob was muted by alice")
+        for line in ["hello?", "/me waves", "/msg alice psst"]:
+            self.bob.send_line(line)
+            self.bob.expect("!!! you are muted")
+        self.assertEqual(self.alice.sync(), [])
+        self.alice.send_line("/mute bob")
+        self.alice.expect("!!! bob is muted already")
+        self.alice.send_line("/unmute bob")
+        self.alice.expect("*** bob was unmuted by alice")
+        self.bob.send_line("back")
+        self.alice.expect("<bob> back")
+
+    def test_no_operator_password_no_operators(self):
+        self.start_server()
+        peer = self.join("x")
+        peer.send_line("/op anything")
+        peer.expect("!!! this server has no operators")
 
 
 class TerminalClientTest(ServerTestCase):
