@@ -1290,14 +1290,17 @@ class OperatorTest(ServerTestCase):
         peer.expect("!!! this server has no operators")
 
 
-class TerminalClientTest(ServerTestCase):
-    """The client on a pseudo-terminal, as a person at a keyboard runs it."""
+class TerminalCase(ServerTestCase):
+    """The client on a pseudo-terminal, as a person at a keyboard runs it;
+    bob is in the room already."""
+
+    server_options = {}
 
     def setUp(self):
         if not hasattr(os, "openpty"):
             self.skipTest("no pseudo-terminals here")
-        self.start_server()
-        self.bob = self.join("bob")
+        self.start_server(**self.server_options)
+        self.bob = self.join_with_password("bob")
         master, slave = os.openpty()
         env = dict(os.environ, TERM="xterm", COLUMNS="40", LINES="24")
         env.pop("NO_COLOR", None)
@@ -1339,6 +1342,18 @@ class TerminalClientTest(ServerTestCase):
             self.assertLess(time.monotonic(), deadline, "readline never started")
             time.sleep(0.01)  # polling a condition, bounded by the deadline
 
+    def join_with_password(self, nick):
+        if "password" not in self.server_options:
+            return self.join(nick)
+        peer = self.greeted()
+        peer.send_line("/pass " + self.server_options["password"])
+        peer.send_line(nick)
+        peer.wait_for("*** %s joined (1 online)" % nick)
+        return peer
+
+
+class TerminalClientTest(TerminalCase):
+
     def test_asks_for_the_nickname_again_then_chats_without_tearing(self):
         self.read_until(b"nickname: ")
         self.type(b"bob\r")
@@ -1378,6 +1393,23 @@ class TerminalClientTest(ServerTestCase):
         self.assertTrue(self.read_until(b"\x1b[J").endswith(b"\r\x1b[J"))
         modes = termios.tcgetattr(self.master)[3]
         self.assertTrue(modes & termios.ECHO and modes & termios.ICANON, "modes not restored")
+
+
+class TerminalPasswordTest(TerminalCase):
+    """Asked for on the terminal, without echo, when the room needs one."""
+
+    server_options = {"password": "s3cret"}
+
+    def test_asks_for_the_password_then_sends_the_nickname_again(self):
+        self.read_until(b"nickname: ")
+        self.wait_until_reading()
+        self.type(b"al\r")
+        self.read_until(b"!!! password required: send /pass SECRET first")
+        self.read_until(b"room password: ")
+        self.type(b"s3cret\r")
+        shown = self.read_until(b"*** al joined (2 online)")
+        self.assertNotIn(b"s3cret", shown)  # not echoed
+        self.bob.wait_for("*** al joined (2 online)")
 
 
 class BenchTest(unittest.TestCase):
