@@ -22,6 +22,7 @@ import heapq
 import hmac
 import json
 import os
+import re
 import selectors
 import shutil
 import signal
@@ -33,6 +34,7 @@ import threading
 import time
 import traceback
 import unicodedata
+import zlib
 
 try:
     import resource  # Unix only: used to raise the open-files limit.
@@ -1484,7 +1486,134 @@ class ChatServer:
 PROMPT = "> "
 NICK_PROMPT = "nickname: "
 PASSWORD_PROMPT = "room password: "
+BELL = "\a"
+# Nick colours: the terminal's six colours and their bright forms (not black
+# or white, one of which is the background). A nick's colour comes from a
+# stable hash of its clash key, so it is the same in every session.
+NICK_COLORS = (31, 32, 33, 34, 35, 36, 91, 92, 93, 94, 95, 96)
+STYLES = {
+    "notice": "2",        # dim
+    "error": "31",        # red
+    "private": "1;35",    # bold magenta, both ways
+    "mention": "1;7",     # bold reverse: your nick in someone's line
+    "own": "1",           # bold: your own nick
+    "time": "2",
+}
+# Typed commands the client handles itself; the rest go to the server.
+CLIENT_COMMANDS = ("/reply", "/timestamps")
+SERVER_COMMANDS = ("/me", "/msg", "/nick", "/who", "/help", "/ping", "/quit", "/op",
+                   "/kick", "/ban", "/unban", "/bans", "/mute", "/unmute")
 CLIENT_MAX_LINE = 65536       # a longer line from the server is not shown
+
+
+def styled(code, text):
+    """Wrap text in an SGR colour code and a reset."""
+    return "\x1b[%sm%s\x1b[0m" % (code, text)
+
+
+def nick_color(nick):
+    return NICK_COLORS[zlib.crc32(nick_key(nick).encode(ENCODING)) % len(NICK_COLORS)]
+
+
+def split_server_line(text):
+    """Return (kind, nick, rest) for a line from the server; kind is one of
+    message, action, private, private_echo, notice, error, other."""
+    for kind, opening, closing in (("private_echo", "-> *", "* "), ("message", "<", "> "),
+                                   ("private", "*", "* "), ("action", "* ", " ")):
+        if text.startswith(opening):
+            end = text.find(closing, len(opening))
+            nick = text[len(opening):end]
+            if end > len(opening) and nick_problem(nick) is None:
+                return kind, nick, text[end + len(closing):]
+    if text.startswith(NOTICE):
+        return "notice", None, text[len(NOTICE):]
+    if text.startswith(ERROR):
+        return "error", None, text[len(ERROR):]
+    return "other", None, text
+
+
+def mentions(text, nick):
+    """Tell whether text names nick as a word, in any case."""
+    if not nick:
+        return False
+    return re.search(r"(?<![\w-])%s(?![\w-])" % re.escape(nick), text,
+                     re.IGNORECASE) is not None
+
+
+def render_line(text, me=None, color=False):
+    """Return the line as shown: nick colours, your nick highlighted, notices
+    dim, errors red, private messages distinct. text is already clean."""
+    kind, nick, rest = split_server_line(text)
+    if not color:
+        return text
+    if kind in ("private", "private_echo"):
+        return styled(STYLES["private"], text)
+    if kind == "notice":
+        return styled(STYLES["notice"], text)
+    if kind == "error":
+        return styled(STYLES["error"], text)
+    if kind == "other":
+        return text
+    shown_nick = styled(nick_color(nick), nick)
+    if me and nick_key(nick) == nick_key(me):
+        shown_nick = styled(STYLES["own"], shown_nick)
+    elif mentions(rest, me):
+        rest = styled(STYLES["mention"], rest)
+    return ("<%s> %s" if kind == "message" else "* %s %s") % (shown_nick, rest)
+
+
+def wants_bell(text, me):
+    """A private message, or someone else's line that names you."""
+    kind, nick, rest = split_server_line(text)
+    if kind == "private":
+        return True
+    return kind in ("message", "action") and bool(me) and \
+        nick_key(nick) != nick_key(me) and mentions(rest, me)
+
+
+def track_nicks(nicks, text):
+    """Keep nicks (clash key -> nick) current from a line from the server."""
+    kind, nick, rest = split_server_line(text)
+    if kind in ("message", "action", "private"):
+        nicks[nick_key(nick)] = nick
+        return
+    if kind != "notice":
+        return
+    words = rest.split(" ")
+    if len(words) >= 3 and words[1] == "joined" and words[2].startswith("("):
+        nicks[nick_key(words[0])] = words[0]
+    elif len(words) >= 2 and words[1] == "left":
+        nicks.pop(nick_key(words[0]), None)
+    elif len(words) >= 4 and words[1:3] in (["was", "kicked"], ["was", "banned"]):
+        nicks.pop(nick_key(words[0]), None)
+    elif len(words) == 6 and words[1:5] == ["is", "now", "known", "as"]:
+        nicks.pop(nick_key(words[0]), None)
+        nicks[nick_key(words[5])] = words[5]
+    elif len(words) >= 3 and words[1] == "online:":
+        nicks.clear()
+        for name in rest.split(": ", 1)[1].split(", "):
+            name = name.lstrip("@")
+            nicks[nick_key(name)] = name
+
+
+def completions(word, first, nicks, commands=CLIENT_COMMANDS + SERVER_COMMANDS):
+    """Return what Tab may turn word into: a command if it is the line's first
+    word and starts with /, else a nick (case ignored)."""
+    if first and word.startswith("/"):
+        return sorted(c for c in commands if c.startswith(word.lower()))
+    folded = word.casefold()
+    return sorted((n for n in nicks.values() if n.casefold().startswith(folded)),
+                  key=str.casefold)
+
+
+def use_color(mode, out, environ=os.environ):
+    """--color: always, never, or auto: on a terminal unless NO_COLOR is set
+    (and on Windows only in a terminal known to take escape codes)."""
+    if mode != "auto":
+        return mode == "always"
+    if environ.get("NO_COLOR") or not out.isatty():
+        return False
+    return os.name != "nt" or "WT_SESSION" in environ or "TERM" in environ
 
 
 def display_width(text):
@@ -1548,6 +1677,11 @@ class Terminal:
         rows = max(0, display_width(shown) - 1) // columns
         return "\r" + ("\x1b[%dA" % rows if rows else "") + "\x1b[J"
 
+    def write_now(self, text):
+        """Write text as it is (a prompt of our own), under the display's lock."""
+        with self.lock:
+            self._write(text)
+
     def _write(self, text):
         try:
             self.out.write(text)
@@ -1561,7 +1695,8 @@ class ChatClient:
 
     def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT, nick=None,
                  stdin_fd=0, out=None, interactive=None, tls_context=None,
-                 fingerprint=None, password=None):
+                 fingerprint=None, password=None, color=False, timestamps=False,
+                 bell=True):
         self.host = host
         self.port = port
         self.nick = nick
@@ -1570,12 +1705,20 @@ class ChatClient:
         self.fingerprint = fingerprint     # pinned SHA256:..., checked after the handshake
         self.password = password           # the room's, sent with /pass before the nick
         self.asking_password = False       # the stdin thread's next line is the password
+        self.color = color                 # colour the lines (see render_line)
+        self.timestamps = timestamps       # HH:MM before each line (/timestamps)
+        self.bell = bell                   # \a on a private message or a mention (terminal only)
+        self.nicks = {}                    # who is in the room, for Tab: key -> nick
+        self.last_private = None           # who sent the last private message (/reply)
         self.stdin_fd = stdin_fd
         out = out or sys.stdout
         if interactive is None:
             interactive = os.isatty(stdin_fd) and out.isatty()
         self.interactive = interactive
+        self.bell = self.bell and interactive
         self.readline = self._load_readline() if interactive else None
+        if self.readline is not None:
+            self._set_up_completion()
         self.terminal = Terminal(out, interactive, self.readline)
         self.sock = None
         self.selector = None
@@ -1603,6 +1746,22 @@ class ChatClient:
         except ImportError:
             return None
         return readline
+
+    def _set_up_completion(self):
+        """Tab completes nicks, and commands at the start of a line."""
+        self.readline.set_completer(self._complete)
+        self.readline.set_completer_delims(" \t")
+        if "libedit" in (self.readline.__doc__ or ""):  # macOS's readline
+            self.readline.parse_and_bind("bind ^I rl_complete")
+        else:
+            self.readline.parse_and_bind("tab: complete")
+
+    def _complete(self, text, state):
+        """readline's completer (it runs in the stdin thread: nicks is copied)."""
+        if state == 0:
+            before = self.readline.get_line_buffer()[:self.readline.get_begidx()]
+            self.matches = completions(text, not before.strip(), dict(self.nicks))
+        return self.matches[state] if state < len(self.matches) else None
 
     def run(self):
         """Connect and chat until stdin ends or the server goes; return the exit code."""
@@ -1785,11 +1944,12 @@ class ChatClient:
 
     def _handle_server_line(self, text):
         """Show a line; before registration, watch for the answer to our nick."""
-        self.terminal.show(text)
+        self._show_server_line(text)
         if self.registered or self.may_read.is_set():
             return
         if text.startswith(NOTICE) and " joined (" in text:
             self.registered = True
+            self.nick = text[len(NOTICE):].split(" ", 1)[0]
             self.may_read.set()
         elif text == error(PASSWORD_REQUIRED) and self.interactive and self.password is None:
             self.asking_password = True  # then the nickname goes again
@@ -1799,6 +1959,25 @@ class ChatClient:
                 self.may_read.set()  # ask for another nickname
             else:
                 self.result = 1      # nobody to ask, or closed anyway: the reason is shown
+
+    def _show_server_line(self, text):
+        """Show a line as the options say; keep nicks and /reply current."""
+        track_nicks(self.nicks, text)
+        kind, nick, rest = split_server_line(text)
+        if kind == "private":
+            self.last_private = nick
+        elif kind == "notice" and self.nick and rest.startswith(self.nick + " is now known as "):
+            self.nick = rest.rsplit(" ", 1)[1]  # renamed: mentions follow the new nick
+        shown = render_line(text, self.nick if self.registered else None, self.color)
+        if self.bell and self.registered and wants_bell(text, self.nick):
+            shown += BELL
+        self._show(shown)
+
+    def _show(self, shown):
+        if self.timestamps:
+            stamp = time.strftime("%H:%M")
+            shown = (styled(STYLES["time"], stamp) if self.color else stamp) + " " + shown
+        self.terminal.show(shown)
 
     def _flush(self):
         try:
@@ -1856,9 +2035,31 @@ class ChatClient:
         if not self.registered:
             self.may_read.clear()  # it was a nickname: wait for the answer
             self.nick = self._clean_nick(data.decode(ENCODING, "replace"))
+        else:
+            data = b"".join(self._client_command(line) for line in data.splitlines(True))
         if any(line.lower().split(b" ")[0] == b"/quit" for line in data.split(b"\n")):
             self.quitting = True   # the server's close is then expected
         self._queue(data)
+
+    def _client_command(self, line):
+        """Handle /reply and /timestamps here; return what goes to the server."""
+        text = line.decode(ENCODING, "replace").rstrip("\r\n")
+        word, _, arg = text.partition(" ")
+        word = word.lower()
+        if word == "/timestamps":
+            self.timestamps = not self.timestamps
+            self._show(render_line(notice("timestamps %s" % ("on" if self.timestamps else "off")),
+                                   color=self.color))
+            return b""
+        if word == "/reply":
+            if not arg.strip():
+                self._show(render_line(error("usage: /reply TEXT"), color=self.color))
+            elif self.last_private is None:
+                self._show(render_line(error("no private message to reply to"), color=self.color))
+            else:
+                return encode_line("/msg %s %s" % (self.last_private, arg.strip()))
+            return b""
+        return line
 
     def _quit(self):
         """Stdin ended or Ctrl-C: send /quit and wait for the server to close."""
@@ -1909,10 +2110,29 @@ class ChatClient:
 
     def _read_password(self):
         """Ask for the room password without echoing it (this thread owns the keyboard)."""
+        if termios is None:  # Windows: getpass reads the console itself
+            try:
+                return getpass.getpass(PASSWORD_PROMPT).encode(ENCODING, "replace")
+            except (EOFError, KeyboardInterrupt):
+                return b""
+        fd = self.stdin_fd
+        modes = termios.tcgetattr(fd)
+        quiet = modes[:3] + [modes[3] & ~termios.ECHO] + modes[4:]
+        # TCSADRAIN, not getpass's TCSAFLUSH: keys typed ahead are kept. And
+        # os.read, not sys.stdin: nothing is left in a buffer for later.
+        termios.tcsetattr(fd, termios.TCSADRAIN, quiet)
         try:
-            return getpass.getpass(PASSWORD_PROMPT).encode(ENCODING, "replace")
-        except (EOFError, KeyboardInterrupt):
-            return b""
+            self.terminal.write_now(PASSWORD_PROMPT)
+            typed = b""
+            while not typed.endswith(b"\n"):
+                chunk = os.read(fd, 1024)
+                if not chunk:
+                    break
+                typed += chunk
+        finally:
+            termios.tcsetattr(fd, termios.TCSADRAIN, modes)
+            self.terminal.write_now("\n")
+        return typed.rstrip(b"\r\n")
 
     def _typed_lines(self):
         """Yield typed lines as bytes, without their line ends."""
@@ -2597,6 +2817,14 @@ def build_parser():
                         help="the room's password, the file's first line (or the "
                              "environment variable %s; asked for if the room needs one)"
                              % PASSWORD_ENV)
+    client.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                        help="colour nicks and lines: auto = on a terminal, unless "
+                             "NO_COLOR is set (default auto)")
+    client.add_argument("--timestamps", action="store_true",
+                        help="show the local time (HH:MM) before each line; "
+                             "/timestamps toggles it")
+    client.add_argument("--no-bell", action="store_true",
+                        help="no bell on a private message or a line that names you")
     bench = commands.add_parser(
         "bench", help="measure a server: registrations, deliveries, latency",
         description="Start a chat.py server (or use --host/--port), run one workload, "
@@ -2760,7 +2988,9 @@ def run_client(args):
         sys.stderr.write("chat.py: %s\n" % exc)
         return 1
     return ChatClient(args.host, args.port, args.name, tls_context=tls_context,
-                      fingerprint=args.fingerprint, password=password).run()
+                      fingerprint=args.fingerprint, password=password,
+                      color=use_color(args.color, sys.stdout), timestamps=args.timestamps,
+                      bell=not args.no_bell).run()
 
 
 def main(argv=None):

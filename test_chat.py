@@ -362,6 +362,74 @@ class ParseLineTest(unittest.TestCase):
         self.assertEqual(chat.encode_line("é"), "é\n".encode("utf-8"))
 
 
+class ClientDisplayTest(unittest.TestCase):
+    """What the client makes of a line: colours, bell, nicks, completion."""
+
+    class FakeOut:
+        def __init__(self, tty):
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+    def test_colour_rules(self):
+        tty, pipe = self.FakeOut(True), self.FakeOut(False)
+        self.assertTrue(chat.use_color("auto", tty, {"TERM": "xterm"}))
+        self.assertFalse(chat.use_color("auto", tty, {"TERM": "xterm", "NO_COLOR": "1"}))
+        self.assertTrue(chat.use_color("auto", tty, {"TERM": "xterm", "NO_COLOR": ""}))
+        self.assertFalse(chat.use_color("auto", pipe, {"TERM": "xterm"}))
+        self.assertTrue(chat.use_color("always", pipe, {"NO_COLOR": "1"}))
+        self.assertFalse(chat.use_color("never", tty, {}))
+
+    def test_rendering(self):
+        render = chat.render_line
+        self.assertEqual(render("<bob> hi", "al", color=False), "<bob> hi")
+        coloured = render("<bob> hi", "al", color=True)
+        self.assertEqual(coloured, "<\x1b[%dmbob\x1b[0m> hi" % chat.nick_color("bob"))
+        self.assertEqual(chat.nick_color("Bob"), chat.nick_color("bob"))  # stable, by key
+        self.assertIn("\x1b[1m", render("<al> me", "al", color=True))   # your own nick
+        self.assertIn("\x1b[1;7mhey AL!", render("<bob> hey AL!", "al", color=True))
+        self.assertEqual(render("*** x", "al", color=True), "\x1b[2m*** x\x1b[0m")
+        self.assertEqual(render("!!! x", "al", color=True), "\x1b[31m!!! x\x1b[0m")
+        self.assertEqual(render("*bob* psst", "al", color=True), "\x1b[1;35m*bob* psst\x1b[0m")
+        self.assertEqual(render("-> *bob* psst", "al", color=True),
+                         "\x1b[1;35m-> *bob* psst\x1b[0m")
+
+    def test_bell_on_a_private_message_or_a_mention_by_someone_else(self):
+        self.assertTrue(chat.wants_bell("*bob* psst", "al"))
+        self.assertTrue(chat.wants_bell("<bob> al: look", "al"))
+        self.assertTrue(chat.wants_bell("* bob pokes Al", "al"))
+        self.assertFalse(chat.wants_bell("<bob> alice is here", "al"))  # not the word
+        self.assertFalse(chat.wants_bell("<al> al says", "al"))        # yourself
+        self.assertFalse(chat.wants_bell("*** al joined (2 online)", "al"))
+
+    def test_nicks_follow_joins_leaves_renames_and_who(self):
+        nicks = {}
+        for line in ["*** 3 online: @alice, bob, Carol", "*** dave joined (4 online)",
+                     "*** bob left (quit)", "*** Carol is now known as Caz",
+                     "*** dave was kicked by alice (spam)", "<eve> hi"]:
+            chat.track_nicks(nicks, line)
+        self.assertEqual(sorted(nicks.values(), key=str.casefold), ["alice", "Caz", "eve"])
+
+    def test_completion_candidates(self):
+        nicks = {chat.nick_key(n): n for n in ["alice", "Alfred", "bob"]}
+        self.assertEqual(chat.completions("al", False, nicks), ["Alfred", "alice"])
+        self.assertEqual(chat.completions("AL", True, nicks), ["Alfred", "alice"])
+        self.assertEqual(chat.completions("/m", True, nicks), ["/me", "/msg", "/mute"])
+        self.assertEqual(chat.completions("/r", True, nicks), ["/reply"])
+        self.assertEqual(chat.completions("/m", False, nicks), [])
+
+    def test_a_line_is_split_into_kind_nick_and_text(self):
+        split = chat.split_server_line
+        self.assertEqual(split("<bob> <x> y"), ("message", "bob", "<x> y"))
+        self.assertEqual(split("* bob waves"), ("action", "bob", "waves"))
+        self.assertEqual(split("*bob* hi"), ("private", "bob", "hi"))
+        self.assertEqual(split("-> *bob* hi"), ("private_echo", "bob", "hi"))
+        self.assertEqual(split("*** x"), ("notice", None, "x"))
+        self.assertEqual(split("!!! x"), ("error", None, "x"))
+        self.assertEqual(split("<not a nick> x")[0], "other")
+
+
 # --- Server: registration ---------------------------------------------------------
 
 class RegistrationTest(ServerTestCase):
@@ -999,6 +1067,43 @@ class ClientTest(ServerTestCase):
         self.assertNotIn("\x1b", out)
         self.assertNotIn("\r", out)
 
+    def test_reply_answers_the_last_private_message(self):
+        watcher = self.join("watcher")
+        proc = subprocess.Popen([sys.executable, CHAT_PY, "client", "--name", "bot",
+                                 "--port", str(self.port)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(proc.stderr.close)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        proc.stdin.write(b"/reply too early\n")
+        proc.stdin.flush()
+        line = proc.stdout.readline()
+        while not line.startswith(b"!!! no private message"):
+            self.assertTrue(line)
+            line = proc.stdout.readline()
+        watcher.wait_for("*** bot joined (2 online)")
+        watcher.send_line("/msg bot ping me back")
+        while line != b"*watcher* ping me back\n":
+            self.assertTrue(line)
+            line = proc.stdout.readline()
+        proc.stdin.write(b"/reply pong\n/timestamps\nstamped\n")
+        proc.stdin.close()
+        watcher.wait_for("*bot* pong")
+        watcher.wait_for("<bot> stamped")
+        out = proc.stdout.read().decode()
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        self.assertIn("-> *watcher* pong", out)
+        self.assertRegex(out, r"\n\d\d:\d\d <bot> stamped\n")
+
+    def test_colour_always_and_never(self):
+        code, out, err = run_chat("client", "--name", "bot", "--port", str(self.port),
+                                  "--color", "always", stdin=b"hi\n")
+        self.assertIn("<\x1b[1m\x1b[%dmbot\x1b[0m\x1b[0m> hi" % chat.nick_color("bot"), out)
+        code, out, err = run_chat("client", "--name", "bot", "--port", str(self.port),
+                                  "--color", "never", stdin=b"hi\n")
+        self.assertNotIn("\x1b", out)
+
     def test_sigint_leaves_cleanly(self):
         watcher = self.join("watcher")
         proc = subprocess.Popen([sys.executable, CHAT_PY, "client", "--name", "bot",
@@ -1060,19 +1165,19 @@ class TlsTest(ServerTestCase):
             bob.expect("<alice> " + line)
 
     def test_a_slow_tls_reader_is_evicted_and_the_others_get_everything(self):
-        self.start_server(tls=True, rate=0, max_sendq=65536)
+        self.start_server(tls=True, rate=0)
         alice, bob = self.join_all("alice", "bob")
         slow = self.join("slow", rcvbuf=4096)
         bob.wait_for("*** slow joined (3 online)")
         alice.wait_for("*** slow joined (3 online)")
-        lines = 12000  # 1.3 MB
+        lines = 24000  # 2.6 MB: past the slow one's sendq and kernel buffers
         got = {}
 
         def read(peer):
             try:
                 got[peer] = peer.wait_for("<alice> %d %s" % (lines - 1, "w" * 100))
             except AssertionError as exc:
-                got[peer] = exc
+                got[peer] = str(exc)[:300]
         readers = [threading.Thread(target=read, args=(peer,)) for peer in (alice, bob)]
         for reader in readers:
             reader.start()
@@ -1084,6 +1189,7 @@ class TlsTest(ServerTestCase):
             self.assertIn("*** slow left (too slow)", got[peer])
             messages = [line for line in got[peer] if line.startswith("<")]
             self.assertEqual(len(messages), lines - 1)
+        slow.expect_closed()
 
     def test_fingerprint_match_and_mismatch(self):
         code, out, err = run_chat("client", "--name", "pin", "--port", str(self.port),
@@ -1295,6 +1401,7 @@ class TerminalCase(ServerTestCase):
     bob is in the room already."""
 
     server_options = {}
+    client_args = ["--color", "never"]
 
     def setUp(self):
         if not hasattr(os, "openpty"):
@@ -1305,18 +1412,20 @@ class TerminalCase(ServerTestCase):
         env = dict(os.environ, TERM="xterm", COLUMNS="40", LINES="24")
         env.pop("NO_COLOR", None)
         self.proc = subprocess.Popen(
-            [sys.executable, CHAT_PY, "client", "--port", str(self.port)],
+            [sys.executable, CHAT_PY, "client", "--port", str(self.port)] + self.client_args,
             stdin=slave, stdout=slave, stderr=slave, env=env)
         os.close(slave)
         self.master = master
         self.addCleanup(os.close, master)
         self.addCleanup(lambda: self.proc.poll() is None and self.proc.kill() or self.proc.wait())
-        self.screen = b""
+        self.screen = b""   # everything the client wrote
+        self.matched = 0    # where the last read_until match ended
 
     def read_until(self, expected, timeout=TIMEOUT):
-        """Read the terminal's output until expected appears; return what came."""
+        """Read the terminal's output until expected appears after the previous
+        match; return the output from there to the end of this match."""
         deadline = time.monotonic() + timeout
-        start = len(self.screen)
+        start = self.matched
         selector = selectors.DefaultSelector()
         selector.register(self.master, selectors.EVENT_READ)
         with selector:
@@ -1328,7 +1437,8 @@ class TerminalCase(ServerTestCase):
                         self.screen += os.read(self.master, 4096)
                     except OSError:  # the client has exited
                         break
-        return self.screen[start:]
+        self.matched = self.screen.index(expected, start) + len(expected)
+        return self.screen[start:self.matched]
 
     def type(self, keys):
         os.write(self.master, keys)
@@ -1375,8 +1485,15 @@ class TerminalClientTest(TerminalCase):
         self.read_until(long_input[-10:])
         self.bob.send_line("wrap")
         self.read_until(b"\r\x1b[1A\x1b[J<bob> wrap\r\n> " + long_input)
+        self.type(b"\r")
+        self.bob.expect("<bob> wrap", "<al> " + "x" * 50)
+        self.bob.send_line("/msg al psst")  # a private message rings the bell
+        self.read_until(b"*bob* psst\a")
+        self.wait_until_reading()
+        self.type(b"hi b\t")  # Tab completes the nick
+        self.read_until(b"hi bob")
         self.type(b"\r\x04")  # Enter, then Ctrl-D: leave
-        self.bob.expect("<bob> wrap", "<al> " + "x" * 50, "*** al left (quit)")
+        self.bob.expect("-> *al* psst", "<al> hi bob", "*** al left (quit)")
         self.assertEqual(self.proc.wait(TIMEOUT), 0)
 
     def test_ctrl_c_leaves_and_gives_the_terminal_back(self):
@@ -1393,6 +1510,23 @@ class TerminalClientTest(TerminalCase):
         self.assertTrue(self.read_until(b"\x1b[J").endswith(b"\r\x1b[J"))
         modes = termios.tcgetattr(self.master)[3]
         self.assertTrue(modes & termios.ECHO and modes & termios.ICANON, "modes not restored")
+
+
+class TerminalOptionsTest(TerminalCase):
+    """--no-bell, --timestamps and colours on a terminal."""
+
+    client_args = ["--name", "al", "--no-bell", "--timestamps", "--color", "always"]
+
+    def test_no_bell_timestamps_and_colours(self):
+        self.read_until(b"*** al joined (2 online)")
+        self.bob.wait_for("*** al joined (2 online)")
+        self.bob.send_line("/msg al psst")
+        shown = self.read_until(b"*bob* psst")
+        self.bob.send_line("al: are you there?")
+        shown += self.read_until(b"are you there?")
+        self.assertNotIn(b"\a", shown)
+        self.assertRegex(shown, rb"\x1b\[2m\d\d:\d\d\x1b\[0m \x1b\[1;35m\*bob\* psst")
+        self.assertIn(b"\x1b[1;7mal: are you there?", shown)
 
 
 class TerminalPasswordTest(TerminalCase):
