@@ -22,6 +22,7 @@ import heapq
 import hmac
 import json
 import os
+import random
 import re
 import selectors
 import shutil
@@ -107,6 +108,10 @@ OP_PASSWORD_ENV = "CHAT_OP_PASSWORD"
 CLIENT_CONNECT_TIMEOUT_S = 10.0
 CLIENT_QUIT_WAIT_S = 10.0     # after /quit, wait this long for silence to end
 CLIENT_MAX_OUTBUF = 65536     # stop taking typed lines while this much is unsent
+RECONNECT_FIRST_S = 1.0       # --reconnect: the first pause, doubled each time...
+RECONNECT_MAX_S = 30.0        # ...up to this
+RECONNECT_JITTER = 0.2        # each pause varies by this much either way, so that
+                              # the clients of a restarted server don't all return at once
 
 
 # --- Protocol -----------------------------------------------------------------
@@ -1696,7 +1701,7 @@ class ChatClient:
     def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT, nick=None,
                  stdin_fd=0, out=None, interactive=None, tls_context=None,
                  fingerprint=None, password=None, color=False, timestamps=False,
-                 bell=True):
+                 bell=True, reconnect=False):
         self.host = host
         self.port = port
         self.nick = nick
@@ -1710,6 +1715,13 @@ class ChatClient:
         self.bell = bell                   # \a on a private message or a mention (terminal only)
         self.nicks = {}                    # who is in the room, for Tab: key -> nick
         self.last_private = None           # who sent the last private message (/reply)
+        self.reconnect = reconnect         # come back after a lost connection
+        self.was_in = False                # registered at least once: reconnecting makes sense
+        self.reconnecting = False          # connected again, not registered again yet
+        self.reconnect_at = None           # when the next attempt is due
+        self.backoff = RECONNECT_FIRST_S
+        self.unsent = bytearray()          # typed while disconnected: sent once back
+        self.connecting = False            # in a blocking connect: Ctrl-C interrupts it
         self.stdin_fd = stdin_fd
         out = out or sys.stdout
         if interactive is None:
@@ -1777,16 +1789,10 @@ class ChatClient:
             self._close()
 
     def _connect_and_chat(self):
-        try:
-            self.sock = socket.create_connection((self.host, self.port),
-                                                 timeout=CLIENT_CONNECT_TIMEOUT_S)
-        except OSError as exc:
-            sys.stderr.write("chat.py: cannot connect to %s: %s\n"
-                             % (format_address((self.host, self.port)), describe_error(exc)))
+        problem = self._connect()
+        if problem:
+            sys.stderr.write("chat.py: %s\n" % problem)
             return 1
-        if self.tls and not self._start_tls():
-            return 1
-        self.sock.setblocking(False)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.sock, selectors.EVENT_READ, self._on_server)
         self.typed_r, self.typed_w = socket.socketpair()
@@ -1815,27 +1821,36 @@ class ChatClient:
             self._run_pass()
         return self.result
 
-    def _start_tls(self):
-        """Handshake (still blocking, with the connect timeout) and check the
-        server's certificate; say why in one line and return False if not."""
+    def _connect(self):
+        """Open the connection, TLS and all (blocking, with a timeout that
+        Ctrl-C cuts short); return why it failed, in one line, or None."""
         where = format_address((self.host, self.port))
+        self.connecting = True
         try:
-            self.sock = self.tls_context.wrap_socket(self.sock, server_hostname=self.host)
+            sock = socket.create_connection((self.host, self.port),
+                                            timeout=CLIENT_CONNECT_TIMEOUT_S)
+            if self.tls:
+                sock = self.tls_context.wrap_socket(sock, server_hostname=self.host)
         except ssl.SSLCertVerificationError as exc:
-            sys.stderr.write("chat.py: cannot verify the server at %s: %s\n"
-                             % (where, exc.verify_message or exc.reason))
-            return False
-        except (ssl.SSLError, OSError) as exc:
-            sys.stderr.write("chat.py: TLS with %s failed: %s\n"
-                             % (where, getattr(exc, "reason", None) or describe_error(exc)))
-            return False
+            return "cannot verify the server at %s: %s" % (where, exc.verify_message or exc.reason)
+        except ssl.SSLError as exc:
+            return "TLS with %s failed: %s" % (where, exc.reason or describe_error(exc))
+        except OSError as exc:
+            return "cannot connect to %s: %s" % (where, describe_error(exc))
+        finally:
+            self.connecting = False
         if self.fingerprint is not None:
-            seen = certificate_fingerprint(self.sock.getpeercert(binary_form=True))
+            seen = certificate_fingerprint(sock.getpeercert(binary_form=True))
             if not hmac.compare_digest(seen, self.fingerprint):
-                sys.stderr.write("chat.py: the server at %s shows the certificate %s, "
-                                 "not the pinned %s\n" % (where, seen, self.fingerprint))
-                return False
-        return True
+                sock.close()
+                return ("the server at %s shows the certificate %s, not the pinned %s"
+                        % (where, seen, self.fingerprint))
+        sock.setblocking(False)
+        self.sock = sock
+        self.reader = LineReader(CLIENT_MAX_LINE)
+        self.outbuf = bytearray()
+        self.heard_server = False
+        return None
 
     def _catch_interrupts(self):
         """Handle Ctrl-C in the loop, not as an exception wherever it lands."""
@@ -1845,7 +1860,7 @@ class ChatClient:
 
     def _interrupted(self, signum, frame):
         self.interrupts += 1
-        if self.selector is None:
+        if self.selector is None or self.connecting:
             raise KeyboardInterrupt  # still connecting: give up on it
         if self.wake_w is not None:  # else the loop checks self.interrupts first
             try:
@@ -1859,7 +1874,7 @@ class ChatClient:
             self.wake_r.recv(4096)
         except OSError:
             pass
-        if self.interrupts > 1:
+        if self.interrupts > 1 or self.sock is None:  # twice, or nothing to leave
             self.result = 0
         else:
             self._quit()
@@ -1871,10 +1886,14 @@ class ChatClient:
             if timeout <= 0:
                 self.result = 0  # the server never closed: leave anyway
                 return
+        if self.reconnect_at is not None:
+            timeout = max(0.0, self.reconnect_at - time.monotonic())
         for key, mask in self.selector.select(timeout):
             key.data(mask)
             if self.result is not None:
                 return
+        if self.reconnect_at is not None and time.monotonic() >= self.reconnect_at:
+            self._try_reconnect()
 
     def _close(self):
         for sock in (self.sock, self.typed_r, self.wake_r, self.wake_w):
@@ -1934,6 +1953,9 @@ class ChatClient:
     def _server_closed(self):
         if self.quitting:
             self.result = 0
+        elif self.reconnect and self.was_in:
+            self._lose_connection()
+            self._schedule_reconnect("disconnected from server")
         elif not self.heard_server:
             self.terminal.show(notice("disconnected from server before it said anything"
                                       + ("" if self.tls else " (does it need --tls?)")))
@@ -1942,15 +1964,58 @@ class ChatClient:
             self.terminal.show(notice("disconnected from server"))
             self.result = 1
 
+    # -- --reconnect --
+
+    def _lose_connection(self):
+        """Forget the connection; typed lines wait until there is a new one."""
+        self.selector.unregister(self.sock)
+        self.sock.close()
+        self.sock = None
+        self.registered = False
+        self.may_read.clear()
+
+    def _schedule_reconnect(self, why):
+        delay = self.backoff * random.uniform(1 - RECONNECT_JITTER, 1 + RECONNECT_JITTER)
+        self.backoff = min(self.backoff * 2, RECONNECT_MAX_S)
+        self.reconnect_at = time.monotonic() + delay
+        self._show(render_line(notice("%s; reconnecting in %.0f s (Ctrl-C to stop)"
+                                      % (why, delay)), color=self.color))
+
+    def _try_reconnect(self):
+        self.reconnect_at = None
+        problem = self._connect()
+        if problem:
+            self._schedule_reconnect(problem)
+            return
+        self.selector.register(self.sock, selectors.EVENT_READ, self._on_server)
+        self.reconnecting = True
+        if self.password is not None:
+            self._send_password(self.password)
+        self._send_nick(self.nick)
+
+    def _back_in(self):
+        """Registered again after a reconnect: say so, send what waited."""
+        self.reconnecting = False
+        self.backoff = RECONNECT_FIRST_S
+        self._show(render_line(notice("reconnected"), color=self.color))
+        if self.unsent:
+            self._queue(bytes(self.unsent))
+            self.unsent.clear()
+
     def _handle_server_line(self, text):
         """Show a line; before registration, watch for the answer to our nick."""
         self._show_server_line(text)
         if self.registered or self.may_read.is_set():
             return
         if text.startswith(NOTICE) and " joined (" in text:
-            self.registered = True
+            self.registered = self.was_in = True
             self.nick = text[len(NOTICE):].split(" ", 1)[0]
+            if self.reconnecting:
+                self._back_in()
             self.may_read.set()
+        elif self.reconnecting and text.startswith(ERROR):
+            self._lose_connection()  # the old session may linger on the server: later
+            self._schedule_reconnect("could not register again")
         elif text == error(PASSWORD_REQUIRED) and self.interactive and self.password is None:
             self.asking_password = True  # then the nickname goes again
             self.may_read.set()
@@ -1993,6 +2058,8 @@ class ChatClient:
     def _watch(self):
         """Watch the server for writing only while output waits; stop taking
         typed lines while much is unsent (the stdin thread then waits)."""
+        if self.sock is None:
+            return
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.outbuf else 0)
         self.selector.modify(self.sock, events, self._on_server)
         if not self.quitting:
@@ -2011,7 +2078,8 @@ class ChatClient:
 
     def _queue(self, data):
         self.outbuf += data
-        self._flush()
+        if self.sock is not None:
+            self._flush()
 
     # -- the keyboard's side --
 
@@ -2022,6 +2090,9 @@ class ChatClient:
             return
         if not data:
             self._quit()
+            return
+        if self.sock is None or self.reconnecting:
+            self.unsent += data  # sent once we are back
             return
         if self.asking_password:
             self.asking_password = False
@@ -2063,6 +2134,9 @@ class ChatClient:
 
     def _quit(self):
         """Stdin ended or Ctrl-C: send /quit and wait for the server to close."""
+        if self.sock is None:  # disconnected, waiting to reconnect: just leave
+            self.result = 0
+            return
         if self.quit_deadline is not None:
             return
         self.quitting = True
@@ -2825,6 +2899,9 @@ def build_parser():
                              "/timestamps toggles it")
     client.add_argument("--no-bell", action="store_true",
                         help="no bell on a private message or a line that names you")
+    client.add_argument("--reconnect", action="store_true",
+                        help="when the connection drops, connect again (pauses from 1 s "
+                             "doubling to 30 s) and register the same nick; Ctrl-C stops it")
     bench = commands.add_parser(
         "bench", help="measure a server: registrations, deliveries, latency",
         description="Start a chat.py server (or use --host/--port), run one workload, "
@@ -2990,7 +3067,7 @@ def run_client(args):
     return ChatClient(args.host, args.port, args.name, tls_context=tls_context,
                       fingerprint=args.fingerprint, password=password,
                       color=use_color(args.color, sys.stdout), timestamps=args.timestamps,
-                      bell=not args.no_bell).run()
+                      bell=not args.no_bell, reconnect=args.reconnect).run()
 
 
 def main(argv=None):

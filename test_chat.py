@@ -1104,6 +1104,61 @@ class ClientTest(ServerTestCase):
                                   "--color", "never", stdin=b"hi\n")
         self.assertNotIn("\x1b", out)
 
+    def test_reconnect_after_the_server_restarts_on_the_same_port(self):
+        port = self.port
+        watcher = self.join("watcher")
+        proc = subprocess.Popen([sys.executable, CHAT_PY, "client", "--name", "bot",
+                                 "--port", str(port), "--reconnect"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(proc.stderr.close)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        watcher.wait_for("*** bot joined (2 online)")
+        self.server.shutdown()
+        line = proc.stdout.readline()
+        while b"reconnecting in" not in line:
+            self.assertTrue(line, "the client gave up")
+            line = proc.stdout.readline()
+        self.assertIn(b"disconnected from server", line)
+        server = chat.ChatServer("127.0.0.1", port, chat.Limits(), log=None)
+        server.start()  # the same port, as a restarted server would be
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 5)
+        self.addCleanup(server.shutdown)
+        self.port = port
+        while line != b"*** reconnected\n":
+            self.assertTrue(line, "the client gave up")
+            line = proc.stdout.readline()
+        again = self.connect()
+        again.send_line("watcher")
+        again.wait_for("*** watcher joined (2 online)")
+        proc.stdin.write(b"back again\n")
+        proc.stdin.close()
+        again.expect("<bot> back again", "*** bot left (quit)")
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+
+    def test_ctrl_c_stops_reconnecting(self):
+        watcher = self.join("watcher")
+        proc = subprocess.Popen([sys.executable, CHAT_PY, "client", "--name", "bot",
+                                 "--port", str(self.port), "--reconnect"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(proc.stderr.close)
+        self.addCleanup(proc.stdin.close)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        watcher.wait_for("*** bot joined (2 online)")
+        self.server.shutdown()
+        line = proc.stdout.readline()
+        while b"reconnecting in" not in line:
+            self.assertTrue(line, "the client gave up")
+            line = proc.stdout.readline()
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        self.assertNotIn(b"Traceback", proc.stderr.read())
+
     def test_sigint_leaves_cleanly(self):
         watcher = self.join("watcher")
         proc = subprocess.Popen([sys.executable, CHAT_PY, "client", "--name", "bot",
