@@ -45,6 +45,10 @@ try:
     import termios   # Unix only: the client restores the terminal's modes.
 except ImportError:  # Windows
     termios = None
+try:
+    import ctypes    # to read readline's cursor position, which its module hides
+except ImportError:  # a Python built without it: the cursor is taken to be at the end
+    ctypes = None
 
 
 # --- Settings -----------------------------------------------------------------
@@ -1631,14 +1635,29 @@ def display_width(text):
     return width
 
 
+def readline_cursor(readline_module):
+    """Return a function that gives readline's cursor (rl_point, a byte offset
+    into the line), or None where it can't be read."""
+    if readline_module is None or ctypes is None:
+        return None
+    try:
+        point = ctypes.c_int.in_dll(ctypes.CDLL(readline_module.__file__), "rl_point")
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+    return lambda: point.value
+
+
 class Terminal:
     """Where the client's lines go. On a terminal, a line that arrives while
-    the user types is printed above the input line, which is then redrawn."""
+    the user types is printed above the input line, which is then redrawn as
+    it was, cursor included. Widths are display columns: a wide character
+    takes two, a combining mark none; the input may span several rows."""
 
     def __init__(self, out, interactive, readline_module=None):
         self.out = out
         self.interactive = interactive
         self.readline = readline_module
+        self.cursor = readline_cursor(readline_module)
         self.prompt = None            # None: no input line is on the screen
         self.lock = threading.Lock()  # show() runs in the loop, input in its thread
 
@@ -1646,9 +1665,9 @@ class Terminal:
         """Print one line without tearing what the user is typing."""
         with self.lock:
             if self.interactive and self.prompt is not None:
-                typed = self.readline.get_line_buffer() if self.readline else ""
-                self._write(self._erase(self.prompt + typed) + text + "\n"
-                            + self.prompt + typed)
+                typed, point = self._input()
+                self._write(self._erase(typed, point) + text + "\n"
+                            + self._redraw(typed, point))
             else:
                 self._write(text + "\n")
 
@@ -1656,8 +1675,7 @@ class Terminal:
         """Erase the input line, leaving the shell a clean one."""
         with self.lock:
             if self.interactive and self.prompt is not None:
-                typed = self.readline.get_line_buffer() if self.readline else ""
-                self._write(self._erase(self.prompt + typed))
+                self._write(self._erase(*self._input()))
             self.prompt = None
 
     def read_line(self, prompt):
@@ -1673,14 +1691,38 @@ class Terminal:
         finally:
             self.prompt = None
 
-    def _erase(self, shown):
-        """Escape codes that move to the start of the input and clear it.
+    def _input(self):
+        """Return (what is typed, the cursor's index in it)."""
+        typed = self.readline.get_line_buffer() if self.readline else ""
+        if self.cursor is None:
+            return typed, len(typed)
+        before = typed.encode(ENCODING, "replace")[:self.cursor()]
+        return typed, len(before.decode(ENCODING, "ignore"))
 
-        It may span several rows; the cursor is taken to be at its end.
-        """
-        columns = shutil.get_terminal_size().columns or 80
-        rows = max(0, display_width(shown) - 1) // columns
+    @staticmethod
+    def _columns():
+        return shutil.get_terminal_size().columns or 80
+
+    def _erase(self, typed, point):
+        """Escape codes that move to the start of the input and clear to the
+        end of the screen. Like readline, a cursor that reached the right
+        margin is on the next row."""
+        rows = display_width(self.prompt + typed[:point]) // self._columns()
         return "\r" + ("\x1b[%dA" % rows if rows else "") + "\x1b[J"
+
+    def _redraw(self, typed, point):
+        """The prompt and input again, then the cursor back where it was."""
+        columns = self._columns()
+        end = display_width(self.prompt + typed)
+        here = display_width(self.prompt + typed[:point])
+        out = self.prompt + typed
+        if end and end % columns == 0:
+            out += " \r"  # readline's way past the right margin: onto the next row
+        if here != end:
+            rows = end // columns - here // columns
+            out += ("\x1b[%dA" % rows if rows else "") + "\r"
+            out += "\x1b[%dC" % (here % columns) if here % columns else ""
+        return out
 
     def write_now(self, text):
         """Write text as it is (a prompt of our own), under the display's lock."""

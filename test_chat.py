@@ -1464,6 +1464,8 @@ class TerminalCase(ServerTestCase):
         self.start_server(**self.server_options)
         self.bob = self.join_with_password("bob")
         master, slave = os.openpty()
+        import fcntl, struct, termios  # Unix only, like the pseudo-terminal itself
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 40, 0, 0))
         env = dict(os.environ, TERM="xterm", COLUMNS="40", LINES="24")
         env.pop("NO_COLOR", None)
         self.proc = subprocess.Popen(
@@ -1550,6 +1552,42 @@ class TerminalClientTest(TerminalCase):
         self.type(b"\r\x04")  # Enter, then Ctrl-D: leave
         self.bob.expect("-> *al* psst", "<al> hi bob", "*** al left (quit)")
         self.assertEqual(self.proc.wait(TIMEOUT), 0)
+
+    def test_wide_characters_and_a_cursor_moved_back_survive_a_message(self):
+        self.read_until(b"nickname: ")
+        self.wait_until_reading()
+        self.type(b"al\r")
+        self.read_until(b"*** al joined (2 online)\r\n> ")
+        self.bob.wait_for("*** al joined (2 online)")
+        self.wait_until_reading()
+        typed = "日本語テキスト👍e\u0301"  # wide characters, an emoji, e + combining acute
+        self.type(typed.encode("utf-8") + b"\x1b[D" * 3)  # back over é, 👍 and ト
+        self.read_until(b"\x08" * 5)  # readline's echo: 1 + 2 + 2 columns back
+        self.bob.send_line("hi")
+        # Erase from the start of the input, print, redraw, and put the cursor
+        # back after the prompt (2 columns) and six wide characters (12).
+        self.read_until("\r\x1b[J<bob> hi\r\n> {}\r\x1b[14C".format(typed).encode("utf-8"))
+        self.type(b"X\r")  # readline still knows where its cursor is
+        self.bob.expect("<bob> hi", "<al> 日本語テキスXト👍e\u0301")
+        long_line = "漢" * 25  # 52 columns with the prompt: the second row of 40
+        self.wait_until_reading()
+        self.type(long_line.encode("utf-8"))
+        self.read_until(long_line[-3:].encode("utf-8"))
+        self.bob.send_line("wrapped")
+        self.read_until(("\r\x1b[1A\x1b[J<bob> wrapped\r\n> " + long_line).encode("utf-8"))
+        self.type(b"\r")
+        self.bob.expect("<bob> wrapped", "<al> " + long_line)
+
+    def test_a_paste_of_many_lines_goes_out_in_order(self):
+        self.read_until(b"nickname: ")
+        self.wait_until_reading()
+        self.type(b"al\r")
+        self.bob.wait_for("*** al joined (2 online)")
+        self.wait_until_reading()
+        lines = ["pasted line %d" % i for i in range(25)]
+        self.type("".join(line + "\r" for line in lines).encode())
+        for line in lines:
+            self.bob.wait_for("<al> " + line)
 
     def test_ctrl_c_leaves_and_gives_the_terminal_back(self):
         import termios
