@@ -1457,6 +1457,7 @@ class TerminalCase(ServerTestCase):
 
     server_options = {}
     client_args = ["--color", "never"]
+    command = [sys.executable, CHAT_PY]
 
     def setUp(self):
         if not hasattr(os, "openpty"):
@@ -1469,7 +1470,7 @@ class TerminalCase(ServerTestCase):
         env = dict(os.environ, TERM="xterm", COLUMNS="40", LINES="24")
         env.pop("NO_COLOR", None)
         self.proc = subprocess.Popen(
-            [sys.executable, CHAT_PY, "client", "--port", str(self.port)] + self.client_args,
+            self.command + ["client", "--port", str(self.port)] + self.client_args,
             stdin=slave, stdout=slave, stderr=slave, env=env)
         os.close(slave)
         self.master = master
@@ -1620,6 +1621,26 @@ class TerminalOptionsTest(TerminalCase):
         self.assertNotIn(b"\a", shown)
         self.assertRegex(shown, rb"\x1b\[2m\d\d:\d\d\x1b\[0m \x1b\[1;35m\*bob\* psst")
         self.assertIn(b"\x1b[1;7mal: are you there?", shown)
+
+
+class TerminalWithoutReadlineTest(TerminalCase):
+    """Where Python has no readline (Windows): plain input() still chats."""
+
+    command = [sys.executable, "-c",
+               "import sys; sys.modules['readline'] = None; sys.path.insert(0, %r); "
+               "import chat; sys.exit(chat.main(sys.argv[1:]))" % HERE]
+
+    def test_plain_input_still_chats(self):
+        self.read_until(b"nickname: ")
+        self.type(b"al\r")
+        self.read_until(b"*** al joined (2 online)")
+        self.bob.wait_for("*** al joined (2 online)")
+        self.read_until(b"> ")
+        self.bob.send_line("hello")
+        self.read_until(b"<bob> hello\r\n> ")  # above a fresh prompt
+        self.type(b"hi\r\x04")
+        self.bob.expect("<bob> hello", "<al> hi", "*** al left (quit)")
+        self.assertEqual(self.proc.wait(TIMEOUT), 0)
 
 
 class TerminalPasswordTest(TerminalCase):
