@@ -2207,14 +2207,16 @@ class ChatClient:
                     self.may_read.clear()
                     self.typed_w.sendall(self._read_password() + b"\n")
                     continue
-                asking_nick = not self.registered
                 line = next(lines, None)
                 if line is None:
                     break
+                # Judged now, not before the (blocking) read: the connection
+                # may have been lost and found again meanwhile.
+                asking_nick = not self.registered
                 if asking_nick and not self._clean_nick(line.decode(ENCODING, "replace")):
                     continue  # a blank nickname: ask again
                 if asking_nick:
-                    self.may_read.clear()
+                    self.may_read.clear()  # wait for the answer to this nickname
                 self.typed_w.sendall(line + b"\n")
         except OSError:
             pass  # the loop has finished and closed its end
