@@ -1501,6 +1501,14 @@ class TerminalCase(ServerTestCase):
     def type(self, keys):
         os.write(self.master, keys)
 
+    def drain_screen(self):
+        """Whatever the client wrote lately, for a failure message."""
+        try:
+            self.read_until(b"\0 never written \0", timeout=1)
+        except AssertionError:
+            pass
+        return self.screen[-2000:]
+
     def wait_until_reading(self):
         """Wait until readline reads the keyboard (echo off): keys typed before
         are echoed by the terminal itself, and readline shows them only later."""
@@ -1587,8 +1595,11 @@ class TerminalClientTest(TerminalCase):
         self.wait_until_reading()
         lines = ["pasted line %d" % i for i in range(25)]
         self.type("".join(line + "\r" for line in lines).encode())
-        for line in lines:
-            self.bob.wait_for("<al> " + line)
+        try:
+            for line in lines:
+                self.bob.wait_for("<al> " + line)
+        except AssertionError as exc:
+            raise AssertionError("%s; the terminal shows: %r" % (exc, self.drain_screen()))
 
     def test_ctrl_c_leaves_and_gives_the_terminal_back(self):
         import termios
