@@ -3078,15 +3078,17 @@ def run_server(args):
         log_to_stderr("the room needs a password")
     if op_password is not None:
         log_to_stderr("operators: /op with the operator password")
+    if threading.current_thread() is threading.main_thread():
+        # Before start(): a signal that comes once "listening on" is logged
+        # must already mean a clean shutdown.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: server.shutdown())
     try:
         server.start()
     except OSError as exc:  # socket.gaierror is one too: a bad host
         sys.stderr.write("chat.py: cannot listen on %s: %s\n"
                          % (format_address((args.host, args.port)), describe_error(exc)))
         return 2
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda *_: server.shutdown())
     server.serve_forever()
     return 0
 
