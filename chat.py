@@ -1635,16 +1635,34 @@ def display_width(text):
     return width
 
 
-def readline_cursor(readline_module):
-    """Return a function that gives readline's cursor (rl_point, a byte offset
-    into the line), or None where it can't be read."""
+READLINE_MAX_BYTES = 1 << 20   # more than any line typed; bounds a torn read
+
+
+def readline_input(readline_module):
+    """Return a function giving (the typed line as bytes, the cursor's byte
+    offset in it), read from readline's variables; None where they can't be.
+
+    The readline module has get_line_buffer(), but it decodes rl_line_buffer
+    in C while the stdin thread's readline may be changing it without the
+    GIL, and glibc aborts the process when the string is torn mid-decode
+    (seen under a paste). Copying rl_end bytes and decoding them here can
+    at worst show a torn line for an instant. rl_point is not exposed at all.
+    """
     if readline_module is None or ctypes is None:
         return None
     try:
-        point = ctypes.c_int.in_dll(ctypes.CDLL(readline_module.__file__), "rl_point")
+        library = ctypes.CDLL(readline_module.__file__)
+        buffer = ctypes.c_void_p.in_dll(library, "rl_line_buffer")
+        end = ctypes.c_int.in_dll(library, "rl_end")
+        point = ctypes.c_int.in_dll(library, "rl_point")
     except (OSError, ValueError, AttributeError, TypeError):
         return None
-    return lambda: point.value
+
+    def state():
+        address, size = buffer.value, min(max(end.value, 0), READLINE_MAX_BYTES)
+        typed = ctypes.string_at(address, size) if address and size else b""
+        return typed, min(max(point.value, 0), len(typed))
+    return state
 
 
 class Terminal:
@@ -1657,7 +1675,7 @@ class Terminal:
         self.out = out
         self.interactive = interactive
         self.readline = readline_module
-        self.cursor = readline_cursor(readline_module)
+        self.read_input = readline_input(readline_module)
         self.prompt = None            # None: no input line is on the screen
         self.lock = threading.Lock()  # show() runs in the loop, input in its thread
 
@@ -1693,11 +1711,12 @@ class Terminal:
 
     def _input(self):
         """Return (what is typed, the cursor's index in it)."""
+        if self.read_input is not None:
+            typed, point = self.read_input()
+            return (typed.decode(ENCODING, "replace"),
+                    len(typed[:point].decode(ENCODING, "ignore")))
         typed = self.readline.get_line_buffer() if self.readline else ""
-        if self.cursor is None:
-            return typed, len(typed)
-        before = typed.encode(ENCODING, "replace")[:self.cursor()]
-        return typed, len(before.decode(ENCODING, "ignore"))
+        return typed, len(typed)
 
     @staticmethod
     def _columns():

@@ -1502,6 +1502,9 @@ class TerminalCase(ServerTestCase):
                         self.screen += os.read(self.master, 4096)
                     except OSError:  # the client has exited
                         break
+        if expected not in self.screen[start:]:
+            raise AssertionError("the client exited; %r not in %r"
+                                 % (expected, self.screen[start:]))
         self.matched = self.screen.index(expected, start) + len(expected)
         return self.screen[start:self.matched]
 
