@@ -12,6 +12,9 @@ a message to everyone, or a command: /me, /msg, /nick, /who, /help, /ping,
 /quit. The server sends `<NICK> ` messages, `* NICK ` actions, `*NICK* `
 private messages, `-> *NICK* ` echoes of your own, `*** ` notices and `!!! `
 errors. Every broadcast reaches everyone in one and the same order.
+
+A room can speak TLS (--tls-cert/--tls-key), need a password (/pass before the
+nickname) and have operators (/op, then /kick, /ban, /mute and the rest).
 """
 
 import argparse
