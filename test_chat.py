@@ -992,6 +992,16 @@ class ServerProcessTest(unittest.TestCase):
 
 class ClientTest(ServerTestCase):
 
+    def start_client(self, *args):
+        """The client as a subprocess with piped stdin, stdout and stderr."""
+        proc = subprocess.Popen([sys.executable, CHAT_PY, "client"] + list(args),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            self.addCleanup(stream.close)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill() or proc.wait())
+        return proc
+
     def setUp(self):
         self.start_server()
 
@@ -1030,15 +1040,8 @@ class ClientTest(ServerTestCase):
         self.assertIn("cannot connect to 127.0.0.1:%d" % port, err)
 
     def test_server_going_away_prints_disconnected_and_exits_1(self):
-        proc = subprocess.Popen([sys.executable, CHAT_PY, "client", "--name", "bot",
-                                 "--port", str(self.port)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
+        proc = self.start_client("--name", "bot", "--port", str(self.port))
         watcher = self.join("watcher")
-        self.addCleanup(proc.stdout.close)
-        self.addCleanup(proc.stderr.close)
-        self.addCleanup(proc.stdin.close)
-        self.addCleanup(lambda: proc.poll() is None and proc.kill())
         watcher.wait_for("*** bot joined (2 online)")
         self.server.shutdown()
         self.assertEqual(proc.wait(TIMEOUT), 1)  # stdin stays open: not a quit
@@ -1069,13 +1072,7 @@ class ClientTest(ServerTestCase):
 
     def test_reply_answers_the_last_private_message(self):
         watcher = self.join("watcher")
-        proc = subprocess.Popen([sys.executable, CHAT_PY, "client", "--name", "bot",
-                                 "--port", str(self.port)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
-        self.addCleanup(proc.stdout.close)
-        self.addCleanup(proc.stderr.close)
-        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        proc = self.start_client("--name", "bot", "--port", str(self.port))
         proc.stdin.write(b"/reply too early\n")
         proc.stdin.flush()
         line = proc.stdout.readline()
@@ -1107,13 +1104,7 @@ class ClientTest(ServerTestCase):
     def test_reconnect_after_the_server_restarts_on_the_same_port(self):
         port = self.port
         watcher = self.join("watcher")
-        proc = subprocess.Popen([sys.executable, CHAT_PY, "client", "--name", "bot",
-                                 "--port", str(port), "--reconnect"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
-        self.addCleanup(proc.stdout.close)
-        self.addCleanup(proc.stderr.close)
-        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        proc = self.start_client("--name", "bot", "--port", str(port), "--reconnect")
         watcher.wait_for("*** bot joined (2 online)")
         self.server.shutdown()
         line = proc.stdout.readline()
@@ -1141,14 +1132,7 @@ class ClientTest(ServerTestCase):
 
     def test_ctrl_c_stops_reconnecting(self):
         watcher = self.join("watcher")
-        proc = subprocess.Popen([sys.executable, CHAT_PY, "client", "--name", "bot",
-                                 "--port", str(self.port), "--reconnect"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
-        self.addCleanup(proc.stdout.close)
-        self.addCleanup(proc.stderr.close)
-        self.addCleanup(proc.stdin.close)
-        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        proc = self.start_client("--name", "bot", "--port", str(self.port), "--reconnect")
         watcher.wait_for("*** bot joined (2 online)")
         self.server.shutdown()
         line = proc.stdout.readline()
@@ -1161,14 +1145,7 @@ class ClientTest(ServerTestCase):
 
     def test_sigint_leaves_cleanly(self):
         watcher = self.join("watcher")
-        proc = subprocess.Popen([sys.executable, CHAT_PY, "client", "--name", "bot",
-                                 "--port", str(self.port)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
-        self.addCleanup(proc.stdout.close)
-        self.addCleanup(proc.stderr.close)
-        self.addCleanup(proc.stdin.close)
-        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        proc = self.start_client("--name", "bot", "--port", str(self.port))
         watcher.wait_for("*** bot joined (2 online)")
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=TIMEOUT)
