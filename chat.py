@@ -215,40 +215,48 @@ def error(text):
 IAC, SB, SE, WILL, DONT = 0xFF, 0xFA, 0xF0, 0xFB, 0xFE
 LF, CR = 0x0A, 0x0D
 TELNET_DATA, TELNET_IAC, TELNET_OPTION, TELNET_SUB, TELNET_SUB_IAC = range(5)
+# A subnegotiation ends at IAC SE or after this many bytes following its
+# IAC SB, so a stray IAC SB can't swallow the rest of a connection.
+TELNET_MAX_SUB_BYTES = 512
+TELNET_START = (TELNET_DATA, 0)   # (state, bytes of the subnegotiation so far)
 
 
-def strip_telnet(data, state=TELNET_DATA):
+def strip_telnet(data, state=TELNET_START):
     """Drop telnet commands from a chunk of the byte stream.
 
     Returns (data without commands, state to pass with the next chunk): a
     command may be split across reads, down to one byte per read.
     """
-    if state == TELNET_DATA and IAC not in data:
+    mode, sub_bytes = state
+    if mode == TELNET_DATA and IAC not in data:
         return data, state  # the common case: no telnet at all
     out = bytearray()
     for byte in data:
-        if state == TELNET_DATA:
+        if mode == TELNET_DATA:
             if byte == IAC:
-                state = TELNET_IAC
+                mode = TELNET_IAC
             else:
                 out.append(byte)
-        elif state == TELNET_IAC:
+        elif mode == TELNET_IAC:
             if WILL <= byte <= DONT:
-                state = TELNET_OPTION
+                mode = TELNET_OPTION
             elif byte == SB:
-                state = TELNET_SUB
+                mode, sub_bytes = TELNET_SUB, 0
             else:
                 if byte == LF:  # a lone IAC must not swallow the line end
                     out.append(byte)
-                state = TELNET_DATA
-        elif state == TELNET_OPTION:
-            state = TELNET_DATA
-        elif state == TELNET_SUB:
-            if byte == IAC:
-                state = TELNET_SUB_IAC
-        else:  # TELNET_SUB_IAC
-            state = TELNET_DATA if byte == SE else TELNET_SUB
-    return bytes(out), state
+                mode = TELNET_DATA
+        elif mode == TELNET_OPTION:
+            mode = TELNET_DATA
+        else:  # inside a subnegotiation: TELNET_SUB or TELNET_SUB_IAC
+            sub_bytes += 1
+            if mode == TELNET_SUB_IAC and byte == SE:
+                mode = TELNET_DATA
+            elif sub_bytes >= TELNET_MAX_SUB_BYTES:
+                mode = TELNET_DATA  # too long to be one: the rest is data
+            else:
+                mode = TELNET_SUB_IAC if byte == IAC and mode == TELNET_SUB else TELNET_SUB
+    return bytes(out), (mode, sub_bytes)
 
 
 TOO_LONG = object()  # what LineReader.pop_line() returns for a refused line
@@ -269,7 +277,7 @@ class LineReader:
         self.buf = bytearray()
         self.pos = 0              # buf[:pos] has been handed out already
         self.discarding = False   # inside an overlong line, waiting for its LF
-        self.telnet = TELNET_DATA
+        self.telnet = TELNET_START
 
     def feed(self, data):
         """Add bytes as they came from the socket."""
@@ -568,7 +576,7 @@ class Connection:
     __slots__ = ("sock", "addr", "ip", "name", "nick", "key", "reader", "outbuf",
                  "tokens", "refilled", "paused", "held", "counted", "closing", "closed",
                  "events", "drained_at", "tls", "handshake_wait", "authed", "op",
-                 "muted", "op_attempts")
+                 "muted", "op_attempts", "timers", "__weakref__")
 
     def __init__(self, sock, addr, limits, now):
         self.sock = sock
@@ -595,6 +603,7 @@ class Connection:
         self.closing = False               # flushing its last lines, then closed
         self.closed = False
         self.events = 0                    # what the selector watches for it
+        self.timers = []                   # its pending timers, cancelled when it closes
 
 
 class ChatServer:
@@ -630,18 +639,25 @@ class ChatServer:
         # A pass stops reading once this much broadcast is queued, so no one
         # is sent more in one pass than a client that reads can take.
         self.pass_budget = min(PASS_BROADCAST_BYTES, self.limits.max_sendq // 4)
-        self.timers = []                   # heap of (when, seq, function, conn)
+        self.timers = []                   # heap of [when, seq, function, conn]
         self.timer_seq = 0
+        self.cancelled_timers = 0          # entries in timers whose function is None
         self.spare_fd = None               # given up to accept-and-refuse at EMFILE
         self.wake_r = self.wake_w = None
         self.stopping = False
 
     # -- lifecycle --
 
+    def bind(self):
+        """Create the listening socket. Raises OSError (socket.gaierror: a bad host)."""
+        if self.listener is None:
+            self.listener = self._listen()
+            self.address = self.listener.getsockname()[:2]
+
     def start(self):
-        """Bind and listen; return the (host, port) bound. Raises OSError."""
-        self.listener = self._listen()
-        self.address = self.listener.getsockname()[:2]
+        """Bind (unless bind() did) and listen; return the (host, port) bound.
+        Raises OSError."""
+        self.bind()
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
         self.wake_r, self.wake_w = socket.socketpair()
@@ -801,18 +817,40 @@ class ChatServer:
     # -- timers --
 
     def _call_later(self, delay, function, conn=None):
-        """Call function(conn) after delay seconds; it checks whether still due."""
+        """Call function(conn) after delay seconds; it checks whether still due.
+
+        A connection's timers are cancelled when it closes, so that a closed
+        connection is not kept in memory until they fire.
+        """
         self.timer_seq += 1
-        heapq.heappush(self.timers, (time.monotonic() + delay, self.timer_seq,
-                                     function, conn))
+        timer = [time.monotonic() + delay, self.timer_seq, function, conn]
+        heapq.heappush(self.timers, timer)
+        if conn is not None:
+            conn.timers.append(timer)
+
+    def _cancel_timers(self, conn):
+        for timer in conn.timers:
+            timer[2] = timer[3] = None
+        self.cancelled_timers += len(conn.timers)
+        conn.timers.clear()
+        # Rebuild the heap once it is mostly cancelled entries: they are small,
+        # but a churn of connections would pile them up for a minute.
+        if self.cancelled_timers > 64 and self.cancelled_timers * 2 > len(self.timers):
+            self.timers = [timer for timer in self.timers if timer[2] is not None]
+            heapq.heapify(self.timers)
+            self.cancelled_timers = 0
 
     def _fire_timers(self):
         now = time.monotonic()
         while self.timers and self.timers[0][0] <= now:
-            _, _, function, conn = heapq.heappop(self.timers)
-            if conn is None:
+            timer = heapq.heappop(self.timers)
+            _, _, function, conn = timer
+            if function is None:
+                self.cancelled_timers -= 1
+            elif conn is None:
                 function()
-            elif not conn.closed:
+            else:
+                conn.timers.remove(timer)
                 function(conn)
 
     # -- accepting --
@@ -1172,6 +1210,8 @@ class ChatServer:
         if arg == conn.nick:
             self._send(conn, error("you are already %s" % arg))
             return
+        if not self._allowed_to_speak(conn):
+            return  # a rename is seen by everyone: muted means that too
         problem = self._nick_problem(arg, conn)
         if problem:
             self._send(conn, error(problem))
@@ -1255,7 +1295,9 @@ class ChatServer:
 
     def _cmd_ban(self, conn, arg):
         target, reason = self._operator_target(conn, "ban", arg)
-        if target is not None:
+        if target is conn:  # it would lock out the operator's own address
+            self._send(conn, error("you can't ban yourself"))
+        elif target is not None:
             self.bans[target.ip] = target.nick
             self._log("%s banned %s (%s)" % (conn.nick, target.nick, target.ip))
             self._remove(target, format_line("banned", nick=target.nick, op=conn.nick,
@@ -1480,6 +1522,7 @@ class ChatServer:
         if conn.events:
             self.selector.unregister(conn.sock)
         conn.sock.close()
+        self._cancel_timers(conn)
         conn.closed = True
         conn.closing = True
         conn.events = 0
@@ -2849,6 +2892,14 @@ def describe_error(exc):
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
+def bind_error_text(exc):
+    """The words for a failed bind: the system's own, without the address
+    that socket.create_server() appends to them (we say it once, ourselves)."""
+    if isinstance(exc, socket.gaierror) or not exc.errno:
+        return describe_error(exc)
+    return os.strerror(exc.errno)
+
+
 def port_number(text):
     value = int(text)
     if not 0 <= value <= 65535:
@@ -3092,6 +3143,12 @@ def run_server(args):
         return 2
     server = ChatServer(args.host, args.port, limits, verbose=not args.quiet,
                         tls_context=tls_context, password=password, op_password=op_password)
+    try:
+        server.bind()
+    except OSError as exc:  # socket.gaierror is one too: a bad host
+        sys.stderr.write("chat.py: cannot listen on %s: %s\n"
+                         % (format_address((args.host, args.port)), bind_error_text(exc)))
+        return 2
     log_to_stderr("chat.py server starting (pid %d, Python %s)"
                   % (os.getpid(), sys.version.split()[0]))
     if tls_context is not None:
@@ -3105,12 +3162,7 @@ def run_server(args):
         # must already mean a clean shutdown.
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: server.shutdown())
-    try:
-        server.start()
-    except OSError as exc:  # socket.gaierror is one too: a bad host
-        sys.stderr.write("chat.py: cannot listen on %s: %s\n"
-                         % (format_address((args.host, args.port)), describe_error(exc)))
-        return 2
+    server.start()
     server.serve_forever()
     return 0
 
