@@ -392,6 +392,7 @@ def secrets_match(given, expected):
 
 
 FINGERPRINT_PREFIX = "SHA256:"
+OPENSSL_FINGERPRINT_PREFIX = "sha256 fingerprint="  # what `openssl x509 -fingerprint` prints
 
 
 def certificate_fingerprint(der):
@@ -407,9 +408,12 @@ def format_fingerprint(hex_digits):
 
 def normalize_fingerprint(text):
     """Return a fingerprint a user gave in the one form we compare: the
-    SHA256: prefix and the colons optional, any case. ValueError if not one."""
+    SHA256: prefix (or openssl's `sha256 Fingerprint=`) and the colons
+    optional, any case. ValueError if not one."""
     digits = text.strip()
-    if digits.upper().startswith(FINGERPRINT_PREFIX):
+    if digits.lower().startswith(OPENSSL_FINGERPRINT_PREFIX):
+        digits = digits[len(OPENSSL_FINGERPRINT_PREFIX):]
+    elif digits.upper().startswith(FINGERPRINT_PREFIX):
         digits = digits[len(FINGERPRINT_PREFIX):]
     digits = digits.replace(":", "")
     if len(digits) != 64 or any(ch not in "0123456789abcdefABCDEF" for ch in digits):
@@ -2900,38 +2904,49 @@ def bind_error_text(exc):
     return os.strerror(exc.errno)
 
 
+def number_argument(convert, text, what):
+    """Convert a flag's value, or say in plain words what was expected."""
+    try:
+        value = convert(text)
+    except ValueError:
+        value = None
+    if value is None or value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError("expected %s, not %r" % (what, text))
+    return value
+
+
 def port_number(text):
-    value = int(text)
+    value = number_argument(int, text, "a port number from 0 to 65535")
     if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError("port must be 0-65535, not %s" % text)
+        raise argparse.ArgumentTypeError("expected a port number from 0 to 65535, not %s" % text)
     return value
 
 
 def positive_int(text):
-    value = int(text)
+    value = number_argument(int, text, "a whole number, 1 or more")
     if value < 1:
-        raise argparse.ArgumentTypeError("must be 1 or more, not %s" % text)
+        raise argparse.ArgumentTypeError("expected a whole number, 1 or more, not %s" % text)
     return value
 
 
 def non_negative_int(text):
-    value = int(text)
+    value = number_argument(int, text, "a whole number, 0 or more")
     if value < 0:
-        raise argparse.ArgumentTypeError("must be 0 or more, not %s" % text)
+        raise argparse.ArgumentTypeError("expected a whole number, 0 or more, not %s" % text)
     return value
 
 
 def non_negative_float(text):
-    value = float(text)
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError("must be a number 0 or more, not %s" % text)
+    value = number_argument(float, text, "a number, 0 or more")
+    if value < 0:
+        raise argparse.ArgumentTypeError("expected a number, 0 or more, not %s" % text)
     return value
 
 
 def positive_float(text):
-    value = non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be more than 0")
+    value = number_argument(float, text, "a number more than 0")
+    if value <= 0:
+        raise argparse.ArgumentTypeError("expected a number more than 0, not %s" % text)
     return value
 
 
@@ -2949,7 +2964,7 @@ def build_parser():
     commands.required = True
 
     server = commands.add_parser("server", help="run a chat room")
-    server.set_defaults(run=run_server)
+    server.set_defaults(run=run_server, parser=server)
     server.add_argument("--host", default=DEFAULT_HOST,
                         help="address to listen on (default %(default)s; "
                              "0.0.0.0 or :: for every interface)")
@@ -2989,7 +3004,7 @@ def build_parser():
                         help="log only start, stop and errors")
 
     client = commands.add_parser("client", help="join a chat room")
-    client.set_defaults(run=run_client)
+    client.set_defaults(run=run_client, parser=client)
     client.add_argument("--name", metavar="NICK", help="your nickname (asked if not given)")
     client.add_argument("--host", default=DEFAULT_HOST,
                         help="server address (default %(default)s)")
@@ -3023,7 +3038,7 @@ def build_parser():
         "bench", help="measure a server: registrations, deliveries, latency",
         description="Start a chat.py server (or use --host/--port), run one workload, "
                     "report. Clients register, then senders send their messages.")
-    bench.set_defaults(run=run_bench)
+    bench.set_defaults(run=run_bench, parser=bench)
     bench.add_argument("--host", help="measure the server at this address instead of "
                                       "starting one")
     bench.add_argument("--port", type=port_number, help="its port (with --host, or alone "
@@ -3192,7 +3207,10 @@ def run_client(args):
 
 def main(argv=None):
     """Run the subcommand named in argv; return the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said with the subcommand's usage, not the top level's
+        args.parser.error("unrecognized arguments: %s" % " ".join(extra))
     return args.run(args)
 
 

@@ -1789,6 +1789,27 @@ class CommandLineTest(unittest.TestCase):
         code, out, err = run_chat()
         self.assertEqual(code, 2)
 
+    def test_a_flag_error_uses_the_subcommands_usage_and_plain_words(self):
+        code, out, err = run_chat("server", "--prot", "1")
+        self.assertEqual(code, 2)
+        self.assertIn("usage: chat.py server", err)
+        self.assertIn("chat.py server: error: unrecognized arguments: --prot 1", err)
+        code, out, err = run_chat("server", "--port", "abc")
+        self.assertEqual(code, 2)
+        self.assertIn("usage: chat.py server", err)
+        self.assertIn("argument --port: expected a port number from 0 to 65535, not 'abc'", err)
+        self.assertNotIn("port_number", err)
+        code, out, err = run_chat("client", "--port", "99999")
+        self.assertIn("chat.py client: error: argument --port: expected a port number", err)
+
+    def test_fingerprints_in_every_form_openssl_and_the_server_print(self):
+        digits = TEST_FINGERPRINT[len("SHA256:"):]
+        for given in (TEST_FINGERPRINT, digits.lower(), digits.replace(":", ""),
+                      "sha256 Fingerprint=" + digits, "SHA256 Fingerprint=" + digits):
+            self.assertEqual(chat.normalize_fingerprint(given), TEST_FINGERPRINT, given)
+        with self.assertRaises(ValueError):
+            chat.normalize_fingerprint("sha1 Fingerprint=" + digits)
+
     def test_imports_are_standard_library_only(self):
         stdlib = getattr(sys, "stdlib_module_names", None)
         for name in ("chat.py", "test_chat.py"):
