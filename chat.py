@@ -64,7 +64,8 @@ MAX_LINE_BYTES = 4096         # longest accepted line, line end not counted
 RATE_LINES_PER_S = 10.0       # flood control: token refill rate (0 = off)
 BURST_LINES = 20              # flood control: bucket size
 BYTES_PER_EXTRA_TOKEN = 512   # a line costs one more token per full 512 bytes
-MAX_SENDQ_BYTES = 262144      # unsent output past which a client is evicted
+MAX_SENDQ_BYTES = 262144      # unsent output at which a client counts as behind
+MAX_LAG_S = 5.0               # the longest one reader that is behind may hold the room
 MAX_CLIENTS = 10000           # connections, registered or not
 MAX_PER_IP = 16               # connections from one address (0 = no limit)
 REGISTER_TIMEOUT_S = 60.0     # from connect to an accepted nickname
@@ -78,14 +79,15 @@ EXEMPT_ADDRESSES = frozenset({"127.0.0.1", "::1"})
 
 RECV_BYTES = 65536            # large reads: fewer system calls under load
 PASS_BROADCAST_BYTES = 65536  # broadcast per loop pass before reads wait a pass
-# When most members are more than half a sendq behind yet still reading, the
-# room as a whole can't keep up: input waits (TCP slows the senders) until
-# none of them is behind, instead of readers being evicted. A member whose
-# sends made no progress for this long is not reading: it never holds the
-# room back, and is evicted at --max-sendq. One slow reader alone is not the
-# room either: nobody waits for it.
+# Slow readers (PROTOCOL.md, "v2: Slow readers"). A member more than
+# --max-sendq behind holds the room: no input is read (TCP slows the senders)
+# until it has caught up (its backlog all sent), so a reader that keeps
+# reading is never evicted because a burst outran it. One that took nothing
+# for STALL_S has stopped reading and is evicted; one still behind after
+# --max-lag seconds reads too slowly to catch up and is evicted too. So a
+# reader must take --max-sendq within --max-lag (51 KB/s by default).
 STALL_S = 1.0
-HELD_RECHECK_S = 0.05         # while input waits, judge the room at least this often
+HELD_RECHECK_S = 0.05         # while someone is behind, judge at least this often
 # The kernel's send buffer per client (Linux doubles it). Left alone, Linux
 # grows it to 4 MB on loopback, where a client that stopped reading would
 # hide megabytes before --max-sendq saw any; fixed, a stalled client is found
@@ -562,13 +564,14 @@ class Limits:
     """The server's limits; each is a command-line flag with this default."""
 
     def __init__(self, max_line=MAX_LINE_BYTES, rate=RATE_LINES_PER_S,
-                 burst=BURST_LINES, max_sendq=MAX_SENDQ_BYTES,
+                 burst=BURST_LINES, max_sendq=MAX_SENDQ_BYTES, max_lag=MAX_LAG_S,
                  max_clients=MAX_CLIENTS, max_per_ip=MAX_PER_IP,
                  register_timeout=REGISTER_TIMEOUT_S):
         self.max_line = max_line
         self.rate = rate
         self.burst = burst
         self.max_sendq = max_sendq
+        self.max_lag = max_lag
         self.max_clients = max_clients
         self.max_per_ip = max_per_ip
         self.register_timeout = register_timeout
@@ -578,7 +581,8 @@ class Connection:
     """The server's record of one client socket."""
 
     __slots__ = ("sock", "addr", "ip", "name", "nick", "key", "reader", "outbuf",
-                 "tokens", "refilled", "paused", "held", "counted", "closing", "closed",
+                 "tokens", "refilled", "paused", "held", "full", "counted", "closing",
+                 "closed", "behind_since",
                  "events", "drained_at", "tls", "handshake_wait", "authed", "op",
                  "muted", "op_attempts", "timers", "__weakref__")
 
@@ -595,6 +599,8 @@ class Connection:
         self.refilled = now
         self.paused = False                # not reading: out of tokens
         self.held = False                  # not reading: the room is behind
+        self.full = False                  # not reading: its own output is over max_sendq
+        self.behind_since = None           # when its backlog went over max_sendq
         self.drained_at = now              # when a send last took some of its bytes
         self.tls = False                   # sock is an SSLSocket
         self.handshake_wait = 0            # while the TLS handshake runs: the event it waits for
@@ -636,8 +642,7 @@ class ChatServer:
         self.pending = bytearray()         # this pass's broadcasts, not yet handed out
         self.late = {}                     # joined this pass: conn -> offset in pending
         self.deferred = {}                 # conns to read next pass (a dict: ordered, unique)
-        self.lagging = set()               # members more than lag_bytes behind
-        self.lag_bytes = self.limits.max_sendq // 2
+        self.behind = set()                # members more than max_sendq behind
         self.held = []                     # conns not read while the room is behind
         self.throttled = False             # is the room behind (this pass)?
         # A pass stops reading once this much broadcast is queued, so no one
@@ -717,20 +722,27 @@ class ChatServer:
         self._write_output()
 
     def _room_is_behind(self):
-        """Tell whether input should wait: most members are far behind while
-        still reading; once waiting, until none of those is behind."""
-        if not self.lagging or (not self.throttled
-                                and len(self.lagging) * 2 <= len(self.members)):
+        """Tell whether input should wait for a member that is behind; first
+        evict those that stopped reading or have lagged too long."""
+        if not self.behind:
             return False
         now = time.monotonic()
-        reading = sum(1 for conn in self.lagging if now - conn.drained_at < STALL_S)
-        return reading > 0 if self.throttled else reading * 2 > len(self.members)
+        for conn in [conn for conn in self.behind if self._too_slow(conn, now)]:
+            self._log("%s evicted: %d bytes unsent" % (conn.name, len(conn.outbuf)))
+            self._drop(conn, LEFT_TOO_SLOW)
+        return bool(self.behind)
+
+    def _too_slow(self, conn, now):
+        """Behind, and either took nothing for STALL_S or behind for max_lag."""
+        return (now - conn.drained_at >= STALL_S
+                or now - conn.behind_since >= self.limits.max_lag)
 
     def _hold(self, conn):
         """Stop reading conn until the room catches up."""
-        conn.held = True
-        self.held.append(conn)
-        self._watch(conn)
+        if not conn.held:
+            conn.held = True
+            self.held.append(conn)
+            self._watch(conn)
 
     def _release_held(self):
         held, self.held = self.held, []
@@ -741,11 +753,24 @@ class ChatServer:
                 self.deferred[conn] = None  # lines may wait in its reader
 
     def _note_backlog(self, conn):
-        """Keep self.lagging current after conn's outbuf changed."""
-        if len(conn.outbuf) > self.lag_bytes and conn.key is not None:
-            self.lagging.add(conn)
-        else:
-            self.lagging.discard(conn)
+        """After conn's outbuf changed: keep self.behind current, and let
+        conn's own input go on once its backlog is back within max_sendq.
+
+        A member is behind from when its backlog passes max_sendq until it
+        has caught up, all of it: so the --max-lag clock is not reset by a
+        reader that trickles just under the threshold and back.
+        """
+        over = len(conn.outbuf) > self.limits.max_sendq
+        if conn.behind_since is None:
+            if over and conn.key is not None:
+                conn.behind_since = time.monotonic()
+                self.behind.add(conn)
+        elif not conn.outbuf:
+            conn.behind_since = None
+            self.behind.discard(conn)
+        if conn.full and not over:
+            conn.full = False
+            self.deferred[conn] = None  # its lines waiting in the reader, then reads
 
     def _read_deferred(self):
         """First in a pass: the reads an earlier pass put off, oldest first."""
@@ -756,9 +781,9 @@ class ChatServer:
 
     def _next_timeout(self):
         """Sleep until the next timer, or not at all while work is waiting."""
-        if self.pending or self.dirty or self.deferred:
+        if self.pending or self.dirty or self.deferred or (self.held and not self.behind):
             return 0
-        timeout = HELD_RECHECK_S if self.held else None  # re-judge the room
+        timeout = HELD_RECHECK_S if self.behind else None  # re-judge the room
         if self.timers:
             due = max(0.0, self.timers[0][0] - time.monotonic())
             timeout = due if timeout is None else min(timeout, due)
@@ -1004,8 +1029,8 @@ class ChatServer:
         if conn.handshake_wait:
             want = conn.handshake_wait
         else:
-            reading = not (conn.paused or conn.held) and (
-                conn.authed is not None or conn.closing)
+            reading = conn.closing or not (
+                conn.paused or conn.held or conn.full or conn.authed is None)
             want = selectors.EVENT_READ if reading else 0
             if conn.outbuf:
                 want |= selectors.EVENT_WRITE
@@ -1067,8 +1092,17 @@ class ChatServer:
         reader = conn.reader
         rate = self.limits.rate
         while not conn.closing and conn.authed is not None:
+            if self.throttled:
+                self._hold(conn)  # the room is behind: the rest when it has caught up
+                return
             if len(self.pending) >= self.pass_budget:
                 self.deferred[conn] = None  # the rest in a later pass
+                return
+            if len(conn.outbuf) > self.limits.max_sendq:
+                # Its own back-pressure: the replies it asked for are not
+                # read yet. The rest of its input waits until they are.
+                conn.full = True
+                self._watch(conn)
                 return
             if rate and not self._take_token(conn):
                 return
@@ -1416,21 +1450,18 @@ class ChatServer:
             self._drop(conn, LEFT_CLOSED)
 
     def _write_output(self):
-        """Write each connection with output once; evict those far behind."""
+        """Write each connection with output once; note who is behind."""
         self._deliver_pending(write=True)
         dirty, self.dirty = self.dirty, set()
-        max_sendq = self.limits.max_sendq
         for conn in dirty:
             if conn.closed:
                 continue
             if not conn.events & selectors.EVENT_WRITE:
                 self._flush(conn)  # else: the socket is full; the selector tells us
-            self._note_backlog(conn)
-            if not conn.closed and len(conn.outbuf) > max_sendq:
-                self._log("%s evicted: %d bytes unsent" % (conn.name, len(conn.outbuf)))
-                self._drop(conn, LEFT_TOO_SLOW)
+            if not conn.closed:
+                self._note_backlog(conn)
         if self.pending:
-            self._deliver_pending()  # leave notices from evictions: next pass
+            self._deliver_pending()  # leave notices from closes: next pass
 
     def _flush(self, conn):
         """Send as much of outbuf as the socket takes, in one call (TLS: a few)."""
@@ -1465,7 +1496,8 @@ class ChatServer:
             offset = self.late.pop(conn, 0)
             conn.outbuf += self.pending[offset:]  # what it is owed of this pass
             del self.members[conn.key]
-            self.lagging.discard(conn)
+            self.behind.discard(conn)
+            conn.behind_since = None
             if reason is not None:
                 self._broadcast(format_line("left", nick=conn.nick, reason=reason))
                 self._log("%s left (%s)" % (conn.nick, reason))
@@ -1478,7 +1510,7 @@ class ChatServer:
         self._leave(conn, LEFT_QUIT)
         self._uncount(conn)
         conn.closing = True
-        conn.paused = conn.held = False  # read on, to notice the peer's close
+        conn.paused = conn.held = conn.full = False  # read on, to notice the peer's close
         self.dirty.add(conn)
         self._call_later(LINGER_S, self._close, conn)
 
@@ -1533,7 +1565,7 @@ class ChatServer:
         conn.outbuf.clear()
         self.conns.discard(conn)
         self.dirty.discard(conn)
-        self.lagging.discard(conn)
+        self.behind.discard(conn)
         self.late.pop(conn, None)
 
 
@@ -2980,8 +3012,13 @@ def build_parser():
                         metavar="LINES", help="lines a client may send at once "
                                               "(default %(default)s)")
     server.add_argument("--max-sendq", type=positive_int, default=MAX_SENDQ_BYTES,
-                        metavar="BYTES", help="unsent bytes past which a client is "
-                                              "evicted as too slow (default %(default)s)")
+                        metavar="BYTES", help="unsent bytes at which a client is behind: "
+                                              "input waits until it catches up "
+                                              "(default %(default)s)")
+    server.add_argument("--max-lag", type=positive_float, default=MAX_LAG_S,
+                        metavar="SECONDS", help="the longest a reader that is behind may "
+                                                "hold the room before it is evicted as too "
+                                                "slow (default %(default)s)")
     server.add_argument("--max-clients", type=positive_int, default=MAX_CLIENTS,
                         metavar="N", help="connections, registered or not "
                                           "(default %(default)s)")
@@ -3137,7 +3174,8 @@ def read_secret(path, env_name, what):
 def run_server(args):
     raise_open_files_limit()
     limits = Limits(max_line=args.max_line, rate=args.rate, burst=args.burst,
-                    max_sendq=args.max_sendq, max_clients=args.max_clients,
+                    max_sendq=args.max_sendq, max_lag=args.max_lag,
+                    max_clients=args.max_clients,
                     max_per_ip=args.max_per_ip, register_timeout=args.register_timeout)
     tls_context = None
     if args.tls_cert or args.tls_key:

@@ -795,6 +795,115 @@ class LimitTest(ServerTestCase):
         for peer in (alice, bob, carol):
             self.assertEqual(got.get(peer), expected)
 
+    def flood_and_read(self, sender, readers, lines, payload, laggards=()):
+        """Send lines from sender while each reader reads at the pace its
+        function sets; return {peer: the lines it got, or the AssertionError}.
+        The laggards stop reading once the others have everything."""
+        expected_last = "<alice> %d %s" % (lines - 1, payload)
+        got = {}
+        done = threading.Event()
+
+        def read(peer, pace):
+            lines_read = []
+            try:
+                while not (peer in laggards and done.is_set()):
+                    line = peer.read_line()
+                    if line is None:
+                        break
+                    lines_read.append(line)
+                    if line == expected_last:
+                        lines_read.extend(peer.sync())
+                        break
+                    pace()
+            except AssertionError as exc:
+                lines_read = exc
+            got[peer] = lines_read
+        threads = {peer: threading.Thread(target=read, args=(peer, pace))
+                   for peer, pace in readers.items()}
+        for thread in threads.values():
+            thread.start()
+        sender.send_raw(b"".join(b"%d %s\n" % (i, payload.encode()) for i in range(lines)))
+        for peer, thread in threads.items():
+            if peer not in laggards:
+                thread.join(TIMEOUT * 3)
+        done.set()
+        for thread in threads.values():
+            thread.join(TIMEOUT)
+        return got
+
+    @staticmethod
+    def in_bursts(every, pause):
+        """A reader's pace: a pause after every so many lines."""
+        count = [0]
+
+        def pace():
+            count[0] += 1
+            if count[0] % every == 0:
+                time.sleep(pause)  # the reader's own rhythm, not a synchronisation
+        return pace
+
+    def test_a_reader_that_reads_in_bursts_is_waited_for_and_a_stopped_one_evicted(self):
+        self.start_server(rate=0, max_sendq=32768)
+        alice, fast, quick = self.join_all("alice", "fast", "quick")
+        bursty = self.join("bursty", rcvbuf=4096)
+        stopped = self.join("stopped", rcvbuf=4096)  # and it never reads again
+        for peer in (alice, fast, quick, bursty):
+            peer.wait_for("*** stopped joined (5 online)")
+        lines, payload = 16000, "b" * 100  # 1.8 MB: far past every buffer
+        started = time.monotonic()
+        got = self.flood_and_read(alice, {
+            alice: lambda: None, fast: lambda: None, quick: lambda: None,
+            bursty: self.in_bursts(4000, 0.4)}, lines, payload)
+        expected = ["<alice> %d %s" % (i, payload) for i in range(lines)]
+        for peer in (alice, fast, quick, bursty):
+            self.assertIsInstance(got.get(peer), list, got.get(peer))
+            self.assertEqual([line for line in got[peer] if line.startswith("<")], expected)
+            self.assertIn("*** stopped left (too slow)", got[peer])
+            self.assertNotIn("*** bursty left (too slow)", got[peer])
+        self.assertLess(time.monotonic() - started, TIMEOUT * 2)
+        stopped.expect_closed()
+
+    def test_a_trickling_reader_holds_the_room_at_most_max_lag(self):
+        self.start_server(rate=0, max_sendq=16384, max_lag=1.0)
+        alice, bob = self.join_all("alice", "bob")
+        trickle = self.join("trickle", rcvbuf=4096)
+        for peer in (alice, bob):
+            peer.wait_for("*** trickle joined (3 online)")
+        lines, payload = 12000, "t" * 100
+        got = self.flood_and_read(alice, {
+            alice: lambda: None, bob: lambda: None,
+            trickle: self.in_bursts(5, 0.05)}, lines, payload, laggards=[trickle])
+        expected = ["<alice> %d %s" % (i, payload) for i in range(lines)]
+        for peer in (alice, bob):
+            self.assertIsInstance(got.get(peer), list, got.get(peer))
+            self.assertEqual([line for line in got[peer] if line.startswith("<")], expected)
+            self.assertIn("*** trickle left (too slow)", got[peer])
+
+    def test_a_client_that_asks_more_than_it_reads_is_bounded_by_its_own_backlog(self):
+        server = self.start_server(rate=0, max_sendq=16384)
+        alice = self.join("alice")
+        mallory = self.connect(rcvbuf=4096)
+        mallory.send_raw(b"mallory\n" + b"/help\n" * 20000)  # and never reads
+        biggest, seen = 0, False
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            conns = [c for c in list(server.conns) if c.nick == "mallory"]
+            if seen and not conns:
+                break  # evicted
+            seen = seen or bool(conns)
+            biggest = max([biggest] + [len(conn.outbuf) for conn in conns])
+            time.sleep(0.0005)  # sampling the server's memory, not a synchronisation
+        self.assertLessEqual(biggest, 16384 + 2048)  # max_sendq and one reply
+        alice.wait_for("*** mallory left (too slow)")
+        self.assertEqual(alice.sync(), [])
+
+    def test_a_client_that_reads_its_replies_gets_all_of_them(self):
+        self.start_server(rate=0, max_sendq=8192)
+        mallory = self.join("mallory", rcvbuf=4096)
+        mallory.send_raw(b"".join(b"/ping %d\n" % i for i in range(3000)))
+        for i in range(3000):
+            mallory.expect("*** pong %d" % i)
+
     def test_max_clients(self):
         self.start_server(max_clients=2)
         self.join("a")
