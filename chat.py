@@ -193,6 +193,9 @@ SHUTDOWN_NOTICE = "server shutting down"
 LEFT_QUIT = "quit"
 LEFT_CLOSED = "connection closed"
 LEFT_TOO_SLOW = "too slow"
+# The end of an eviction line, for the bench to recognise: " left (too slow)".
+LEFT_TOO_SLOW_SUFFIX = FORMATS["left"].split("{nick}")[1].format(
+    reason=LEFT_TOO_SLOW).encode(ENCODING)
 
 
 def format_line(kind, **fields):
@@ -2399,7 +2402,11 @@ BENCH_PROGRESS_S = 1.0
 BENCH_SWEEP_BATCH = 32        # rate mode: counting receivers read per loop pass
 BENCH_SWEEP_WAIT_S = 0.005    # rate mode: the loop passes at least this often
 BENCH_NICK = "b%d"
-BENCH_MESSAGE = "m %d %d %.6f"  # sender index, sequence number, send time
+# Each run tags its messages, so that only its own lines are counted on a
+# server that has other users: tag, sender index, sequence number, send time.
+BENCH_MESSAGE = "%s %d %d %.6f"
+BENCH_SLOW_READ_STEP_S = 0.1  # --slow-read: a slow client reads this often
+BENCH_BURST_PAUSE_S = 0.5     # --bursty: the pause after each read
 
 
 class BenchError(Exception):
@@ -2409,27 +2416,30 @@ class BenchError(Exception):
 class BenchClient:
     """One simulated user: its socket and what it has seen."""
 
-    __slots__ = ("index", "nick", "sock", "sender", "slow", "observer", "state",
-                 "inbuf", "rank", "lines", "outbuf", "seq", "next_send", "events",
-                 "order", "notices")
+    __slots__ = ("index", "nick", "sock", "sender", "slow", "bursty", "observer", "state",
+                 "inbuf", "rank", "lines", "messages", "tail", "outbuf", "seq",
+                 "next_send", "next_read", "events", "order")
 
-    def __init__(self, index, sender, slow, observer):
+    def __init__(self, index, sender, slow, bursty, observer):
         self.index = index
         self.nick = BENCH_NICK % index
         self.sock = None
         self.sender = sender
-        self.slow = slow
+        self.slow = slow           # reads never, or at --slow-read bytes/s
+        self.bursty = bursty       # reads what has come, then pauses
         self.observer = observer
         self.state = "new"         # new, connecting, registering, in, closed
         self.inbuf = b""           # parsed lines' unfinished tail (observers, registering)
         self.rank = 0              # N in its own "joined (N online)"
         self.lines = 0             # lines received after its own join line
+        self.messages = 0          # the run's own messages received
+        self.tail = b""            # the last bytes read: a tag split between reads
         self.outbuf = bytearray()
         self.seq = 0               # messages sent
         self.next_send = 0.0       # rate mode: when the next message is due
+        self.next_read = 0.0       # slow and bursty readers: when they read next
         self.events = 0
         self.order = []            # observers: (sender, seq) of each message seen
-        self.notices = 0           # observers: notice lines after the join phase
 
 
 class Bench:
@@ -2445,10 +2455,15 @@ class Bench:
         # Observers spread over the join order: a server that writes to its
         # members in turn reaches the first one early and the last one late.
         readers = count - args.slow
-        observers = {i * (readers - 1) // max(1, BENCH_OBSERVERS - 1)
-                     for i in range(min(BENCH_OBSERVERS, readers))}
-        self.clients = [BenchClient(i, i < args.senders, i >= count - args.slow,
-                                    i in observers) for i in range(count)]
+        steady = readers - args.bursty  # the bursty ones come last before the slow ones
+        observers = {i * (steady - 1) // max(1, BENCH_OBSERVERS - 1)
+                     for i in range(min(BENCH_OBSERVERS, steady))}
+        self.clients = [BenchClient(i, i < args.senders, i >= readers,
+                                    steady <= i < readers, i in observers)
+                        for i in range(count)]
+        self.tag = "bench-%06x" % random.randrange(1 << 24)
+        self.marker = ("> %s " % self.tag).encode(ENCODING)  # in each of its lines
+        self.pausing = []              # slow and bursty readers, read on a schedule
         self.by_nick = {client.nick: client for client in self.clients}
         self.recv_buffer = bytearray(BENCH_RECV_BYTES)
         self.swept = []                # receivers read in sweeps (rate mode)
@@ -2507,10 +2522,19 @@ class Bench:
                 self._send_due(time.monotonic())
                 if self.swept:
                     self._sweep()
+            if self.pausing:
+                self._read_paused()
             self._progress()
 
     def _timeout(self, now):
-        """Wait no longer than the next message due, or the next sweep step."""
+        """Wait no longer than the next message due, the next sweep step, or
+        the next slow or bursty read."""
+        if self.pausing:
+            return max(0.0, min(min(c.next_read for c in self.pausing) - now,
+                                self._rate_timeout(now)))
+        return self._rate_timeout(now)
+
+    def _rate_timeout(self, now):
         if self.phase != "messages" or not self.args.rate:
             return 0.1
         longest = BENCH_SWEEP_WAIT_S if self.swept else 0.1
@@ -2582,7 +2606,9 @@ class Bench:
             return
         self.last_progress = time.monotonic()
         if client.state == "in" and not client.observer:
-            client.lines += self.recv_buffer.count(b"\n", 0, size)
+            self._count(client, size)
+            if client.bursty and self.phase == "messages":
+                self._pause(client, self.args.burst_pause)
             return
         data = bytes(memoryview(self.recv_buffer)[:size])
         if client.state == "registering":
@@ -2606,7 +2632,9 @@ class Bench:
                 rest = b"\n".join(lines[i + 1:] + [client.inbuf])
                 client.inbuf = b""
                 if client.slow:
-                    self._watch(client, 0)  # a slow client never reads again
+                    self._watch(client, 0)  # a slow client never reads again, or slowly
+                    if self.args.slow_read:
+                        self._pause(client, BENCH_SLOW_READ_STEP_S)
                 elif rest:
                     self._receive_data(client, rest)
                 return
@@ -2615,7 +2643,56 @@ class Bench:
         if client.observer:
             self._observe(client, data)
         else:
-            client.lines += data.count(b"\n")
+            self.recv_buffer[:len(data)] = data
+            self._count(client, len(data))
+
+    def _count(self, client, size):
+        """Count what a counting client read into recv_buffer: lines, and the
+        run's own messages (by their tag, which a read may split)."""
+        buffer, marker = self.recv_buffer, self.marker
+        client.lines += buffer.count(b"\n", 0, size)
+        if self.phase != "messages":
+            return
+        edge = len(marker) - 1
+        client.messages += buffer.count(marker, 0, size)
+        if client.tail:
+            client.messages += (client.tail + buffer[:min(size, edge)]).count(marker)
+        client.tail = bytes((client.tail + buffer[max(0, size - edge):size])[-edge:])
+
+    def _pause(self, client, seconds):
+        """Stop reading client for a while: a slow or bursty reader."""
+        self._watch(client, 0)
+        client.next_read = time.monotonic() + seconds
+        self.pausing.append(client)
+
+    def _read_paused(self):
+        """Slow readers take their few bytes; bursty readers whose pause is
+        over read again when there is something."""
+        now = time.monotonic()
+        due = [c for c in self.pausing if c.next_read <= now and c.state == "in"]
+        if not due:
+            return
+        self.pausing = [c for c in self.pausing if c.next_read > now and c.state == "in"]
+        for client in due:
+            if client.bursty:
+                self._watch(client, selectors.EVENT_READ)
+                continue
+            self._read_slowly(client)
+
+    def _read_slowly(self, client):
+        step = max(1, int(self.args.slow_read * BENCH_SLOW_READ_STEP_S))
+        try:
+            size = client.sock.recv_into(self.recv_buffer, min(step, BENCH_RECV_BYTES))
+        except (BlockingIOError, InterruptedError):
+            size = None
+        except OSError:
+            size = 0
+        if size == 0:
+            self._closed(client)
+            return
+        if size:
+            client.lines += self.recv_buffer.count(b"\n", 0, size)
+        self._pause(client, BENCH_SLOW_READ_STEP_S)
 
     def _observe(self, client, data):
         """Parse every line: latency and order of messages, notices counted."""
@@ -2625,19 +2702,21 @@ class Bench:
         client.lines += len(lines)
         if self.phase != "messages":
             return
+        tag = self.tag.encode(ENCODING)
         for line in lines:
             if line.startswith(b"<"):
                 fields = line.split(b" ", 5)
                 try:
+                    if fields[1] != tag:
+                        continue  # not this run's
                     sender, seq, sent = int(fields[2]), int(fields[3]), float(fields[4])
                 except (IndexError, ValueError):
-                    continue  # not one of ours
+                    continue
+                client.messages += 1
                 client.order.append((sender, seq))
                 self.latencies.append(now - sent)
-            elif line.startswith(NOTICE.encode()):
-                client.notices += 1
-                if line.endswith(b" left (too slow)"):
-                    self.evicted.add(line[4:].split(b" ", 1)[0].decode())
+            elif line.startswith(NOTICE.encode()) and line.endswith(LEFT_TOO_SLOW_SUFFIX):
+                self.evicted.add(line[len(NOTICE):].split(b" ", 1)[0].decode(ENCODING))
 
     def _closed(self, client):
         if client.state == "registering":
@@ -2654,18 +2733,16 @@ class Bench:
         return self.registered == len(self.clients)
 
     def _joins_drained(self):
-        """Every reading client has had all join lines: N - rank after its own."""
-        total = len(self.clients)
-        return all(c.lines >= total - c.rank for c in self.clients
+        """Every reading client has had all join lines: those after its own,
+        up to the last one's (a server with other users counts them too)."""
+        last = max(c.rank for c in self.clients)
+        return all(c.lines >= last - c.rank for c in self.clients
                    if not c.slow and c.state == "in")
 
     # -- phase 2: the messages --
 
     def _start_senders(self):
         now = time.monotonic()
-        for client in self.clients:
-            if not client.slow:  # from now on, count only what follows the joins
-                client.lines -= len(self.clients) - client.rank
         if self.args.rate:
             self._sweep_counters()
         senders = [c for c in self.clients if c.sender]
@@ -2680,7 +2757,7 @@ class Bench:
         watched: one wake-up per message per receiver would make the bench
         itself the slowest part, and its latency numbers its own."""
         self.swept = [c for c in self.clients if c.state == "in" and not c.slow
-                      and not c.observer and not c.sender]
+                      and not c.observer and not c.sender and not c.bursty]
         for client in self.swept:
             self._watch(client, 0)
 
@@ -2699,7 +2776,7 @@ class Bench:
                     if not size:
                         self._closed(client)
                         break
-                    client.lines += self.recv_buffer.count(b"\n", 0, size)
+                    self._count(client, size)
                     self.last_progress = time.monotonic()
             except (BlockingIOError, InterruptedError):
                 pass
@@ -2707,7 +2784,7 @@ class Bench:
                 self._closed(client)
 
     def _message(self, client, now):
-        text = BENCH_MESSAGE % (client.index, client.seq, now)
+        text = BENCH_MESSAGE % (self.tag, client.index, client.seq, now)
         if len(text) < self.args.size:
             text += " " + "x" * (self.args.size - len(text) - 1)
         client.seq += 1
@@ -2747,22 +2824,12 @@ class Bench:
     def _expected_per_client(self):
         return self.args.senders * self.args.messages
 
-    def _received(self, client, notices):
-        """Messages a client has received: its lines since the joins, less the
-        notices (evictions) among them. Observers count notices for everyone
-        (all get the same broadcasts): pass _notices()."""
-        return client.lines - (client.notices if client.observer else notices)
-
-    def _notices(self):
-        return max((c.notices for c in self.clients if c.observer), default=0)
-
     def _messages_done(self):
         expected = self._expected_per_client()
         if any(c.seq < self.args.messages or c.outbuf for c in self.clients
                if c.sender and c.state == "in"):
             return False
-        notices = self._notices()
-        return all(self._received(c, notices) >= expected for c in self.clients
+        return all(c.messages >= expected for c in self.clients
                    if not c.slow and c.state == "in")
 
     # -- reporting --
@@ -2771,8 +2838,7 @@ class Bench:
         if self.phase == "register":
             return "%d/%d registered" % (self.registered, len(self.clients))
         receivers = [c for c in self.clients if not c.slow and c.state == "in"]
-        notices = self._notices()
-        got = sum(max(0, self._received(c, notices)) for c in receivers)
+        got = sum(c.messages for c in receivers)
         return "%d/%d delivered" % (got, len(receivers) * self._expected_per_client())
 
     def _progress(self, force=False, end=False):
@@ -2782,7 +2848,7 @@ class Bench:
         self.progress_at = now
         if self.args.json and not sys.stderr.isatty():
             return
-        line = "bench: %s: %s" % (self.phase, self._status())
+        line = "bench: %s" % self._status()
         if sys.stderr.isatty():
             sys.stderr.write("\r\x1b[K" + line + ("\n" if end else ""))
         else:
@@ -2793,8 +2859,7 @@ class Bench:
         args = self.args
         receivers = [c for c in self.clients if not c.slow and c.nick not in self.closed_early]
         expected = len([c for c in self.clients if not c.slow]) * self._expected_per_client()
-        notices = self._notices()
-        received = sum(max(0, self._received(c, notices)) for c in receivers)
+        received = sum(c.messages for c in receivers)
         orders = [c.order for c in self.clients if c.observer and c.state == "in"]
         latencies = sorted(self.latencies)
         register_s = max(registered_at - started, 1e-9)
@@ -2817,6 +2882,8 @@ class Bench:
             "same_order": all(order == orders[0] for order in orders) if orders else None,
             "observers": len(orders),
             "slow": args.slow,
+            "slow_read": args.slow_read,
+            "bursty": args.bursty,
             "slow_evicted": len([c for c in self.clients if c.slow and c.nick in self.evicted]),
             "others_evicted": sorted(nick for nick in self.evicted | self.closed_early
                                      if nick in self.by_nick and not self.by_nick[nick].slow),
@@ -2889,9 +2956,10 @@ def format_bench_table(result):
     latency = result["latency_ms"]
     rows = [
         ("server", result["server"]),
-        ("workload", "%d clients, %d senders x %d messages (%s), %d slow, %s"
+        ("workload", "%d clients, %d senders x %d messages (%s), %d slow (%s), %d bursty, %s"
          % (result["clients"], result["senders"], result["messages"], result["mode"],
-            result["slow"], "lines padded to %d bytes" % result["size"]
+            result["slow"], "reading %d B/s" % result["slow_read"] if result["slow_read"]
+            else "never reading", result["bursty"], "lines padded to %d bytes" % result["size"]
             if result["size"] else "short lines")),
         ("clients registered", "%d / %d" % (result["registered"], result["clients"])),
         ("registrations/s", "%.0f  (%.2f s)" % (result["registrations_per_s"],
@@ -3094,7 +3162,17 @@ def build_parser():
     bench.add_argument("--duration", type=positive_float, metavar="SECONDS",
                        help="with --rate: send for this long (sets --messages)")
     bench.add_argument("--slow", type=non_negative_int, default=0, metavar="K",
-                       help="clients that register and never read (default %(default)s)")
+                       help="clients that register and never read, or read slowly "
+                            "(--slow-read) (default %(default)s)")
+    bench.add_argument("--slow-read", type=non_negative_int, default=0, metavar="BYTES_PER_S",
+                       help="the slow clients read this many bytes a second; 0 = never "
+                            "(default %(default)s)")
+    bench.add_argument("--bursty", type=non_negative_int, default=0, metavar="K",
+                       help="readers that read what has come, then pause --burst-pause "
+                            "seconds, and must still get everything (default %(default)s)")
+    bench.add_argument("--burst-pause", type=positive_float, default=BENCH_BURST_PAUSE_S,
+                       metavar="SECONDS", help="the bursty readers' pause "
+                                               "(default %(default)s)")
     bench.add_argument("--size", type=non_negative_int, default=0, metavar="B",
                        help="pad each message to B bytes (default: no padding)")
     bench.add_argument("--concurrency", type=positive_int, default=BENCH_CONCURRENCY,
@@ -3148,9 +3226,9 @@ def bench_flags_problem(args):
         if not args.rate:
             return "--duration needs --rate"
         args.messages = max(1, int(round(args.rate * args.duration)))
-    if args.senders + args.slow > args.clients:
-        return "--senders (%d) and --slow (%d) need that many --clients (%d)" % (
-            args.senders, args.slow, args.clients)
+    if args.senders + args.slow + args.bursty > args.clients:
+        return ("--senders (%d), --slow (%d) and --bursty (%d) need that many --clients (%d)"
+                % (args.senders, args.slow, args.bursty, args.clients))
     return None
 
 

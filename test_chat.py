@@ -1834,6 +1834,8 @@ class BenchTest(unittest.TestCase):
         code, out, err = run_chat("bench", "--clients", "3", "--senders", "1",
                                   "--messages", "2", timeout=60)
         self.assertEqual(code, 0, err)
+        self.assertIn("bench: 0/3 registered\n", err)
+        self.assertIn("bench: 6/6 delivered\n", err)
         for row in ["clients registered", "registrations/s", "deliveries", "deliveries/s",
                     "latency ms", "same order", "slow evicted", "server CPU s",
                     "server peak RSS MB"]:
@@ -1854,7 +1856,7 @@ class BenchTest(unittest.TestCase):
         self.addCleanup(proc.stderr.close)
         self.addCleanup(lambda: proc.poll() is None and proc.kill())
         line = proc.stderr.readline()
-        while b"messages" not in line:  # registered: the messages are under way
+        while b"delivered" not in line:  # registered: the messages are under way
             self.assertTrue(line, "the bench ended early")
             line = proc.stderr.readline()
         server.shutdown()
@@ -1862,6 +1864,51 @@ class BenchTest(unittest.TestCase):
         err = proc.stderr.read().decode()
         self.assertIn("closed every connection", err)
         self.assertNotIn("Traceback", err)
+
+    def serve(self, **limits):
+        server = chat.ChatServer("127.0.0.1", 0, chat.Limits(**limits), log=None)
+        server.start()
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 5)
+        self.addCleanup(server.shutdown)
+        return server.address[1]
+
+    def test_on_a_server_with_users_only_its_own_lines_count(self):
+        port = self.serve(rate=0)
+        users = [Peer(port) for _ in range(3)]
+        for i, user in enumerate(users):
+            self.addCleanup(user.close)
+            user.send_line("user%d" % i)
+            user.wait_for("*** user%d joined (%d online)" % (i, i + 1))
+        stop = threading.Event()
+
+        def chatter():  # someone talks all through the run
+            while not stop.wait(0.01):
+                users[0].send_line("noise")
+        thread = threading.Thread(target=chatter)
+        thread.start()
+        self.addCleanup(thread.join)
+        self.addCleanup(stop.set)
+        code, out, err = self.bench("--port", str(port), "--clients", "20", "--senders", "2",
+                                    "--messages", "30")
+        self.assertEqual(code, 0, err)
+        result = json.loads(out)
+        self.assertEqual(result["deliveries_received"], 20 * 2 * 30)
+        self.assertEqual(result["deliveries_expected"], 20 * 2 * 30)
+        self.assertIs(result["same_order"], True)
+
+    def test_bursty_readers_get_everything_slow_readers_are_evicted(self):
+        port = self.serve(rate=0, max_sendq=65536, max_lag=0.5)
+        code, out, err = self.bench("--port", str(port), "--clients", "12", "--senders", "8",
+                                    "--messages", "150", "--size", "1000", "--slow", "2",
+                                    "--slow-read", "20000", "--bursty", "2",
+                                    "--burst-pause", "0.3")
+        self.assertEqual(code, 0, err)
+        result = json.loads(out)
+        self.assertEqual(result["slow_evicted"], 2)
+        self.assertEqual(result["others_evicted"], [])
+        self.assertEqual(result["deliveries_received"], 10 * 8 * 150)
 
     def test_bad_flags_nothing_listening_and_a_silent_server(self):
         code, out, err = self.bench("--clients", "2", "--senders", "3")
