@@ -25,6 +25,7 @@ import heapq
 import hmac
 import json
 import os
+import queue
 import random
 import re
 import selectors
@@ -32,6 +33,7 @@ import shutil
 import signal
 import socket
 import ssl
+import string
 import subprocess
 import sys
 import threading
@@ -115,7 +117,9 @@ PASSWORD_ENV = "CHAT_PASSWORD"
 OP_PASSWORD_ENV = "CHAT_OP_PASSWORD"
 
 CLIENT_CONNECT_TIMEOUT_S = 10.0
-CLIENT_QUIT_WAIT_S = 10.0     # after /quit, wait this long for silence to end
+CLIENT_QUIT_WAIT_S = 10.0     # after /quit, wait this long for the server to close
+CLIENT_GREETING_WAIT_S = 3.0  # a server silent this long is said to be so
+CLIENT_ANSWER_WAIT_S = 10.0   # piped: a nickname unanswered this long ends the client
 CLIENT_MAX_OUTBUF = 65536     # stop taking typed lines while this much is unsent
 RECONNECT_FIRST_S = 1.0       # --reconnect: the first pause, doubled each time...
 RECONNECT_MAX_S = 30.0        # ...up to this
@@ -158,6 +162,7 @@ GREETING = (
 )
 PASSWORD_GREETING = "this room needs a password: send /pass SECRET, then a nickname"
 PASSWORD_REQUIRED = "password required: send /pass SECRET first"
+PASSWORD_ACCEPTED = "password accepted: choose a nickname"
 WRONG_PASSWORD = "wrong password"
 HELP = (
     "TEXT                 say TEXT to everyone (//TEXT says /TEXT)",
@@ -201,6 +206,49 @@ LEFT_TOO_SLOW_SUFFIX = FORMATS["left"].split("{nick}")[1].format(
 def format_line(kind, **fields):
     """Return the text of one server line of the given kind."""
     return FORMATS[kind].format(**fields)
+
+
+# What each field of a line may hold: nicks are letters, digits, _ and -;
+# text, reasons, nick lists and tokens anything.
+FIELD_PATTERNS = {"nick": r"[\w-]+", "old": r"[\w-]+", "new": r"[\w-]+", "op": r"[\w-]+",
+                  "count": r"\d+"}
+
+
+def _line_pattern(template):
+    """Turn a FORMATS template into a regular expression with a group per field."""
+    out = ""
+    for literal, field, _, _ in string.Formatter().parse(template):
+        out += re.escape(literal)
+        if field is not None:
+            out += "(?P<%s>%s)" % (field, FIELD_PATTERNS.get(field, ".*"))
+    return re.compile(out + r"\Z", re.DOTALL)
+
+
+# The generic kinds last: "*** {text}" matches every notice.
+LINE_PATTERNS = [(kind, _line_pattern(template)) for kind, template in FORMATS.items()
+                 if kind not in ("notice", "error")] + [
+                     (kind, _line_pattern(FORMATS[kind])) for kind in ("notice", "error")]
+
+
+def parse_server_line(text):
+    """Return (kind, fields) for a line the server sent: the FORMATS kind it
+    was made from and its fields; ("other", {"text": text}) for none."""
+    for kind, pattern in LINE_PATTERNS:
+        match = pattern.match(text)
+        if match:
+            return kind, match.groupdict()
+    return "other", {"text": text}
+
+
+def help_commands(lines):
+    """The commands a /help list names: the first word of each /... line."""
+    return tuple(line.split(" ", 1)[0] for line in lines if line.startswith("/"))
+
+
+def is_nick_question(text):
+    """Tell whether a notice's text asks for a nickname (the last greeting
+    line; other servers of this protocol word it their own way)."""
+    return "nickname" in text.lower() and text != PASSWORD_GREETING
 
 
 def encode_line(text):
@@ -1184,7 +1232,7 @@ class ChatServer:
             self._send(conn, notice("no password needed now: choose a nickname"))
         elif secrets_match(secret, self.password):
             conn.authed = True
-            self._send(conn, notice("password accepted: choose a nickname"))
+            self._send(conn, notice(PASSWORD_ACCEPTED))
         else:
             self._log("%s: wrong password" % conn.name)
             self._send(conn, error(WRONG_PASSWORD))
@@ -1594,9 +1642,24 @@ STYLES = {
     "time": "2",
 }
 # Typed commands the client handles itself; the rest go to the server.
-CLIENT_COMMANDS = ("/reply", "/timestamps")
-SERVER_COMMANDS = ("/me", "/msg", "/nick", "/who", "/help", "/ping", "/quit", "/op",
-                   "/kick", "/ban", "/unban", "/bans", "/mute", "/unmute")
+CLIENT_HELP = (
+    "/reply TEXT          answer the last private message (this client)",
+    "/timestamps          HH:MM before each line, on or off (this client)",
+)
+CLIENT_COMMANDS = help_commands(CLIENT_HELP)
+# Tab offers these until the server's /help says which it has for this user.
+SERVER_COMMANDS = help_commands(HELP)
+OPERATOR_COMMANDS = help_commands(HELP_OPERATORS)
+ALL_HELP = frozenset(HELP + (HELP_OP,) + HELP_OPERATORS)
+# Pings the client sends by itself: their pongs mark where an answer ends.
+SETUP_TOKEN = "chat.py-client-setup"
+HELP_TOKEN = "chat.py-client-help"
+# The keyboard thread's records: a tag byte for what was asked for.
+TYPED_TAGS = {"nick": b"N", "secret": b"P", "line": b"L"}
+TYPED_KINDS = {tag: kind for kind, tag in TYPED_TAGS.items()}
+# OpenSSL's words for a plain-text answer to a TLS hello.
+NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "HTTP_REQUEST",
+                             "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE"})
 CLIENT_MAX_LINE = 65536       # a longer line from the server is not shown
 
 
@@ -1781,6 +1844,13 @@ class Terminal:
                 self._write(self._erase(*self._input()))
             self.prompt = None
 
+    def end_of_input(self):
+        """At Ctrl-D readline leaves the cursor after the prompt: clear that
+        line, so that what follows (and the shell) starts on a clean one."""
+        with self.lock:
+            if self.interactive:
+                self._write("\r\x1b[K")
+
     def read_line(self, prompt):
         """Read a typed line (str) showing prompt; EOFError at the end of input."""
         if self.readline:
@@ -1842,7 +1912,14 @@ class Terminal:
 
 
 class ChatClient:
-    """Connects to a server, shows what it sends, sends what the user types."""
+    """Connects to a server, shows what it sends, sends what the user types.
+
+    Two threads. The keyboard thread is a plain reader: it waits for the
+    loop to ask for something (a nickname, a password, a chat line), reads
+    it, and hands it back through the socket pair as a tagged record. The
+    loop (this object's other methods) owns every decision: what to ask for
+    next, what a server line means, when to reconnect and when to leave.
+    """
 
     def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT, nick=None,
                  stdin_fd=0, out=None, interactive=None, tls_context=None,
@@ -1850,16 +1927,15 @@ class ChatClient:
                  bell=True, reconnect=False):
         self.host = host
         self.port = port
-        self.nick = nick
+        self.nick = nick                   # the nick to register, then the one registered
         self.tls_context = tls_context     # None: plain TCP
         self.tls = tls_context is not None
         self.fingerprint = fingerprint     # pinned SHA256:..., checked after the handshake
         self.password = password           # the room's, sent with /pass before the nick
-        self.asking_password = False       # the stdin thread's next line is the password
         self.color = color                 # colour the lines (see render_line)
         self.timestamps = timestamps       # HH:MM before each line (/timestamps)
-        self.bell = bell                   # \a on a private message or a mention (terminal only)
         self.nicks = {}                    # who is in the room, for Tab: key -> nick
+        self.commands = CLIENT_COMMANDS + SERVER_COMMANDS  # for Tab; /help tells the rest
         self.last_private = None           # who sent the last private message (/reply)
         self.reconnect = reconnect         # come back after a lost connection
         self.was_in = False                # registered at least once: reconnecting makes sense
@@ -1873,7 +1949,7 @@ class ChatClient:
         if interactive is None:
             interactive = os.isatty(stdin_fd) and out.isatty()
         self.interactive = interactive
-        self.bell = self.bell and interactive
+        self.bell = bell and interactive   # \a on a private message or a mention
         self.readline = self._load_readline() if interactive else None
         if self.readline is not None:
             self._set_up_completion()
@@ -1881,17 +1957,35 @@ class ChatClient:
         self.sock = None
         self.selector = None
         self.typed_r = self.typed_w = None
+        self.requests = queue.Queue()      # what the keyboard thread is to read next
+        self.asked = None                  # what it was asked for and has not answered
+        self.reading = None                # the keyboard thread's own: what it reads now
+        self.records = bytearray()         # from the keyboard thread, not yet a whole record
         self.reader = LineReader(CLIENT_MAX_LINE)
         self.outbuf = bytearray()
-        self.registered = False
-        self.heard_server = False          # has any byte come from the server?
-        self.may_read = threading.Event()  # clear while a nickname awaits its answer
         self.quitting = False
         self.quit_deadline = None
         self.result = None                 # the exit code, once known
         self.saved_tty = None              # terminal modes to restore at exit
         self.wake_r = self.wake_w = None   # the SIGINT handler wakes the loop
         self.interrupts = 0                # Ctrl-C presses
+        self.retry_password = False        # a wrong password: ask again on a new connection
+        self._new_connection_state()
+
+    def _new_connection_state(self):
+        """What each connection starts without."""
+        self.registered = False
+        self.heard_server = False          # has any byte come from the server?
+        self.needs_password = False        # the server said so
+        self.pass_sent = False             # /pass went on this connection
+        self.nick_sent = False             # a nick went and awaits its answer
+        self.greeted = False               # the server asked for a nickname
+        self.setup = False                 # the silent /who and /help after joining
+        self.hidden_who = 0                # /who answers not to show
+        self.helping = 0                   # typed /help answers still to be finished
+        now = time.monotonic()
+        self.silence_deadline = now + CLIENT_GREETING_WAIT_S
+        self.answer_deadline = None        # piped: the nickname's answer is due
 
     @staticmethod
     def _load_readline():
@@ -1915,10 +2009,15 @@ class ChatClient:
             self.readline.parse_and_bind("tab: complete")
 
     def _complete(self, text, state):
-        """readline's completer (it runs in the stdin thread: nicks is copied)."""
+        """readline's completer (it runs in the keyboard thread: nicks is copied).
+
+        Python's readline appends nothing to a completion; the space typed
+        after a word is added here.
+        """
         if state == 0:
             before = self.readline.get_line_buffer()[:self.readline.get_begidx()]
-            self.matches = completions(text, not before.strip(), dict(self.nicks))
+            self.matches = [match + " " for match in completions(
+                text, not before.strip(), dict(self.nicks), self.commands)]
         return self.matches[state] if state < len(self.matches) else None
 
     def run(self):
@@ -1950,19 +2049,14 @@ class ChatClient:
         self.selector.register(wake_r, selectors.EVENT_READ, self._on_interrupt)
         self.wake_r, self.wake_w = wake_r, wake_w  # from now on Ctrl-C wakes the loop
         if threading.current_thread() is threading.main_thread():
-            # The signal may land in the stdin thread, which leaves the loop's
+            # The signal may land in the keyboard thread, which leaves the loop's
             # select asleep; the wake-up fd is written whichever thread gets it.
             signal.set_wakeup_fd(wake_w.fileno())
         if self.interrupts:
             return 0
         self._save_terminal_modes()
-        if self.password is not None:
-            self._send_password(self.password)
-        if self.nick is not None and self._clean_nick(self.nick):
-            self._send_nick(self._clean_nick(self.nick))
-        else:
-            self.may_read.set()
-        threading.Thread(target=self._read_stdin, name="stdin", daemon=True).start()
+        threading.Thread(target=self._read_keyboard, name="keyboard", daemon=True).start()
+        self._start_registering()
         while self.result is None:
             self._run_pass()
         return self.result
@@ -1980,6 +2074,8 @@ class ChatClient:
         except ssl.SSLCertVerificationError as exc:
             return "cannot verify the server at %s: %s" % (where, exc.verify_message or exc.reason)
         except ssl.SSLError as exc:
+            if exc.reason in NOT_TLS_REASONS:
+                return "the server at %s does not speak TLS (drop --tls?)" % where
             return "TLS with %s failed: %s" % (where, exc.reason or describe_error(exc))
         except OSError as exc:
             return "cannot connect to %s: %s" % (where, describe_error(exc))
@@ -1995,7 +2091,7 @@ class ChatClient:
         self.sock = sock
         self.reader = LineReader(CLIENT_MAX_LINE)
         self.outbuf = bytearray()
-        self.heard_server = False
+        self._new_connection_state()
         return None
 
     def _catch_interrupts(self):
@@ -2026,22 +2122,40 @@ class ChatClient:
             self._quit()
 
     def _run_pass(self):
-        timeout = None
-        if self.quit_deadline is not None:
-            timeout = self.quit_deadline - time.monotonic()
-            if timeout <= 0:
-                self.result = 0  # the server never closed: leave anyway
-                return
-        if self.reconnect_at is not None:
-            timeout = max(0.0, self.reconnect_at - time.monotonic())
-        for key, mask in self.selector.select(timeout):
+        for key, mask in self.selector.select(self._next_timeout()):
             key.data(mask)
             if self.result is not None:
                 return
-        if self.reconnect_at is not None and time.monotonic() >= self.reconnect_at:
+        self._check_deadlines(time.monotonic())
+
+    def _next_timeout(self):
+        deadlines = [when for when in (self.quit_deadline, self.reconnect_at,
+                                       self.answer_deadline) if when is not None]
+        if self.sock is not None and not self.heard_server and self.silence_deadline:
+            deadlines.append(self.silence_deadline)
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - time.monotonic())
+
+    def _check_deadlines(self, now):
+        if self.quit_deadline is not None and now >= self.quit_deadline:
+            self.result = 0  # the server never closed: leave anyway
+        elif self.reconnect_at is not None and now >= self.reconnect_at:
             self._try_reconnect()
+        elif self.answer_deadline is not None and now >= self.answer_deadline:
+            sys.stderr.write("chat.py: the server at %s did not answer the nickname in %.0f s\n"
+                             % (format_address((self.host, self.port)),
+                                CLIENT_ANSWER_WAIT_S))
+            self.result = 1
+        elif (self.sock is not None and not self.heard_server and self.silence_deadline
+              and now >= self.silence_deadline):
+            self.silence_deadline = None  # said once
+            self._notice("the server at %s has said nothing in %.0f s (is it a chat server?)"
+                         % (format_address((self.host, self.port)), CLIENT_GREETING_WAIT_S))
+            self._greeted()  # ask for what it never asked for
 
     def _close(self):
+        self.requests.put(None)  # the keyboard thread, if it waits for a request, ends
         for sock in (self.sock, self.typed_r, self.wake_r, self.wake_w):
             if sock is not None:
                 sock.close()
@@ -2058,7 +2172,7 @@ class ChatClient:
                 self.saved_tty = None
 
     def _restore_terminal_modes(self):
-        """Put back the modes readline changed: the stdin thread may still be
+        """Put back the modes readline changed: the keyboard thread may still be
         inside readline, which would leave the shell without echo."""
         if self.saved_tty is not None:
             try:
@@ -2066,12 +2180,116 @@ class ChatClient:
             except termios.error:
                 pass  # the terminal is gone: nothing to restore
 
+    # -- registering: the loop decides what to send and what to ask --
+
+    def _start_registering(self):
+        """A new connection: send what is known (password, nick); what is
+        not is asked for once the server has asked for a nickname."""
+        if self.password is not None:
+            self._send_password()
+        if self.nick:
+            self._send_nick()
+
+    def _greeted(self):
+        """The server asked for a nickname (or said nothing for a while)."""
+        self.greeted = True
+        if not (self.nick_sent or self.registered):
+            self._ask_for_registration()
+
+    def _ask_for_registration(self):
+        """Ask the user for the next thing registering needs: the room's
+        password (on a terminal) before the nickname."""
+        if self.needs_password and self.password is None and self.interactive:
+            self._ask("secret")
+        elif self.nick and not self.nick_sent:
+            self._send_nick()
+        else:
+            self._ask("nick")
+
+    def _send_nick(self):
+        self.nick_sent = True
+        if not self.interactive and not self.reconnecting:
+            self.answer_deadline = time.monotonic() + CLIENT_ANSWER_WAIT_S
+        self._queue(self.nick.encode(ENCODING) + b"\n")
+
+    def _send_password(self):
+        self.pass_sent = True
+        self._queue(b"/pass " + self.password.encode(ENCODING) + b"\n")
+
+    def _handle_unregistered_line(self, text):
+        """Before the join line: watch for the greeting, the answer to our
+        nick and the password's; show what the user needs to see."""
+        kind, fields = parse_server_line(text)
+        if kind == "joined":
+            self._joined(fields["nick"], text)
+        elif kind == "notice" and fields["text"] == PASSWORD_GREETING:
+            self.needs_password = True  # asked for below, or sent already
+            if self.nick_sent and self.password is None and self.interactive:
+                self._ask("secret")
+        elif kind == "notice" and fields["text"] == PASSWORD_ACCEPTED:
+            if not self.nick_sent:
+                self._ask_for_registration()  # the nickname, now
+        elif kind == "notice" and is_nick_question(fields["text"]):
+            if not self.nick_sent:
+                self._show_server_line(text)  # the user is about to answer it
+            self._greeted()
+        elif kind == "error":
+            self._refused(fields["text"], text)
+        else:
+            self._show_server_line(text)
+
+    def _refused(self, reason, text):
+        """An error before registering: ask again where a person can answer."""
+        if reason == PASSWORD_REQUIRED and self.interactive and not self.pass_sent:
+            self.needs_password = True  # the nick went too early: the password first
+            self.nick_sent = False
+            self._ask_for_registration()
+            return
+        if reason == PASSWORD_REQUIRED and self.pass_sent:
+            return  # the answer to a nick sent before the password: it goes again
+        self._show_server_line(text)
+        self.answer_deadline = None
+        if self.reconnecting:
+            self._lose_connection()  # the old session may linger on the server: later
+            self._schedule_reconnect("could not register again")
+        elif reason == WRONG_PASSWORD and self.interactive:
+            self.password = None  # the server closes; a new connection asks again
+            self.retry_password = True
+        elif self.interactive:
+            self.nick_sent = False
+            self.nick = None  # refused: the next one is typed
+            self._ask("nick")
+        else:
+            self.result = 1  # nobody to ask: the reason is shown
+
+    def _joined(self, nick, text):
+        """Our join line: in the room."""
+        self.registered = self.was_in = True
+        self.nick_sent = False
+        self.answer_deadline = None
+        self.nick = nick
+        self._show_server_line(text)
+        if self.interactive:
+            self._learn_the_room()
+        if self.reconnecting:
+            self._back_in()
+        if self.asked is None:
+            self._ask("line")
+
+    def _learn_the_room(self):
+        """Ask, without showing the answers, who is here (for Tab) and which
+        commands this server offers this user (no operator commands where
+        it has no operators)."""
+        self.setup = True
+        self.hidden_who += 1
+        self._queue(b"/who\n/help\n/ping " + SETUP_TOKEN.encode(ENCODING) + b"\n")
+
     # -- the server's side --
 
     def _on_server(self, mask):
         if mask & selectors.EVENT_WRITE:
             self._flush()
-        if mask & selectors.EVENT_READ and self.result is None:
+        if mask & selectors.EVENT_READ and self.result is None and self.sock is not None:
             self._receive()
 
     def _receive(self):
@@ -2085,11 +2303,9 @@ class ChatClient:
         if not data:
             self._server_closed()
             return
-        if self.quit_deadline is not None:  # it is still talking: wait on
-            self.quit_deadline = time.monotonic() + CLIENT_QUIT_WAIT_S
         self.heard_server = True
         self.reader.feed(data)
-        while self.result is None:
+        while self.result is None and self.sock is not None:
             line = self.reader.pop_line()
             if line is None:
                 break
@@ -2099,77 +2315,55 @@ class ChatClient:
     def _server_closed(self):
         if self.quitting:
             self.result = 0
+        elif self.retry_password:
+            self.retry_password = False
+            self._lose_connection()
+            self._try_reconnect()  # at once: the user is waiting to type it again
         elif self.reconnect and self.was_in:
             self._lose_connection()
             self._schedule_reconnect("disconnected from server")
         elif not self.heard_server:
-            self.terminal.show(notice("disconnected from server before it said anything"
-                                      + ("" if self.tls else " (does it need --tls?)")))
+            self._notice("disconnected from server before it said anything"
+                         + ("" if self.tls else " (does it need --tls?)"))
             self.result = 1
         else:
-            self.terminal.show(notice("disconnected from server"))
+            self._notice("disconnected from server")
             self.result = 1
 
-    # -- --reconnect --
-
-    def _lose_connection(self):
-        """Forget the connection; typed lines wait until there is a new one."""
-        self.selector.unregister(self.sock)
-        self.sock.close()
-        self.sock = None
-        self.registered = False
-        self.may_read.clear()
-
-    def _schedule_reconnect(self, why):
-        delay = self.backoff * random.uniform(1 - RECONNECT_JITTER, 1 + RECONNECT_JITTER)
-        self.backoff = min(self.backoff * 2, RECONNECT_MAX_S)
-        self.reconnect_at = time.monotonic() + delay
-        self._show(render_line(notice("%s; reconnecting in %.0f s (Ctrl-C to stop)"
-                                      % (why, delay)), color=self.color))
-
-    def _try_reconnect(self):
-        self.reconnect_at = None
-        problem = self._connect()
-        if problem:
-            self._schedule_reconnect(problem)
-            return
-        self.selector.register(self.sock, selectors.EVENT_READ, self._on_server)
-        self.reconnecting = True
-        if self.password is not None:
-            self._send_password(self.password)
-        self._send_nick(self.nick)
-
-    def _back_in(self):
-        """Registered again after a reconnect: say so, send what waited."""
-        self.reconnecting = False
-        self.backoff = RECONNECT_FIRST_S
-        self._show(render_line(notice("reconnected"), color=self.color))
-        if self.unsent:
-            self._queue(bytes(self.unsent))
-            self.unsent.clear()
-
     def _handle_server_line(self, text):
-        """Show a line; before registration, watch for the answer to our nick."""
-        self._show_server_line(text)
-        if self.registered or self.may_read.is_set():
+        if not self.registered:
+            self._handle_unregistered_line(text)
             return
-        if text.startswith(NOTICE) and " joined (" in text:
-            self.registered = self.was_in = True
-            self.nick = text[len(NOTICE):].split(" ", 1)[0]
-            if self.reconnecting:
-                self._back_in()
-            self.may_read.set()
-        elif self.reconnecting and text.startswith(ERROR):
-            self._lose_connection()  # the old session may linger on the server: later
-            self._schedule_reconnect("could not register again")
-        elif text == error(PASSWORD_REQUIRED) and self.interactive and self.password is None:
-            self.asking_password = True  # then the nickname goes again
-            self.may_read.set()
-        elif text.startswith(ERROR):
-            if self.interactive and text != error(WRONG_PASSWORD):
-                self.may_read.set()  # ask for another nickname
-            else:
-                self.result = 1      # nobody to ask, or closed anyway: the reason is shown
+        if self.quitting:
+            self._note_quit_progress(text)
+        if not self._hidden(text):
+            self._show_server_line(text)
+
+    def _hidden(self, text):
+        """Answers to what the client asked by itself are not shown; the
+        client's own commands follow the answer to a typed /help."""
+        kind, fields = parse_server_line(text)
+        if kind == "who" and self.hidden_who:
+            self.hidden_who -= 1
+            track_nicks(self.nicks, text)
+            return True
+        if self.setup and kind == "notice" and fields["text"] in ALL_HELP:
+            self.commands = CLIENT_COMMANDS + tuple(sorted(
+                set(self.commands[len(CLIENT_COMMANDS):])
+                | set(help_commands([fields["text"]]))))
+            return True
+        if kind == "pong" and fields["token"] == SETUP_TOKEN:
+            self.setup = False
+            return True
+        if kind == "pong" and fields["token"] == HELP_TOKEN and self.helping:
+            self.helping -= 1
+            for line in CLIENT_HELP:
+                self._show_server_line(notice(line))
+            return True
+        if kind == "opped" and fields["nick"] == self.nick:
+            self.commands = CLIENT_COMMANDS + tuple(sorted(
+                set(self.commands[len(CLIENT_COMMANDS):]) | set(OPERATOR_COMMANDS)))
+        return False
 
     def _show_server_line(self, text):
         """Show a line as the options say; keep nicks and /reply current."""
@@ -2183,6 +2377,10 @@ class ChatClient:
         if self.bell and self.registered and wants_bell(text, self.nick):
             shown += BELL
         self._show(shown)
+
+    def _notice(self, text):
+        """A notice of the client's own."""
+        self._show(render_line(notice(text), color=self.color))
 
     def _show(self, shown):
         if self.timestamps:
@@ -2202,34 +2400,70 @@ class ChatClient:
         self._watch()
 
     def _watch(self):
-        """Watch the server for writing only while output waits; stop taking
-        typed lines while much is unsent (the stdin thread then waits)."""
+        """Watch the server for writing only while output waits; ask for the
+        next typed line only while little is unsent (typing then waits)."""
         if self.sock is None:
             return
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.outbuf else 0)
         self.selector.modify(self.sock, events, self._on_server)
-        if not self.quitting:
-            self._watch_typed(len(self.outbuf) <= CLIENT_MAX_OUTBUF)
-
-    def _watch_typed(self, wanted):
-        try:
-            self.selector.get_key(self.typed_r)
-            watching = True
-        except KeyError:
-            watching = False
-        if wanted and not watching:
-            self.selector.register(self.typed_r, selectors.EVENT_READ, self._on_typed)
-        elif watching and not wanted:
-            self.selector.unregister(self.typed_r)
+        if (self.registered and self.asked is None and not self.quitting
+                and len(self.outbuf) <= CLIENT_MAX_OUTBUF):
+            self._ask("line")
 
     def _queue(self, data):
         self.outbuf += data
         if self.sock is not None:
             self._flush()
 
+    # -- --reconnect --
+
+    def _lose_connection(self):
+        """Forget the connection; typed lines wait until there is a new one."""
+        self.selector.unregister(self.sock)
+        self.sock.close()
+        self.sock = None
+        self.registered = False
+
+    def _schedule_reconnect(self, why):
+        delay = self.backoff * random.uniform(1 - RECONNECT_JITTER, 1 + RECONNECT_JITTER)
+        self.backoff = min(self.backoff * 2, RECONNECT_MAX_S)
+        self.reconnect_at = time.monotonic() + delay
+        self._notice("%s; reconnecting in %.0f s (Ctrl-C to stop)" % (why, delay))
+
+    def _try_reconnect(self):
+        self.reconnect_at = None
+        problem = self._connect()
+        if problem:
+            if not self.was_in:  # a new password's connection: nothing to come back to
+                self._notice(problem)
+                self.result = 1
+                return
+            self._schedule_reconnect(problem)
+            return
+        self.selector.register(self.sock, selectors.EVENT_READ, self._on_server)
+        self.reconnecting = self.was_in
+        self._start_registering()
+
+    def _back_in(self):
+        """Registered again after a reconnect: say so, send what waited."""
+        self.reconnecting = False
+        self.backoff = RECONNECT_FIRST_S
+        self._notice("reconnected")
+        if self.unsent:
+            self._queue(bytes(self.unsent))
+            self.unsent.clear()
+
     # -- the keyboard's side --
 
+    def _ask(self, kind):
+        """Ask the keyboard thread for a nick, a secret or a chat line."""
+        if self.asked is None:
+            self.asked = kind
+            self.requests.put(kind)
+
     def _on_typed(self, mask):
+        """A record from the keyboard thread: a tag byte, the text, LF; or
+        the end of the socket pair: the end of input."""
         try:
             data = self.typed_r.recv(RECV_BYTES)
         except (BlockingIOError, InterruptedError):
@@ -2237,46 +2471,58 @@ class ChatClient:
         if not data:
             self._quit()
             return
-        if self.sock is None or self.reconnecting:
-            self.unsent += data  # sent once we are back
-            return
-        if self.asking_password:
-            self.asking_password = False
-            self.password = data.rstrip(b"\r\n").decode(ENCODING, "replace")
-            self._send_password(self.password)
-            if self.nick:
-                self._send_nick(self.nick)  # the one refused for want of it
-            else:
-                self.may_read.set()
-            return
-        if not self.registered:
-            self.may_read.clear()  # it was a nickname: wait for the answer
-            self.nick = self._clean_nick(data.decode(ENCODING, "replace"))
-        else:
-            data = b"".join(self._client_command(line) for line in data.splitlines(True))
-        if any(line.lower().split(b" ")[0] == b"/quit" for line in data.split(b"\n")):
-            self.quitting = True   # the server's close is then expected
-        self._queue(data)
+        self.records += data
+        while b"\n" in self.records and self.result is None:
+            record, _, rest = bytes(self.records).partition(b"\n")
+            self.records = bytearray(rest)
+            self.asked = None
+            kind = TYPED_KINDS[record[:1]]
+            self._typed(kind, record[1:].decode(ENCODING, "replace"))
 
-    def _client_command(self, line):
+    def _typed(self, kind, text):
+        if kind == "secret":
+            self.password = text
+            self._send_password()
+            if self.nick:
+                self._send_nick()  # again: one sent before the password was refused
+            # else the nickname is asked for once the server accepts the password
+        elif kind == "nick":
+            nick = clean_text(text).strip()
+            if nick:
+                self.nick = nick
+            self._ask_for_registration()
+        elif self.sock is None or self.reconnecting:
+            self.unsent += encode_line(text)  # sent once we are back
+            self._ask("line")
+        else:
+            data = self._client_command(text)
+            if data.lower().split(b" ")[0].rstrip(b"\n") == b"/quit":
+                self.quitting = True  # the server's close is then expected
+                self.quit_deadline = time.monotonic() + CLIENT_QUIT_WAIT_S
+            self._queue(data)
+            self._watch()
+
+    def _client_command(self, text):
         """Handle /reply and /timestamps here; return what goes to the server."""
-        text = line.decode(ENCODING, "replace").rstrip("\r\n")
         word, _, arg = text.partition(" ")
         word = word.lower()
         if word == "/timestamps":
             self.timestamps = not self.timestamps
-            self._show(render_line(notice("timestamps %s" % ("on" if self.timestamps else "off")),
-                                   color=self.color))
+            self._notice("timestamps %s" % ("on" if self.timestamps else "off"))
             return b""
         if word == "/reply":
             if not arg.strip():
                 self._show(render_line(error("usage: /reply TEXT"), color=self.color))
             elif self.last_private is None:
-                self._show(render_line(error("no private message to reply to"), color=self.color))
+                self._show(render_line(error("no private message to reply to"),
+                                       color=self.color))
             else:
                 return encode_line("/msg %s %s" % (self.last_private, arg.strip()))
             return b""
-        return line
+        if word == "/help":  # the server's list, then the client's own commands
+            self.helping += 1
+            return encode_line(text) + encode_line("/ping " + HELP_TOKEN)
+        return encode_line(text)
 
     def _quit(self):
         """Stdin ended or Ctrl-C: send /quit and wait for the server to close."""
@@ -2285,58 +2531,54 @@ class ChatClient:
             return
         if self.quit_deadline is not None:
             return
+        if self.interactive:
+            self.terminal.finish()  # a half-typed line is dropped
+            self._notice("leaving...")
         self.quitting = True
         self.quit_deadline = time.monotonic() + CLIENT_QUIT_WAIT_S
-        self._watch_typed(False)
         self._queue(b"/quit\n")
 
-    def _send_nick(self, nick):
-        self.may_read.clear()
-        self._queue(nick.encode(ENCODING) + b"\n")
+    def _note_quit_progress(self, text):
+        """While leaving: the server is still busy with our own lines (their
+        echoes come back) and it is worth waiting for; others' chatter is not."""
+        kind, nick, _ = split_server_line(text)
+        if (kind in ("message", "action") and nick == self.nick) or kind in (
+                "private_echo", "error"):
+            self.quit_deadline = time.monotonic() + CLIENT_QUIT_WAIT_S
 
-    def _send_password(self, password):
-        self._queue(b"/pass " + password.encode(ENCODING) + b"\n")
-
-    @staticmethod
-    def _clean_nick(text):
-        return clean_text(text).strip()
-
-    def _read_stdin(self):
-        """The stdin thread: hand typed lines to the loop through the socket pair."""
+    def _read_keyboard(self):
+        """The keyboard thread: read what the loop asks for, hand it back."""
         lines = self._typed_lines()
         try:
             while True:
-                self.may_read.wait()
-                if self.asking_password:
-                    self.may_read.clear()
-                    self.typed_w.sendall(self._read_password() + b"\n")
-                    continue
-                line = next(lines, None)
-                if line is None:
+                kind = self.requests.get()
+                if kind is None:
                     break
-                # Judged now, not before the (blocking) read: the connection
-                # may have been lost and found again meanwhile.
-                asking_nick = not self.registered
-                if asking_nick and not self._clean_nick(line.decode(ENCODING, "replace")):
-                    continue  # a blank nickname: ask again
-                if asking_nick:
-                    self.may_read.clear()  # wait for the answer to this nickname
-                self.typed_w.sendall(line + b"\n")
+                self.reading = kind
+                if kind == "secret":
+                    text = self._read_password()
+                else:
+                    text = next(lines, None)
+                if text is None:
+                    break  # the end of input
+                record = TYPED_TAGS[kind] + text.replace(b"\n", b" ") + b"\n"
+                self.typed_w.sendall(record)
         except OSError:
             pass  # the loop has finished and closed its end
         finally:
             try:
-                self.typed_w.close()  # the loop reads this as the end of stdin
+                self.typed_w.close()  # the loop reads this as the end of input
             except OSError:
                 pass
 
     def _read_password(self):
-        """Ask for the room password without echoing it (this thread owns the keyboard)."""
+        """Ask for the room password without echoing it (this thread owns the
+        keyboard); None at the end of input."""
         if termios is None:  # Windows: getpass reads the console itself
             try:
                 return getpass.getpass(PASSWORD_PROMPT).encode(ENCODING, "replace")
             except (EOFError, KeyboardInterrupt):
-                return b""
+                return None
         fd = self.stdin_fd
         modes = termios.tcgetattr(fd)
         quiet = modes[:3] + [modes[3] & ~termios.ECHO] + modes[4:]
@@ -2349,7 +2591,7 @@ class ChatClient:
             while not typed.endswith(b"\n"):
                 chunk = os.read(fd, 1024)
                 if not chunk:
-                    break
+                    return None  # Ctrl-D: no password, and no more input
                 typed += chunk
         finally:
             termios.tcsetattr(fd, termios.TCSADRAIN, modes)
@@ -2360,10 +2602,11 @@ class ChatClient:
         """Yield typed lines as bytes, without their line ends."""
         if self.interactive:
             while True:
-                prompt = PROMPT if self.registered else NICK_PROMPT
+                prompt = PROMPT if self.reading == "line" else NICK_PROMPT
                 try:
                     text = self.terminal.read_line(prompt)
                 except (EOFError, KeyboardInterrupt):
+                    self.terminal.end_of_input()
                     return
                 yield text.encode(ENCODING, "replace")
         else:

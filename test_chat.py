@@ -424,7 +424,7 @@ class ClientDisplayTest(unittest.TestCase):
         nicks = {chat.nick_key(n): n for n in ["alice", "Alfred", "bob"]}
         self.assertEqual(chat.completions("al", False, nicks), ["Alfred", "alice"])
         self.assertEqual(chat.completions("AL", True, nicks), ["Alfred", "alice"])
-        self.assertEqual(chat.completions("/m", True, nicks), ["/me", "/msg", "/mute"])
+        self.assertEqual(chat.completions("/m", True, nicks), ["/me", "/msg"])
         self.assertEqual(chat.completions("/r", True, nicks), ["/reply"])
         self.assertEqual(chat.completions("/m", False, nicks), [])
 
@@ -1788,16 +1788,41 @@ class TerminalPasswordTest(TerminalCase):
 
     server_options = {"password": "s3cret"}
 
-    def test_asks_for_the_password_then_sends_the_nickname_again(self):
+    def test_asks_for_the_password_first_and_again_when_it_is_wrong(self):
+        self.read_until(b"room password: ")
+        self.type(b"nope\r")
+        self.read_until(b"!!! wrong password")
+        self.read_until(b"room password: ")  # on a new connection
+        self.type(b"s3cret\r")
         self.read_until(b"nickname: ")
         self.wait_until_reading()
         self.type(b"al\r")
-        self.read_until(b"!!! password required: send /pass SECRET first")
+        self.read_until(b"*** al joined (2 online)")
+        self.bob.wait_for("*** al joined (2 online)")
+        self.assertNotIn(b"s3cret", self.screen)  # not echoed
+        self.assertNotIn(b"nope", self.screen)
+        self.assertNotIn(b"password required", self.screen)
+
+
+class TerminalNamedPasswordTest(TerminalCase):
+    """With --name: the password is asked for, then the nick goes again."""
+
+    server_options = {"password": "s3cret"}
+    client_args = ["--color", "never", "--name", "al"]
+
+    def test_asks_for_the_password_without_an_error_first(self):
         self.read_until(b"room password: ")
         self.type(b"s3cret\r")
-        shown = self.read_until(b"*** al joined (2 online)")
-        self.assertNotIn(b"s3cret", shown)  # not echoed
+        self.read_until(b"*** al joined (2 online)")
         self.bob.wait_for("*** al joined (2 online)")
+        for unwanted in (b"password required", b"choose a nickname", b"nickname: "):
+            self.assertNotIn(unwanted, self.screen)
+
+    def test_ctrl_d_at_the_password_prompt_leaves_without_sending_one(self):
+        self.read_until(b"room password: ")
+        self.type(b"\x04")
+        self.assertEqual(self.proc.wait(TIMEOUT), 0)
+        self.assertNotIn(b"wrong password", self.drain_screen())
 
 
 class BenchTest(unittest.TestCase):
