@@ -9,6 +9,8 @@ on port 0; every wait is bounded by a timeout.
 
 import ast
 import collections
+import contextlib
+import io
 import errno
 import gc
 import json
@@ -25,6 +27,7 @@ import threading
 import time
 import unittest
 import weakref
+from unittest import mock
 
 import chat
 
@@ -1227,6 +1230,22 @@ class ClientTest(ServerTestCase):
         self.assertIn("-> *watcher* pong", out)
         self.assertRegex(out, r"\n\d\d:\d\d <bot> stamped\n")
 
+    def test_help_adds_the_clients_own_commands_after_the_servers(self):
+        code, out, err = run_chat("client", "--name", "bot", "--port", str(self.port),
+                                  stdin=b"/help\n")
+        self.assertEqual(code, 0, err)
+        lines = out.splitlines()
+        help_lines = [line for line in lines if line.startswith("*** /")]
+        self.assertEqual(help_lines[-2:], ["*** " + text for text in chat.CLIENT_HELP])
+        self.assertIn("*** /quit [REASON]       leave", help_lines)
+        self.assertNotIn(chat.HELP_TOKEN, out)
+
+    def test_tls_to_a_plain_server_says_so(self):
+        code, out, err = run_chat("client", "--tls", "--name", "x", "--port", str(self.port))
+        self.assertEqual(code, 1)
+        self.assertEqual(err, "chat.py: the server at 127.0.0.1:%d does not speak TLS "
+                              "(drop --tls?)\n" % self.port)
+
     def test_colour_always_and_never(self):
         code, out, err = run_chat("client", "--name", "bot", "--port", str(self.port),
                                   "--color", "always", stdin=b"hi\n")
@@ -1286,6 +1305,100 @@ class ClientTest(ServerTestCase):
         self.assertEqual(proc.returncode, 0)
         self.assertNotIn(b"Traceback", err)
         watcher.expect("*** bot left (quit)")
+
+
+class ClientLoopTest(unittest.TestCase):
+    """The client in-process, its stdin a pipe, against fake servers; its
+    waits are shortened so that the tests are quick."""
+
+    def shorten(self, **waits):
+        for name, seconds in waits.items():
+            patcher = mock.patch.object(chat, name, seconds)
+            patcher.start()
+            self.addCleanup(patcher.stop)
+
+    def fake_server(self, script):
+        """Listen; run script(conn, stop) for the one connection; return the port."""
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        stop = threading.Event()
+
+        def serve():
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(TIMEOUT)
+                script(conn, stop)
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, TIMEOUT)
+        self.addCleanup(stop.set)
+        return listener.getsockname()[1]
+
+    def run_client(self, port, stdin=b"", nick="bot"):
+        """Run the client to its end; return (exit code, what it showed, stderr)."""
+        stdin_r, stdin_w = os.pipe()
+        os.write(stdin_w, stdin)
+        os.close(stdin_w)
+        out, err = io.StringIO(), io.StringIO()
+        client = chat.ChatClient("127.0.0.1", port, nick, stdin_fd=stdin_r, out=out,
+                                 interactive=False)
+        result = {}
+
+        def run():
+            with contextlib.redirect_stderr(err):
+                result["code"] = client.run()
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(TIMEOUT)
+        self.assertFalse(thread.is_alive(), "the client did not exit; it showed %r"
+                         % out.getvalue())
+        os.close(stdin_r)
+        return result["code"], out.getvalue(), err.getvalue()
+
+    @staticmethod
+    def greet_and_admit(conn):
+        conn.sendall(b"*** welcome\n*** choose a nickname\n")
+        data = b""
+        while b"\n" not in data:
+            data += conn.recv(100)
+        nick = data.split(b"\n")[0]
+        conn.sendall(b"*** " + nick + b" joined (1 online)\n")
+
+    def test_a_server_that_talks_on_does_not_keep_a_leaving_client(self):
+        self.shorten(CLIENT_QUIT_WAIT_S=0.5)
+
+        def talkative(conn, stop):
+            self.greet_and_admit(conn)
+            while not stop.wait(0.02):  # chatter, never closing
+                conn.sendall(b"<x> chatter\n")
+        port = self.fake_server(talkative)
+        code, out, err = self.run_client(port, b"hello\n")
+        self.assertEqual(code, 0)
+        self.assertIn("<x> chatter", out)
+
+    def test_a_nickname_never_answered_ends_a_piped_client(self):
+        self.shorten(CLIENT_ANSWER_WAIT_S=0.5)
+
+        def mute(conn, stop):
+            conn.sendall(b"*** choose a nickname\n")
+            stop.wait(TIMEOUT)
+        port = self.fake_server(mute)
+        code, out, err = self.run_client(port, b"never sent\n")
+        self.assertEqual(code, 1)
+        self.assertEqual(err, "chat.py: the server at 127.0.0.1:%d did not answer the "
+                              "nickname in 0 s\n" % port)
+        self.assertNotIn("said nothing", out)
+
+    def test_a_server_that_never_greets_is_said_to_be_silent(self):
+        self.shorten(CLIENT_GREETING_WAIT_S=0.2, CLIENT_ANSWER_WAIT_S=0.6)
+        port = self.fake_server(lambda conn, stop: stop.wait(TIMEOUT))
+        code, out, err = self.run_client(port, nick=None, stdin=b"bot\nhi\n")
+        self.assertEqual(code, 1)
+        self.assertIn("*** the server at 127.0.0.1:%d has said nothing in 0 s "
+                      "(is it a chat server?)\n" % port, out)
+        self.assertIn("did not answer the nickname", err)
 
 
 class TlsTest(ServerTestCase):
@@ -1744,6 +1857,90 @@ class TerminalClientTest(TerminalCase):
         self.assertTrue(self.read_until(b"\x1b[J").endswith(b"\r\x1b[J"))
         modes = termios.tcgetattr(self.master)[3]
         self.assertTrue(modes & termios.ECHO and modes & termios.ICANON, "modes not restored")
+        self.read_until(b"*** leaving...")  # said at once, whatever the server does
+
+    def test_ctrl_d_on_an_empty_line_leaves_a_clean_line(self):
+        self.read_until(b"nickname: ")
+        self.wait_until_reading()
+        self.type(b"al\r")
+        self.read_until(b"*** al joined (2 online)\r\n> ")
+        self.wait_until_reading()
+        self.type(b"\x04")
+        # The prompt's line is cleared first: nothing is left after "> ".
+        self.assertEqual(self.read_until(b"*** leaving..."), b"\r\x1b[K*** leaving...")
+        self.assertEqual(self.proc.wait(TIMEOUT), 0)
+        self.bob.wait_for("*** al left (quit)")
+
+    def test_tab_knows_who_was_here_first_adds_a_space_and_no_operator_commands(self):
+        self.read_until(b"nickname: ")
+        self.wait_until_reading()
+        self.type(b"al\r")
+        self.read_until(b"*** al joined (2 online)\r\n> ")
+        self.bob.wait_for("*** al joined (2 online)")
+        self.wait_until_reading()
+        self.type(b"/msg b\t")  # bob never spoke: known from the client's silent /who
+        self.read_until(b"/msg bob ")
+        self.type(b"hi\r")
+        self.bob.expect("*al* hi")
+        self.wait_until_reading()
+        self.type(b"/o\tX\r")  # this server has no operators: /o completes to nothing
+        self.read_until(b"!!! unknown command /ox (try /help)")
+        self.assertNotIn(b"online:", self.screen)  # the silent /who was not shown
+
+
+class TerminalOperatorTest(TerminalCase):
+    """Tab offers /op where the server has operators, and their commands once opped."""
+
+    server_options = {"op_password": "0p"}
+    client_args = ["--color", "never", "--name", "al"]
+
+    def test_tab_offers_op_then_the_operator_commands(self):
+        self.read_until(b"*** al joined (2 online)\r\n> ")
+        self.bob.wait_for("*** al joined (2 online)")
+        self.wait_until_reading()
+        self.type(b"/o\t")
+        self.read_until(b"/op ")
+        self.type(b"0p\r")
+        self.read_until(b"*** al is now an operator")
+        self.wait_until_reading()
+        self.type(b"/ki\t")
+        self.read_until(b"/kick ")
+        self.type(b"bob\r")
+        self.bob.wait_for("*** bob was kicked by al (no reason given)")
+        self.assertNotIn(b"choose a nickname", self.screen)  # --name answered it
+
+
+class TerminalReconnectTest(TerminalCase):
+    """With --reconnect, what is typed while disconnected is edited as usual
+    and sent once, in order, when the client is back."""
+
+    client_args = ["--color", "never", "--name", "al", "--reconnect"]
+
+    def test_typing_while_disconnected_keeps_line_editing(self):
+        self.read_until(b"*** al joined (2 online)\r\n> ")
+        self.bob.wait_for("*** al joined (2 online)")
+        port = self.port
+        self.server.shutdown()
+        self.read_until(b"reconnecting in")
+        self.wait_until_reading()
+        self.type(b"one\r")
+        self.read_until(b"one")
+        self.wait_until_reading()  # readline reads the next line too, not the raw terminal
+        self.type(b"twX\x1b[Do\r")  # Left: the o goes before the X
+        self.read_until(b"twX\x08oX\x08")  # readline's own echo of the edit
+        server = chat.ChatServer("127.0.0.1", port, chat.Limits(), log=None)
+        server.start()
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 5)
+        self.addCleanup(server.shutdown)
+        bob = Peer(port)
+        self.addCleanup(bob.close)
+        bob.send_line("bob")
+        bob.wait_for("*** al joined (2 online)")
+        bob.expect("<al> one", "<al> twoX")
+        self.read_until(b"*** reconnected")
+        self.assertNotIn(b"^[", self.screen)
 
 
 class TerminalOptionsTest(TerminalCase):
@@ -1761,6 +1958,7 @@ class TerminalOptionsTest(TerminalCase):
         self.assertNotIn(b"\a", shown)
         self.assertRegex(shown, rb"\x1b\[2m\d\d:\d\d\x1b\[0m \x1b\[1;35m\*bob\* psst")
         self.assertIn(b"\x1b[1;7mal: are you there?", shown)
+        self.assertNotIn(b"choose a nickname", self.screen)  # --name answered it
 
 
 class TerminalWithoutReadlineTest(TerminalCase):
