@@ -34,6 +34,7 @@ import signal
 import socket
 import ssl
 import string
+import struct
 import subprocess
 import sys
 import threading
@@ -1784,51 +1785,94 @@ def display_width(text):
 
 
 READLINE_MAX_BYTES = 1 << 20   # more than any line typed; bounds a torn read
+TYPEAHEAD_WAIT_S = 0.2          # a line to show waits at most this long for a paste
 
 
-def readline_input(readline_module):
-    """Return a function giving (the typed line as bytes, the cursor's byte
-    offset in it), read from readline's variables; None where they can't be.
+class ReadlineView:
+    """readline's own variables, read and set through ctypes: what is typed,
+    where its cursor is, whether the line is finished; None where they can't
+    be reached (libedit, no ctypes).
 
     The readline module has get_line_buffer(), but it decodes rl_line_buffer
-    in C while the stdin thread's readline may be changing it without the
+    in C while the keyboard thread's readline may be changing it without the
     GIL, and glibc aborts the process when the string is torn mid-decode
     (seen under a paste). Copying rl_end bytes and decoding them here can
-    at worst show a torn line for an instant. rl_point is not exposed at all.
+    at worst show a torn line for an instant. rl_point, rl_done and
+    rl_already_prompted are not exposed at all.
     """
-    if readline_module is None or ctypes is None:
-        return None
-    try:
-        library = ctypes.CDLL(readline_module.__file__)
-        buffer = ctypes.c_void_p.in_dll(library, "rl_line_buffer")
-        end = ctypes.c_int.in_dll(library, "rl_end")
-        point = ctypes.c_int.in_dll(library, "rl_point")
-    except (OSError, ValueError, AttributeError, TypeError):
-        return None
 
-    def state():
-        address, size = buffer.value, min(max(end.value, 0), READLINE_MAX_BYTES)
+    NAMES = ("rl_end", "rl_point", "rl_done", "rl_already_prompted")
+
+    @classmethod
+    def open(cls, readline_module):
+        if readline_module is None or ctypes is None:
+            return None
+        try:
+            library = ctypes.CDLL(readline_module.__file__)
+            buffer = ctypes.c_void_p.in_dll(library, "rl_line_buffer")
+            ints = [ctypes.c_int.in_dll(library, name) for name in cls.NAMES]
+        except (OSError, ValueError, AttributeError, TypeError):
+            return None
+        return cls(buffer, *ints)
+
+    def __init__(self, buffer, end, point, done, already_prompted):
+        self.buffer, self.end, self.point = buffer, end, point
+        self.done, self.already_prompted = done, already_prompted
+
+    def typed(self):
+        """Return (the typed line as bytes, the cursor's byte offset in it)."""
+        address, size = self.buffer.value, min(max(self.end.value, 0), READLINE_MAX_BYTES)
         typed = ctypes.string_at(address, size) if address and size else b""
-        return typed, min(max(point.value, 0), len(typed))
-    return state
+        return typed, min(max(self.point.value, 0), len(typed))
+
+    def start_line(self):
+        """Before input(), in the keyboard thread while readline is idle: an
+        empty line, not finished, and a prompt that we print ourselves (so
+        that it is never on the screen without the Terminal knowing)."""
+        self.end.value = self.point.value = self.done.value = 0
+        self.already_prompted.value = 1
+
+    def finished(self):
+        """The line was accepted: readline is ending it (its CR LF)."""
+        return self.done.value != 0
+
+
+def typeahead(fd):
+    """How many typed bytes wait unread (a paste in progress); 0 where unknown."""
+    if termios is None or not hasattr(termios, "FIONREAD"):
+        return 0
+    try:
+        import fcntl  # Unix only, like termios
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except (OSError, ImportError, struct.error):
+        return 0
 
 
 class Terminal:
     """Where the client's lines go. On a terminal, a line that arrives while
     the user types is printed above the input line, which is then redrawn as
     it was, cursor included. Widths are display columns: a wide character
-    takes two, a combining mark none; the input may span several rows."""
+    takes two, a combining mark none; the input may span several rows.
 
-    def __init__(self, out, interactive, readline_module=None):
+    Two threads write to the screen: readline's (the keyboard thread) and
+    show()'s (the loop). Where readline's variables can be reached, the
+    prompt is printed here under the lock, and a line to show waits for a
+    paste to be read and for a finished line to be ended (both take
+    milliseconds), so that the redraw never races readline's own echo."""
+
+    def __init__(self, out, interactive, readline_module=None, stdin_fd=0):
         self.out = out
         self.interactive = interactive
         self.readline = readline_module
-        self.read_input = readline_input(readline_module)
+        self.view = ReadlineView.open(readline_module)
+        self.stdin_fd = stdin_fd
         self.prompt = None            # None: no input line is on the screen
         self.lock = threading.Lock()  # show() runs in the loop, input in its thread
 
     def show(self, text):
         """Print one line without tearing what the user is typing."""
+        if self.interactive and self.view is not None:
+            self._wait_for_readline()
         with self.lock:
             if self.interactive and self.prompt is not None:
                 typed, point = self._input()
@@ -1853,7 +1897,12 @@ class Terminal:
 
     def read_line(self, prompt):
         """Read a typed line (str) showing prompt; EOFError at the end of input."""
-        if self.readline:
+        if self.view is not None:
+            with self.lock:  # readline will not print it: on the screen and known at once
+                self.view.start_line()
+                self._write(prompt)
+                self.prompt = prompt
+        elif self.readline:
             # The hook runs once readline has shown the prompt: from then on
             # an incoming line must redraw it.
             self.readline.set_pre_input_hook(lambda: setattr(self, "prompt", prompt))
@@ -1862,12 +1911,21 @@ class Terminal:
         try:
             return input(prompt)
         finally:
-            self.prompt = None
+            with self.lock:
+                self.prompt = None
+
+    def _wait_for_readline(self):
+        """Wait, briefly, while keys wait unread (a paste: readline echoes them
+        later, all at once) or readline is ending an accepted line."""
+        deadline = time.monotonic() + TYPEAHEAD_WAIT_S
+        while ((typeahead(self.stdin_fd) or (self.prompt is not None and self.view.finished()))
+               and time.monotonic() < deadline):
+            time.sleep(0.001)  # readline's thread is mid-way; bounded by the deadline
 
     def _input(self):
         """Return (what is typed, the cursor's index in it)."""
-        if self.read_input is not None:
-            typed, point = self.read_input()
+        if self.view is not None:
+            typed, point = self.view.typed()
             return (typed.decode(ENCODING, "replace"),
                     len(typed[:point].decode(ENCODING, "ignore")))
         typed = self.readline.get_line_buffer() if self.readline else ""
@@ -1953,7 +2011,7 @@ class ChatClient:
         self.readline = self._load_readline() if interactive else None
         if self.readline is not None:
             self._set_up_completion()
-        self.terminal = Terminal(out, interactive, self.readline)
+        self.terminal = Terminal(out, interactive, self.readline, stdin_fd)
         self.sock = None
         self.selector = None
         self.typed_r = self.typed_w = None

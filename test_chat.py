@@ -8,6 +8,7 @@ on port 0; every wait is bounded by a timeout.
 """
 
 import ast
+import re
 import collections
 import contextlib
 import io
@@ -1743,6 +1744,47 @@ class TerminalCase(ServerTestCase):
     def type(self, keys):
         os.write(self.master, keys)
 
+    def client_sync(self):
+        """Barrier: the client has had the answers to what it sent before
+        (its silent /who and /help on joining among them)."""
+        self.wait_until_reading()
+        self.type(b"/ping client-sync\r")
+        self.read_until(b"*** pong client-sync")
+        self.wait_until_reading()
+
+    def rendered(self, columns=40):
+        """The screen's rows as a terminal would show them: enough of one
+        for what the client writes (CR, LF, BS, cursor moves, erasing)."""
+        rows, row, col = [[]], 0, 0
+        for token in re.findall(r"\x1b\[\d*[A-Za-z]|.", self.screen.decode("utf-8", "replace"),
+                                re.DOTALL):
+            if token.startswith("\x1b"):
+                count, op = int(token[2:-1] or 1), token[-1]
+                if op == "A":
+                    row = max(0, row - count)
+                elif op in "CD":
+                    col = max(0, col + (count if op == "C" else -count))
+                elif op in "JK":
+                    rows += [[] for _ in range(row + 1 - len(rows))]
+                    del rows[row][col:]
+                    if op == "J":
+                        del rows[row + 1:]
+            elif token == "\r":
+                col = 0
+            elif token == "\n":
+                row += 1
+            elif token == "\x08":
+                col = max(0, col - 1)
+            elif token >= " ":
+                if col >= columns:
+                    row, col = row + 1, 0
+                rows += [[] for _ in range(row + 1 - len(rows))]
+                line = rows[row]
+                line += [" "] * (col + 1 - len(line))
+                line[col] = token
+                col += 1
+        return ["".join(line) for line in rows]
+
     def drain_screen(self):
         """Whatever the client wrote lately, for a failure message."""
         try:
@@ -1835,13 +1877,20 @@ class TerminalClientTest(TerminalCase):
         self.type(b"al\r")
         self.bob.wait_for("*** al joined (2 online)")
         self.wait_until_reading()
-        lines = ["pasted line %d" % i for i in range(25)]
+        lines = ["pasted line %d" % i for i in range(30)]
         self.type("".join(line + "\r" for line in lines).encode())
         try:
             for line in lines:
                 self.bob.wait_for("<al> " + line)
         except AssertionError as exc:
             raise AssertionError("%s; the terminal shows: %r" % (exc, self.drain_screen()))
+        self.read_until(b"<al> pasted line 29\r\n")
+        shown = self.rendered()
+        # Each typed line once, after one prompt; the echoes on their own rows.
+        self.assertEqual([row for row in shown if row.startswith("> pasted")],
+                         ["> " + line for line in lines], shown)
+        self.assertEqual([row for row in shown if row.startswith("<al>")],
+                         ["<al> " + line for line in lines], shown)
 
     def test_ctrl_c_leaves_and_gives_the_terminal_back(self):
         import termios
@@ -1877,7 +1926,7 @@ class TerminalClientTest(TerminalCase):
         self.type(b"al\r")
         self.read_until(b"*** al joined (2 online)\r\n> ")
         self.bob.wait_for("*** al joined (2 online)")
-        self.wait_until_reading()
+        self.client_sync()
         self.type(b"/msg b\t")  # bob never spoke: known from the client's silent /who
         self.read_until(b"/msg bob ")
         self.type(b"hi\r")
@@ -1897,7 +1946,7 @@ class TerminalOperatorTest(TerminalCase):
     def test_tab_offers_op_then_the_operator_commands(self):
         self.read_until(b"*** al joined (2 online)\r\n> ")
         self.bob.wait_for("*** al joined (2 online)")
-        self.wait_until_reading()
+        self.client_sync()
         self.type(b"/o\t")
         self.read_until(b"/op ")
         self.type(b"0p\r")
