@@ -18,6 +18,7 @@ nickname) and have operators (/op, then /kick, /ban, /mute and the rest).
 """
 
 import argparse
+import collections
 import errno
 import getpass
 import hashlib
@@ -73,6 +74,34 @@ MAX_CLIENTS = 10000           # connections, registered or not
 MAX_PER_IP = 16               # connections from one address (0 = no limit)
 REGISTER_TIMEOUT_S = 60.0     # from connect to an accepted nickname
 MAX_NICK_CHARS = 24
+
+
+class Limit(collections.namedtuple("Limit", "name kind default unit zero_ok help")):
+    """One server limit: the field of Limits, the flag (--max-line for
+    max_line), its type, default, unit, whether 0 is allowed, and its help."""
+
+
+# Every limit of the server, declared once: Limits and the flags are built
+# from this table.
+LIMITS = (
+    Limit("max_line", int, MAX_LINE_BYTES, "BYTES", False, "longest line accepted"),
+    Limit("rate", float, RATE_LINES_PER_S, "LINES_PER_S", True,
+          "lines per second per client; 0 = no flood control"),
+    Limit("burst", int, BURST_LINES, "LINES", False, "lines a client may send at once"),
+    Limit("max_sendq", int, MAX_SENDQ_BYTES, "BYTES", False,
+          "unsent bytes at which a client is behind: input waits until it has caught "
+          "up. It also bounds a client's own replies, and a quarter of it (at most "
+          "64 KiB) is the broadcast one loop pass takes"),
+    Limit("max_lag", float, MAX_LAG_S, "SECONDS", False,
+          "the longest a reader that is behind may hold the room before it is evicted "
+          "as too slow"),
+    Limit("max_clients", int, MAX_CLIENTS, "N", False, "connections, registered or not"),
+    Limit("max_per_ip", int, MAX_PER_IP, "N", True,
+          "connections from one address, loopback exempt; 0 = no limit"),
+    Limit("register_timeout", float, REGISTER_TIMEOUT_S, "SECONDS", False,
+          "time to choose a nickname"),
+)
+
 WRONG_PASSWORD_DELAY_S = 1.0  # a wrong room password: closed after this, to slow guessing
 MAX_OP_ATTEMPTS = 3           # wrong /op passwords before the connection is closed
 
@@ -199,7 +228,9 @@ SHUTDOWN_NOTICE = "server shutting down"
 LEFT_QUIT = "quit"
 LEFT_CLOSED = "connection closed"
 LEFT_TOO_SLOW = "too slow"
-# The end of an eviction line, for the bench to recognise: " left (too slow)".
+# For the bench's observers, which must parse millions of lines: the start
+# of a message ("<") and the end of an eviction (" left (too slow)"), as bytes.
+MESSAGE_OPENING = FORMATS["message"].split("{nick}")[0].encode(ENCODING)
 LEFT_TOO_SLOW_SUFFIX = FORMATS["left"].split("{nick}")[1].format(
     reason=LEFT_TOO_SLOW).encode(ENCODING)
 
@@ -613,20 +644,18 @@ def server_tls_context(cert_file, key_file):
 
 
 class Limits:
-    """The server's limits; each is a command-line flag with this default."""
+    """The server's limits (one attribute per row of LIMITS) and what follows
+    from them."""
 
-    def __init__(self, max_line=MAX_LINE_BYTES, rate=RATE_LINES_PER_S,
-                 burst=BURST_LINES, max_sendq=MAX_SENDQ_BYTES, max_lag=MAX_LAG_S,
-                 max_clients=MAX_CLIENTS, max_per_ip=MAX_PER_IP,
-                 register_timeout=REGISTER_TIMEOUT_S):
-        self.max_line = max_line
-        self.rate = rate
-        self.burst = burst
-        self.max_sendq = max_sendq
-        self.max_lag = max_lag
-        self.max_clients = max_clients
-        self.max_per_ip = max_per_ip
-        self.register_timeout = register_timeout
+    def __init__(self, **values):
+        for limit in LIMITS:
+            setattr(self, limit.name, values.pop(limit.name, limit.default))
+        if values:
+            raise TypeError("unknown limits: %s" % ", ".join(sorted(values)))
+        # Derived: a pass stops reading once this much broadcast is queued,
+        # so no one is sent more in one pass than a client that reads can
+        # take. (max_sendq itself is where a member counts as behind.)
+        self.pass_budget = min(PASS_BROADCAST_BYTES, self.max_sendq // 4)
 
 
 class Connection:
@@ -697,9 +726,6 @@ class ChatServer:
         self.behind = set()                # members more than max_sendq behind
         self.held = []                     # conns not read while the room is behind
         self.throttled = False             # is the room behind (this pass)?
-        # A pass stops reading once this much broadcast is queued, so no one
-        # is sent more in one pass than a client that reads can take.
-        self.pass_budget = min(PASS_BROADCAST_BYTES, self.limits.max_sendq // 4)
         self.timers = []                   # heap of [when, seq, function, conn]
         self.timer_seq = 0
         self.cancelled_timers = 0          # entries in timers whose function is None
@@ -1109,7 +1135,7 @@ class ChatServer:
         if mask & selectors.EVENT_READ and not conn.closed:
             if self.throttled:
                 self._hold(conn)
-            elif len(self.pending) >= self.pass_budget:
+            elif len(self.pending) >= self.limits.pass_budget:
                 self.deferred[conn] = None  # read in a later pass, in this order
             else:
                 self._read(conn)
@@ -1147,7 +1173,7 @@ class ChatServer:
             if self.throttled:
                 self._hold(conn)  # the room is behind: the rest when it has caught up
                 return
-            if len(self.pending) >= self.pass_budget:
+            if len(self.pending) >= self.limits.pass_budget:
                 self.deferred[conn] = None  # the rest in a later pass
                 return
             if len(conn.outbuf) > self.limits.max_sendq:
@@ -1673,23 +1699,6 @@ def nick_color(nick):
     return NICK_COLORS[zlib.crc32(nick_key(nick).encode(ENCODING)) % len(NICK_COLORS)]
 
 
-def split_server_line(text):
-    """Return (kind, nick, rest) for a line from the server; kind is one of
-    message, action, private, private_echo, notice, error, other."""
-    for kind, opening, closing in (("private_echo", "-> *", "* "), ("message", "<", "> "),
-                                   ("private", "*", "* "), ("action", "* ", " ")):
-        if text.startswith(opening):
-            end = text.find(closing, len(opening))
-            nick = text[len(opening):end]
-            if end > len(opening) and nick_problem(nick) is None:
-                return kind, nick, text[end + len(closing):]
-    if text.startswith(NOTICE):
-        return "notice", None, text[len(NOTICE):]
-    if text.startswith(ERROR):
-        return "error", None, text[len(ERROR):]
-    return "other", None, text
-
-
 def mentions(text, nick):
     """Tell whether text names nick as a word, in any case."""
     if not nick:
@@ -1701,57 +1710,50 @@ def mentions(text, nick):
 def render_line(text, me=None, color=False):
     """Return the line as shown: nick colours, your nick highlighted, notices
     dim, errors red, private messages distinct. text is already clean."""
-    kind, nick, rest = split_server_line(text)
     if not color:
         return text
+    kind, fields = parse_server_line(text)
     if kind in ("private", "private_echo"):
         return styled(STYLES["private"], text)
-    if kind == "notice":
-        return styled(STYLES["notice"], text)
     if kind == "error":
         return styled(STYLES["error"], text)
     if kind == "other":
         return text
+    if kind not in ("message", "action"):
+        return styled(STYLES["notice"], text)  # every kind of notice
+    nick, rest = fields["nick"], fields["text"]
     shown_nick = styled(nick_color(nick), nick)
     if me and nick_key(nick) == nick_key(me):
         shown_nick = styled(STYLES["own"], shown_nick)
     elif mentions(rest, me):
         rest = styled(STYLES["mention"], rest)
-    return ("<%s> %s" if kind == "message" else "* %s %s") % (shown_nick, rest)
+    return format_line(kind, nick=shown_nick, text=rest)
 
 
 def wants_bell(text, me):
     """A private message, or someone else's line that names you."""
-    kind, nick, rest = split_server_line(text)
+    kind, fields = parse_server_line(text)
     if kind == "private":
         return True
-    return kind in ("message", "action") and bool(me) and \
-        nick_key(nick) != nick_key(me) and mentions(rest, me)
+    return (kind in ("message", "action") and bool(me)
+            and nick_key(fields["nick"]) != nick_key(me) and mentions(fields["text"], me))
 
 
 def track_nicks(nicks, text):
     """Keep nicks (clash key -> nick) current from a line from the server."""
-    kind, nick, rest = split_server_line(text)
-    if kind in ("message", "action", "private"):
-        nicks[nick_key(nick)] = nick
-        return
-    if kind != "notice":
-        return
-    words = rest.split(" ")
-    if len(words) >= 3 and words[1] == "joined" and words[2].startswith("("):
-        nicks[nick_key(words[0])] = words[0]
-    elif len(words) >= 2 and words[1] == "left":
-        nicks.pop(nick_key(words[0]), None)
-    elif len(words) >= 4 and words[1:3] in (["was", "kicked"], ["was", "banned"]):
-        nicks.pop(nick_key(words[0]), None)
-    elif len(words) == 6 and words[1:5] == ["is", "now", "known", "as"]:
-        nicks.pop(nick_key(words[0]), None)
-        nicks[nick_key(words[5])] = words[5]
-    elif len(words) >= 3 and words[1] == "online:":
+    kind, fields = parse_server_line(text)
+    if kind in ("message", "action", "private", "joined"):
+        nicks[nick_key(fields["nick"])] = fields["nick"]
+    elif kind in ("left", "kicked", "banned"):
+        nicks.pop(nick_key(fields["nick"]), None)
+    elif kind == "renamed":
+        nicks.pop(nick_key(fields["old"]), None)
+        nicks[nick_key(fields["new"])] = fields["new"]
+    elif kind == "who":
         nicks.clear()
-        for name in rest.split(": ", 1)[1].split(", "):
-            name = name.lstrip("@")
-            nicks[nick_key(name)] = name
+        for nick in fields["nicks"].split(", "):
+            nick = nick.lstrip("@")
+            nicks[nick_key(nick)] = nick
 
 
 def completions(word, first, nicks, commands=CLIENT_COMMANDS + SERVER_COMMANDS):
@@ -2426,11 +2428,11 @@ class ChatClient:
     def _show_server_line(self, text):
         """Show a line as the options say; keep nicks and /reply current."""
         track_nicks(self.nicks, text)
-        kind, nick, rest = split_server_line(text)
+        kind, fields = parse_server_line(text)
         if kind == "private":
-            self.last_private = nick
-        elif kind == "notice" and self.nick and rest.startswith(self.nick + " is now known as "):
-            self.nick = rest.rsplit(" ", 1)[1]  # renamed: mentions follow the new nick
+            self.last_private = fields["nick"]
+        elif kind == "renamed" and fields["old"] == self.nick:
+            self.nick = fields["new"]  # renamed: mentions follow the new nick
         shown = render_line(text, self.nick if self.registered else None, self.color)
         if self.bell and self.registered and wants_bell(text, self.nick):
             shown += BELL
@@ -2599,8 +2601,8 @@ class ChatClient:
     def _note_quit_progress(self, text):
         """While leaving: the server is still busy with our own lines (their
         echoes come back) and it is worth waiting for; others' chatter is not."""
-        kind, nick, _ = split_server_line(text)
-        if (kind in ("message", "action") and nick == self.nick) or kind in (
+        kind, fields = parse_server_line(text)
+        if (kind in ("message", "action") and fields["nick"] == self.nick) or kind in (
                 "private_echo", "error"):
             self.quit_deadline = time.monotonic() + CLIENT_QUIT_WAIT_S
 
@@ -2923,10 +2925,11 @@ class Bench:
         client.inbuf = lines.pop()
         for i, line in enumerate(lines):
             text = line.decode(ENCODING, "replace")
-            if text.startswith(ERROR):
+            kind, fields = parse_server_line(text)
+            if kind == "error":
                 raise BenchError("%s was refused: %s" % (client.nick, text))
-            if text.startswith(NOTICE + client.nick + " joined ("):
-                client.rank = int(text.rsplit("(", 1)[1].split()[0])
+            if kind == "joined" and fields["nick"] == client.nick:
+                client.rank = int(fields["count"])
                 client.state = "in"
                 self.in_flight -= 1
                 self.registered += 1
@@ -3005,7 +3008,7 @@ class Bench:
             return
         tag = self.tag.encode(ENCODING)
         for line in lines:
-            if line.startswith(b"<"):
+            if line.startswith(MESSAGE_OPENING):
                 fields = line.split(b" ", 5)
                 try:
                     if fields[1] != tag:
@@ -3351,6 +3354,13 @@ def positive_float(text):
     return value
 
 
+def number_type(limit):
+    """The argparse type of a limit's flag."""
+    if limit.kind is int:
+        return non_negative_int if limit.zero_ok else positive_int
+    return non_negative_float if limit.zero_ok else positive_float
+
+
 def fingerprint_argument(text):
     try:
         return normalize_fingerprint(text)
@@ -3371,32 +3381,10 @@ def build_parser():
                              "0.0.0.0 or :: for every interface)")
     server.add_argument("--port", type=port_number, default=DEFAULT_PORT,
                         help="TCP port (default %(default)s; 0 picks a free one)")
-    server.add_argument("--max-line", type=positive_int, default=MAX_LINE_BYTES,
-                        metavar="BYTES", help="longest line accepted (default %(default)s)")
-    server.add_argument("--rate", type=non_negative_float, default=RATE_LINES_PER_S,
-                        metavar="LINES_PER_S",
-                        help="lines per second per client; 0 = no flood control "
-                             "(default %(default)s)")
-    server.add_argument("--burst", type=positive_int, default=BURST_LINES,
-                        metavar="LINES", help="lines a client may send at once "
-                                              "(default %(default)s)")
-    server.add_argument("--max-sendq", type=positive_int, default=MAX_SENDQ_BYTES,
-                        metavar="BYTES", help="unsent bytes at which a client is behind: "
-                                              "input waits until it catches up "
-                                              "(default %(default)s)")
-    server.add_argument("--max-lag", type=positive_float, default=MAX_LAG_S,
-                        metavar="SECONDS", help="the longest a reader that is behind may "
-                                                "hold the room before it is evicted as too "
-                                                "slow (default %(default)s)")
-    server.add_argument("--max-clients", type=positive_int, default=MAX_CLIENTS,
-                        metavar="N", help="connections, registered or not "
-                                          "(default %(default)s)")
-    server.add_argument("--max-per-ip", type=non_negative_int, default=MAX_PER_IP,
-                        metavar="N", help="connections from one address, loopback "
-                                          "exempt; 0 = no limit (default %(default)s)")
-    server.add_argument("--register-timeout", type=positive_float,
-                        default=REGISTER_TIMEOUT_S, metavar="SECONDS",
-                        help="time to choose a nickname (default %(default)s)")
+    for limit in LIMITS:
+        server.add_argument("--" + limit.name.replace("_", "-"), type=number_type(limit),
+                            default=limit.default, metavar=limit.unit,
+                            help=limit.help + " (default %(default)s)")
     server.add_argument("--tls-cert", metavar="FILE",
                         help="TLS certificate (PEM); with --tls-key, clients must use TLS")
     server.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
@@ -3552,10 +3540,7 @@ def read_secret(path, env_name, what):
 
 def run_server(args):
     raise_open_files_limit()
-    limits = Limits(max_line=args.max_line, rate=args.rate, burst=args.burst,
-                    max_sendq=args.max_sendq, max_lag=args.max_lag,
-                    max_clients=args.max_clients,
-                    max_per_ip=args.max_per_ip, register_timeout=args.register_timeout)
+    limits = Limits(**{limit.name: getattr(args, limit.name) for limit in LIMITS})
     tls_context = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):

@@ -20,6 +20,7 @@ import selectors
 import shutil
 import signal
 import socket
+import string
 import subprocess
 import ssl
 import sys
@@ -432,15 +433,30 @@ class ClientDisplayTest(unittest.TestCase):
         self.assertEqual(chat.completions("/r", True, nicks), ["/reply"])
         self.assertEqual(chat.completions("/m", False, nicks), [])
 
-    def test_a_line_is_split_into_kind_nick_and_text(self):
-        split = chat.split_server_line
-        self.assertEqual(split("<bob> <x> y"), ("message", "bob", "<x> y"))
-        self.assertEqual(split("* bob waves"), ("action", "bob", "waves"))
-        self.assertEqual(split("*bob* hi"), ("private", "bob", "hi"))
-        self.assertEqual(split("-> *bob* hi"), ("private_echo", "bob", "hi"))
-        self.assertEqual(split("*** x"), ("notice", None, "x"))
-        self.assertEqual(split("!!! x"), ("error", None, "x"))
-        self.assertEqual(split("<not a nick> x")[0], "other")
+    def test_a_line_is_parsed_into_its_kind_and_fields(self):
+        parse = chat.parse_server_line
+        self.assertEqual(parse("<bob> <x> y"), ("message", {"nick": "bob", "text": "<x> y"}))
+        self.assertEqual(parse("* bob waves"), ("action", {"nick": "bob", "text": "waves"}))
+        self.assertEqual(parse("*bob* hi"), ("private", {"nick": "bob", "text": "hi"}))
+        self.assertEqual(parse("-> *bob* hi"), ("private_echo", {"nick": "bob", "text": "hi"}))
+        self.assertEqual(parse("*** x"), ("notice", {"text": "x"}))
+        self.assertEqual(parse("!!! x"), ("error", {"text": "x"}))
+        self.assertEqual(parse("<not a nick> x")[0], "other")
+
+    def test_every_line_the_server_writes_parses_back_to_its_kind_and_fields(self):
+        # One table both ways: a wording changed in FORMATS changes both.
+        samples = {"nick": "bob", "old": "bob", "new": "Bob2", "op": "alice", "count": "3",
+                   "text": "hi there", "reason": "no reason given", "nicks": "@alice, bob",
+                   "token": "t1"}
+        for kind, template in chat.FORMATS.items():
+            names = [field for _, field, _, _ in string.Formatter().parse(template) if field]
+            fields = {name: samples[name] for name in names}
+            self.assertEqual(chat.parse_server_line(chat.format_line(kind, **fields)),
+                             (kind, fields))
+
+    def test_the_clients_commands_come_from_the_servers_help(self):
+        self.assertEqual(set(chat.SERVER_COMMANDS + chat.OPERATOR_COMMANDS + ("/op",)),
+                         {"/" + name for name in chat.ChatServer.COMMANDS if name != "pass"})
 
 
 # --- Server: registration ---------------------------------------------------------
