@@ -102,6 +102,21 @@ LIMITS = (
           "time to choose a nickname"),
 )
 
+class Limits:
+    """The server's limits (one attribute per row of LIMITS) and what follows
+    from them."""
+
+    def __init__(self, **values):
+        for limit in LIMITS:
+            setattr(self, limit.name, values.pop(limit.name, limit.default))
+        if values:
+            raise TypeError("unknown limits: %s" % ", ".join(sorted(values)))
+        # Derived: a pass stops reading once this much broadcast is queued,
+        # so no one is sent more in one pass than a client that reads can
+        # take. (max_sendq itself is where a member counts as behind.)
+        self.pass_budget = min(PASS_BROADCAST_BYTES, self.max_sendq // 4)
+
+
 WRONG_PASSWORD_DELAY_S = 1.0  # a wrong room password: closed after this, to slow guessing
 MAX_OP_ATTEMPTS = 3           # wrong /op passwords before the connection is closed
 
@@ -506,10 +521,10 @@ def normalize_fingerprint(text):
     return format_fingerprint(digits)
 
 
-# --- Server -------------------------------------------------------------------
-# One selectors loop, non-blocking sockets. Each loop pass: handle the ready
-# sockets, hand the broadcasts of the pass to every member at once, then write
-# each connection with output once. Nothing a client sends can raise out of it.
+# --- Plumbing shared by all three programs ------------------------------------
+# Logging, addresses, selector bookkeeping, socket options, reads and writes
+# that know TLS, and the TLS contexts: what the server, the client and the
+# bench all need from sockets.
 
 def log_to_stderr(text):
     """Write one timestamped log line to stderr."""
@@ -643,89 +658,500 @@ def server_tls_context(cert_file, key_file):
     return context, certificate_fingerprint(der)
 
 
-class Limits:
-    """The server's limits (one attribute per row of LIMITS) and what follows
-    from them."""
 
-    def __init__(self, **values):
-        for limit in LIMITS:
-            setattr(self, limit.name, values.pop(limit.name, limit.default))
-        if values:
-            raise TypeError("unknown limits: %s" % ", ".join(sorted(values)))
-        # Derived: a pass stops reading once this much broadcast is queued,
-        # so no one is sent more in one pass than a client that reads can
-        # take. (max_sendq itself is where a member counts as behind.)
-        self.pass_budget = min(PASS_BROADCAST_BYTES, self.max_sendq // 4)
+# --- Chat ---------------------------------------------------------------------
+# What a line means and who gets which line: registration, commands, nicks,
+# operators, bans, the room. No sockets: the chat reaches the loop only
+# through the narrow interface the loop gives it (send, broadcast, enter,
+# leave, close, log, call_later: see ChatServer), so tests can drive it
+# in-process.
+
+# A connection's phase, in the order it goes through them. The line handler
+# is chosen by phase (Chat.LINE_HANDLERS): a phase can't disagree with a flag.
+HANDSHAKE = "handshake"   # TLS under way: the chat has not seen it yet
+PASSWORD = "password"     # the room has a password: /pass before anything else
+NICKNAME = "nickname"     # choosing a nickname
+MEMBER = "member"         # registered, in the room
+CLOSING = "closing"       # its last lines are written; what it sends is discarded
+CLOSED = "closed"
+LOBBY = "#lobby"          # the room (version 2 adds others)
 
 
 class Connection:
-    """The server's record of one client socket."""
+    """The server's record of one client socket: what the loop needs (socket,
+    buffers, read gates, timers) and what the chat needs (phase, nick, room,
+    operator state)."""
 
-    __slots__ = ("sock", "addr", "ip", "name", "nick", "key", "reader", "outbuf",
-                 "tokens", "refilled", "paused", "held", "full", "counted", "closing",
-                 "closed", "behind_since",
-                 "events", "drained_at", "tls", "handshake_wait", "authed", "op",
-                 "muted", "op_attempts", "timers", "__weakref__")
+    __slots__ = ("sock", "addr", "ip", "name", "phase", "nick", "key", "room", "reader",
+                 "outbuf", "tokens", "refilled", "paused", "held", "full", "counted",
+                 "behind_since", "events", "drained_at", "tls", "handshake_wait",
+                 "close_at", "op", "muted", "op_attempts", "timers", "__weakref__")
 
     def __init__(self, sock, addr, limits, now):
         self.sock = sock
         self.addr = addr
         self.ip = peer_ip(addr)
         self.name = format_address(addr)   # for the log until it has a nick
+        self.phase = HANDSHAKE
         self.nick = None                   # set once registered
         self.key = None                    # nick_key(nick)
+        self.room = None                   # the Room it is in, once registered
         self.reader = LineReader(limits.max_line)
         self.outbuf = bytearray()
+        # The loop's read gates: any one of them stops reading this socket.
+        self.paused = False                # out of flood-control tokens
+        self.held = False                  # a member is behind: input waits for it
+        self.full = False                  # its own unread output is past max_sendq
         self.tokens = float(limits.burst)  # flood control bucket
         self.refilled = now
-        self.paused = False                # not reading: out of tokens
-        self.held = False                  # not reading: the room is behind
-        self.full = False                  # not reading: its own output is over max_sendq
-        self.behind_since = None           # when its backlog went over max_sendq
+        self.behind_since = None           # when its backlog went past max_sendq
         self.drained_at = now              # when a send last took some of its bytes
         self.tls = False                   # sock is an SSLSocket
         self.handshake_wait = 0            # while the TLS handshake runs: the event it waits for
-        self.authed = False                # gave the room password (or none is needed);
-                                           # None: gave a wrong one, closed soon
+        self.close_at = 0.0                # CLOSING: not before; None once the write side is shut
         self.op = False                    # an operator
         self.muted = False                 # its lines reach no one
         self.op_attempts = 0               # wrong /op passwords so far
         self.counted = False               # in the max-clients and per-IP counts
-        self.closing = False               # flushing its last lines, then closed
-        self.closed = False
         self.events = 0                    # what the selector watches for it
         self.timers = []                   # its pending timers, cancelled when it closes
 
 
+class Room:
+    """The members of one room, by nick key. Only the FanOut changes members,
+    so that who gets a room's lines and in which order is decided in one place."""
+
+    __slots__ = ("name", "members")
+
+    def __init__(self, name):
+        self.name = name
+        self.members = {}
+
+
+class MemoryStore:
+    """What the chat keeps beyond one connection: in version 1, the bans, in
+    memory (a restart clears them). Version 2 puts SQLite and Redis stores
+    behind these same methods, and adds messages, topics and accounts."""
+
+    def __init__(self):
+        self._bans = {}                    # ip -> the nick it was banned as
+
+    def add_ban(self, ip, nick):
+        self._bans[ip] = nick
+
+    def remove_ban(self, ip):
+        """Unban ip; return whether it was banned."""
+        return self._bans.pop(ip, None) is not None
+
+    def is_banned(self, ip):
+        return ip in self._bans
+
+    def bans(self):
+        """[(ip, nick)], sorted by address."""
+        return sorted(self._bans.items())
+
+
+class Chat:
+    """The chat's rules. Called by the loop (connected, handle_line,
+    registration_expired, disconnected, refusal); calls the loop through io."""
+
+    def __init__(self, io, limits, password=None, op_password=None, store=None):
+        self.io = io
+        self.limits = limits
+        self.password = password           # the room's, or None
+        self.op_password = op_password     # for /op, or None: no operators
+        self.store = store if store is not None else MemoryStore()
+        self.members = {}                  # nick key -> registered Connection, every room
+        self.lobby = Room(LOBBY)
+
+    # -- called by the loop --
+
+    def refusal(self, conn):
+        """Return why a new connection may not stay, or None."""
+        return "you are banned" if self.store.is_banned(conn.ip) else None
+
+    def connected(self, conn):
+        """A connection the chat may talk to: greet it."""
+        conn.phase = NICKNAME if self.password is None else PASSWORD
+        greeting = [text.format(count=len(self.members)) for text in GREETING]
+        if conn.phase == PASSWORD:
+            greeting.insert(-1, PASSWORD_GREETING)  # the last line still asks for a nick
+        for text in greeting:
+            self.io.send(conn, notice(text))
+
+    def handle_line(self, conn, line):
+        """Handle one line (bytes) from conn, as its phase says."""
+        text = decode_line(line)
+        if text.strip():
+            command, arg = parse_line(text)
+            self.LINE_HANDLERS[conn.phase](self, conn, command, arg)
+
+    def registration_expired(self, conn):
+        self.io.send(conn, error("registration timed out"))
+        self.io.log("%s: registration timed out" % conn.name)
+        self.io.close(conn)
+
+    def disconnected(self, conn, reason):
+        """conn's connection ended (or is ending): it leaves, and its room is
+        told why (reason None: told already)."""
+        if conn.phase != MEMBER or conn.room is None:
+            return
+        room, conn.room = conn.room, None  # out of the room; the loop closes it next
+        del self.members[conn.key]
+        self.io.leave(room, conn)
+        if reason is not None:
+            self.io.broadcast(room, format_line("left", nick=conn.nick, reason=reason))
+            self.io.log("%s left (%s)" % (conn.nick, reason))
+
+    # -- lines by phase --
+
+    def _password_line(self, conn, command, arg):
+        """The room has a password: /pass first; /quit is allowed."""
+        if command == "quit":
+            self.io.close(conn)
+        elif command == "pass":
+            self._check_password(conn, arg)
+        else:
+            self.io.send(conn, error(PASSWORD_REQUIRED))
+
+    def _nickname_line(self, conn, command, arg):
+        """A nickname (a line, or /nick); /quit is allowed."""
+        if command == "quit":
+            self.io.close(conn)
+        elif command == "pass":
+            self.io.send(conn, notice("no password needed now: choose a nickname"))
+        elif command is None:
+            self._register(conn, arg.strip())
+        elif command == "nick":
+            self._register(conn, arg)
+        else:
+            self.io.send(conn, error("choose a nickname first"))
+
+    def _member_line(self, conn, command, arg):
+        """A message to the room, or a command."""
+        if command is None:
+            if self._allowed_to_speak(conn):
+                self.io.broadcast(conn.room, format_line("message", nick=conn.nick, text=arg))
+            return
+        handler = self.COMMANDS.get(command)
+        if handler is None:
+            self.io.send(conn, error("unknown command /%s (try /help)" % command))
+        else:
+            handler(self, conn, arg)
+
+    def _closing_line(self, conn, command, arg):
+        """Its last lines are on their way: what it says now is dropped."""
+
+    # -- registration --
+
+    def _check_password(self, conn, secret):
+        if secrets_match(secret, self.password):
+            conn.phase = NICKNAME
+            self.io.send(conn, notice(PASSWORD_ACCEPTED))
+            return
+        self.io.log("%s: wrong password" % conn.name)
+        self.io.send(conn, error(WRONG_PASSWORD))
+        self.io.close(conn, delay=WRONG_PASSWORD_DELAY_S)  # a guess costs a second
+
+    def _register(self, conn, nick):
+        problem = self._nick_problem(nick)
+        if problem:
+            self.io.send(conn, error(problem))
+            return
+        conn.nick, conn.key, conn.phase = nick, nick_key(nick), MEMBER
+        self.members[conn.key] = conn
+        self.io.enter(self.lobby, conn)
+        self.io.log("%s joined from %s" % (nick, conn.name))
+        conn.name = nick
+        self.io.broadcast(conn.room, format_line("joined", nick=nick, count=len(self.members)))
+
+    def _nick_problem(self, nick, conn=None):
+        """Return why nick can't be taken (by conn, if renaming), or None."""
+        problem = nick_problem(nick)
+        if problem:
+            return problem
+        holder = self.members.get(nick_key(nick))
+        if holder is not None and holder is not conn:
+            return "nickname %s is taken" % nick
+        return None
+
+    # -- commands of members --
+
+    def _allowed_to_speak(self, conn):
+        """A muted member's lines reach no one; it is told so."""
+        if conn.muted:
+            self.io.send(conn, error("you are muted"))
+        return not conn.muted
+
+    def _cmd_me(self, conn, arg):
+        if not arg:
+            self.io.send(conn, error(USAGE["me"]))
+        elif self._allowed_to_speak(conn):
+            self.io.broadcast(conn.room, format_line("action", nick=conn.nick, text=arg))
+
+    def _cmd_msg(self, conn, arg):
+        parts = arg.split(None, 1)
+        if len(parts) < 2:
+            self.io.send(conn, error(USAGE["msg"]))
+            return
+        target_nick, text = parts
+        target = self.members.get(nick_key(target_nick))
+        if target is None:
+            self.io.send(conn, error("no such user: %s" % target_nick))
+            return
+        if not self._allowed_to_speak(conn):
+            return
+        self.io.send(target, format_line("private", nick=conn.nick, text=text))
+        self.io.send(conn, format_line("private_echo", nick=target.nick, text=text))
+
+    def _cmd_nick(self, conn, arg):
+        if not arg:
+            self.io.send(conn, error(USAGE["nick"]))
+            return
+        if arg == conn.nick:
+            self.io.send(conn, error("you are already %s" % arg))
+            return
+        if not self._allowed_to_speak(conn):
+            return  # a rename is seen by everyone: muted means that too
+        problem = self._nick_problem(arg, conn)
+        if problem:
+            self.io.send(conn, error(problem))
+            return
+        old, room = conn.nick, conn.room
+        del self.members[conn.key]
+        self.io.leave(room, conn)  # the room knows members by nick key: out, and in again
+        conn.nick, conn.key, conn.name = arg, nick_key(arg), arg
+        self.members[conn.key] = conn
+        self.io.enter(room, conn)
+        self.io.log("%s is now known as %s" % (old, arg))
+        self.io.broadcast(room, format_line("renamed", old=old, new=arg))
+
+    def _cmd_who(self, conn, arg):
+        members = sorted(conn.room.members.values(), key=lambda member: member.key)
+        nicks = ["@" + m.nick if m.op else m.nick for m in members]
+        self.io.send(conn, format_line("who", count=len(nicks), nicks=", ".join(nicks)))
+
+    def _cmd_help(self, conn, arg):
+        lines = list(HELP)
+        if self.op_password is not None and not conn.op:
+            lines.append(HELP_OP)
+        if conn.op:
+            lines.extend(HELP_OPERATORS)
+        for text in lines:
+            self.io.send(conn, notice(text))
+
+    def _cmd_ping(self, conn, arg):
+        self.io.send(conn, format_line("pong", token=arg).rstrip())
+
+    def _cmd_pass(self, conn, arg):
+        self.io.send(conn, notice("you are in already"))
+
+    def _cmd_quit(self, conn, arg):
+        self.disconnected(conn, arg or LEFT_QUIT)
+        self.io.close(conn)
+
+    # -- operators --
+
+    def _cmd_op(self, conn, arg):
+        if self.op_password is None:
+            self.io.send(conn, error("this server has no operators"))
+        elif conn.op:
+            self.io.send(conn, notice("you are an operator already"))
+        elif secrets_match(arg, self.op_password):
+            conn.op = True
+            self.io.log("%s is now an operator" % conn.nick)
+            self.io.broadcast(conn.room, format_line("opped", nick=conn.nick))
+        else:
+            conn.op_attempts += 1
+            self.io.log("%s: wrong operator password" % conn.nick)
+            self.io.send(conn, error("wrong operator password"))
+            if conn.op_attempts >= MAX_OP_ATTEMPTS:
+                self.io.send(conn, error("too many wrong operator passwords"))
+                self.disconnected(conn, LEFT_CLOSED)
+                self.io.close(conn)
+
+    def _operator_target(self, conn, command, arg):
+        """For an operator command: return (target member, rest of arg), or
+        (None, None) after telling conn why not."""
+        if not conn.op:
+            self.io.send(conn, error("operators only"))
+            return None, None
+        parts = arg.split(None, 1)
+        if not parts:
+            self.io.send(conn, error(USAGE[command]))
+            return None, None
+        target = self.members.get(nick_key(parts[0]))
+        if target is None:
+            self.io.send(conn, error("no such user: %s" % parts[0]))
+            return None, None
+        return target, parts[1] if len(parts) > 1 else ""
+
+    def _remove(self, target, line):
+        """Tell target's room (target included) line, then disconnect target."""
+        self.io.broadcast(target.room, line)
+        self.disconnected(target, None)
+        self.io.close(target)
+
+    def _cmd_kick(self, conn, arg):
+        target, reason = self._operator_target(conn, "kick", arg)
+        if target is not None:
+            self.io.log("%s kicked %s" % (conn.nick, target.nick))
+            self._remove(target, format_line("kicked", nick=target.nick, op=conn.nick,
+                                             reason=reason or NO_REASON))
+
+    def _cmd_ban(self, conn, arg):
+        target, reason = self._operator_target(conn, "ban", arg)
+        if target is conn:  # it would lock out the operator's own address
+            self.io.send(conn, error("you can't ban yourself"))
+        elif target is not None:
+            self.store.add_ban(target.ip, target.nick)
+            self.io.log("%s banned %s (%s)" % (conn.nick, target.nick, target.ip))
+            self._remove(target, format_line("banned", nick=target.nick, op=conn.nick,
+                                             reason=reason or NO_REASON))
+
+    def _cmd_unban(self, conn, arg):
+        if not conn.op:
+            self.io.send(conn, error("operators only"))
+        elif not arg:
+            self.io.send(conn, error(USAGE["unban"]))
+        elif not self.store.remove_ban(arg):
+            self.io.send(conn, error("%s is not banned" % arg))
+        else:
+            self.io.log("%s unbanned %s" % (conn.nick, arg))
+            self.io.send(conn, notice("%s is no longer banned" % arg))
+
+    def _cmd_bans(self, conn, arg):
+        bans = self.store.bans()
+        if not conn.op:
+            self.io.send(conn, error("operators only"))
+        elif not bans:
+            self.io.send(conn, notice("no address is banned"))
+        else:
+            self.io.send(conn, notice("banned: " + ", ".join(
+                "%s (%s)" % (ip, nick) for ip, nick in bans)))
+
+    def _cmd_mute(self, conn, arg):
+        self._set_muted(conn, "mute", arg, True)
+
+    def _cmd_unmute(self, conn, arg):
+        self._set_muted(conn, "unmute", arg, False)
+
+    def _set_muted(self, conn, command, arg, muted):
+        target, _ = self._operator_target(conn, command, arg)
+        if target is None:
+            return
+        if target.muted == muted:
+            self.io.send(conn, error("%s is %s already" % (target.nick,
+                                                           "muted" if muted else "not muted")))
+            return
+        target.muted = muted
+        self.io.log("%s %sd %s" % (conn.nick, command, target.nick))
+        self.io.broadcast(target.room, format_line("muted" if muted else "unmuted",
+                                                   nick=target.nick, op=conn.nick))
+
+    COMMANDS = {
+        "me": _cmd_me,
+        "msg": _cmd_msg,
+        "nick": _cmd_nick,
+        "who": _cmd_who,
+        "help": _cmd_help,
+        "ping": _cmd_ping,
+        "quit": _cmd_quit,
+        "pass": _cmd_pass,
+        "op": _cmd_op,
+        "kick": _cmd_kick,
+        "ban": _cmd_ban,
+        "unban": _cmd_unban,
+        "bans": _cmd_bans,
+        "mute": _cmd_mute,
+        "unmute": _cmd_unmute,
+    }
+
+    LINE_HANDLERS = {
+        PASSWORD: _password_line,
+        NICKNAME: _nickname_line,
+        MEMBER: _member_line,
+        CLOSING: _closing_line,
+    }
+
+
+# --- Server loop --------------------------------------------------------------
+# One selectors loop, non-blocking sockets. Each pass: read the ready
+# sockets, hand each room's broadcasts of the pass to its members at once,
+# then write each connection with output once. It knows sockets and bytes,
+# not commands: lines go to the Chat, and the Chat comes back through the
+# narrow interface below. Nothing a client sends can raise out of it.
+
+class FanOut:
+    """The pass's broadcasts, per room, and the one rule of their order:
+    every member of a room gets the room's lines in the order they were
+    accepted; one who entered during the pass gets only what came after; one
+    who leaves gets what was queued before."""
+
+    def __init__(self):
+        self.pending = {}                  # room -> this pass's broadcasts (bytearray)
+        self.late = {}                     # room -> {conn: offset in pending at entry}
+        self.size = 0                      # bytes pending, every room
+
+    def broadcast(self, room, data):
+        self.pending.setdefault(room, bytearray()).extend(data)
+        self.size += len(data)
+
+    def enter(self, room, conn):
+        room.members[conn.key] = conn
+        conn.room = room
+        pending = self.pending.get(room)
+        if pending:  # it missed this pass's earlier lines: it was not in the room yet
+            self.late.setdefault(room, {})[conn] = len(pending)
+
+    def leave(self, room, conn):
+        """Take conn out of room; return the bytes it is owed of this pass."""
+        del room.members[conn.key]
+        offset = self.late.get(room, {}).pop(conn, 0)
+        return bytes(self.pending.get(room, b"")[offset:])
+
+    def take(self, room):
+        """Return (room's pending bytes, {latecomer: offset}) and forget them."""
+        data = bytes(self.pending.pop(room, b""))
+        self.size -= len(data)
+        return data, self.late.pop(room, {})
+
+
 class ChatServer:
-    """The chat room: accepts connections, reads lines, relays them."""
+    """The server: a selectors loop that owns the sockets, and a Chat that
+    owns the meaning of lines.
+
+    Called from outside: bind(), start(), serve_forever(), shutdown().
+    Called by the Chat (its whole view of the loop): send(), broadcast(),
+    enter(), leave(), close(), log(), call_later().
+    Everything else is the loop's own: accepting, TLS, reading, writing,
+    back-pressure and slow readers, timers, and the two ways out: close()
+    (the chat's: write what is owed, then close) and _drop() (the peer is
+    gone or too slow: now).
+    """
 
     def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT, limits=None,
                  log=log_to_stderr, verbose=True, tls_context=None, password=None,
-                 op_password=None):
-        self.tls_context = tls_context     # None: plain TCP
-        self.password = password           # the room's, or None
-        self.op_password = op_password     # for /op, or None: no operators
-        self.bans = {}                     # banned ip -> the nick it was banned as
+                 op_password=None, store=None):
         self.host = host
         self.port = port
         self.limits = limits or Limits()
-        self.log = log                     # None: silent
+        self.tls_context = tls_context     # None: plain TCP
+        self.logger = log                  # None: silent
         self.verbose = verbose             # False (-q): no per-client lines
+        self.chat = Chat(self, self.limits, password, op_password, store)
+        self.fanout = FanOut()
         self.selector = None
         self.listener = None
         self.address = None                # (host, port) actually bound
         self.conns = set()                 # every open socket but the listener
-        self.members = {}                  # nick_key -> registered Connection
         self.per_ip = {}                   # ip -> connections counted
         self.counted = 0                   # connections counted, all addresses
         self.dirty = set()                 # connections with output to write
-        self.pending = bytearray()         # this pass's broadcasts, not yet handed out
-        self.late = {}                     # joined this pass: conn -> offset in pending
         self.deferred = {}                 # conns to read next pass (a dict: ordered, unique)
         self.behind = set()                # members more than max_sendq behind
-        self.held = []                     # conns not read while the room is behind
-        self.throttled = False             # is the room behind (this pass)?
+        self.held = []                     # conns not read while a member is behind
+        self.throttled = False             # is a member behind (this pass)?
         self.timers = []                   # heap of [when, seq, function, conn]
         self.timer_seq = 0
         self.cancelled_timers = 0          # entries in timers whose function is None
@@ -752,7 +1178,7 @@ class ChatServer:
         self.wake_w.setblocking(False)
         self.selector.register(self.wake_r, selectors.EVENT_READ, self._on_wake)
         self._open_spare_fd()
-        self._log("listening on %s" % format_address(self.address), always=True)
+        self.log("listening on %s" % format_address(self.address), always=True)
         return self.address
 
     def _listen(self):
@@ -787,7 +1213,7 @@ class ChatServer:
     def _run_pass(self, timeout):
         """One loop pass: dispatch ready sockets, fire timers, write output."""
         events = self.selector.select(timeout)
-        self.throttled = self._room_is_behind()
+        self.throttled = self._someone_is_behind()
         if self.held and not self.throttled:
             self._release_held()
         self._read_deferred()
@@ -799,69 +1225,12 @@ class ChatServer:
         self._fire_timers()
         self._write_output()
 
-    def _room_is_behind(self):
-        """Tell whether input should wait for a member that is behind; first
-        evict those that stopped reading or have lagged too long."""
-        if not self.behind:
-            return False
-        now = time.monotonic()
-        for conn in [conn for conn in self.behind if self._too_slow(conn, now)]:
-            self._log("%s evicted: %d bytes unsent" % (conn.name, len(conn.outbuf)))
-            self._drop(conn, LEFT_TOO_SLOW)
-        return bool(self.behind)
-
-    def _too_slow(self, conn, now):
-        """Behind, and either took nothing for STALL_S or behind for max_lag."""
-        return (now - conn.drained_at >= STALL_S
-                or now - conn.behind_since >= self.limits.max_lag)
-
-    def _hold(self, conn):
-        """Stop reading conn until the room catches up."""
-        if not conn.held:
-            conn.held = True
-            self.held.append(conn)
-            self._watch(conn)
-
-    def _release_held(self):
-        held, self.held = self.held, []
-        for conn in held:
-            conn.held = False
-            if not conn.closed:
-                self._watch(conn)
-                self.deferred[conn] = None  # lines may wait in its reader
-
-    def _note_backlog(self, conn):
-        """After conn's outbuf changed: keep self.behind current, and let
-        conn's own input go on once its backlog is back within max_sendq.
-
-        A member is behind from when its backlog passes max_sendq until it
-        has caught up, all of it: so the --max-lag clock is not reset by a
-        reader that trickles just under the threshold and back.
-        """
-        over = len(conn.outbuf) > self.limits.max_sendq
-        if conn.behind_since is None:
-            if over and conn.key is not None:
-                conn.behind_since = time.monotonic()
-                self.behind.add(conn)
-        elif not conn.outbuf:
-            conn.behind_since = None
-            self.behind.discard(conn)
-        if conn.full and not over:
-            conn.full = False
-            self.deferred[conn] = None  # its lines waiting in the reader, then reads
-
-    def _read_deferred(self):
-        """First in a pass: the reads an earlier pass put off, oldest first."""
-        deferred, self.deferred = self.deferred, {}
-        for conn in deferred:
-            if not conn.closed and not conn.paused:
-                self._on_event_guarded(conn, selectors.EVENT_READ)
-
     def _next_timeout(self):
         """Sleep until the next timer, or not at all while work is waiting."""
-        if self.pending or self.dirty or self.deferred or (self.held and not self.behind):
+        if (self.fanout.size or self.dirty or self.deferred
+                or (self.held and not self.behind)):
             return 0
-        timeout = HELD_RECHECK_S if self.behind else None  # re-judge the room
+        timeout = HELD_RECHECK_S if self.behind else None  # judge the slow readers
         if self.timers:
             due = max(0.0, self.timers[0][0] - time.monotonic())
             timeout = due if timeout is None else min(timeout, due)
@@ -876,11 +1245,12 @@ class ChatServer:
 
     def _say_goodbye(self):
         """Tell every connection the server is going; flush for a while."""
-        self._log("shutting down", always=True)
-        self._deliver_pending()
+        self.log("shutting down", always=True)
+        for room in list(self.fanout.pending):
+            self._deliver(room)
         line = encode_line(notice(SHUTDOWN_NOTICE))
         for conn in self.conns:
-            if not conn.closing and not conn.handshake_wait:
+            if conn.phase not in (CLOSING, CLOSED) and not conn.handshake_wait:
                 conn.outbuf += line
                 self.dirty.add(conn)
         deadline = time.monotonic() + SHUTDOWN_FLUSH_S
@@ -907,7 +1277,7 @@ class ChatServer:
 
     def _close_everything(self):
         for conn in list(self.conns):
-            self._close(conn)
+            self._forget(conn)
         for sock in (self.listener, self.wake_r, self.wake_w):
             if sock is not None:
                 sock.close()
@@ -917,14 +1287,55 @@ class ChatServer:
         if self.selector is not None:
             self.selector.close()
 
-    def _log(self, text, always=False):
-        if self.log is not None and (always or self.verbose):
-            self.log(text)
+    # -- the Chat's view of the loop --
 
-    # -- timers --
+    def send(self, conn, text):
+        """Queue a line for one connection, after the broadcasts it is owed."""
+        if conn.phase == CLOSED:
+            return
+        if conn.room is not None and conn.room in self.fanout.pending:
+            self._deliver(conn.room)  # keep its lines in the room's order
+        conn.outbuf += encode_line(text)
+        self.dirty.add(conn)
 
-    def _call_later(self, delay, function, conn=None):
-        """Call function(conn) after delay seconds; it checks whether still due.
+    def broadcast(self, room, text):
+        """Queue a line for every member of room, in the one order all of them see."""
+        self.fanout.broadcast(room, encode_line(text))
+
+    def enter(self, room, conn):
+        """conn is now a member of room: it gets the room's lines from here on."""
+        self.fanout.enter(room, conn)
+
+    def leave(self, room, conn):
+        """conn leaves room: it still gets what the room was sent before."""
+        owed = self.fanout.leave(room, conn)
+        if owed:
+            conn.outbuf += owed
+            self.dirty.add(conn)
+        self.behind.discard(conn)
+        conn.behind_since = None
+
+    def close(self, conn, delay=0.0):
+        """Stop handling conn's input; close it once its output is written,
+        and not before delay seconds."""
+        if conn.phase in (CLOSING, CLOSED):
+            return
+        self.chat.disconnected(conn, LEFT_QUIT)  # a member still in the room leaves
+        self._uncount(conn)
+        conn.phase = CLOSING
+        conn.paused = conn.held = conn.full = False  # read on, to notice the peer's close
+        conn.close_at = time.monotonic() + delay
+        self.dirty.add(conn)
+        if delay:
+            self.call_later(delay, self._flush, conn)  # it may have nothing more to write
+        self.call_later(delay + LINGER_S, self._forget, conn)
+
+    def log(self, text, always=False):
+        if self.logger is not None and (always or self.verbose):
+            self.logger(text)
+
+    def call_later(self, delay, function, conn=None):
+        """Call function(conn) (or function()) after delay seconds.
 
         A connection's timers are cancelled when it closes, so that a closed
         connection is not kept in memory until they fire.
@@ -934,6 +1345,8 @@ class ChatServer:
         heapq.heappush(self.timers, timer)
         if conn is not None:
             conn.timers.append(timer)
+
+    # -- timers --
 
     def _cancel_timers(self, conn):
         for timer in conn.timers:
@@ -975,19 +1388,19 @@ class ChatServer:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     self._refuse_without_descriptors()
                 else:
-                    self._log("accept failed: %s" % exc, always=True)
+                    self.log("accept failed: %s" % exc, always=True)
                 return
             self._admit(sock, addr)
 
     def _admit(self, sock, addr):
-        """Set up a new connection: refuse it past a limit, else greet it."""
+        """Set up a new connection: refuse it past a limit, else hand it to the chat."""
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
             set_keepalive(sock)
         except OSError as exc:  # the peer is already gone
-            self._log("%s: %s" % (format_address(addr), exc))
+            self.log("%s: %s" % (format_address(addr), exc))
             sock.close()
             return
         conn = Connection(sock, addr, self.limits, time.monotonic())
@@ -995,27 +1408,23 @@ class ChatServer:
             self._start_tls(conn)
         self.conns.add(conn)
         self._watch(conn)
-        refusal = self._refusal(conn)
+        refusal = self.chat.refusal(conn) or self._refusal(conn)
         if refusal:
-            self._log("%s refused: %s" % (conn.name, refusal))
-            self._send(conn, error(refusal))
-            self._close_after_flush(conn)
+            self.log("%s refused: %s" % (conn.name, refusal))
+            self.send(conn, error(refusal))
+            self.close(conn)
             return
         self._count(conn)
-        self._log("%s connected" % conn.name)
-        conn.authed = self.password is None
-        greeting = [text.format(count=len(self.members)) for text in GREETING]
-        if not conn.authed:
-            greeting.insert(-1, PASSWORD_GREETING)  # the last line still asks for a nick
-        for text in greeting:
-            self._send(conn, notice(text))
-        self._call_later(self.limits.register_timeout, self._expire_registration, conn)
+        self.log("%s connected" % conn.name)
+        self.call_later(self.limits.register_timeout, self._expire_registration, conn)
+        if not conn.handshake_wait:
+            self.chat.connected(conn)
 
     def _start_tls(self, conn):
         """Wrap the socket; the handshake runs in the loop like any other I/O.
 
-        Lines queued before it completes (the greeting, or a refusal) wait
-        in outbuf. The registration timeout bounds it.
+        A refusal queued before it completes waits in outbuf. The
+        registration timeout bounds it.
         """
         conn.sock = self.tls_context.wrap_socket(conn.sock, server_side=True,
                                                  do_handshake_on_connect=False)
@@ -1030,21 +1439,21 @@ class ChatServer:
         except ssl.SSLWantWriteError:
             conn.handshake_wait = selectors.EVENT_WRITE
         except (ssl.SSLError, OSError) as exc:  # plain text, or a peer that gave up
-            self._log("%s: TLS handshake failed: %s"
-                      % (conn.name, getattr(exc, "reason", None) or exc))
+            self.log("%s: TLS handshake failed: %s"
+                     % (conn.name, getattr(exc, "reason", None) or exc))
             self._drop(conn, LEFT_CLOSED)
             return
         else:
             conn.handshake_wait = 0
-            self._log("%s: %s established" % (conn.name, conn.sock.version()))
+            self.log("%s: %s established" % (conn.name, conn.sock.version()))
+            if conn.phase == HANDSHAKE:
+                self.chat.connected(conn)
             self.dirty.add(conn)  # what was queued meanwhile goes now
         self._watch(conn)
 
     def _refusal(self, conn):
-        """Return why a new connection can't stay, or None."""
+        """Return why a new connection can't stay by the loop's limits, or None."""
         limits = self.limits
-        if conn.ip in self.bans:
-            return "you are banned"
         if self.counted >= limits.max_clients:
             return "server full"
         if (limits.max_per_ip and conn.ip not in EXEMPT_ADDRESSES
@@ -1074,13 +1483,13 @@ class ChatServer:
                 except OSError:
                     pass  # refused either way
                 sock.close()
-                self._log("%s refused: out of file descriptors" % format_address(addr))
+                self.log("%s refused: out of file descriptors" % format_address(addr))
             except OSError:
                 pass  # nobody waiting after all, or no descriptor even now
             self._open_spare_fd()
         if self.spare_fd is None:
             self.selector.unregister(self.listener)
-            self._call_later(ACCEPT_PAUSE_S, self._resume_accepting)
+            self.call_later(ACCEPT_PAUSE_S, self._resume_accepting)
 
     def _resume_accepting(self):
         if self.spare_fd is None:
@@ -1088,31 +1497,44 @@ class ChatServer:
         self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
 
     def _expire_registration(self, conn):
-        if conn.handshake_wait:
-            self._log("%s: TLS handshake timed out" % conn.name)
-            self._close(conn)
-        elif conn.nick is None and not conn.closing:
-            self._send(conn, error("registration timed out"))
-            self._log("%s: registration timed out" % conn.name)
-            self._close_after_flush(conn)
+        if conn.phase == HANDSHAKE:
+            self.log("%s: TLS handshake timed out" % conn.name)
+            self._forget(conn)
+        elif conn.phase in (PASSWORD, NICKNAME):
+            self.chat.registration_expired(conn)
+
+    def _count(self, conn):
+        conn.counted = True
+        self.counted += 1
+        self.per_ip[conn.ip] = self.per_ip.get(conn.ip, 0) + 1
+
+    def _uncount(self, conn):
+        """Stop counting a connection that is leaving toward the limits."""
+        if not conn.counted:
+            return
+        conn.counted = False
+        self.counted -= 1
+        count = self.per_ip.pop(conn.ip)
+        if count > 1:
+            self.per_ip[conn.ip] = count - 1
 
     # -- the selector's view of a connection --
 
     def _watch(self, conn):
         """Make the selector watch conn for exactly what it needs now.
 
-        Reading while not paused for flood control; writing only while outbuf
-        holds bytes (it is called after a send, so: bytes the send left).
+        Reading unless a read gate is shut (a closing connection reads on, to
+        notice the peer's close); writing only while outbuf holds bytes (it is
+        called after a send, so: bytes the send left).
         """
         if conn.handshake_wait:
             want = conn.handshake_wait
         else:
-            reading = conn.closing or not (
-                conn.paused or conn.held or conn.full or conn.authed is None)
+            reading = conn.phase == CLOSING or not (conn.paused or conn.held or conn.full)
             want = selectors.EVENT_READ if reading else 0
             if conn.outbuf:
                 want |= selectors.EVENT_WRITE
-        if not conn.closed:
+        if conn.phase != CLOSED:
             conn.events = watch(self.selector, conn.sock, conn.events, want, conn)
 
     def _on_event_guarded(self, conn, mask):
@@ -1120,22 +1542,22 @@ class ChatServer:
         try:
             self._on_event(conn, mask)
         except Exception:  # deliberately broad: the room must outlive a bug
-            self._log("internal error on %s, dropped:\n%s"
-                      % (conn.name, traceback.format_exc().rstrip()), always=True)
+            self.log("internal error on %s, dropped:\n%s"
+                     % (conn.name, traceback.format_exc().rstrip()), always=True)
             self._drop(conn, LEFT_CLOSED)
 
     def _on_event(self, conn, mask):
-        if conn.closed:
+        if conn.phase == CLOSED:
             return
         if conn.handshake_wait:
             self._continue_handshake(conn)
             return
         if mask & selectors.EVENT_WRITE:
             self._flush(conn)
-        if mask & selectors.EVENT_READ and not conn.closed:
+        if mask & selectors.EVENT_READ and conn.phase != CLOSED:
             if self.throttled:
                 self._hold(conn)
-            elif len(self.pending) >= self.limits.pass_budget:
+            elif self.fanout.size >= self.limits.pass_budget:
                 self.deferred[conn] = None  # read in a later pass, in this order
             else:
                 self._read(conn)
@@ -1146,7 +1568,7 @@ class ChatServer:
         """Handle lines left from an earlier pass; then read more and handle those."""
         if conn.reader.has_line():
             self._handle_lines(conn)
-            if conn.reader.has_line() or conn.closing:
+            if conn.reader.has_line() or conn.phase == CLOSING:
                 return  # the pass's budget is spent: the rest waits
         try:
             data = receive_some(conn.sock, conn.tls)
@@ -1154,26 +1576,26 @@ class ChatServer:
                 ssl.SSLWantWriteError):
             return  # nothing yet (for TLS: no whole record yet)
         except OSError as exc:
-            self._log("%s: %s" % (conn.name, exc))
+            self.log("%s: %s" % (conn.name, exc))
             self._drop(conn, LEFT_CLOSED)
             return
         if not data:
             self._drop(conn, LEFT_CLOSED)
             return
-        if conn.closing:
+        if conn.phase == CLOSING:
             return  # a closing connection's input is discarded
         conn.reader.feed(data)
         self._handle_lines(conn)
 
     def _handle_lines(self, conn):
-        """Handle complete lines while the flood-control bucket allows."""
+        """Hand complete lines to the chat while the read gates allow."""
         reader = conn.reader
         rate = self.limits.rate
-        while not conn.closing and conn.authed is not None:
+        while conn.phase not in (CLOSING, CLOSED):
             if self.throttled:
-                self._hold(conn)  # the room is behind: the rest when it has caught up
+                self._hold(conn)  # a member is behind: the rest when it has caught up
                 return
-            if len(self.pending) >= self.limits.pass_budget:
+            if self.fanout.size >= self.limits.pass_budget:
                 self.deferred[conn] = None  # the rest in a later pass
                 return
             if len(conn.outbuf) > self.limits.max_sendq:
@@ -1188,12 +1610,11 @@ class ChatServer:
             if line is None:
                 return
             if line is TOO_LONG:
-                self._send(conn, error("line too long (max %d bytes)"
-                                       % self.limits.max_line))
+                self.send(conn, error("line too long (max %d bytes)" % self.limits.max_line))
                 continue
             if rate:
                 conn.tokens -= 1 + len(line) // BYTES_PER_EXTRA_TOKEN
-            self._handle_line(conn, line)
+            self.chat.handle_line(conn, line)
 
     def _take_token(self, conn):
         """Refill the bucket; if it is empty and a line waits, pause reading.
@@ -1211,303 +1632,92 @@ class ChatServer:
         if not conn.paused:
             conn.paused = True
             self._watch(conn)
-            self._call_later((1 - conn.tokens) / limits.rate, self._resume_reading, conn)
+            self.call_later((1 - conn.tokens) / limits.rate, self._resume_reading, conn)
         return False
 
     def _resume_reading(self, conn):
         conn.paused = False
         self._handle_lines(conn)
-        if not conn.closed:
+        if conn.phase != CLOSED:
             self._watch(conn)
 
-    def _handle_line(self, conn, line):
-        """Handle one line from conn: a nickname, a message or a command."""
-        text = decode_line(line)
-        if not text.strip():
-            return
-        command, arg = parse_line(text)
-        if conn.nick is None:
-            self._handle_unregistered(conn, command, arg)
-        elif command is None:
-            if self._allowed_to_speak(conn):
-                self._broadcast(format_line("message", nick=conn.nick, text=arg))
-        else:
-            handler = self.COMMANDS.get(command)
-            if handler is None:
-                self._send(conn, error("unknown command /%s (try /help)" % command))
-            else:
-                handler(self, conn, arg)
+    def _read_deferred(self):
+        """First in a pass: the reads an earlier pass put off, oldest first."""
+        deferred, self.deferred = self.deferred, {}
+        for conn in deferred:
+            if conn.phase != CLOSED and not conn.paused:
+                self._on_event_guarded(conn, selectors.EVENT_READ)
 
-    def _handle_unregistered(self, conn, command, arg):
-        """Before registration: the room password if one is set, then a
-        nickname (a line, or /nick); /quit is allowed throughout."""
-        if command == "quit":
-            self._close_after_flush(conn)
-        elif command == "pass":
-            self._check_password(conn, arg)
-        elif not conn.authed:
-            self._send(conn, error(PASSWORD_REQUIRED))
-        elif command is None:
-            self._register(conn, arg.strip())
-        elif command == "nick":
-            self._register(conn, arg)
-        else:
-            self._send(conn, error("choose a nickname first"))
+    # -- slow readers (PROTOCOL.md, "v2: Slow readers") --
 
-    def _check_password(self, conn, secret):
-        if conn.authed:
-            self._send(conn, notice("no password needed now: choose a nickname"))
-        elif secrets_match(secret, self.password):
-            conn.authed = True
-            self._send(conn, notice(PASSWORD_ACCEPTED))
-        else:
-            self._log("%s: wrong password" % conn.name)
-            self._send(conn, error(WRONG_PASSWORD))
-            conn.authed = None  # refused: nothing more from it is read or handled
+    def _someone_is_behind(self):
+        """Tell whether input should wait for a member that is behind; first
+        evict those that stopped reading or have lagged too long."""
+        if not self.behind:
+            return False
+        now = time.monotonic()
+        for conn in [conn for conn in self.behind if self._too_slow(conn, now)]:
+            self.log("%s evicted: %d bytes unsent" % (conn.name, len(conn.outbuf)))
+            self._drop(conn, LEFT_TOO_SLOW)
+        return bool(self.behind)
+
+    def _too_slow(self, conn, now):
+        """Behind, and either took nothing for STALL_S or behind for max_lag."""
+        return (now - conn.drained_at >= STALL_S
+                or now - conn.behind_since >= self.limits.max_lag)
+
+    def _hold(self, conn):
+        """Stop reading conn until the members behind have caught up."""
+        if not conn.held:
+            conn.held = True
+            self.held.append(conn)
             self._watch(conn)
-            self._call_later(WRONG_PASSWORD_DELAY_S, self._close_after_flush, conn)
 
-    def _register(self, conn, nick):
-        problem = self._nick_problem(nick)
-        if problem:
-            self._send(conn, error(problem))
-            return
-        conn.nick, conn.key = nick, nick_key(nick)
-        self.members[conn.key] = conn
-        # It missed this pass's earlier broadcasts: it was not in the room yet.
-        self.late[conn] = len(self.pending)
-        self._log("%s joined from %s" % (nick, conn.name))
-        conn.name = nick
-        self._broadcast(format_line("joined", nick=nick, count=len(self.members)))
+    def _release_held(self):
+        held, self.held = self.held, []
+        for conn in held:
+            conn.held = False
+            if conn.phase != CLOSED:
+                self._watch(conn)
+                self.deferred[conn] = None  # lines may wait in its reader
 
-    def _nick_problem(self, nick, conn=None):
-        """Return why nick can't be taken (by conn, if renaming), or None."""
-        problem = nick_problem(nick)
-        if problem:
-            return problem
-        holder = self.members.get(nick_key(nick))
-        if holder is not None and holder is not conn:
-            return "nickname %s is taken" % nick
-        return None
+    def _note_backlog(self, conn):
+        """After conn's outbuf changed: keep self.behind current, and let
+        conn's own input go on once its backlog is back within max_sendq.
 
-    # -- commands of registered clients --
+        A member is behind from when its backlog passes max_sendq until it
+        has caught up, all of it: so the --max-lag clock is not reset by a
+        reader that trickles just under the threshold and back.
+        """
+        over = len(conn.outbuf) > self.limits.max_sendq
+        if conn.behind_since is None:
+            if over and conn.room is not None:
+                conn.behind_since = time.monotonic()
+                self.behind.add(conn)
+        elif not conn.outbuf:
+            conn.behind_since = None
+            self.behind.discard(conn)
+        if conn.full and not over:
+            conn.full = False
+            self.deferred[conn] = None  # its lines waiting in the reader, then reads
 
-    def _allowed_to_speak(self, conn):
-        """A muted member's lines reach no one; it is told so."""
-        if conn.muted:
-            self._send(conn, error("you are muted"))
-        return not conn.muted
+    # -- writing --
 
-    def _cmd_me(self, conn, arg):
-        if not arg:
-            self._send(conn, error(USAGE["me"]))
-        elif self._allowed_to_speak(conn):
-            self._broadcast(format_line("action", nick=conn.nick, text=arg))
-
-    def _cmd_msg(self, conn, arg):
-        parts = arg.split(None, 1)
-        if len(parts) < 2:
-            self._send(conn, error(USAGE["msg"]))
-            return
-        target_nick, text = parts
-        target = self.members.get(nick_key(target_nick))
-        if target is None:
-            self._send(conn, error("no such user: %s" % target_nick))
-            return
-        if not self._allowed_to_speak(conn):
-            return
-        self._send(target, format_line("private", nick=conn.nick, text=text))
-        self._send(conn, format_line("private_echo", nick=target.nick, text=text))
-
-    def _cmd_nick(self, conn, arg):
-        if not arg:
-            self._send(conn, error(USAGE["nick"]))
-            return
-        if arg == conn.nick:
-            self._send(conn, error("you are already %s" % arg))
-            return
-        if not self._allowed_to_speak(conn):
-            return  # a rename is seen by everyone: muted means that too
-        problem = self._nick_problem(arg, conn)
-        if problem:
-            self._send(conn, error(problem))
-            return
-        old = conn.nick
-        del self.members[conn.key]
-        conn.nick, conn.key, conn.name = arg, nick_key(arg), arg
-        self.members[conn.key] = conn
-        self._log("%s is now known as %s" % (old, arg))
-        self._broadcast(format_line("renamed", old=old, new=arg))
-
-    def _cmd_who(self, conn, arg):
-        members = sorted(self.members.values(), key=lambda member: member.key)
-        nicks = ["@" + m.nick if m.op else m.nick for m in members]
-        self._send(conn, format_line("who", count=len(nicks), nicks=", ".join(nicks)))
-
-    def _cmd_help(self, conn, arg):
-        lines = list(HELP)
-        if self.op_password is not None and not conn.op:
-            lines.append(HELP_OP)
-        if conn.op:
-            lines.extend(HELP_OPERATORS)
-        for text in lines:
-            self._send(conn, notice(text))
-
-    def _cmd_ping(self, conn, arg):
-        self._send(conn, format_line("pong", token=arg).rstrip())
-
-    def _cmd_quit(self, conn, arg):
-        self._leave(conn, arg or LEFT_QUIT)
-        self._close_after_flush(conn)
-
-    # -- operators --
-
-    def _cmd_op(self, conn, arg):
-        if self.op_password is None:
-            self._send(conn, error("this server has no operators"))
-        elif conn.op:
-            self._send(conn, notice("you are an operator already"))
-        elif secrets_match(arg, self.op_password):
-            conn.op = True
-            self._log("%s is now an operator" % conn.nick)
-            self._broadcast(format_line("opped", nick=conn.nick))
-        else:
-            conn.op_attempts += 1
-            self._log("%s: wrong operator password" % conn.nick)
-            self._send(conn, error("wrong operator password"))
-            if conn.op_attempts >= MAX_OP_ATTEMPTS:
-                self._send(conn, error("too many wrong operator passwords"))
-                self._leave(conn, LEFT_CLOSED)
-                self._close_after_flush(conn)
-
-    def _operator_target(self, conn, command, arg):
-        """For an operator command: return (target member, rest of arg), or
-        (None, None) after telling conn why not."""
-        if not conn.op:
-            self._send(conn, error("operators only"))
-            return None, None
-        parts = arg.split(None, 1)
-        if not parts:
-            self._send(conn, error(USAGE[command]))
-            return None, None
-        target = self.members.get(nick_key(parts[0]))
-        if target is None:
-            self._send(conn, error("no such user: %s" % parts[0]))
-            return None, None
-        return target, parts[1] if len(parts) > 1 else ""
-
-    def _remove(self, target, line):
-        """Tell everyone (target included) line, then disconnect target."""
-        self._broadcast(line)
-        self._leave(target, None)
-        self._close_after_flush(target)
-
-    def _cmd_kick(self, conn, arg):
-        target, reason = self._operator_target(conn, "kick", arg)
-        if target is not None:
-            self._log("%s kicked %s" % (conn.nick, target.nick))
-            self._remove(target, format_line("kicked", nick=target.nick, op=conn.nick,
-                                             reason=reason or NO_REASON))
-
-    def _cmd_ban(self, conn, arg):
-        target, reason = self._operator_target(conn, "ban", arg)
-        if target is conn:  # it would lock out the operator's own address
-            self._send(conn, error("you can't ban yourself"))
-        elif target is not None:
-            self.bans[target.ip] = target.nick
-            self._log("%s banned %s (%s)" % (conn.nick, target.nick, target.ip))
-            self._remove(target, format_line("banned", nick=target.nick, op=conn.nick,
-                                             reason=reason or NO_REASON))
-
-    def _cmd_unban(self, conn, arg):
-        if not conn.op:
-            self._send(conn, error("operators only"))
-        elif not arg:
-            self._send(conn, error(USAGE["unban"]))
-        elif arg not in self.bans:
-            self._send(conn, error("%s is not banned" % arg))
-        else:
-            del self.bans[arg]
-            self._log("%s unbanned %s" % (conn.nick, arg))
-            self._send(conn, notice("%s is no longer banned" % arg))
-
-    def _cmd_bans(self, conn, arg):
-        if not conn.op:
-            self._send(conn, error("operators only"))
-        elif not self.bans:
-            self._send(conn, notice("no address is banned"))
-        else:
-            self._send(conn, notice("banned: " + ", ".join(
-                "%s (%s)" % (ip, nick) for ip, nick in sorted(self.bans.items()))))
-
-    def _cmd_mute(self, conn, arg):
-        self._set_muted(conn, "mute", arg, True)
-
-    def _cmd_unmute(self, conn, arg):
-        self._set_muted(conn, "unmute", arg, False)
-
-    def _set_muted(self, conn, command, arg, muted):
-        target, _ = self._operator_target(conn, command, arg)
-        if target is None:
-            return
-        if target.muted == muted:
-            self._send(conn, error("%s is %s already" % (target.nick,
-                                                         "muted" if muted else "not muted")))
-            return
-        target.muted = muted
-        self._log("%s %sd %s" % (conn.nick, command, target.nick))
-        self._broadcast(format_line("muted" if muted else "unmuted", nick=target.nick,
-                                    op=conn.nick))
-
-    COMMANDS = {
-        "me": _cmd_me,
-        "msg": _cmd_msg,
-        "nick": _cmd_nick,
-        "who": _cmd_who,
-        "help": _cmd_help,
-        "ping": _cmd_ping,
-        "quit": _cmd_quit,
-        "pass": lambda self, conn, arg: self._send(conn, notice("you are in already")),
-        "op": _cmd_op,
-        "kick": _cmd_kick,
-        "ban": _cmd_ban,
-        "unban": _cmd_unban,
-        "bans": _cmd_bans,
-        "mute": _cmd_mute,
-        "unmute": _cmd_unmute,
-    }
-
-    # -- output --
-
-    def _broadcast(self, text):
-        """Queue a line for every member, in the one order all of them see."""
-        self.pending += encode_line(text)
-
-    def _send(self, conn, text):
-        """Queue a line for one connection, after the broadcasts it is owed."""
-        if conn.closed:
-            return
-        if conn.key is not None and self.pending:
-            self._deliver_pending()  # keep its lines in the room's order
-        conn.outbuf += encode_line(text)
-        self.dirty.add(conn)
-
-    def _deliver_pending(self, write=False):
-        """Hand the broadcasts queued so far to every member, in one piece.
+    def _deliver(self, room, write=False):
+        """Hand room's broadcasts queued so far to its members, in one piece.
 
         With write (at the end of a pass), a member with nothing else queued
         is sent the shared bytes at once: no copy per member, one send each.
         Otherwise, or for what a send leaves, they are appended to outbuf.
         """
-        if not self.pending:
+        data, late = self.fanout.take(room)
+        if not data:
             return
-        data = bytes(self.pending)
-        self.pending.clear()
-        late, failed = self.late, []
-        for conn in self.members.values():
+        failed = []
+        for conn in room.members.values():
             chunk = data[late[conn]:] if late and conn in late else data
-            if write and not conn.outbuf and not conn.tls \
-                    and not conn.events & selectors.EVENT_WRITE:
+            if (write and not conn.outbuf and not conn.tls
+                    and not conn.events & selectors.EVENT_WRITE):
                 try:
                     sent = conn.sock.send(chunk)
                 except (BlockingIOError, InterruptedError):
@@ -1522,28 +1732,29 @@ class ChatServer:
                 chunk = memoryview(chunk)[sent:]
             conn.outbuf += chunk
             self.dirty.add(conn)
-        late.clear()
         for conn, exc in failed:  # dropped after the loop: it changes members
-            self._log("%s: %s" % (conn.name, exc))
+            self.log("%s: %s" % (conn.name, exc))
             self._drop(conn, LEFT_CLOSED)
 
     def _write_output(self):
-        """Write each connection with output once; note who is behind."""
-        self._deliver_pending(write=True)
+        """Deliver the pass's broadcasts; write each connection with output
+        once; note who is behind."""
+        for room in list(self.fanout.pending):
+            self._deliver(room, write=True)
         dirty, self.dirty = self.dirty, set()
         for conn in dirty:
-            if conn.closed:
+            if conn.phase == CLOSED:
                 continue
             if not conn.events & selectors.EVENT_WRITE:
                 self._flush(conn)  # else: the socket is full; the selector tells us
-            if not conn.closed:
+            if conn.phase != CLOSED:
                 self._note_backlog(conn)
-        if self.pending:
-            self._deliver_pending()  # leave notices from closes: next pass
+        for room in list(self.fanout.pending):
+            self._deliver(room)  # leave notices from drops: sent next pass
 
     def _flush(self, conn):
         """Send as much of outbuf as the socket takes, in one call (TLS: a few)."""
-        if conn.handshake_wait:
+        if conn.handshake_wait or conn.phase == CLOSED:
             return  # outbuf waits for the handshake
         if conn.outbuf:
             try:
@@ -1551,100 +1762,61 @@ class ChatServer:
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as exc:
-                self._log("%s: %s" % (conn.name, exc))
+                self.log("%s: %s" % (conn.name, exc))
                 self._drop(conn, LEFT_CLOSED)
                 return
             if sent:
                 del conn.outbuf[:sent]
                 conn.drained_at = time.monotonic()
                 self._note_backlog(conn)
-        if conn.closing and not conn.outbuf:
-            self._finish_closing(conn)
+        if (conn.phase == CLOSING and not conn.outbuf and conn.close_at is not None
+                and time.monotonic() >= conn.close_at):
+            self._shut_write(conn)
         else:
             self._watch(conn)
 
-    # -- leaving --
+    # -- ways out --
 
-    def _leave(self, conn, reason):
-        """Take conn out of the room and tell the others why (reason None:
-        they have been told already)."""
-        if conn.key is None:
-            return
-        if self.members.get(conn.key) is conn:
-            offset = self.late.pop(conn, 0)
-            conn.outbuf += self.pending[offset:]  # what it is owed of this pass
-            del self.members[conn.key]
-            self.behind.discard(conn)
-            conn.behind_since = None
-            if reason is not None:
-                self._broadcast(format_line("left", nick=conn.nick, reason=reason))
-                self._log("%s left (%s)" % (conn.nick, reason))
-        conn.key = None
-
-    def _close_after_flush(self, conn):
-        """Stop handling conn's input; close once its output is written."""
-        if conn.closing:
-            return
-        self._leave(conn, LEFT_QUIT)
-        self._uncount(conn)
-        conn.closing = True
-        conn.paused = conn.held = conn.full = False  # read on, to notice the peer's close
-        self.dirty.add(conn)
-        self._call_later(LINGER_S, self._close, conn)
-
-    def _finish_closing(self, conn):
+    def _shut_write(self, conn):
         """Everything is written: say we are done, and wait for the peer's close.
 
         Closing at once would reset the connection if the peer's late bytes
         arrive, and a reset can destroy our last lines before it reads them.
         """
+        conn.close_at = None
         try:
             conn.sock.shutdown(socket.SHUT_WR)
         except OSError:
-            self._close(conn)
+            self._forget(conn)
             return
         self._watch(conn)
 
     def _drop(self, conn, reason):
-        """The one exit for a connection that went away or was evicted."""
-        if conn.closed:
+        """The peer is gone (or too slow): it leaves its room, closed now."""
+        if conn.phase == CLOSED:
             return
-        if conn.key is None and not conn.closing:
-            self._log("%s disconnected" % conn.name)
-        self._leave(conn, reason)
-        self._close(conn)
+        if conn.phase in (HANDSHAKE, PASSWORD, NICKNAME):
+            self.log("%s disconnected" % conn.name)
+        self.chat.disconnected(conn, reason)
+        self._forget(conn)
 
-    def _count(self, conn):
-        conn.counted = True
-        self.counted += 1
-        self.per_ip[conn.ip] = self.per_ip.get(conn.ip, 0) + 1
-
-    def _uncount(self, conn):
-        """Stop counting a connection that is leaving toward the limits."""
-        if not conn.counted:
+    def _forget(self, conn):
+        """Close the socket and forget everything about conn."""
+        if conn.phase == CLOSED:
             return
-        conn.counted = False
-        self.counted -= 1
-        count = self.per_ip.pop(conn.ip)
-        if count > 1:
-            self.per_ip[conn.ip] = count - 1
-
-    def _close(self, conn):
-        if conn.closed:
-            return
+        if conn.room is not None:  # the room must not keep a closed socket
+            self.chat.disconnected(conn, None)
         self._uncount(conn)
         if conn.events:
             self.selector.unregister(conn.sock)
         conn.sock.close()
         self._cancel_timers(conn)
-        conn.closed = True
-        conn.closing = True
+        conn.phase = CLOSED
         conn.events = 0
         conn.outbuf.clear()
         self.conns.discard(conn)
         self.dirty.discard(conn)
         self.behind.discard(conn)
-        self.late.pop(conn, None)
 
 
 # --- Client -------------------------------------------------------------------

@@ -456,7 +456,97 @@ class ClientDisplayTest(unittest.TestCase):
 
     def test_the_clients_commands_come_from_the_servers_help(self):
         self.assertEqual(set(chat.SERVER_COMMANDS + chat.OPERATOR_COMMANDS + ("/op",)),
-                         {"/" + name for name in chat.ChatServer.COMMANDS if name != "pass"})
+                         {"/" + name for name in chat.Chat.COMMANDS if name != "pass"})
+
+
+# --- Chat: in-process, no sockets ------------------------------------------------
+
+class FakeLoop:
+    """What the Chat sees of the server loop, recording what it is asked to do."""
+
+    def __init__(self):
+        self.fanout = chat.FanOut()
+        self.sent = collections.defaultdict(list)   # conn -> its lines (text)
+        self.closed = []
+
+    def send(self, conn, text):
+        self.sent[conn].append(text)
+
+    def broadcast(self, room, text):
+        for member in room.members.values():
+            self.sent[member].append(text)
+
+    def enter(self, room, conn):
+        self.fanout.enter(room, conn)
+
+    def leave(self, room, conn):
+        self.fanout.leave(room, conn)
+
+    def close(self, conn, delay=0.0):
+        conn.phase = chat.CLOSING
+        self.closed.append((conn, delay))
+
+    def log(self, text, always=False):
+        pass
+
+    def call_later(self, delay, function, conn=None):
+        pass
+
+
+class ChatInProcessTest(unittest.TestCase):
+    """Registration and commands driven straight into Chat: no loop, no sockets."""
+
+    def setUp(self):
+        self.loop = FakeLoop()
+        self.chat = chat.Chat(self.loop, chat.Limits(), op_password="0p")
+        self.port = 40000
+
+    def connect(self):
+        self.port += 1
+        conn = chat.Connection(None, ("127.0.0.1", self.port), self.chat.limits, 0.0)
+        self.chat.connected(conn)
+        return conn
+
+    def say(self, conn, text):
+        """Send a line as conn; return what conn got for it."""
+        before = len(self.loop.sent[conn])
+        self.chat.handle_line(conn, text.encode("utf-8"))
+        return self.loop.sent[conn][before:]
+
+    def test_phases_from_nickname_to_member(self):
+        conn = self.connect()
+        self.assertEqual(conn.phase, chat.NICKNAME)
+        self.assertEqual(self.loop.sent[conn][-1],
+                         "*** choose a nickname: 1-24 letters, digits, _ or -")
+        self.assertEqual(self.say(conn, "/who"), ["!!! choose a nickname first"])
+        self.assertEqual(self.say(conn, "alice"), ["*** alice joined (1 online)"])
+        self.assertEqual(conn.phase, chat.MEMBER)
+        self.assertIs(conn.room, self.chat.lobby)
+
+    def test_a_password_room_starts_in_the_password_phase(self):
+        self.chat.password = "s3cret"
+        conn = self.connect()
+        self.assertEqual(conn.phase, chat.PASSWORD)
+        self.assertEqual(self.say(conn, "alice"), ["!!! " + chat.PASSWORD_REQUIRED])
+        self.assertEqual(self.say(conn, "/pass nope"), ["!!! wrong password"])
+        self.assertEqual(self.loop.closed, [(conn, chat.WRONG_PASSWORD_DELAY_S)])
+        self.assertEqual(self.say(conn, "/pass s3cret"), [])  # closing: nothing handled
+
+    def test_commands_reach_the_room_or_the_sender(self):
+        alice, bob = self.connect(), self.connect()
+        self.say(alice, "alice")
+        self.say(bob, "bob")
+        self.assertEqual(self.say(alice, "/msg BOB hi"), ["-> *bob* hi"])
+        self.assertEqual(self.loop.sent[bob][-1], "*alice* hi")
+        self.assertEqual(self.say(bob, "/nick Robert"), ["*** bob is now known as Robert"])
+        self.assertEqual(self.loop.sent[alice][-1], "*** bob is now known as Robert")
+        self.assertEqual(self.say(alice, "/who"), ["*** 2 online: alice, Robert"])
+        self.assertEqual(self.say(alice, "/op 0p"), ["*** alice is now an operator"])
+        self.assertEqual(self.say(alice, "/ban robert"),
+                         ["*** Robert was banned by alice (no reason given)"])
+        self.assertEqual(self.chat.store.bans(), [("127.0.0.1", "Robert")])
+        self.assertEqual(self.chat.refusal(self.connect()), "you are banned")
+        self.assertEqual(self.say(alice, "/who"), ["*** 1 online: @alice"])
 
 
 # --- Server: registration ---------------------------------------------------------
