@@ -2143,14 +2143,374 @@ class Terminal:
             pass  # a closed stdout (a pipe's reader gone) ends nothing here
 
 
-class ChatClient:
-    """Connects to a server, shows what it sends, sends what the user types.
+class ClientSession:
+    """The client's decisions, without sockets, threads or a terminal: what to
+    send, what to show, what to ask the user, when to come back and when to
+    leave. ChatClient feeds it events and does what it says through io:
+    send(bytes), show(text), ask(kind), finish(code), fail(message),
+    disconnect(), reconnect_at(when), erase_input().
+    """
 
-    Two threads. The keyboard thread is a plain reader: it waits for the
-    loop to ask for something (a nickname, a password, a chat line), reads
-    it, and hands it back through the socket pair as a tagged record. The
-    loop (this object's other methods) owns every decision: what to ask for
-    next, what a server line means, when to reconnect and when to leave.
+    def __init__(self, io, where, nick=None, password=None, interactive=False,
+                 color=False, timestamps=False, bell=False, reconnect=False, tls=False):
+        self.io = io
+        self.where = where                 # host:port, for what is said about the server
+        self.tls = tls
+        self.nick = nick                   # the nick to register, then the one registered
+        self.password = password           # the room's, sent with /pass before the nick
+        self.interactive = interactive     # a person at a terminal can be asked again
+        self.color = color                 # colour the lines (see render_line)
+        self.timestamps = timestamps       # HH:MM before each line (/timestamps)
+        self.bell = bell                   # \a on a private message or a mention
+        self.reconnect = reconnect         # come back after a lost connection
+        self.nicks = {}                    # who is in the room, for Tab: key -> nick
+        self.commands = CLIENT_COMMANDS + SERVER_COMMANDS  # for Tab; /help tells the rest
+        self.last_private = None           # who sent the last private message (/reply)
+        self.online = False                # a connection is open
+        self.was_in = False                # registered at least once: reconnecting makes sense
+        self.reconnecting = False          # connected again, not registered again yet
+        self.backoff = RECONNECT_FIRST_S
+        self.unsent = bytearray()          # typed while disconnected: sent once back
+        self.retry_password = False        # a wrong password: ask again on a new connection
+        self.quitting = False              # /quit sent: the server's close is expected
+        self.quit_deadline = None
+        self._new_connection_state()
+
+    def _new_connection_state(self):
+        """What each connection starts without."""
+        self.registered = False
+        self.heard_server = False          # has any line come from the server?
+        self.needs_password = False        # the server said so
+        self.pass_sent = False             # /pass went on this connection
+        self.nick_sent = False             # a nick went and awaits its answer
+        self.setup = False                 # the silent /who and /help after joining
+        self.hidden_who = 0                # /who answers not to show
+        self.helping = 0                   # typed /help answers still to be finished
+        self.silence_deadline = time.monotonic() + CLIENT_GREETING_WAIT_S
+        self.answer_deadline = None        # piped: the nickname's answer is due
+
+    # -- events from ChatClient --
+
+    def connected(self):
+        """A new connection: send what is known (password, nick); what is
+        not is asked for once the server has asked for a nickname."""
+        self._new_connection_state()
+        self.online = True
+        self.reconnecting = self.reconnecting or self.was_in
+        if self.password is not None:
+            self._send_password()
+        if self.nick:
+            self._send_nick()
+
+    def server_line(self, text):
+        self.heard_server = True
+        if not self.registered:
+            self._unregistered_line(text)
+            return
+        if self.quitting:
+            self._note_quit_progress(text)
+        if not self._hidden(text):
+            self._show_server_line(text)
+
+    def server_closed(self):
+        if self.quitting:
+            self.io.finish(0)
+        elif self.retry_password:
+            self.retry_password = False
+            self._lose_connection()
+            self.io.reconnect_at(time.monotonic())  # at once: the user waits to type it again
+        elif self.reconnect and self.was_in:
+            self._lose_connection()
+            self._schedule_reconnect("disconnected from server")
+        elif not self.heard_server:
+            self.notice("disconnected from server before it said anything"
+                        + ("" if self.tls else " (does it need --tls?)"))
+            self.io.finish(1)
+        else:
+            self.notice("disconnected from server")
+            self.io.finish(1)
+
+    def reconnect_failed(self, problem):
+        if not self.was_in:  # a new password's connection: nothing to come back to
+            self.notice(problem)
+            self.io.finish(1)
+        else:
+            self._schedule_reconnect(problem)
+
+    def typed(self, kind, text):
+        """What the keyboard thread read, as it was asked for."""
+        if kind == "secret":
+            self.password = text
+            self._send_password()
+            if self.nick:
+                self._send_nick()  # again: one sent before the password was refused
+            # else the nickname is asked for once the server accepts the password
+        elif kind == "nick":
+            nick = clean_text(text).strip()
+            if nick:
+                self.nick = nick
+            self._ask_for_registration()
+        elif not self.online or self.reconnecting:
+            self.unsent += encode_line(text)  # sent once we are back
+            self.io.ask("line")
+        else:
+            data = self._client_command(text)
+            if data.lower().split(b" ")[0].rstrip(b"\n") == b"/quit":
+                self._quitting()
+            self.io.send(data)
+
+    def end_of_input(self):
+        """Ctrl-D, the end of piped input, or Ctrl-C: leave."""
+        if not self.online:  # disconnected, waiting to reconnect: just leave
+            self.io.finish(0)
+            return
+        if self.quit_deadline is not None:
+            return
+        if self.interactive:
+            self.io.erase_input()  # a half-typed line is dropped
+            self.notice("leaving...")
+        self._quitting()
+        self.io.send(b"/quit\n")
+
+    def wants_line(self):
+        """Whether the next typed line may be asked for (the output waiting
+        for the server permitting)."""
+        return self.registered and not self.quitting
+
+    def next_deadline(self):
+        deadlines = [when for when in (self.quit_deadline, self.answer_deadline)
+                     if when is not None]
+        if self.online and not self.heard_server and self.silence_deadline:
+            deadlines.append(self.silence_deadline)
+        return min(deadlines) if deadlines else None
+
+    def check_deadlines(self, now):
+        if self.quit_deadline is not None and now >= self.quit_deadline:
+            self.io.finish(0)  # the server never closed: leave anyway
+        elif self.answer_deadline is not None and now >= self.answer_deadline:
+            self.io.fail("the server at %s did not answer the nickname in %.0f s"
+                         % (self.where, CLIENT_ANSWER_WAIT_S))
+        elif (self.online and not self.heard_server and self.silence_deadline
+              and now >= self.silence_deadline):
+            self.silence_deadline = None  # said once
+            self.notice("the server at %s has said nothing in %.0f s (is it a chat server?)"
+                        % (self.where, CLIENT_GREETING_WAIT_S))
+            self._greeted()  # ask for what it never asked for
+
+    # -- registering --
+
+    def _greeted(self):
+        """The server asked for a nickname (or said nothing for a while)."""
+        if not (self.nick_sent or self.registered):
+            self._ask_for_registration()
+
+    def _ask_for_registration(self):
+        """Ask the user for the next thing registering needs: the room's
+        password (on a terminal) before the nickname."""
+        if self.needs_password and self.password is None and self.interactive:
+            self.io.ask("secret")
+        elif self.nick and not self.nick_sent:
+            self._send_nick()
+        else:
+            self.io.ask("nick")
+
+    def _send_nick(self):
+        self.nick_sent = True
+        if not self.interactive and not self.reconnecting:
+            self.answer_deadline = time.monotonic() + CLIENT_ANSWER_WAIT_S
+        self.io.send(self.nick.encode(ENCODING) + b"\n")
+
+    def _send_password(self):
+        self.pass_sent = True
+        self.io.send(b"/pass " + self.password.encode(ENCODING) + b"\n")
+
+    def _unregistered_line(self, text):
+        """Before the join line: watch for the greeting, the answer to our
+        nick and the password's; show what the user needs to see."""
+        kind, fields = parse_server_line(text)
+        if kind == "joined":
+            self._joined(fields["nick"], text)
+        elif kind == "notice" and fields["text"] == PASSWORD_GREETING:
+            self.needs_password = True  # asked for below, or sent already
+            if self.nick_sent and self.password is None and self.interactive:
+                self.io.ask("secret")
+        elif kind == "notice" and fields["text"] == PASSWORD_ACCEPTED:
+            if not self.nick_sent:
+                self._ask_for_registration()  # the nickname, now
+        elif kind == "notice" and is_nick_question(fields["text"]):
+            if not self.nick_sent:
+                self._show_server_line(text)  # the user is about to answer it
+            self._greeted()
+        elif kind == "error":
+            self._refused(fields["text"], text)
+        else:
+            self._show_server_line(text)
+
+    def _refused(self, reason, text):
+        """An error before registering: ask again where a person can answer."""
+        if reason == PASSWORD_REQUIRED and self.interactive and not self.pass_sent:
+            self.needs_password = True  # the nick went too early: the password first
+            self.nick_sent = False
+            self._ask_for_registration()
+            return
+        if reason == PASSWORD_REQUIRED and self.pass_sent:
+            return  # the answer to a nick sent before the password: it goes again
+        self._show_server_line(text)
+        self.answer_deadline = None
+        if self.reconnecting:
+            self._lose_connection()  # the old session may linger on the server: later
+            self._schedule_reconnect("could not register again")
+        elif reason == WRONG_PASSWORD and self.interactive:
+            self.password = None  # the server closes; a new connection asks again
+            self.retry_password = True
+        elif self.interactive:
+            self.nick_sent = False
+            self.nick = None  # refused: the next one is typed
+            self.io.ask("nick")
+        else:
+            self.io.finish(1)  # nobody to ask: the reason is shown
+
+    def _joined(self, nick, text):
+        """Our join line: in the room."""
+        self.registered = self.was_in = True
+        self.nick_sent = False
+        self.answer_deadline = None
+        self.nick = nick
+        self._show_server_line(text)
+        if self.interactive:
+            self._learn_the_room()
+        if self.reconnecting:
+            self._back_in()
+        self.io.ask("line")
+
+    def _learn_the_room(self):
+        """Ask, without showing the answers, who is here (for Tab) and which
+        commands this server offers this user (no operator commands where
+        it has no operators)."""
+        self.setup = True
+        self.hidden_who += 1
+        self.io.send(b"/who\n/help\n/ping " + SETUP_TOKEN.encode(ENCODING) + b"\n")
+
+    # -- --reconnect --
+
+    def _lose_connection(self):
+        self.io.disconnect()
+        self.online = False
+        self.registered = False
+
+    def _schedule_reconnect(self, why):
+        delay = self.backoff * random.uniform(1 - RECONNECT_JITTER, 1 + RECONNECT_JITTER)
+        self.backoff = min(self.backoff * 2, RECONNECT_MAX_S)
+        self.io.reconnect_at(time.monotonic() + delay)
+        self.notice("%s; reconnecting in %.0f s (Ctrl-C to stop)" % (why, delay))
+
+    def _back_in(self):
+        """Registered again after a reconnect: say so, send what waited."""
+        self.reconnecting = False
+        self.backoff = RECONNECT_FIRST_S
+        self.notice("reconnected")
+        if self.unsent:
+            self.io.send(bytes(self.unsent))
+            self.unsent.clear()
+
+    # -- what is shown --
+
+    def _hidden(self, text):
+        """Answers to what the client asked by itself are not shown; the
+        client's own commands follow the answer to a typed /help."""
+        kind, fields = parse_server_line(text)
+        if kind == "who" and self.hidden_who:
+            self.hidden_who -= 1
+            track_nicks(self.nicks, text)
+            return True
+        if self.setup and kind == "notice" and fields["text"] in ALL_HELP:
+            self._offer(help_commands([fields["text"]]))
+            return True
+        if kind == "pong" and fields["token"] == SETUP_TOKEN:
+            self.setup = False
+            return True
+        if kind == "pong" and fields["token"] == HELP_TOKEN and self.helping:
+            self.helping -= 1
+            for line in CLIENT_HELP:
+                self._show_server_line(notice(line))
+            return True
+        if kind == "opped" and fields["nick"] == self.nick:
+            self._offer(OPERATOR_COMMANDS)
+        return False
+
+    def _offer(self, commands):
+        """Tab offers these server commands too."""
+        offered = set(self.commands[len(CLIENT_COMMANDS):]) | set(commands)
+        self.commands = CLIENT_COMMANDS + tuple(sorted(offered))
+
+    def _show_server_line(self, text):
+        """Show a line as the options say; keep nicks and /reply current."""
+        track_nicks(self.nicks, text)
+        kind, fields = parse_server_line(text)
+        if kind == "private":
+            self.last_private = fields["nick"]
+        elif kind == "renamed" and fields["old"] == self.nick:
+            self.nick = fields["new"]  # renamed: mentions follow the new nick
+        shown = render_line(text, self.nick if self.registered else None, self.color)
+        if self.bell and self.registered and wants_bell(text, self.nick):
+            shown += BELL
+        self.show(shown)
+
+    def notice(self, text):
+        """A notice of the client's own."""
+        self.show(render_line(notice(text), color=self.color))
+
+    def show(self, shown):
+        if self.timestamps:
+            stamp = time.strftime("%H:%M")
+            shown = (styled(STYLES["time"], stamp) if self.color else stamp) + " " + shown
+        self.io.show(shown)
+
+    # -- typed lines --
+
+    def _client_command(self, text):
+        """Handle /reply and /timestamps here; return what goes to the server."""
+        word, _, arg = text.partition(" ")
+        word = word.lower()
+        if word == "/timestamps":
+            self.timestamps = not self.timestamps
+            self.notice("timestamps %s" % ("on" if self.timestamps else "off"))
+            return b""
+        if word == "/reply":
+            if not arg.strip():
+                self.show(render_line(error("usage: /reply TEXT"), color=self.color))
+            elif self.last_private is None:
+                self.show(render_line(error("no private message to reply to"),
+                                      color=self.color))
+            else:
+                return encode_line("/msg %s %s" % (self.last_private, arg.strip()))
+            return b""
+        if word == "/help":  # the server's list, then the client's own commands
+            self.helping += 1
+            return encode_line(text) + encode_line("/ping " + HELP_TOKEN)
+        return encode_line(text)
+
+    def _quitting(self):
+        self.quitting = True
+        self.quit_deadline = time.monotonic() + CLIENT_QUIT_WAIT_S
+
+    def _note_quit_progress(self, text):
+        """While leaving: the server is still busy with our own lines (their
+        echoes come back) and it is worth waiting for; others' chatter is not."""
+        kind, fields = parse_server_line(text)
+        if (kind in ("message", "action") and fields["nick"] == self.nick) or kind in (
+                "private_echo", "error"):
+            self.quit_deadline = time.monotonic() + CLIENT_QUIT_WAIT_S
+
+
+class ChatClient:
+    """The client's I/O shell around a ClientSession: the connection, the
+    keyboard thread, the socket pair between them, Ctrl-C, the terminal.
+
+    The keyboard thread is a plain reader: it waits to be asked for
+    something (a nickname, a password, a chat line), reads it, and hands it
+    back through the socket pair as a tagged record. The loop here owns the
+    sockets; the session owns every decision.
     """
 
     def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT, nick=None,
@@ -2159,29 +2519,17 @@ class ChatClient:
                  bell=True, reconnect=False):
         self.host = host
         self.port = port
-        self.nick = nick                   # the nick to register, then the one registered
         self.tls_context = tls_context     # None: plain TCP
         self.tls = tls_context is not None
         self.fingerprint = fingerprint     # pinned SHA256:..., checked after the handshake
-        self.password = password           # the room's, sent with /pass before the nick
-        self.color = color                 # colour the lines (see render_line)
-        self.timestamps = timestamps       # HH:MM before each line (/timestamps)
-        self.nicks = {}                    # who is in the room, for Tab: key -> nick
-        self.commands = CLIENT_COMMANDS + SERVER_COMMANDS  # for Tab; /help tells the rest
-        self.last_private = None           # who sent the last private message (/reply)
-        self.reconnect = reconnect         # come back after a lost connection
-        self.was_in = False                # registered at least once: reconnecting makes sense
-        self.reconnecting = False          # connected again, not registered again yet
-        self.reconnect_at = None           # when the next attempt is due
-        self.backoff = RECONNECT_FIRST_S
-        self.unsent = bytearray()          # typed while disconnected: sent once back
-        self.connecting = False            # in a blocking connect: Ctrl-C interrupts it
         self.stdin_fd = stdin_fd
         out = out or sys.stdout
         if interactive is None:
             interactive = os.isatty(stdin_fd) and out.isatty()
         self.interactive = interactive
-        self.bell = bell and interactive   # \a on a private message or a mention
+        self.session = ClientSession(self, format_address((host, port)), nick, password,
+                                     interactive, color, timestamps, bell and interactive,
+                                     reconnect, self.tls)
         self.readline = self._load_readline() if interactive else None
         if self.readline is not None:
             self._set_up_completion()
@@ -2195,29 +2543,12 @@ class ChatClient:
         self.records = bytearray()         # from the keyboard thread, not yet a whole record
         self.reader = LineReader(CLIENT_MAX_LINE)
         self.outbuf = bytearray()
-        self.quitting = False
-        self.quit_deadline = None
+        self.reconnect_when = None         # when the next attempt is due
+        self.connecting = False            # in a blocking connect: Ctrl-C interrupts it
         self.result = None                 # the exit code, once known
         self.saved_tty = None              # terminal modes to restore at exit
         self.wake_r = self.wake_w = None   # the SIGINT handler wakes the loop
         self.interrupts = 0                # Ctrl-C presses
-        self.retry_password = False        # a wrong password: ask again on a new connection
-        self._new_connection_state()
-
-    def _new_connection_state(self):
-        """What each connection starts without."""
-        self.registered = False
-        self.heard_server = False          # has any byte come from the server?
-        self.needs_password = False        # the server said so
-        self.pass_sent = False             # /pass went on this connection
-        self.nick_sent = False             # a nick went and awaits its answer
-        self.greeted = False               # the server asked for a nickname
-        self.setup = False                 # the silent /who and /help after joining
-        self.hidden_who = 0                # /who answers not to show
-        self.helping = 0                   # typed /help answers still to be finished
-        now = time.monotonic()
-        self.silence_deadline = now + CLIENT_GREETING_WAIT_S
-        self.answer_deadline = None        # piped: the nickname's answer is due
 
     @staticmethod
     def _load_readline():
@@ -2248,9 +2579,48 @@ class ChatClient:
         """
         if state == 0:
             before = self.readline.get_line_buffer()[:self.readline.get_begidx()]
+            session = self.session
             self.matches = [match + " " for match in completions(
-                text, not before.strip(), dict(self.nicks), self.commands)]
+                text, not before.strip(), dict(session.nicks), session.commands)]
         return self.matches[state] if state < len(self.matches) else None
+
+    # -- what the session asks of the shell --
+
+    def send(self, data):
+        """Queue bytes for the server."""
+        self.outbuf += data
+        if self.sock is not None:
+            self._flush()
+
+    def show(self, text):
+        self.terminal.show(text)
+
+    def ask(self, kind):
+        """Ask the keyboard thread for a nick, a secret or a chat line (once at a time)."""
+        if self.asked is None:
+            self.asked = kind
+            self.requests.put(kind)
+
+    def finish(self, code):
+        self.result = code
+
+    def fail(self, message):
+        sys.stderr.write("chat.py: %s\n" % message)
+        self.result = 1
+
+    def disconnect(self):
+        """Forget the connection; typed lines wait until there is a new one."""
+        self.selector.unregister(self.sock)
+        self.sock.close()
+        self.sock = None
+
+    def reconnect_at(self, when):
+        self.reconnect_when = when
+
+    def erase_input(self):
+        self.terminal.finish()
+
+    # -- running --
 
     def run(self):
         """Connect and chat until stdin ends or the server goes; return the exit code."""
@@ -2288,7 +2658,7 @@ class ChatClient:
             return 0
         self._save_terminal_modes()
         threading.Thread(target=self._read_keyboard, name="keyboard", daemon=True).start()
-        self._start_registering()
+        self.session.connected()
         while self.result is None:
             self._run_pass()
         return self.result
@@ -2323,68 +2693,32 @@ class ChatClient:
         self.sock = sock
         self.reader = LineReader(CLIENT_MAX_LINE)
         self.outbuf = bytearray()
-        self._new_connection_state()
         return None
 
-    def _catch_interrupts(self):
-        """Handle Ctrl-C in the loop, not as an exception wherever it lands."""
-        if threading.current_thread() is not threading.main_thread():
-            return None  # signals only reach the main thread
-        return signal.signal(signal.SIGINT, self._interrupted)
-
-    def _interrupted(self, signum, frame):
-        self.interrupts += 1
-        if self.selector is None or self.connecting:
-            raise KeyboardInterrupt  # still connecting: give up on it
-        if self.wake_w is not None:  # else the loop checks self.interrupts first
-            try:
-                self.wake_w.send(b"\0")
-            except OSError:
-                pass  # already awake, or closed: either way nothing to do
-
-    def _on_interrupt(self, mask):
-        """Ctrl-C: leave as on Ctrl-D; a second one leaves at once."""
-        try:
-            self.wake_r.recv(4096)
-        except OSError:
-            pass
-        if self.interrupts > 1 or self.sock is None:  # twice, or nothing to leave
-            self.result = 0
-        else:
-            self._quit()
+    def _try_reconnect(self):
+        self.reconnect_when = None
+        problem = self._connect()
+        if problem:
+            self.session.reconnect_failed(problem)
+            return
+        self.selector.register(self.sock, selectors.EVENT_READ, self._on_server)
+        self.session.connected()
 
     def _run_pass(self):
         for key, mask in self.selector.select(self._next_timeout()):
             key.data(mask)
             if self.result is not None:
                 return
-        self._check_deadlines(time.monotonic())
+        now = time.monotonic()
+        if self.reconnect_when is not None and now >= self.reconnect_when:
+            self._try_reconnect()
+        else:
+            self.session.check_deadlines(now)
 
     def _next_timeout(self):
-        deadlines = [when for when in (self.quit_deadline, self.reconnect_at,
-                                       self.answer_deadline) if when is not None]
-        if self.sock is not None and not self.heard_server and self.silence_deadline:
-            deadlines.append(self.silence_deadline)
-        if not deadlines:
-            return None
-        return max(0.0, min(deadlines) - time.monotonic())
-
-    def _check_deadlines(self, now):
-        if self.quit_deadline is not None and now >= self.quit_deadline:
-            self.result = 0  # the server never closed: leave anyway
-        elif self.reconnect_at is not None and now >= self.reconnect_at:
-            self._try_reconnect()
-        elif self.answer_deadline is not None and now >= self.answer_deadline:
-            sys.stderr.write("chat.py: the server at %s did not answer the nickname in %.0f s\n"
-                             % (format_address((self.host, self.port)),
-                                CLIENT_ANSWER_WAIT_S))
-            self.result = 1
-        elif (self.sock is not None and not self.heard_server and self.silence_deadline
-              and now >= self.silence_deadline):
-            self.silence_deadline = None  # said once
-            self._notice("the server at %s has said nothing in %.0f s (is it a chat server?)"
-                         % (format_address((self.host, self.port)), CLIENT_GREETING_WAIT_S))
-            self._greeted()  # ask for what it never asked for
+        deadlines = [when for when in (self.reconnect_when, self.session.next_deadline())
+                     if when is not None]
+        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
 
     def _close(self):
         self.requests.put(None)  # the keyboard thread, if it waits for a request, ends
@@ -2412,109 +2746,34 @@ class ChatClient:
             except termios.error:
                 pass  # the terminal is gone: nothing to restore
 
-    # -- registering: the loop decides what to send and what to ask --
+    # -- Ctrl-C --
 
-    def _start_registering(self):
-        """A new connection: send what is known (password, nick); what is
-        not is asked for once the server has asked for a nickname."""
-        if self.password is not None:
-            self._send_password()
-        if self.nick:
-            self._send_nick()
+    def _catch_interrupts(self):
+        """Handle Ctrl-C in the loop, not as an exception wherever it lands."""
+        if threading.current_thread() is not threading.main_thread():
+            return None  # signals only reach the main thread
+        return signal.signal(signal.SIGINT, self._interrupted)
 
-    def _greeted(self):
-        """The server asked for a nickname (or said nothing for a while)."""
-        self.greeted = True
-        if not (self.nick_sent or self.registered):
-            self._ask_for_registration()
+    def _interrupted(self, signum, frame):
+        self.interrupts += 1
+        if self.selector is None or self.connecting:
+            raise KeyboardInterrupt  # still connecting: give up on it
+        if self.wake_w is not None:  # else the loop checks self.interrupts first
+            try:
+                self.wake_w.send(b"\0")
+            except OSError:
+                pass  # already awake, or closed: either way nothing to do
 
-    def _ask_for_registration(self):
-        """Ask the user for the next thing registering needs: the room's
-        password (on a terminal) before the nickname."""
-        if self.needs_password and self.password is None and self.interactive:
-            self._ask("secret")
-        elif self.nick and not self.nick_sent:
-            self._send_nick()
+    def _on_interrupt(self, mask):
+        """Ctrl-C: leave as on Ctrl-D; a second one leaves at once."""
+        try:
+            self.wake_r.recv(4096)
+        except OSError:
+            pass
+        if self.interrupts > 1 or self.sock is None:  # twice, or nothing to leave
+            self.result = 0
         else:
-            self._ask("nick")
-
-    def _send_nick(self):
-        self.nick_sent = True
-        if not self.interactive and not self.reconnecting:
-            self.answer_deadline = time.monotonic() + CLIENT_ANSWER_WAIT_S
-        self._queue(self.nick.encode(ENCODING) + b"\n")
-
-    def _send_password(self):
-        self.pass_sent = True
-        self._queue(b"/pass " + self.password.encode(ENCODING) + b"\n")
-
-    def _handle_unregistered_line(self, text):
-        """Before the join line: watch for the greeting, the answer to our
-        nick and the password's; show what the user needs to see."""
-        kind, fields = parse_server_line(text)
-        if kind == "joined":
-            self._joined(fields["nick"], text)
-        elif kind == "notice" and fields["text"] == PASSWORD_GREETING:
-            self.needs_password = True  # asked for below, or sent already
-            if self.nick_sent and self.password is None and self.interactive:
-                self._ask("secret")
-        elif kind == "notice" and fields["text"] == PASSWORD_ACCEPTED:
-            if not self.nick_sent:
-                self._ask_for_registration()  # the nickname, now
-        elif kind == "notice" and is_nick_question(fields["text"]):
-            if not self.nick_sent:
-                self._show_server_line(text)  # the user is about to answer it
-            self._greeted()
-        elif kind == "error":
-            self._refused(fields["text"], text)
-        else:
-            self._show_server_line(text)
-
-    def _refused(self, reason, text):
-        """An error before registering: ask again where a person can answer."""
-        if reason == PASSWORD_REQUIRED and self.interactive and not self.pass_sent:
-            self.needs_password = True  # the nick went too early: the password first
-            self.nick_sent = False
-            self._ask_for_registration()
-            return
-        if reason == PASSWORD_REQUIRED and self.pass_sent:
-            return  # the answer to a nick sent before the password: it goes again
-        self._show_server_line(text)
-        self.answer_deadline = None
-        if self.reconnecting:
-            self._lose_connection()  # the old session may linger on the server: later
-            self._schedule_reconnect("could not register again")
-        elif reason == WRONG_PASSWORD and self.interactive:
-            self.password = None  # the server closes; a new connection asks again
-            self.retry_password = True
-        elif self.interactive:
-            self.nick_sent = False
-            self.nick = None  # refused: the next one is typed
-            self._ask("nick")
-        else:
-            self.result = 1  # nobody to ask: the reason is shown
-
-    def _joined(self, nick, text):
-        """Our join line: in the room."""
-        self.registered = self.was_in = True
-        self.nick_sent = False
-        self.answer_deadline = None
-        self.nick = nick
-        self._show_server_line(text)
-        if self.interactive:
-            self._learn_the_room()
-        if self.reconnecting:
-            self._back_in()
-        if self.asked is None:
-            self._ask("line")
-
-    def _learn_the_room(self):
-        """Ask, without showing the answers, who is here (for Tab) and which
-        commands this server offers this user (no operator commands where
-        it has no operators)."""
-        self.setup = True
-        self.hidden_who += 1
-        self._queue(b"/who\n/help\n/ping " + SETUP_TOKEN.encode(ENCODING) + b"\n")
+            self.session.end_of_input()
 
     # -- the server's side --
 
@@ -2533,92 +2792,16 @@ class ChatClient:
         except OSError:
             data = b""
         if not data:
-            self._server_closed()
+            self.session.server_closed()
             return
-        self.heard_server = True
         self.reader.feed(data)
-        while self.result is None and self.sock is not None:
+        sock = self.sock
+        while self.result is None and self.sock is sock:  # not lost meanwhile
             line = self.reader.pop_line()
             if line is None:
                 break
             if line is not TOO_LONG:
-                self._handle_server_line(decode_line(line))
-
-    def _server_closed(self):
-        if self.quitting:
-            self.result = 0
-        elif self.retry_password:
-            self.retry_password = False
-            self._lose_connection()
-            self._try_reconnect()  # at once: the user is waiting to type it again
-        elif self.reconnect and self.was_in:
-            self._lose_connection()
-            self._schedule_reconnect("disconnected from server")
-        elif not self.heard_server:
-            self._notice("disconnected from server before it said anything"
-                         + ("" if self.tls else " (does it need --tls?)"))
-            self.result = 1
-        else:
-            self._notice("disconnected from server")
-            self.result = 1
-
-    def _handle_server_line(self, text):
-        if not self.registered:
-            self._handle_unregistered_line(text)
-            return
-        if self.quitting:
-            self._note_quit_progress(text)
-        if not self._hidden(text):
-            self._show_server_line(text)
-
-    def _hidden(self, text):
-        """Answers to what the client asked by itself are not shown; the
-        client's own commands follow the answer to a typed /help."""
-        kind, fields = parse_server_line(text)
-        if kind == "who" and self.hidden_who:
-            self.hidden_who -= 1
-            track_nicks(self.nicks, text)
-            return True
-        if self.setup and kind == "notice" and fields["text"] in ALL_HELP:
-            self.commands = CLIENT_COMMANDS + tuple(sorted(
-                set(self.commands[len(CLIENT_COMMANDS):])
-                | set(help_commands([fields["text"]]))))
-            return True
-        if kind == "pong" and fields["token"] == SETUP_TOKEN:
-            self.setup = False
-            return True
-        if kind == "pong" and fields["token"] == HELP_TOKEN and self.helping:
-            self.helping -= 1
-            for line in CLIENT_HELP:
-                self._show_server_line(notice(line))
-            return True
-        if kind == "opped" and fields["nick"] == self.nick:
-            self.commands = CLIENT_COMMANDS + tuple(sorted(
-                set(self.commands[len(CLIENT_COMMANDS):]) | set(OPERATOR_COMMANDS)))
-        return False
-
-    def _show_server_line(self, text):
-        """Show a line as the options say; keep nicks and /reply current."""
-        track_nicks(self.nicks, text)
-        kind, fields = parse_server_line(text)
-        if kind == "private":
-            self.last_private = fields["nick"]
-        elif kind == "renamed" and fields["old"] == self.nick:
-            self.nick = fields["new"]  # renamed: mentions follow the new nick
-        shown = render_line(text, self.nick if self.registered else None, self.color)
-        if self.bell and self.registered and wants_bell(text, self.nick):
-            shown += BELL
-        self._show(shown)
-
-    def _notice(self, text):
-        """A notice of the client's own."""
-        self._show(render_line(notice(text), color=self.color))
-
-    def _show(self, shown):
-        if self.timestamps:
-            stamp = time.strftime("%H:%M")
-            shown = (styled(STYLES["time"], stamp) if self.color else stamp) + " " + shown
-        self.terminal.show(shown)
+                self.session.server_line(decode_line(line))
 
     def _flush(self):
         try:
@@ -2626,7 +2809,7 @@ class ChatClient:
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
-            self._server_closed()
+            self.session.server_closed()
             return
         del self.outbuf[:sent]
         self._watch()
@@ -2638,60 +2821,10 @@ class ChatClient:
             return
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.outbuf else 0)
         self.selector.modify(self.sock, events, self._on_server)
-        if (self.registered and self.asked is None and not self.quitting
-                and len(self.outbuf) <= CLIENT_MAX_OUTBUF):
-            self._ask("line")
-
-    def _queue(self, data):
-        self.outbuf += data
-        if self.sock is not None:
-            self._flush()
-
-    # -- --reconnect --
-
-    def _lose_connection(self):
-        """Forget the connection; typed lines wait until there is a new one."""
-        self.selector.unregister(self.sock)
-        self.sock.close()
-        self.sock = None
-        self.registered = False
-
-    def _schedule_reconnect(self, why):
-        delay = self.backoff * random.uniform(1 - RECONNECT_JITTER, 1 + RECONNECT_JITTER)
-        self.backoff = min(self.backoff * 2, RECONNECT_MAX_S)
-        self.reconnect_at = time.monotonic() + delay
-        self._notice("%s; reconnecting in %.0f s (Ctrl-C to stop)" % (why, delay))
-
-    def _try_reconnect(self):
-        self.reconnect_at = None
-        problem = self._connect()
-        if problem:
-            if not self.was_in:  # a new password's connection: nothing to come back to
-                self._notice(problem)
-                self.result = 1
-                return
-            self._schedule_reconnect(problem)
-            return
-        self.selector.register(self.sock, selectors.EVENT_READ, self._on_server)
-        self.reconnecting = self.was_in
-        self._start_registering()
-
-    def _back_in(self):
-        """Registered again after a reconnect: say so, send what waited."""
-        self.reconnecting = False
-        self.backoff = RECONNECT_FIRST_S
-        self._notice("reconnected")
-        if self.unsent:
-            self._queue(bytes(self.unsent))
-            self.unsent.clear()
+        if self.session.wants_line() and len(self.outbuf) <= CLIENT_MAX_OUTBUF:
+            self.ask("line")
 
     # -- the keyboard's side --
-
-    def _ask(self, kind):
-        """Ask the keyboard thread for a nick, a secret or a chat line."""
-        if self.asked is None:
-            self.asked = kind
-            self.requests.put(kind)
 
     def _on_typed(self, mask):
         """A record from the keyboard thread: a tag byte, the text, LF; or
@@ -2701,7 +2834,7 @@ class ChatClient:
         except (BlockingIOError, InterruptedError):
             return
         if not data:
-            self._quit()
+            self.session.end_of_input()
             return
         self.records += data
         while b"\n" in self.records and self.result is None:
@@ -2709,74 +2842,7 @@ class ChatClient:
             self.records = bytearray(rest)
             self.asked = None
             kind = TYPED_KINDS[record[:1]]
-            self._typed(kind, record[1:].decode(ENCODING, "replace"))
-
-    def _typed(self, kind, text):
-        if kind == "secret":
-            self.password = text
-            self._send_password()
-            if self.nick:
-                self._send_nick()  # again: one sent before the password was refused
-            # else the nickname is asked for once the server accepts the password
-        elif kind == "nick":
-            nick = clean_text(text).strip()
-            if nick:
-                self.nick = nick
-            self._ask_for_registration()
-        elif self.sock is None or self.reconnecting:
-            self.unsent += encode_line(text)  # sent once we are back
-            self._ask("line")
-        else:
-            data = self._client_command(text)
-            if data.lower().split(b" ")[0].rstrip(b"\n") == b"/quit":
-                self.quitting = True  # the server's close is then expected
-                self.quit_deadline = time.monotonic() + CLIENT_QUIT_WAIT_S
-            self._queue(data)
-            self._watch()
-
-    def _client_command(self, text):
-        """Handle /reply and /timestamps here; return what goes to the server."""
-        word, _, arg = text.partition(" ")
-        word = word.lower()
-        if word == "/timestamps":
-            self.timestamps = not self.timestamps
-            self._notice("timestamps %s" % ("on" if self.timestamps else "off"))
-            return b""
-        if word == "/reply":
-            if not arg.strip():
-                self._show(render_line(error("usage: /reply TEXT"), color=self.color))
-            elif self.last_private is None:
-                self._show(render_line(error("no private message to reply to"),
-                                       color=self.color))
-            else:
-                return encode_line("/msg %s %s" % (self.last_private, arg.strip()))
-            return b""
-        if word == "/help":  # the server's list, then the client's own commands
-            self.helping += 1
-            return encode_line(text) + encode_line("/ping " + HELP_TOKEN)
-        return encode_line(text)
-
-    def _quit(self):
-        """Stdin ended or Ctrl-C: send /quit and wait for the server to close."""
-        if self.sock is None:  # disconnected, waiting to reconnect: just leave
-            self.result = 0
-            return
-        if self.quit_deadline is not None:
-            return
-        if self.interactive:
-            self.terminal.finish()  # a half-typed line is dropped
-            self._notice("leaving...")
-        self.quitting = True
-        self.quit_deadline = time.monotonic() + CLIENT_QUIT_WAIT_S
-        self._queue(b"/quit\n")
-
-    def _note_quit_progress(self, text):
-        """While leaving: the server is still busy with our own lines (their
-        echoes come back) and it is worth waiting for; others' chatter is not."""
-        kind, fields = parse_server_line(text)
-        if (kind in ("message", "action") and fields["nick"] == self.nick) or kind in (
-                "private_echo", "error"):
-            self.quit_deadline = time.monotonic() + CLIENT_QUIT_WAIT_S
+            self.session.typed(kind, record[1:].decode(ENCODING, "replace"))
 
     def _read_keyboard(self):
         """The keyboard thread: read what the loop asks for, hand it back."""
@@ -2802,6 +2868,7 @@ class ChatClient:
                 self.typed_w.close()  # the loop reads this as the end of input
             except OSError:
                 pass
+
 
     def _read_password(self):
         """Ask for the room password without echoing it (this thread owns the

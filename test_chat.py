@@ -1508,6 +1508,86 @@ class ClientLoopTest(unittest.TestCase):
         self.assertIn("did not answer the nickname", err)
 
 
+class FakeShell:
+    """What a ClientSession sees of the client around it, recording it all."""
+
+    def __init__(self):
+        self.sent, self.shown, self.asked, self.finished = b"", [], [], None
+
+    def send(self, data):
+        self.sent += data
+
+    def show(self, text):
+        self.shown.append(text)
+
+    def ask(self, kind):
+        self.asked.append(kind)
+
+    def finish(self, code):
+        self.finished = code
+
+    def fail(self, message):
+        self.finished = message
+
+    def disconnect(self):
+        pass
+
+    def reconnect_at(self, when):
+        pass
+
+    def erase_input(self):
+        pass
+
+
+class ClientSessionTest(unittest.TestCase):
+    """The client's decisions, with no socket, thread or terminal."""
+
+    def session(self, **options):
+        shell = FakeShell()
+        return chat.ClientSession(shell, "127.0.0.1:9999", **options), shell
+
+    def test_a_password_room_on_a_terminal_asks_password_then_nick(self):
+        session, shell = self.session(interactive=True)
+        session.connected()
+        for text in ["welcome to chat.py (1 online)", chat.PASSWORD_GREETING,
+                     "choose a nickname: 1-24 letters, digits, _ or -"]:
+            session.server_line("*** " + text)
+        self.assertEqual((shell.asked, shell.sent), (["secret"], b""))
+        session.typed("secret", "s3cret")
+        self.assertEqual(shell.sent, b"/pass s3cret\n")
+        session.server_line("*** " + chat.PASSWORD_ACCEPTED)
+        self.assertEqual(shell.asked, ["secret", "nick"])
+        session.typed("nick", " al ")
+        session.server_line("*** al joined (2 online)")
+        self.assertEqual(shell.sent, b"/pass s3cret\nal\n/who\n/help\n/ping "
+                         + chat.SETUP_TOKEN.encode() + b"\n")
+        self.assertEqual(shell.asked[-1], "line")
+        self.assertEqual(shell.shown, ["*** welcome to chat.py (1 online)",
+                                       "*** choose a nickname: 1-24 letters, digits, _ or -",
+                                       "*** al joined (2 online)"])
+
+    def test_the_answers_to_its_own_questions_are_not_shown(self):
+        session, shell = self.session(nick="al", interactive=True)
+        session.connected()
+        session.server_line("*** al joined (2 online)")
+        for line in ["*** 2 online: al, bob"] + ["*** " + text for text in chat.HELP] + [
+                "*** bob joined (3 online)", "*** pong " + chat.SETUP_TOKEN]:
+            session.server_line(line)
+        self.assertEqual(shell.shown, ["*** al joined (2 online)", "*** bob joined (3 online)"])
+        self.assertEqual(sorted(session.nicks.values()), ["al", "bob"])
+        self.assertNotIn("/op", session.commands)
+
+    def test_a_refused_nick_ends_a_piped_client_and_is_asked_again_on_a_terminal(self):
+        session, shell = self.session(nick="bob")
+        session.connected()
+        session.server_line("!!! nickname bob is taken")
+        self.assertEqual((shell.shown, shell.finished), (["!!! nickname bob is taken"], 1))
+        session, shell = self.session(nick="bob", interactive=True)
+        session.connected()
+        session.server_line("!!! nickname bob is taken")
+        self.assertEqual((shell.asked, shell.finished), (["nick"], None))
+
+
 class TlsTest(ServerTestCase):
 
     def setUp(self):
