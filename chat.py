@@ -15,6 +15,21 @@ errors. Every broadcast reaches everyone in one and the same order.
 
 A room can speak TLS (--tls-cert/--tls-key), need a password (/pass before the
 nickname) and have operators (/op, then /kick, /ban, /mute and the rest).
+
+The file, top to bottom:
+    Settings       every default and limit, with its unit; LIMITS and Limits
+    Protocol       framing, telnet, cleaning text, nick rules, FORMATS (every
+                   line the server sends) and parse_server_line (its inverse)
+    Plumbing       logging, selector bookkeeping, socket and TLS helpers
+    Chat           Connection (with its phase), Room, MemoryStore, Chat: what
+                   a line means; it reaches the loop only through ChatServer's
+                   send/broadcast/enter/leave/close/log/call_later
+    Server loop    FanOut (each room's broadcasts, in one order) and ChatServer
+                   (accept, TLS, read, write, slow readers, timers, shutdown)
+    Client         ClientSession (its decisions) and ChatClient (sockets, the
+                   keyboard thread, the terminal)
+    Bench          `chat.py bench`, a load generator that reuses Protocol
+    Command line   build_parser(), the run_* functions, main()
 """
 
 import argparse
@@ -3344,8 +3359,8 @@ class Bench:
     def _send_due(self, now):
         interval = 1.0 / self.args.rate
         for client in self.clients:
-            if client.sender and client.state == "in" and client.seq < self.args.messages \
-                    and client.next_send <= now:
+            if (client.sender and client.state == "in" and client.seq < self.args.messages
+                    and client.next_send <= now):
                 client.outbuf += self._message(client, now)
                 client.next_send += interval
                 self._flush(client)

@@ -79,6 +79,40 @@ def write_file(case, name, text):
 
 # --- helpers --------------------------------------------------------------------
 
+def serve_in_thread(case, port=0, limits=None, **options):
+    """Start a ChatServer in a thread (port 0: a free one), stopped and joined
+    when the test ends; return it."""
+    server = chat.ChatServer("127.0.0.1", port, limits or chat.Limits(), log=None, **options)
+    server.start()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    case.addCleanup(thread.join, 5)
+    case.addCleanup(server.shutdown)
+    return server
+
+
+def start_process(case, args, **popen):
+    """Start a subprocess that is killed (if still running) and reaped when
+    the test ends, its pipes closed."""
+    proc = subprocess.Popen(args, **popen)
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            case.addCleanup(stream.close)
+    case.addCleanup(lambda: proc.poll() is None and proc.kill() or proc.wait())
+    return proc
+
+
+def wait_until_listening(case, stream):
+    """Read a server's log until `listening on`; return (its port, the log)."""
+    log = []
+    while True:
+        line = stream.readline().decode()
+        case.assertTrue(line, "the server exited: %r" % log)
+        log.append(line)
+        if "listening on " in line:
+            return int(line.rsplit(":", 1)[1]), "".join(log)
+
+
 class Peer:
     """A raw-socket client, as netcat would be."""
 
@@ -185,14 +219,8 @@ class ServerTestCase(unittest.TestCase):
                                                  write_file(self, "key.pem", TEST_KEY))
             client_context = ssl.create_default_context(cadata=TEST_CERT)
             self.peer_options = {"tls": client_context}
-        server = chat.ChatServer("127.0.0.1", 0, chat.Limits(**limits), log=None,
-                                 tls_context=context, password=password,
-                                 op_password=op_password)
-        server.start()
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        self.addCleanup(thread.join, 5)
-        self.addCleanup(server.shutdown)
+        server = serve_in_thread(self, limits=chat.Limits(**limits), tls_context=context,
+                                 password=password, op_password=op_password)
         self.server = server
         self.port = server.address[1]
         return server
@@ -235,8 +263,8 @@ def run_chat(*args, stdin=b"", timeout=TIMEOUT, env=None):
     proc = subprocess.run([sys.executable, CHAT_PY] + list(args), input=stdin,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           timeout=timeout, env=env)
-    return proc.returncode, proc.stdout.decode("utf-8", "replace"), \
-        proc.stderr.decode("utf-8", "replace")
+    return (proc.returncode, proc.stdout.decode("utf-8", "replace"),
+            proc.stderr.decode("utf-8", "replace"))
 
 
 # --- Protocol: pure functions ---------------------------------------------------
@@ -1113,19 +1141,9 @@ class LimitTest(ServerTestCase):
 class ServerProcessTest(unittest.TestCase):
 
     def start(self, *args):
-        proc = subprocess.Popen([sys.executable, CHAT_PY, "server", "--port", "0"] + list(args),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.addCleanup(proc.stderr.close)
-        self.addCleanup(proc.stdout.close)
-        self.addCleanup(lambda: proc.poll() is None and proc.kill() or proc.wait())
-        port = None
-        log = []
-        while port is None:
-            line = proc.stderr.readline().decode()
-            self.assertTrue(line, "server exited: %r" % log)
-            log.append(line)
-            if "listening on " in line:
-                port = int(line.rsplit(":", 1)[1])
+        proc = start_process(self, [sys.executable, CHAT_PY, "server", "--port", "0"]
+                             + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        port, _ = wait_until_listening(self, proc.stderr)
         return proc, port
 
     def test_sigterm_says_goodbye_and_exits_0(self):
@@ -1195,16 +1213,9 @@ class ServerProcessTest(unittest.TestCase):
         script = ("import resource, sys; sys.argv[1:] = ['server', '--port', '0', '-q'];"
                   "resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40));"
                   "sys.path.insert(0, %r); import chat; sys.exit(chat.main(sys.argv[1:]))" % HERE)
-        proc = subprocess.Popen([sys.executable, "-c", script],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.addCleanup(proc.stdout.close)
-        self.addCleanup(proc.stderr.close)
-        self.addCleanup(lambda: proc.poll() is None and proc.kill() or proc.wait())
-        line = proc.stderr.readline().decode()
-        while "listening on" not in line:
-            line = proc.stderr.readline().decode()
-            self.assertTrue(line)
-        port = int(line.rsplit(":", 1)[1])
+        proc = start_process(self, [sys.executable, "-c", script],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        port, _ = wait_until_listening(self, proc.stderr)
         peers = []
         refused = 0
         for _ in range(60):
@@ -1238,13 +1249,9 @@ class ClientTest(ServerTestCase):
 
     def start_client(self, *args):
         """The client as a subprocess with piped stdin, stdout and stderr."""
-        proc = subprocess.Popen([sys.executable, CHAT_PY, "client"] + list(args),
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
-        for stream in (proc.stdin, proc.stdout, proc.stderr):
-            self.addCleanup(stream.close)
-        self.addCleanup(lambda: proc.poll() is None and proc.kill() or proc.wait())
-        return proc
+        return start_process(self, [sys.executable, CHAT_PY, "client"] + list(args),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
 
     def setUp(self):
         self.start_server()
@@ -1372,12 +1379,7 @@ class ClientTest(ServerTestCase):
             self.assertTrue(line, "the client gave up")
             line = proc.stdout.readline()
         self.assertIn(b"disconnected from server", line)
-        server = chat.ChatServer("127.0.0.1", port, chat.Limits(), log=None)
-        server.start()  # the same port, as a restarted server would be
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        self.addCleanup(thread.join, 5)
-        self.addCleanup(server.shutdown)
+        serve_in_thread(self, port)  # the same port, as a restarted server would be
         self.port = port
         while line != b"*** reconnected\n":
             self.assertTrue(line, "the client gave up")
@@ -1693,17 +1695,11 @@ class TlsTest(ServerTestCase):
 
     def test_the_server_logs_its_fingerprint(self):
         key = write_file(self, "key.pem", TEST_KEY)
-        proc = subprocess.Popen([sys.executable, CHAT_PY, "server", "--port", "0",
-                                 "--tls-cert", self.cert, "--tls-key", key],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self.addCleanup(proc.stderr.close)
-        self.addCleanup(lambda: proc.poll() is None and proc.kill() or proc.wait())
-        log = b""
-        while b"listening on" not in log:
-            line = proc.stderr.readline()
-            self.assertTrue(line, log)
-            log += line
-        self.assertIn(TEST_FINGERPRINT.encode(), log)
+        proc = start_process(self, [sys.executable, CHAT_PY, "server", "--port", "0",
+                                    "--tls-cert", self.cert, "--tls-key", key],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, log = wait_until_listening(self, proc.stderr)
+        self.assertIn(TEST_FINGERPRINT, log)
         proc.terminate()
         self.assertEqual(proc.wait(TIMEOUT), 0)
 
@@ -1895,13 +1891,12 @@ class TerminalCase(ServerTestCase):
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 40, 0, 0))
         env = dict(os.environ, TERM="xterm", COLUMNS="40", LINES="24")
         env.pop("NO_COLOR", None)
-        self.proc = subprocess.Popen(
-            self.command + ["client", "--port", str(self.port)] + self.client_args,
+        self.addCleanup(os.close, master)
+        self.proc = start_process(
+            self, self.command + ["client", "--port", str(self.port)] + self.client_args,
             stdin=slave, stdout=slave, stderr=slave, env=env)
         os.close(slave)
         self.master = master
-        self.addCleanup(os.close, master)
-        self.addCleanup(lambda: self.proc.poll() is None and self.proc.kill() or self.proc.wait())
         self.screen = b""   # everything the client wrote
         self.matched = 0    # where the last read_until match ended
 
@@ -2163,12 +2158,7 @@ class TerminalReconnectTest(TerminalCase):
         self.wait_until_reading()  # readline reads the next line too, not the raw terminal
         self.type(b"twX\x1b[Do\r")  # Left: the o goes before the X
         self.read_until(b"twX\x08oX\x08")  # readline's own echo of the edit
-        server = chat.ChatServer("127.0.0.1", port, chat.Limits(), log=None)
-        server.start()
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        self.addCleanup(thread.join, 5)
-        self.addCleanup(server.shutdown)
+        serve_in_thread(self, port)
         bob = Peer(port)
         self.addCleanup(bob.close)
         bob.send_line("bob")
@@ -2300,19 +2290,11 @@ class BenchTest(unittest.TestCase):
             self.assertIn(row, out)
 
     def test_a_server_that_goes_away_mid_run(self):
-        server = chat.ChatServer("127.0.0.1", 0, chat.Limits(rate=0), log=None)
-        server.start()
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        self.addCleanup(thread.join, 5)
-        self.addCleanup(server.shutdown)
-        proc = subprocess.Popen([sys.executable, CHAT_PY, "bench", "--port",
-                                 str(server.address[1]), "--clients", "5", "--senders", "1",
-                                 "--rate", "2", "--messages", "100"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.addCleanup(proc.stdout.close)
-        self.addCleanup(proc.stderr.close)
-        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        server = serve_in_thread(self, limits=chat.Limits(rate=0))
+        proc = start_process(self, [sys.executable, CHAT_PY, "bench", "--port",
+                                    str(server.address[1]), "--clients", "5", "--senders",
+                                    "1", "--rate", "2", "--messages", "100"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         line = proc.stderr.readline()
         while b"delivered" not in line:  # registered: the messages are under way
             self.assertTrue(line, "the bench ended early")
@@ -2324,13 +2306,7 @@ class BenchTest(unittest.TestCase):
         self.assertNotIn("Traceback", err)
 
     def serve(self, **limits):
-        server = chat.ChatServer("127.0.0.1", 0, chat.Limits(**limits), log=None)
-        server.start()
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        self.addCleanup(thread.join, 5)
-        self.addCleanup(server.shutdown)
-        return server.address[1]
+        return serve_in_thread(self, limits=chat.Limits(**limits)).address[1]
 
     def test_on_a_server_with_users_only_its_own_lines_count(self):
         port = self.serve(rate=0)
