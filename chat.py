@@ -89,49 +89,6 @@ MAX_CLIENTS = 10000           # connections, registered or not
 MAX_PER_IP = 16               # connections from one address (0 = no limit)
 REGISTER_TIMEOUT_S = 60.0     # from connect to an accepted nickname
 MAX_NICK_CHARS = 24
-
-
-class Limit(collections.namedtuple("Limit", "name kind default unit zero_ok help")):
-    """One server limit: the field of Limits, the flag (--max-line for
-    max_line), its type, default, unit, whether 0 is allowed, and its help."""
-
-
-# Every limit of the server, declared once: Limits and the flags are built
-# from this table.
-LIMITS = (
-    Limit("max_line", int, MAX_LINE_BYTES, "BYTES", False, "longest line accepted"),
-    Limit("rate", float, RATE_LINES_PER_S, "LINES_PER_S", True,
-          "lines per second per client; 0 = no flood control"),
-    Limit("burst", int, BURST_LINES, "LINES", False, "lines a client may send at once"),
-    Limit("max_sendq", int, MAX_SENDQ_BYTES, "BYTES", False,
-          "unsent bytes at which a client is behind: input waits until it has caught "
-          "up. It also bounds a client's own replies, and a quarter of it (at most "
-          "64 KiB) is the broadcast one loop pass takes"),
-    Limit("max_lag", float, MAX_LAG_S, "SECONDS", False,
-          "the longest a reader that is behind may hold the room before it is evicted "
-          "as too slow"),
-    Limit("max_clients", int, MAX_CLIENTS, "N", False, "connections, registered or not"),
-    Limit("max_per_ip", int, MAX_PER_IP, "N", True,
-          "connections from one address, loopback exempt; 0 = no limit"),
-    Limit("register_timeout", float, REGISTER_TIMEOUT_S, "SECONDS", False,
-          "time to choose a nickname"),
-)
-
-class Limits:
-    """The server's limits (one attribute per row of LIMITS) and what follows
-    from them."""
-
-    def __init__(self, **values):
-        for limit in LIMITS:
-            setattr(self, limit.name, values.pop(limit.name, limit.default))
-        if values:
-            raise TypeError("unknown limits: %s" % ", ".join(sorted(values)))
-        # Derived: a pass stops reading once this much broadcast is queued,
-        # so no one is sent more in one pass than a client that reads can
-        # take. (max_sendq itself is where a member counts as behind.)
-        self.pass_budget = min(PASS_BROADCAST_BYTES, self.max_sendq // 4)
-
-
 WRONG_PASSWORD_DELAY_S = 1.0  # a wrong room password: closed after this, to slow guessing
 MAX_OP_ATTEMPTS = 3           # wrong /op passwords before the connection is closed
 
@@ -170,6 +127,48 @@ KEEPALIVE_PROBES = 4
 TLS_MIN_VERSION = ssl.TLSVersion.TLSv1_2
 TLS_RECORD_BYTES = 16384      # one TLS record: what one TLS send() carries
 TLS_RECORDS_PER_FLUSH = 16    # a TLS flush writes at most this many records
+
+class Limit(collections.namedtuple("Limit", "name kind default unit zero_ok help")):
+    """One server limit: the field of Limits, the flag (--max-line for
+    max_line), its type, default, unit, whether 0 is allowed, and its help."""
+
+
+# Every limit of the server, declared once: Limits and the flags are built
+# from this table.
+LIMITS = (
+    Limit("max_line", int, MAX_LINE_BYTES, "BYTES", False, "longest line accepted"),
+    Limit("rate", float, RATE_LINES_PER_S, "LINES_PER_S", True,
+          "lines per second per client; 0 = no flood control"),
+    Limit("burst", int, BURST_LINES, "LINES", False, "lines a client may send at once"),
+    Limit("max_sendq", int, MAX_SENDQ_BYTES, "BYTES", False,
+          "unsent bytes at which a client is behind: input waits until it has caught "
+          "up. It also bounds a client's own replies, and a quarter of it (at most "
+          "64 KiB) is the broadcast one loop pass takes"),
+    Limit("max_lag", float, MAX_LAG_S, "SECONDS", False,
+          "the longest a reader that is behind may hold the room before it is evicted "
+          "as too slow"),
+    Limit("max_clients", int, MAX_CLIENTS, "N", False, "connections, registered or not"),
+    Limit("max_per_ip", int, MAX_PER_IP, "N", True,
+          "connections from one address, loopback exempt; 0 = no limit"),
+    Limit("register_timeout", float, REGISTER_TIMEOUT_S, "SECONDS", False,
+          "time to choose a nickname"),
+)
+
+
+class Limits:
+    """The server's limits (one attribute per row of LIMITS) and what follows
+    from them."""
+
+    def __init__(self, **values):
+        for limit in LIMITS:
+            setattr(self, limit.name, values.pop(limit.name, limit.default))
+        if values:
+            raise TypeError("unknown limits: %s" % ", ".join(sorted(values)))
+        # Derived: a pass stops reading once this much broadcast is queued,
+        # so no one is sent more in one pass than a client that reads can
+        # take. (max_sendq itself is where a member counts as behind.)
+        self.pass_budget = min(PASS_BROADCAST_BYTES, self.max_sendq // 4)
+
 
 # Secrets come from a file or the environment, never from the command line,
 # which other local users can read in `ps`.
