@@ -48,11 +48,13 @@ import selectors
 import shutil
 import signal
 import socket
+import sqlite3
 import ssl
 import string
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -89,6 +91,13 @@ MAX_CLIENTS = 10000           # connections, registered or not
 MAX_PER_IP = 16               # connections from one address (0 = no limit)
 REGISTER_TIMEOUT_S = 60.0     # from connect to an accepted nickname
 MAX_NICK_CHARS = 24
+DB_FILE = "chat.db"           # the store: a SQLite file in the working directory
+KEEP_MESSAGES = 100000        # messages kept per room (0: all)
+REPLAY_MESSAGES = 20          # messages replayed on joining a room (0: none)
+HISTORY_DEFAULT = 20          # /history without N
+HISTORY_MAX = 500             # /history N at most
+SEARCH_RESULTS = 20           # /search answers with at most this many
+TRIM_EVERY = 1000             # a room is trimmed to --keep after this many new messages
 WRONG_PASSWORD_DELAY_S = 1.0  # a wrong room password: closed after this, to slow guessing
 MAX_OP_ATTEMPTS = 3           # wrong /op passwords before the connection is closed
 
@@ -202,9 +211,21 @@ FORMATS = {
     "private": "*{nick}* {text}",
     "private_echo": "-> *{nick}* {text}",
     "joined": NOTICE + "{nick} joined ({count} online)",
+    "joined_room": NOTICE + "{nick} joined {room} ({count} here)",
     "left": NOTICE + "{nick} left ({reason})",
     "renamed": NOTICE + "{old} is now known as {new}",
-    "who": NOTICE + "{count} online: {nicks}",
+    "who": NOTICE + "{count} in {room}: {nicks}",
+    "rooms": NOTICE + "{count} online in {rooms}: {list}",
+    "topic": NOTICE + "topic of {room}: {text} (set by {nick})",
+    "no_topic": NOTICE + "{room} has no topic",
+    "topic_set": NOTICE + "{nick} set the topic: {text}",
+    "topic_cleared": NOTICE + "{nick} cleared the topic",
+    "history_last": NOTICE + "the last {messages} in {room} (times in UTC):",
+    "history_search": NOTICE + '{messages} in {room} matching "{text}" (times in UTC):',
+    "history_end": NOTICE + "end of history",
+    "history": "[{time}] {line}",
+    "no_history": NOTICE + "no messages in {room} yet",
+    "no_match": NOTICE + 'no messages in {room} match "{text}"',
     "pong": NOTICE + "pong {token}",
     "kicked": NOTICE + "{nick} was kicked by {op} ({reason})",
     "banned": NOTICE + "{nick} was banned by {op} ({reason})",
@@ -228,7 +249,12 @@ HELP = (
     "/me TEXT             act: * NICK TEXT",
     "/msg NICK TEXT       a private message to NICK",
     "/nick NEW            change your nickname",
-    "/who                 who is online",
+    "/who                 who is in this room",
+    "/join ROOM           go to ROOM (#rust), made if new",
+    "/rooms               the rooms that have people in them",
+    "/topic [TEXT]        show the room's topic, or set it (- clears it)",
+    "/history [N]         the room's last N messages (20; at most 500)",
+    "/search TEXT         the room's last 20 messages that contain TEXT",
     "/ping [TOKEN]        answered with: pong TOKEN",
     "/help                this list",
     "/quit [REASON]       leave",
@@ -251,12 +277,17 @@ USAGE = {
     "unban": "usage: /unban ADDRESS",
     "mute": "usage: /mute NICK",
     "unmute": "usage: /unmute NICK",
+    "join": "usage: /join ROOM",
+    "history": "usage: /history [N]",
+    "search": "usage: /search TEXT",
 }
 NO_REASON = "no reason given"
 SHUTDOWN_NOTICE = "server shutting down"
 LEFT_QUIT = "quit"
 LEFT_CLOSED = "connection closed"
 LEFT_TOO_SLOW = "too slow"
+LEFT_WENT_TO = "went to {room}"
+HISTORY_TIME = "%Y-%m-%d %H:%M"   # UTC, in a history block
 # For the bench's observers, which must parse millions of lines: the start
 # of a message ("<") and the end of an eviction (" left (too slow)"), as bytes.
 MESSAGE_OPENING = FORMATS["message"].split("{nick}")[0].encode(ENCODING)
@@ -272,7 +303,8 @@ def format_line(kind, **fields):
 # What each field of a line may hold: nicks are letters, digits, _ and -;
 # text, reasons, nick lists and tokens anything.
 FIELD_PATTERNS = {"nick": r"[\w-]+", "old": r"[\w-]+", "new": r"[\w-]+", "op": r"[\w-]+",
-                  "count": r"\d+"}
+                  "count": r"\d+", "room": r"#[\w-]+", "rooms": r"\d+ rooms?",
+                  "messages": r"\d+ messages?", "time": r"\d{4}-\d\d-\d\d \d\d:\d\d"}
 
 
 def _line_pattern(template):
@@ -485,6 +517,30 @@ def nick_problem(nick):
     if len(scripts & CONFUSABLE_SCRIPTS) > 1:
         return "invalid nickname %s: it mixes Latin, Greek or Cyrillic letters" % nick
     return None
+
+
+MAX_ROOM_CHARS = 32
+ROOM_PREFIX = "#"
+
+
+def room_name(text):
+    """The room a user means: `rust` is `#rust`."""
+    return text if text.startswith(ROOM_PREFIX) else ROOM_PREFIX + text
+
+
+def room_problem(name):
+    """Return why name is not a valid room name, or None if it is."""
+    body = name[len(ROOM_PREFIX):]
+    if (not name.startswith(ROOM_PREFIX) or not 1 <= len(body) <= MAX_ROOM_CHARS
+            or any(not (ch.isalnum() or ch in "_-") for ch in body)):
+        return ("invalid room name: %s (# and 1-%d letters, digits, _ or -)"
+                % (name, MAX_ROOM_CHARS))
+    return None
+
+
+def plural(count, noun):
+    """A count as English writes it: 1 message, 2 messages."""
+    return "%d %s%s" % (count, noun, "" if count == 1 else "s")
 
 
 def parse_line(text):
@@ -732,51 +788,208 @@ class Connection:
 
 
 class Room:
-    """The members of one room, by nick key. Only the FanOut changes members,
-    so that who gets a room's lines and in which order is decided in one place."""
+    """One room: its name (as first given), its members by nick key, its
+    topic, and its last messages for the replay on joining. Only the FanOut
+    changes members, so that who gets a room's lines and in which order is
+    decided in one place."""
 
-    __slots__ = ("name", "members")
+    __slots__ = ("name", "key", "members", "topic", "topic_nick", "recent")
 
-    def __init__(self, name):
+    def __init__(self, name, topic=None, topic_nick=None, recent=(), replay=REPLAY_MESSAGES):
         self.name = name
+        self.key = nick_key(name)          # room names clash as nicks do
         self.members = {}
+        self.topic = topic
+        self.topic_nick = topic_nick
+        self.recent = collections.deque(recent, maxlen=replay)  # (id, time, nick, kind, text)
 
 
-class MemoryStore:
-    """What the chat keeps beyond one connection: in version 1, the bans, in
-    memory (a restart clears them). Version 2 puts SQLite and Redis stores
-    behind these same methods, and adds messages, topics and accounts."""
+class StoreError(Exception):
+    """The database can't be used: said in one line."""
 
-    def __init__(self):
-        self._bans = {}                    # ip -> the nick it was banned as
+
+class SQLiteStore:
+    """What the chat keeps beyond one connection, in one SQLite file (or
+    `:memory:`): every message and action, the rooms with their spelling and
+    topic, and the bans. Version 2's Redis store stands beside it with the
+    same methods.
+
+    Writes are batched: append() only queues a message (its id is given at
+    once), and flush() writes what is queued in one transaction. The loop
+    flushes before it writes any broadcast to a socket, so a line that has
+    been relayed is in the file, even if the process is killed right after.
+    """
+
+    SCHEMA_VERSION = 1
+    SCHEMA = (
+        "CREATE TABLE IF NOT EXISTS rooms (key TEXT PRIMARY KEY, name TEXT NOT NULL,"
+        " topic TEXT, topic_nick TEXT)",
+        "CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY, room TEXT NOT NULL,"
+        " time REAL NOT NULL, nick TEXT NOT NULL, kind TEXT NOT NULL, text TEXT NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS messages_by_room ON messages (room, id)",
+        "CREATE TABLE IF NOT EXISTS bans (ip TEXT PRIMARY KEY, nick TEXT NOT NULL)",
+    )
+
+    def __init__(self, path=":memory:", keep=KEEP_MESSAGES):
+        self.path = path
+        self.keep = keep                   # messages kept per room; 0: all
+        self.batch = []                    # (id, room key, time, nick, kind, text) not yet written
+        self.appended = {}                 # room key -> messages since its last trim
+        self.failure = None                # why the last flush failed
+        try:
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._open()
+        except sqlite3.Error as exc:
+            raise StoreError(describe_error(exc))
+
+    def _open(self):
+        """Check the file, make or migrate its schema, and find the next id."""
+        db = self.db
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > self.SCHEMA_VERSION:
+            raise StoreError("its schema is version %d, newer than this chat.py's %d"
+                             % (version, self.SCHEMA_VERSION))
+        if self.path != ":memory:":
+            db.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
+        db.execute("PRAGMA synchronous=NORMAL")  # WAL: a process crash loses nothing
+        db.execute("BEGIN IMMEDIATE")  # fails at once on a read-only file
+        for statement in self.SCHEMA:
+            db.execute(statement)
+        db.execute("PRAGMA user_version=%d" % self.SCHEMA_VERSION)
+        db.execute("COMMIT")
+        self.next_id = (db.execute("SELECT MAX(id) FROM messages").fetchone()[0] or 0) + 1
+
+    def close(self):
+        self.db.close()
+
+    # -- messages --
+
+    def append(self, room, nick, kind, text, when):
+        """Queue a message of room (its key); return its id."""
+        message_id = self.next_id
+        self.next_id += 1
+        self.batch.append((message_id, room, when, nick, kind, text))
+        self.appended[room] = self.appended.get(room, 0) + 1
+        return message_id
+
+    def flush(self):
+        """Write the queued messages in one transaction; on failure return
+        them (and forget them: they were relayed, not stored), else []."""
+        if not self.batch:
+            return []
+        batch, self.batch = self.batch, []
+        try:
+            self.db.execute("BEGIN")
+            self.db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)", batch)
+            self._trim()
+            self.db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            self.failure = describe_error(exc)
+            return batch
+        return []
+
+    def _trim(self):
+        """Keep the newest `keep` messages of each room that grew by
+        TRIM_EVERY since it was last trimmed."""
+        if not self.keep:
+            return
+        for room, count in list(self.appended.items()):
+            if count < TRIM_EVERY:
+                continue
+            self.appended[room] = 0
+            self.db.execute(
+                "DELETE FROM messages WHERE room = ? AND id <= (SELECT id FROM messages"
+                " WHERE room = ? ORDER BY id DESC LIMIT 1 OFFSET ?)", (room, room, self.keep))
+
+    def _rollback(self):
+        try:
+            self.db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # no transaction was open
+
+    def recent(self, room, count):
+        """The last count messages of room, oldest first: (id, time, nick,
+        kind, text). Of what is written: flush() first."""
+        rows = self.db.execute(
+            "SELECT id, time, nick, kind, text FROM messages WHERE room = ?"
+            " ORDER BY id DESC LIMIT ?", (room, count)).fetchall()
+        return rows[::-1]
+
+    def search(self, room, text, count):
+        """The last count messages of room whose text contains text, in any
+        case, oldest first. Of what is written: flush() first."""
+        needle = text.casefold()
+        query = ("SELECT id, time, nick, kind, text FROM messages WHERE room = ?%s"
+                 " ORDER BY id DESC")
+        if needle.isascii():  # LIKE ignores ASCII case itself: the database filters
+            pattern = "%" + re.sub(r"([%_\\])", r"\\\1", needle) + "%"
+            rows = self.db.execute(query % " AND text LIKE ? ESCAPE '\\'", (room, pattern))
+        else:
+            rows = self.db.execute(query % "", (room,))
+        found = []
+        for row in rows:
+            if needle in row[4].casefold():
+                found.append(row)
+                if len(found) == count:
+                    break
+        return found[::-1]
+
+    # -- rooms and topics --
+
+    def room(self, key):
+        """(name as first given, topic, who set it) of a room, or None."""
+        return self.db.execute("SELECT name, topic, topic_nick FROM rooms WHERE key = ?",
+                               (key,)).fetchone()
+
+    def add_room(self, key, name):
+        self._write("INSERT OR IGNORE INTO rooms (key, name) VALUES (?, ?)", (key, name))
+
+    def set_topic(self, key, text, nick):
+        self._write("UPDATE rooms SET topic = ?, topic_nick = ? WHERE key = ?",
+                    (text, nick, key))
+
+    # -- bans --
 
     def add_ban(self, ip, nick):
-        self._bans[ip] = nick
+        self._write("INSERT OR REPLACE INTO bans VALUES (?, ?)", (ip, nick))
 
     def remove_ban(self, ip):
         """Unban ip; return whether it was banned."""
-        return self._bans.pop(ip, None) is not None
+        return self._write("DELETE FROM bans WHERE ip = ?", (ip,)) > 0
 
     def is_banned(self, ip):
-        return ip in self._bans
+        return self.db.execute("SELECT 1 FROM bans WHERE ip = ?", (ip,)).fetchone() is not None
 
     def bans(self):
         """[(ip, nick)], sorted by address."""
-        return sorted(self._bans.items())
+        return self.db.execute("SELECT ip, nick FROM bans ORDER BY ip").fetchall()
+
+    def _write(self, statement, args):
+        """One statement in its own transaction; return the rows it changed.
+        Raises StoreError."""
+        try:
+            return self.db.execute(statement, args).rowcount
+        except sqlite3.Error as exc:
+            raise StoreError(describe_error(exc))
 
 
 class Chat:
     """The chat's rules. Called by the loop (connected, handle_line,
     registration_expired, disconnected, refusal); calls the loop through io."""
 
-    def __init__(self, io, limits, password=None, op_password=None, store=None):
+    def __init__(self, io, limits, password=None, op_password=None, store=None,
+                 replay=REPLAY_MESSAGES):
         self.io = io
         self.limits = limits
         self.password = password           # the room's, or None
         self.op_password = op_password     # for /op, or None: no operators
-        self.store = store if store is not None else MemoryStore()
+        self.store = store if store is not None else SQLiteStore(":memory:")
+        self.replay = replay               # messages replayed on joining a room
         self.members = {}                  # nick key -> registered Connection, every room
-        self.lobby = Room(LOBBY)
+        self.rooms = {}                    # room key -> Room, those in use
+        self.senders = {}                  # message id -> its sender, until it is stored
+        self.lobby = self._room(LOBBY)
 
     # -- called by the loop --
 
@@ -800,6 +1013,25 @@ class Chat:
             command, arg = parse_line(text)
             self.LINE_HANDLERS[conn.phase](self, conn, command, arg)
 
+    def commit(self):
+        """Store what was said; the loop calls this before it writes any of
+        it to a socket. A message that could not be stored is still relayed,
+        and its sender is told."""
+        failed = self.store.flush()
+        senders, self.senders = self.senders, {}
+        if not failed:
+            return
+        self.io.log("database error: %s; %s not stored"
+                    % (self.store.failure, plural(len(failed), "message")), always=True)
+        for row in failed:
+            conn = senders.get(row[0])
+            if conn is not None and conn.phase != CLOSED:
+                self.io.send(conn, error("your message was not stored (%s)" % self.store.failure))
+
+    def close(self):
+        self.commit()
+        self.store.close()
+
     def registration_expired(self, conn):
         self.io.send(conn, error("registration timed out"))
         self.io.log("%s: registration timed out" % conn.name)
@@ -816,6 +1048,7 @@ class Chat:
         if reason is not None:
             self.io.broadcast(room, format_line("left", nick=conn.nick, reason=reason))
             self.io.log("%s left (%s)" % (conn.nick, reason))
+        self._forget_if_empty(room)
 
     # -- lines by phase --
 
@@ -844,8 +1077,7 @@ class Chat:
     def _member_line(self, conn, command, arg):
         """A message to the room, or a command."""
         if command is None:
-            if self._allowed_to_speak(conn):
-                self.io.broadcast(conn.room, format_line("message", nick=conn.nick, text=arg))
+            self._say(conn, "message", arg)
             return
         handler = self.COMMANDS.get(command)
         if handler is None:
@@ -878,6 +1110,7 @@ class Chat:
         self.io.log("%s joined from %s" % (nick, conn.name))
         conn.name = nick
         self.io.broadcast(conn.room, format_line("joined", nick=nick, count=len(self.members)))
+        self._welcome(conn, conn.room)
 
     def _nick_problem(self, nick, conn=None):
         """Return why nick can't be taken (by conn, if renaming), or None."""
@@ -897,11 +1130,21 @@ class Chat:
             self.io.send(conn, error("you are muted"))
         return not conn.muted
 
+    def _say(self, conn, kind, text):
+        """A message or an action: to conn's room, and into its history."""
+        if not self._allowed_to_speak(conn):
+            return
+        room, now = conn.room, time.time()
+        message_id = self.store.append(room.key, conn.nick, kind, text, now)
+        self.senders[message_id] = conn
+        room.recent.append((message_id, now, conn.nick, kind, text))
+        self.io.broadcast(room, format_line(kind, nick=conn.nick, text=text))
+
     def _cmd_me(self, conn, arg):
         if not arg:
             self.io.send(conn, error(USAGE["me"]))
-        elif self._allowed_to_speak(conn):
-            self.io.broadcast(conn.room, format_line("action", nick=conn.nick, text=arg))
+        else:
+            self._say(conn, "action", arg)
 
     def _cmd_msg(self, conn, arg):
         parts = arg.split(None, 1)
@@ -943,7 +1186,143 @@ class Chat:
     def _cmd_who(self, conn, arg):
         members = sorted(conn.room.members.values(), key=lambda member: member.key)
         nicks = ["@" + m.nick if m.op else m.nick for m in members]
-        self.io.send(conn, format_line("who", count=len(nicks), nicks=", ".join(nicks)))
+        self.io.send(conn, format_line("who", count=len(nicks), room=conn.room.name,
+                                       nicks=", ".join(nicks)))
+
+    # -- rooms, topics, history --
+
+    def _room(self, name):
+        """The Room called name (as nicks clash), from memory, the store, or new."""
+        key = nick_key(name)
+        room = self.rooms.get(key)
+        if room is None:
+            stored = self.store.room(key)
+            if stored is None:
+                self._store(self.store.add_room, key, name)
+                stored = (name, None, None)
+            self.commit()  # its history must include what this pass said
+            recent = self.store.recent(key, self.replay) if self.replay else ()
+            room = self.rooms[key] = Room(*stored, recent=recent, replay=self.replay)
+        return room
+
+    def _forget_if_empty(self, room):
+        """A room nobody is in need not be kept in memory (the store keeps it)."""
+        if not room.members and room is not self.lobby:
+            self.rooms.pop(room.key, None)
+
+    def _store_answer(self, write, *args):
+        """_store() for a write whose answer matters (False on failure)."""
+        try:
+            return write(*args)
+        except StoreError as exc:
+            self.io.log("database error: %s" % exc, always=True)
+            return False
+
+    def _store(self, write, *args):
+        """A write other than a message (a room, a topic, a ban): a failure
+        is logged, and the chat goes on without it."""
+        try:
+            write(*args)
+            return True
+        except StoreError as exc:
+            self.io.log("database error: %s" % exc, always=True)
+            return False
+
+    def _welcome(self, conn, room):
+        """Just in room: its topic, then its last messages."""
+        if room.topic is not None:
+            self.io.send(conn, format_line("topic", room=room.name, text=room.topic,
+                                           nick=room.topic_nick))
+        if room.recent:
+            self._history_block(conn, format_line(
+                "history_last", messages=plural(len(room.recent), "message"), room=room.name),
+                room.recent)
+
+    def _history_block(self, conn, header, rows):
+        self.io.send(conn, header)
+        for _, when, nick, kind, text in rows:
+            self.io.send(conn, format_line(
+                "history", time=time.strftime(HISTORY_TIME, time.gmtime(when)),
+                line=format_line(kind, nick=nick, text=text)))
+        self.io.send(conn, format_line("history_end"))
+
+    def _cmd_join(self, conn, arg):
+        if not arg:
+            self.io.send(conn, error(USAGE["join"]))
+            return
+        name = room_name(arg)
+        problem = room_problem(name)
+        if problem:
+            self.io.send(conn, error(problem))
+            return
+        old = conn.room
+        if nick_key(name) == old.key:
+            self.io.send(conn, error("you are already in %s" % old.name))
+            return
+        room = self._room(name)
+        self.io.leave(old, conn)
+        self.io.broadcast(old, format_line("left", nick=conn.nick,
+                                           reason=LEFT_WENT_TO.format(room=room.name)))
+        self._forget_if_empty(old)
+        self.io.enter(room, conn)
+        self.io.broadcast(room, format_line("joined_room", nick=conn.nick, room=room.name,
+                                            count=len(room.members)))
+        self._welcome(conn, room)
+
+    def _cmd_rooms(self, conn, arg):
+        rooms = sorted((room for room in self.rooms.values() if room.members),
+                       key=lambda room: (-len(room.members), room.key))
+        self.io.send(conn, format_line(
+            "rooms", count=len(self.members), rooms=plural(len(rooms), "room"),
+            list=", ".join("%s (%d)" % (room.name, len(room.members)) for room in rooms)))
+
+    def _cmd_topic(self, conn, arg):
+        room = conn.room
+        if not arg:
+            if room.topic is None:
+                self.io.send(conn, format_line("no_topic", room=room.name))
+            else:
+                self.io.send(conn, format_line("topic", room=room.name, text=room.topic,
+                                               nick=room.topic_nick))
+            return
+        if not self._allowed_to_speak(conn):
+            return
+        if arg == "-":
+            room.topic = room.topic_nick = None
+            line = format_line("topic_cleared", nick=conn.nick)
+        else:
+            room.topic, room.topic_nick = arg, conn.nick
+            line = format_line("topic_set", nick=conn.nick, text=arg)
+        self._store(self.store.set_topic, room.key, room.topic, room.topic_nick)
+        self.io.broadcast(room, line)
+
+    def _cmd_history(self, conn, arg):
+        count = HISTORY_DEFAULT if not arg else (int(arg) if arg.isdigit() else 0)
+        if not 1 <= count <= HISTORY_MAX:
+            self.io.send(conn, error(USAGE["history"]))
+            return
+        room = conn.room
+        self.commit()
+        rows = self.store.recent(room.key, count)
+        if not rows:
+            self.io.send(conn, format_line("no_history", room=room.name))
+        else:
+            self._history_block(conn, format_line(
+                "history_last", messages=plural(len(rows), "message"), room=room.name), rows)
+
+    def _cmd_search(self, conn, arg):
+        if not arg:
+            self.io.send(conn, error(USAGE["search"]))
+            return
+        room = conn.room
+        self.commit()
+        rows = self.store.search(room.key, arg, SEARCH_RESULTS)
+        if not rows:
+            self.io.send(conn, format_line("no_match", room=room.name, text=arg))
+        else:
+            self._history_block(conn, format_line(
+                "history_search", messages=plural(len(rows), "message"), room=room.name,
+                text=arg), rows)
 
     def _cmd_help(self, conn, arg):
         lines = list(HELP)
@@ -1000,9 +1379,16 @@ class Chat:
             return None, None
         return target, parts[1] if len(parts) > 1 else ""
 
-    def _remove(self, target, line):
-        """Tell target's room (target included) line, then disconnect target."""
+    def _moderate(self, conn, target, line):
+        """A moderation line goes to target's room, and to the operator who
+        acted if the operator is in another room."""
         self.io.broadcast(target.room, line)
+        if conn.room is not target.room:
+            self.io.send(conn, line)
+
+    def _remove(self, conn, target, line):
+        """Tell target's room (target included) line, then disconnect target."""
+        self._moderate(conn, target, line)
         self.disconnected(target, None)
         self.io.close(target)
 
@@ -1010,7 +1396,7 @@ class Chat:
         target, reason = self._operator_target(conn, "kick", arg)
         if target is not None:
             self.io.log("%s kicked %s" % (conn.nick, target.nick))
-            self._remove(target, format_line("kicked", nick=target.nick, op=conn.nick,
+            self._remove(conn, target, format_line("kicked", nick=target.nick, op=conn.nick,
                                              reason=reason or NO_REASON))
 
     def _cmd_ban(self, conn, arg):
@@ -1018,9 +1404,9 @@ class Chat:
         if target is conn:  # it would lock out the operator's own address
             self.io.send(conn, error("you can't ban yourself"))
         elif target is not None:
-            self.store.add_ban(target.ip, target.nick)
+            self._store(self.store.add_ban, target.ip, target.nick)
             self.io.log("%s banned %s (%s)" % (conn.nick, target.nick, target.ip))
-            self._remove(target, format_line("banned", nick=target.nick, op=conn.nick,
+            self._remove(conn, target, format_line("banned", nick=target.nick, op=conn.nick,
                                              reason=reason or NO_REASON))
 
     def _cmd_unban(self, conn, arg):
@@ -1028,7 +1414,7 @@ class Chat:
             self.io.send(conn, error("operators only"))
         elif not arg:
             self.io.send(conn, error(USAGE["unban"]))
-        elif not self.store.remove_ban(arg):
+        elif not self._store_answer(self.store.remove_ban, arg):
             self.io.send(conn, error("%s is not banned" % arg))
         else:
             self.io.log("%s unbanned %s" % (conn.nick, arg))
@@ -1060,8 +1446,8 @@ class Chat:
             return
         target.muted = muted
         self.io.log("%s %sd %s" % (conn.nick, command, target.nick))
-        self.io.broadcast(target.room, format_line("muted" if muted else "unmuted",
-                                                   nick=target.nick, op=conn.nick))
+        self._moderate(conn, target, format_line("muted" if muted else "unmuted",
+                                                 nick=target.nick, op=conn.nick))
 
     COMMANDS = {
         "me": _cmd_me,
@@ -1071,6 +1457,11 @@ class Chat:
         "help": _cmd_help,
         "ping": _cmd_ping,
         "quit": _cmd_quit,
+        "join": _cmd_join,
+        "rooms": _cmd_rooms,
+        "topic": _cmd_topic,
+        "history": _cmd_history,
+        "search": _cmd_search,
         "pass": _cmd_pass,
         "op": _cmd_op,
         "kick": _cmd_kick,
@@ -1146,14 +1537,14 @@ class ChatServer:
 
     def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT, limits=None,
                  log=log_to_stderr, verbose=True, tls_context=None, password=None,
-                 op_password=None, store=None):
+                 op_password=None, store=None, replay=REPLAY_MESSAGES):
         self.host = host
         self.port = port
         self.limits = limits or Limits()
         self.tls_context = tls_context     # None: plain TCP
         self.logger = log                  # None: silent
         self.verbose = verbose             # False (-q): no per-client lines
-        self.chat = Chat(self, self.limits, password, op_password, store)
+        self.chat = Chat(self, self.limits, password, op_password, store, replay)
         self.fanout = FanOut()
         self.selector = None
         self.listener = None
@@ -1290,6 +1681,7 @@ class ChatServer:
             pass  # drained, or the peer is gone: either way, done
 
     def _close_everything(self):
+        self.chat.close()
         for conn in list(self.conns):
             self._forget(conn)
         for sock in (self.listener, self.wake_r, self.wake_w):
@@ -1724,6 +2116,7 @@ class ChatServer:
         is sent the shared bytes at once: no copy per member, one send each.
         Otherwise, or for what a send leaves, they are appended to outbuf.
         """
+        self.chat.commit()  # nothing reaches a socket before it is stored
         data, late = self.fanout.take(room)
         if not data:
             return
@@ -3455,10 +3848,11 @@ def percentile(sorted_values, q):
     return sorted_values[min(len(sorted_values), int(rank)) - 1]
 
 
-def start_bench_server(clients):
-    """Start `chat.py server --port 0 --rate 0` as a child; return (process, port)."""
+def start_bench_server(clients, db):
+    """Start `chat.py server --port 0 --rate 0 --db DB` as a child; return
+    (process, port)."""
     command = [sys.executable, os.path.abspath(__file__), "server", "--host", DEFAULT_HOST,
-               "--port", "0", "--rate", "0", "-q",
+               "--port", "0", "--rate", "0", "-q", "--db", db,
                "--max-clients", str(max(MAX_CLIENTS, clients))]
     proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
@@ -3638,6 +4032,16 @@ def build_parser():
         server.add_argument("--" + limit.name.replace("_", "-"), type=number_type(limit),
                             default=limit.default, metavar=limit.unit,
                             help=limit.help + " (default %(default)s)")
+    server.add_argument("--db", default=DB_FILE, metavar="FILE",
+                        help="the SQLite file that keeps history, rooms, topics and bans "
+                             "(default %(default)s in the working directory; :memory: keeps "
+                             "nothing past a restart)")
+    server.add_argument("--keep", type=non_negative_int, default=KEEP_MESSAGES, metavar="N",
+                        help="messages kept per room, the oldest going first; 0 keeps all "
+                             "(default %(default)s)")
+    server.add_argument("--replay", type=non_negative_int, default=REPLAY_MESSAGES,
+                        metavar="N", help="messages shown to whoever joins a room; 0: none "
+                                          "(default %(default)s)")
     server.add_argument("--tls-cert", metavar="FILE",
                         help="TLS certificate (PEM); with --tls-key, clients must use TLS")
     server.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
@@ -3735,9 +4139,11 @@ def run_bench(args):
         return 2
     raise_open_files_limit()
     server = None
+    folder = tempfile.mkdtemp(prefix="chat-bench-")
     try:
         if args.host is None and args.port is None:
-            server, port = start_bench_server(args.clients)
+            # The store on, as a server runs by default, in a file of its own.
+            server, port = start_bench_server(args.clients, os.path.join(folder, DB_FILE))
             host, label = DEFAULT_HOST, "chat.py server (started by the bench)"
         else:
             host, port = args.host or DEFAULT_HOST, args.port or DEFAULT_PORT
@@ -3757,6 +4163,8 @@ def run_bench(args):
     except BenchError as exc:
         sys.stderr.write("chat.py bench: %s\n" % exc)
         return 1
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     result.update(server=label, size=args.size, server_cpu_s=cpu, server_peak_rss=peak)
     print(json.dumps(result) if args.json else format_bench_table(result))
     return 0 if bench_complete(result) else 1
@@ -3811,16 +4219,25 @@ def run_server(args):
     except ValueError as exc:
         sys.stderr.write("chat.py: %s\n" % exc)
         return 2
+    try:
+        store = SQLiteStore(args.db, args.keep)
+    except StoreError as exc:
+        sys.stderr.write("chat.py: cannot use the database %s: %s\n" % (args.db, exc))
+        return 2
     server = ChatServer(args.host, args.port, limits, verbose=not args.quiet,
-                        tls_context=tls_context, password=password, op_password=op_password)
+                        tls_context=tls_context, password=password, op_password=op_password,
+                        store=store, replay=args.replay)
     try:
         server.bind()
     except OSError as exc:  # socket.gaierror is one too: a bad host
         sys.stderr.write("chat.py: cannot listen on %s: %s\n"
                          % (format_address((args.host, args.port)), bind_error_text(exc)))
+        store.close()
         return 2
     log_to_stderr("chat.py server starting (pid %d, Python %s)"
                   % (os.getpid(), sys.version.split()[0]))
+    log_to_stderr("history and rooms in %s" % (
+        "memory only (--db :memory:)" if args.db == ":memory:" else os.path.abspath(args.db)))
     if tls_context is not None:
         log_to_stderr("TLS on; the certificate's fingerprint is %s" % fingerprint)
     if password is not None:

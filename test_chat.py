@@ -91,9 +91,23 @@ def serve_in_thread(case, port=0, limits=None, **options):
     return server
 
 
+def setUpModule():
+    """Subprocesses run in a temporary folder: a server's default chat.db goes there."""
+    global WORK_DIR
+    WORK_DIR = tempfile.mkdtemp(prefix="chat-test-")
+
+
+def tearDownModule():
+    shutil.rmtree(WORK_DIR, ignore_errors=True)
+
+
+WORK_DIR = None
+
+
 def start_process(case, args, **popen):
     """Start a subprocess that is killed (if still running) and reaped when
     the test ends, its pipes closed."""
+    popen.setdefault("cwd", WORK_DIR)
     proc = subprocess.Popen(args, **popen)
     for stream in (proc.stdin, proc.stdout, proc.stderr):
         if stream is not None:
@@ -262,7 +276,7 @@ def run_chat(*args, stdin=b"", timeout=TIMEOUT, env=None):
     """Run chat.py as a subprocess; return (exit code, stdout, stderr)."""
     proc = subprocess.run([sys.executable, CHAT_PY] + list(args), input=stdin,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          timeout=timeout, env=env)
+                          timeout=timeout, env=env, cwd=WORK_DIR)
     return (proc.returncode, proc.stdout.decode("utf-8", "replace"),
             proc.stderr.decode("utf-8", "replace"))
 
@@ -447,7 +461,7 @@ class ClientDisplayTest(unittest.TestCase):
 
     def test_nicks_follow_joins_leaves_renames_and_who(self):
         nicks = {}
-        for line in ["*** 3 online: @alice, bob, Carol", "*** dave joined (4 online)",
+        for line in ["*** 3 in #lobby: @alice, bob, Carol", "*** dave joined (4 online)",
                      "*** bob left (quit)", "*** Carol is now known as Caz",
                      "*** dave was kicked by alice (spam)", "<eve> hi"]:
             chat.track_nicks(nicks, line)
@@ -458,7 +472,7 @@ class ClientDisplayTest(unittest.TestCase):
         self.assertEqual(chat.completions("al", False, nicks), ["Alfred", "alice"])
         self.assertEqual(chat.completions("AL", True, nicks), ["Alfred", "alice"])
         self.assertEqual(chat.completions("/m", True, nicks), ["/me", "/msg"])
-        self.assertEqual(chat.completions("/r", True, nicks), ["/reply"])
+        self.assertEqual(chat.completions("/r", True, nicks), ["/reply", "/rooms"])
         self.assertEqual(chat.completions("/m", False, nicks), [])
 
     def test_a_line_is_parsed_into_its_kind_and_fields(self):
@@ -475,7 +489,9 @@ class ClientDisplayTest(unittest.TestCase):
         # One table both ways: a wording changed in FORMATS changes both.
         samples = {"nick": "bob", "old": "bob", "new": "Bob2", "op": "alice", "count": "3",
                    "text": "hi there", "reason": "no reason given", "nicks": "@alice, bob",
-                   "token": "t1"}
+                   "token": "t1", "room": "#rust", "rooms": "2 rooms",
+                   "list": "#lobby (2), #rust (1)", "messages": "1 message",
+                   "time": "2026-12-01 14:03", "line": "<bob> hi"}
         for kind, template in chat.FORMATS.items():
             names = [field for _, field, _, _ in string.Formatter().parse(template) if field]
             fields = {name: samples[name] for name in names}
@@ -568,13 +584,13 @@ class ChatInProcessTest(unittest.TestCase):
         self.assertEqual(self.loop.sent[bob][-1], "*alice* hi")
         self.assertEqual(self.say(bob, "/nick Robert"), ["*** bob is now known as Robert"])
         self.assertEqual(self.loop.sent[alice][-1], "*** bob is now known as Robert")
-        self.assertEqual(self.say(alice, "/who"), ["*** 2 online: alice, Robert"])
+        self.assertEqual(self.say(alice, "/who"), ["*** 2 in #lobby: alice, Robert"])
         self.assertEqual(self.say(alice, "/op 0p"), ["*** alice is now an operator"])
         self.assertEqual(self.say(alice, "/ban robert"),
                          ["*** Robert was banned by alice (no reason given)"])
         self.assertEqual(self.chat.store.bans(), [("127.0.0.1", "Robert")])
         self.assertEqual(self.chat.refusal(self.connect()), "you are banned")
-        self.assertEqual(self.say(alice, "/who"), ["*** 1 online: @alice"])
+        self.assertEqual(self.say(alice, "/who"), ["*** 1 in #lobby: @alice"])
 
 
 # --- Server: registration ---------------------------------------------------------
@@ -597,7 +613,7 @@ class RegistrationTest(ServerTestCase):
         alice.send_line("secret")
         alice.expect("<alice> secret")
         alice.send_line("/who")
-        alice.expect("*** 1 online: alice")
+        alice.expect("*** 1 in #lobby: alice")
         lurker.expect_nothing()
 
     def test_nickname_is_cleaned_and_trimmed_blank_lines_ignored(self):
@@ -694,7 +710,7 @@ class CommandTest(ServerTestCase):
     def test_who_is_sorted_without_regard_to_case(self):
         self.join("Carol")
         self.alice.send_line("/who")
-        self.alice.wait_for("*** 3 online: alice, bob, Carol")
+        self.alice.wait_for("*** 3 in #lobby: alice, bob, Carol")
 
     def test_help_is_notices_only(self):
         self.alice.send_line("/help")
@@ -1140,9 +1156,12 @@ class LimitTest(ServerTestCase):
 
 class ServerProcessTest(unittest.TestCase):
 
-    def start(self, *args):
+    def start(self, *args, cwd=None):
+        if "--db" not in args:
+            args += ("--db", ":memory:")
         proc = start_process(self, [sys.executable, CHAT_PY, "server", "--port", "0"]
-                             + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             cwd=cwd or WORK_DIR)
         port, _ = wait_until_listening(self, proc.stderr)
         return proc, port
 
@@ -1572,7 +1591,7 @@ class ClientSessionTest(unittest.TestCase):
         session, shell = self.session(nick="al", interactive=True)
         session.connected()
         session.server_line("*** al joined (2 online)")
-        for line in ["*** 2 online: al, bob"] + ["*** " + text for text in chat.HELP] + [
+        for line in ["*** 2 in #lobby: al, bob"] + ["*** " + text for text in chat.HELP] + [
                 "*** bob joined (3 online)", "*** pong " + chat.SETUP_TOKEN]:
             session.server_line(line)
         self.assertEqual(shell.shown, ["*** al joined (2 online)", "*** bob joined (3 online)"])
@@ -1786,7 +1805,7 @@ class OperatorTest(ServerTestCase):
         self.make_op(self.alice, "alice")
         self.bob.wait_for("*** alice is now an operator")
         self.bob.send_line("/who")
-        self.bob.expect("*** 2 online: @alice, bob")
+        self.bob.expect("*** 2 in #lobby: @alice, bob")
 
     def test_three_wrong_op_passwords_close_the_connection(self):
         for _ in range(3):
