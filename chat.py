@@ -895,7 +895,7 @@ class SQLiteStore:
         if not self.keep:
             return
         for room, count in list(self.appended.items()):
-            if count < TRIM_EVERY:
+            if count < min(TRIM_EVERY, self.keep):
                 continue
             self.appended[room] = 0
             self.db.execute(

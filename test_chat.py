@@ -20,6 +20,7 @@ import selectors
 import shutil
 import signal
 import socket
+import sqlite3
 import string
 import subprocess
 import ssl
@@ -226,15 +227,18 @@ class ServerTestCase(unittest.TestCase):
 
     peer_options = {}  # passed to every Peer (tls=...)
 
-    def start_server(self, tls=False, password=None, op_password=None, **limits):
+    def start_server(self, tls=False, password=None, op_password=None, replay=None,
+                     store=None, **limits):
         context = None
         if tls:
             context, _ = chat.server_tls_context(write_file(self, "cert.pem", TEST_CERT),
                                                  write_file(self, "key.pem", TEST_KEY))
             client_context = ssl.create_default_context(cadata=TEST_CERT)
             self.peer_options = {"tls": client_context}
+        options = {"replay": replay} if replay is not None else {}
         server = serve_in_thread(self, limits=chat.Limits(**limits), tls_context=context,
-                                 password=password, op_password=op_password)
+                                 password=password, op_password=op_password, store=store,
+                                 **options)
         self.server = server
         self.port = server.address[1]
         return server
@@ -818,6 +822,345 @@ class BadInputTest(ServerTestCase):
 
 
 # --- Server: the guarantees -------------------------------------------------------
+
+STAMP = r"\[\d{4}-\d\d-\d\d \d\d:\d\d\] "   # a history line's time
+
+
+class RoomTest(ServerTestCase):
+    """PROTOCOL.md, "v2: Rooms"."""
+
+    def setUp(self):
+        self.start_server(op_password="0p")
+        self.alice, self.bob, self.carol = self.join_all("alice", "bob", "carol")
+
+    def test_join_tells_the_old_room_the_new_room_and_the_joiner(self):
+        self.bob.send_line("/join rust")
+        self.bob.expect("*** bob joined #rust (1 here)")
+        self.alice.expect("*** bob left (went to #rust)")
+        self.carol.expect("*** bob left (went to #rust)")
+        self.alice.send_line("/JOIN #Rust")
+        self.alice.expect("*** alice joined #rust (2 here)")  # the first spelling stays
+        self.bob.expect("*** alice joined #rust (2 here)")
+        self.carol.expect("*** alice left (went to #rust)")
+
+    def test_join_refusals(self):
+        self.bob.send_line("/join")
+        self.bob.expect("!!! usage: /join ROOM")
+        self.bob.send_line("/join #no spaces")
+        self.bob.expect("!!! invalid room name: #no spaces (# and 1-32 letters, digits, _ or -)")
+        self.bob.send_line("/join #" + "x" * 33)
+        self.assertTrue(self.bob.read_line().startswith("!!! invalid room name: "))
+        self.bob.send_line("/join #LOBBY")
+        self.bob.expect("!!! you are already in #lobby")
+        self.assertEqual(self.alice.sync(), [])
+
+    def test_lines_stay_in_their_room_private_messages_do_not(self):
+        self.bob.send_line("/join #rust")
+        self.bob.expect("*** bob joined #rust (1 here)")
+        self.bob.send_line("hello rust")
+        self.bob.expect("<bob> hello rust")
+        self.bob.send_line("/me waves")
+        self.bob.expect("* bob waves")
+        self.bob.send_line("/nick robert")
+        self.bob.expect("*** bob is now known as robert")
+        self.bob.send_line("/msg alice psst")
+        self.bob.expect("-> *alice* psst")
+        self.assertEqual(self.alice.sync(), ["*** bob left (went to #rust)", "*robert* psst"])
+        self.bob.close()
+        self.assertEqual(self.alice.sync("2"), [])  # leaving #rust is told to #rust
+
+    def test_rooms_and_who(self):
+        self.alice.send_line("/rooms")
+        self.alice.expect("*** 3 online in 1 room: #lobby (3)")
+        self.bob.send_line("/join #rust")
+        self.carol.send_line("/join #Ada")
+        self.carol.wait_for("*** carol joined #Ada (1 here)")
+        self.bob.wait_for("*** bob joined #rust (1 here)")
+        self.alice.send_line("/op 0p")
+        self.alice.send_line("/join #rust")
+        self.alice.wait_for("*** alice joined #rust (2 here)")
+        self.alice.send_line("/rooms")
+        self.alice.expect("*** 3 online in 2 rooms: #rust (2), #Ada (1)")
+        self.alice.send_line("/who")
+        self.alice.expect("*** 2 in #rust: @alice, bob")
+
+    def test_topic_set_shown_on_joining_and_cleared(self):
+        self.alice.send_line("/topic")
+        self.alice.expect("*** #lobby has no topic")
+        self.alice.send_line("/topic all things chat")
+        for peer in (self.alice, self.bob, self.carol):
+            peer.wait_for("*** alice set the topic: all things chat")
+        self.bob.send_line("/topic")
+        self.bob.expect("*** topic of #lobby: all things chat (set by alice)")
+        self.bob.send_line("/join #rust")
+        self.bob.expect("*** bob joined #rust (1 here)")
+        self.bob.send_line("/join #lobby")
+        self.bob.expect("*** bob joined #lobby (3 here)",
+                        "*** topic of #lobby: all things chat (set by alice)")
+        self.carol.send_line("/topic -")
+        self.carol.wait_for("*** carol cleared the topic")
+        self.carol.send_line("/topic")
+        self.carol.expect("*** #lobby has no topic")
+
+    def test_muted_members_cannot_set_the_topic(self):
+        self.alice.send_line("/op 0p")
+        self.alice.send_line("/mute bob")
+        self.bob.wait_for("*** bob was muted by alice")
+        self.bob.send_line("/topic mine now")
+        self.bob.expect("!!! you are muted")
+
+    def test_moderation_goes_to_the_targets_room_and_the_operator(self):
+        self.bob.send_line("/join #rust")
+        self.bob.expect("*** bob joined #rust (1 here)")
+        self.alice.send_line("/op 0p")
+        self.alice.wait_for("*** alice is now an operator")
+        self.alice.send_line("/mute bob")
+        self.alice.expect("*** bob was muted by alice")
+        self.bob.expect("*** bob was muted by alice")
+        self.alice.send_line("/kick bob bye")
+        self.alice.expect("*** bob was kicked by alice (bye)")
+        self.assertEqual(self.bob.expect_closed(), ["*** bob was kicked by alice (bye)"])
+        self.assertEqual([line for line in self.carol.sync() if "bob was" in line], [])
+
+
+class HistoryTest(ServerTestCase):
+    """PROTOCOL.md, "v2: History"."""
+
+    def test_joining_replays_the_last_messages_then_lines_go_on(self):
+        self.start_server(rate=0, replay=3)
+        alice = self.join("alice")
+        for text in ["one", "two", "/me waves", "four"]:
+            alice.send_line(text)
+        alice.sync()
+        bob = self.greeted()
+        bob.send_line("bob")
+        bob.expect("*** bob joined (2 online)", "*** the last 3 messages in #lobby (times in UTC):")
+        self.assertRegex(bob.read_line(), "^" + STAMP + "<alice> two$")
+        self.assertRegex(bob.read_line(), "^" + STAMP + r"\* alice waves$")
+        self.assertRegex(bob.read_line(), "^" + STAMP + "<alice> four$")
+        bob.expect("*** end of history")
+        alice.send_line("five")
+        bob.expect("<alice> five")
+
+    def test_an_empty_room_replays_nothing_and_one_message_is_singular(self):
+        self.start_server()
+        alice = self.join("alice")
+        alice.send_line("/join #quiet")
+        alice.expect("*** alice joined #quiet (1 here)")
+        alice.send_line("/history")
+        alice.expect("*** no messages in #quiet yet")
+        alice.send_line("hush")
+        alice.expect("<alice> hush")
+        alice.send_line("/join #lobby")
+        alice.send_line("/join #quiet")
+        alice.wait_for("*** alice joined #quiet (1 here)")
+        alice.expect("*** the last 1 message in #quiet (times in UTC):")
+
+    def test_replay_zero_turns_it_off(self):
+        self.start_server(replay=0)
+        alice = self.join("alice")
+        alice.send_line("said")
+        alice.sync()
+        bob = self.join("bob")
+        self.assertEqual(bob.sync(), [])
+
+    def test_nothing_twice_and_nothing_missed_around_the_replay(self):
+        self.start_server(rate=0, replay=20)
+        alice = self.join("alice")
+        stop = threading.Event()
+
+        def talk():
+            i = 0
+            while not stop.is_set() and i < 3000:
+                alice.send_line("n %d" % i)
+                i += 1
+        thread = threading.Thread(target=talk)
+        thread.start()
+        self.addCleanup(thread.join)
+        self.addCleanup(stop.set)
+        alice.wait_for("<alice> n 100")
+        bob = self.join("bob")
+        numbers = []
+        while len(numbers) < 100:
+            line = bob.read_line()
+            if "<alice> n " in line:
+                numbers.append(int(line.rsplit(" ", 1)[1]))
+        stop.set()
+        self.assertEqual(numbers, list(range(numbers[0], numbers[0] + 100)))
+
+    def test_history_and_its_usage(self):
+        self.start_server()
+        alice = self.join("alice")
+        for i in range(25):
+            alice.send_line("m%d" % i)
+        alice.sync()
+        alice.send_line("/history 2")
+        alice.expect("*** the last 2 messages in #lobby (times in UTC):")
+        self.assertRegex(alice.read_line(), "^" + STAMP + "<alice> m23$")
+        self.assertRegex(alice.read_line(), "^" + STAMP + "<alice> m24$")
+        alice.expect("*** end of history")
+        alice.send_line("/history")
+        lines = alice.sync()
+        self.assertEqual(lines[0], "*** the last 20 messages in #lobby (times in UTC):")
+        self.assertEqual(len(lines), 22)
+        for bad in ("0", "501", "x", "2 3"):
+            alice.send_line("/history " + bad)
+            alice.expect("!!! usage: /history [N]")
+
+    def test_search_ignores_case_and_nicks_and_other_rooms(self):
+        self.start_server()
+        alice = self.join("alice")
+        for text in ["I like Rust", "rusty nails", "python", "/me RUSTLES", "ÉCOLE"]:
+            alice.send_line(text)
+        alice.send_line("/join #other")
+        alice.send_line("rust elsewhere")
+        alice.send_line("/join #lobby")
+        alice.sync()
+        alice.send_line("/search rust")
+        lines = alice.sync()
+        self.assertEqual(lines[0], '*** 3 messages in #lobby matching "rust" (times in UTC):')
+        self.assertEqual([re.sub(STAMP, "", line) for line in lines[1:]],
+                         ["<alice> I like Rust", "<alice> rusty nails", "* alice RUSTLES",
+                          "*** end of history"])
+        alice.send_line("/search école")
+        self.assertEqual(len(alice.sync()), 3)
+        alice.send_line("/search alice")
+        alice.expect('*** no messages in #lobby match "alice"')
+        alice.send_line("/search")
+        alice.expect("!!! usage: /search TEXT")
+
+    def test_a_store_that_fails_tells_the_sender_and_the_room_goes_on(self):
+        server = self.start_server()
+        alice, bob = self.join_all("alice", "bob")
+        server.chat.store.db.close()  # as a disk that stopped taking writes would
+        alice.send_line("lost")
+        alice.expect("<alice> lost")
+        self.assertTrue(alice.read_line().startswith("!!! your message was not stored ("))
+        bob.expect("<alice> lost")
+
+
+class StoreTest(unittest.TestCase):
+    """The SQLite file: its schema, what survives a restart, and a bad file."""
+
+    def setUp(self):
+        self.folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.folder)
+        self.db = os.path.join(self.folder, "chat.db")
+
+    def start(self, *args):
+        proc = start_process(self, [sys.executable, CHAT_PY, "server", "--port", "0"]
+                             + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             cwd=self.folder, env=dict(os.environ, CHAT_OP_PASSWORD="0p"))
+        port, _ = wait_until_listening(self, proc.stderr)
+        threading.Thread(target=proc.stderr.read, daemon=True).start()  # never a full pipe
+        return proc, port
+
+    def talk(self, port, nick, *lines):
+        peer = Peer(port)
+        self.addCleanup(peer.close)
+        peer.send_line(nick)
+        peer.wait_for("*** %s joined (1 online)" % nick)
+        for line in lines:
+            peer.send_line(line)
+            peer.wait_for("<%s> %s" % (nick, line))  # relayed
+        return peer
+
+    def history(self, port):
+        peer = Peer(port)
+        self.addCleanup(peer.close)
+        peer.send_line("reader")
+        peer.wait_for("*** reader joined (1 online)")
+        peer.sync()  # past the replay
+        peer.send_line("/history 500")
+        return [re.sub(STAMP, "", line) for line in peer.sync()]
+
+    def test_the_default_file_is_chat_db_in_the_working_directory(self):
+        proc, port = self.start()
+        self.talk(port, "alice", "kept")
+        proc.terminate()
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        with contextlib.closing(sqlite3.connect(self.db)) as db:
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 1)
+            self.assertEqual(db.execute("SELECT nick, kind, text FROM messages").fetchall(),
+                             [("alice", "message", "kept")])
+
+    def test_what_was_relayed_survives_sigterm_and_sigkill(self):
+        proc, port = self.start("--db", self.db)
+        self.talk(port, "alice", "before term")
+        proc.terminate()
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        proc, port = self.start("--db", self.db)
+        self.talk(port, "alice", *["before kill %d" % i for i in range(50)])
+        proc.kill()
+        proc.wait(TIMEOUT)
+        proc, port = self.start("--db", self.db)
+        lines = self.history(port)
+        self.assertEqual(lines, ["*** the last 51 messages in #lobby (times in UTC):",
+                                 "<alice> before term"]
+                         + ["<alice> before kill %d" % i for i in range(50)]
+                         + ["*** end of history"])
+
+    def test_memory_keeps_nothing_and_keep_trims(self):
+        proc, port = self.start("--db", ":memory:")
+        self.talk(port, "alice", "gone")
+        proc.kill()
+        proc.wait(TIMEOUT)
+        proc, port = self.start("--db", ":memory:")
+        self.assertEqual(self.history(port), ["*** no messages in #lobby yet"])
+        self.assertFalse(os.path.exists(self.db))
+        proc.kill()
+        proc.wait(TIMEOUT)
+        proc, port = self.start("--db", self.db, "--keep", "3")
+        self.talk(port, "alice", *["k%d" % i for i in range(10)])
+        proc.terminate()
+        proc.wait(TIMEOUT)
+        with contextlib.closing(sqlite3.connect(self.db)) as db:
+            kept = [text for (text,) in db.execute("SELECT text FROM messages ORDER BY id")]
+        self.assertLessEqual(len(kept), 3 + 2)  # trimmed as it grows
+        self.assertEqual(kept[-3:], ["k7", "k8", "k9"])
+
+    def test_topics_and_bans_survive_a_restart(self):
+        proc, port = self.start("--db", self.db)
+        alice = self.talk(port, "alice")
+        alice.send_line("/topic still here")
+        alice.wait_for("*** alice set the topic: still here")
+        try:
+            mallory = Peer(port, source="127.0.0.2")
+        except OSError:
+            self.skipTest("127.0.0.2 is not a local address here")
+        self.addCleanup(mallory.close)
+        mallory.send_line("mallory")
+        alice.wait_for("*** mallory joined (2 online)")
+        alice.send_line("/op 0p")
+        alice.send_line("/ban mallory")
+        alice.wait_for("*** mallory was banned by alice (no reason given)")
+        proc.terminate()
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        proc, port = self.start("--db", self.db)
+        peer = Peer(port)
+        self.addCleanup(peer.close)
+        peer.send_line("bob")
+        peer.expect("*** welcome to chat.py (0 online)",
+                    "*** choose a nickname: 1-24 letters, digits, _ or -",
+                    "*** bob joined (1 online)",
+                    "*** topic of #lobby: still here (set by alice)")
+        again = Peer(port, source="127.0.0.2")
+        self.addCleanup(again.close)
+        self.assertEqual(again.expect_closed(), ["!!! you are banned"])
+
+    def test_a_database_that_cannot_be_used_is_one_line_and_exit_2(self):
+        with open(self.db, "wb") as f:
+            f.write(b"this is not a database, just some bytes" * 100)
+        code, out, err = run_chat("server", "--port", "0", "--db", self.db)
+        self.assertEqual(code, 2)
+        self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertTrue(err.startswith("chat.py: cannot use the database %s: " % self.db), err)
+        missing = os.path.join(self.folder, "no", "such", "folder", "chat.db")
+        code, out, err = run_chat("server", "--port", "0", "--db", missing)
+        self.assertEqual(code, 2)
+        self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertIn("cannot use the database", err)
+
 
 class GuaranteeTest(ServerTestCase):
 
