@@ -33,6 +33,7 @@ The file, top to bottom:
 """
 
 import argparse
+import calendar
 import collections
 import errno
 import getpass
@@ -288,6 +289,8 @@ LEFT_CLOSED = "connection closed"
 LEFT_TOO_SLOW = "too slow"
 LEFT_WENT_TO = "went to {room}"
 HISTORY_TIME = "%Y-%m-%d %H:%M"   # UTC, in a history block
+TIMES_IN_UTC = "(times in UTC)"   # in a history block's header
+TIMES_LOCAL = "(local times)"     # what the client shows instead, having converted them
 # For the bench's observers, which must parse millions of lines: the start
 # of a message ("<") and the end of an eviction (" left (too slow)"), as bytes.
 MESSAGE_OPENING = FORMATS["message"].split("{nick}")[0].encode(ENCODING)
@@ -2231,7 +2234,7 @@ class ChatServer:
 # line through a socket pair to the network loop, which selects on that socket
 # and the server's. Stdin is never selected on, so the loop works on Windows.
 
-PROMPT = "> "
+PROMPT = "{room}> "             # the room you are in: #lobby>
 NICK_PROMPT = "nickname: "
 PASSWORD_PROMPT = "room password: "
 BELL = "\a"
@@ -2260,6 +2263,7 @@ ALL_HELP = frozenset(HELP + (HELP_OP,) + HELP_OPERATORS)
 # Pings the client sends by itself: their pongs mark where an answer ends.
 SETUP_TOKEN = "chat.py-client-setup"
 HELP_TOKEN = "chat.py-client-help"
+JOIN_TOKEN = "chat.py-client-join"
 # The keyboard thread's records: a tag byte for what was asked for.
 TYPED_TAGS = {"nick": b"N", "secret": b"P", "line": b"L"}
 TYPED_KINDS = {tag: kind for kind, tag in TYPED_TAGS.items()}
@@ -2299,7 +2303,7 @@ def render_line(text, me=None, color=False):
     if kind == "other":
         return text
     if kind not in ("message", "action"):
-        return styled(STYLES["notice"], text)  # every kind of notice
+        return styled(STYLES["notice"], text)  # every kind of notice, and history
     nick, rest = fields["nick"], fields["text"]
     shown_nick = styled(nick_color(nick), nick)
     if me and nick_key(nick) == nick_key(me):
@@ -2335,14 +2339,28 @@ def track_nicks(nicks, text):
             nicks[nick_key(nick)] = nick
 
 
-def completions(word, first, nicks, commands=CLIENT_COMMANDS + SERVER_COMMANDS):
+def completions(word, before, nicks, commands=CLIENT_COMMANDS + SERVER_COMMANDS, rooms=()):
     """Return what Tab may turn word into: a command if it is the line's first
-    word and starts with /, else a nick (case ignored)."""
-    if first and word.startswith("/"):
+    word and starts with /, a room after /join, else a nick (case ignored).
+    before is what the line holds before word."""
+    if not before.strip() and word.startswith("/"):
         return sorted(c for c in commands if c.startswith(word.lower()))
+    if before.strip().lower() == "/join":
+        folded = room_name(word).casefold()
+        return sorted((r for r in rooms if r.casefold().startswith(folded)), key=str.casefold)
     folded = word.casefold()
     return sorted((n for n in nicks.values() if n.casefold().startswith(folded)),
                   key=str.casefold)
+
+
+def local_history_line(text):
+    """A history line with its time (UTC from the server) in local time."""
+    kind, fields = parse_server_line(text)
+    if kind != "history":
+        return text.replace(TIMES_IN_UTC, TIMES_LOCAL)
+    when = calendar.timegm(time.strptime(fields["time"], HISTORY_TIME))
+    return format_line("history", time=time.strftime(HISTORY_TIME, time.localtime(when)),
+                       line=fields["line"])
 
 
 def use_color(mode, out, environ=os.environ):
@@ -2572,6 +2590,8 @@ class ClientSession:
         self.reconnect = reconnect         # come back after a lost connection
         self.nicks = {}                    # who is in the room, for Tab: key -> nick
         self.commands = CLIENT_COMMANDS + SERVER_COMMANDS  # for Tab; /help tells the rest
+        self.room = LOBBY                  # the room we are in (the prompt shows it)
+        self.rooms = {LOBBY}               # rooms heard of, for Tab after /join
         self.last_private = None           # who sent the last private message (/reply)
         self.online = False                # a connection is open
         self.was_in = False                # registered at least once: reconnecting makes sense
@@ -2592,7 +2612,9 @@ class ClientSession:
         self.nick_sent = False             # a nick went and awaits its answer
         self.setup = False                 # the silent /who and /help after joining
         self.hidden_who = 0                # /who answers not to show
+        self.hidden_rooms = 0              # /rooms answers not to show
         self.helping = 0                   # typed /help answers still to be finished
+        self.joining = 0                   # typed /join answers still awaited
         self.silence_deadline = time.monotonic() + CLIENT_GREETING_WAIT_S
         self.answer_deadline = None        # piped: the nickname's answer is due
 
@@ -2682,7 +2704,7 @@ class ClientSession:
     def wants_line(self):
         """Whether the next typed line may be asked for (the output waiting
         for the server permitting)."""
-        return self.registered and not self.quitting
+        return self.registered and not self.quitting and not self.joining
 
     def next_deadline(self):
         deadlines = [when for when in (self.quit_deadline, self.answer_deadline)
@@ -2783,6 +2805,7 @@ class ClientSession:
         self.nick_sent = False
         self.answer_deadline = None
         self.nick = nick
+        self.room = LOBBY
         self._show_server_line(text)
         if self.interactive:
             self._learn_the_room()
@@ -2796,7 +2819,8 @@ class ClientSession:
         it has no operators)."""
         self.setup = True
         self.hidden_who += 1
-        self.io.send(b"/who\n/help\n/ping " + SETUP_TOKEN.encode(ENCODING) + b"\n")
+        self.hidden_rooms += 1
+        self.io.send(b"/who\n/rooms\n/help\n/ping " + SETUP_TOKEN.encode(ENCODING) + b"\n")
 
     # -- --reconnect --
 
@@ -2830,11 +2854,20 @@ class ClientSession:
             self.hidden_who -= 1
             track_nicks(self.nicks, text)
             return True
+        if kind == "rooms" and self.hidden_rooms:
+            self.hidden_rooms -= 1
+            self._note_rooms(kind, fields)
+            return True
         if self.setup and kind == "notice" and fields["text"] in ALL_HELP:
             self._offer(help_commands([fields["text"]]))
             return True
         if kind == "pong" and fields["token"] == SETUP_TOKEN:
             self.setup = False
+            return True
+        if kind == "pong" and fields["token"] == JOIN_TOKEN and self.joining:
+            self.joining -= 1
+            if self.wants_line():
+                self.io.ask("line")
             return True
         if kind == "pong" and fields["token"] == HELP_TOKEN and self.helping:
             self.helping -= 1
@@ -2844,6 +2877,27 @@ class ClientSession:
         if kind == "opped" and fields["nick"] == self.nick:
             self._offer(OPERATOR_COMMANDS)
         return False
+
+    def _moved_to(self, room):
+        """In another room now: the room's people are learnt afresh."""
+        self.room = room
+        self.nicks.clear()
+        self.nicks[nick_key(self.nick)] = self.nick
+        if self.interactive:
+            self.hidden_who += 1
+            self.io.send(b"/who\n")
+
+    def _note_rooms(self, kind, fields):
+        """Remember room names, for Tab after /join."""
+        if kind in ("joined_room", "who"):
+            self.rooms.add(fields["room"])
+        elif kind == "rooms" and fields["list"]:
+            self.rooms.update(item.rsplit(" (", 1)[0] for item in fields["list"].split(", "))
+        elif kind == "left" and fields["reason"].startswith(LEFT_WENT_TO.format(room="")):
+            self.rooms.add(fields["reason"][len(LEFT_WENT_TO.format(room="")):])
+
+    def prompt(self):
+        return PROMPT.format(room=self.room)
 
     def _offer(self, commands):
         """Tab offers these server commands too."""
@@ -2858,6 +2912,11 @@ class ClientSession:
             self.last_private = fields["nick"]
         elif kind == "renamed" and fields["old"] == self.nick:
             self.nick = fields["new"]  # renamed: mentions follow the new nick
+        elif kind == "joined_room" and fields["nick"] == self.nick:
+            self._moved_to(fields["room"])
+        self._note_rooms(kind, fields)
+        if kind in ("history", "history_last", "history_search"):
+            text = local_history_line(text)
         shown = render_line(text, self.nick if self.registered else None, self.color)
         if self.bell and self.registered and wants_bell(text, self.nick):
             shown += BELL
@@ -2895,6 +2954,11 @@ class ClientSession:
         if word == "/help":  # the server's list, then the client's own commands
             self.helping += 1
             return encode_line(text) + encode_line("/ping " + HELP_TOKEN)
+        if word == "/join" and self.interactive:
+            # The next line is asked for once the server has answered, so that
+            # its prompt names the room we are then in.
+            self.joining += 1
+            return encode_line(text) + encode_line("/ping " + JOIN_TOKEN)
         return encode_line(text)
 
     def _quitting(self):
@@ -2988,7 +3052,7 @@ class ChatClient:
             before = self.readline.get_line_buffer()[:self.readline.get_begidx()]
             session = self.session
             self.matches = [match + " " for match in completions(
-                text, not before.strip(), dict(session.nicks), session.commands)]
+                text, before, dict(session.nicks), session.commands, set(session.rooms))]
         return self.matches[state] if state < len(self.matches) else None
 
     # -- what the session asks of the shell --
@@ -3308,7 +3372,7 @@ class ChatClient:
         """Yield typed lines as bytes, without their line ends."""
         if self.interactive:
             while True:
-                prompt = PROMPT if self.reading == "line" else NICK_PROMPT
+                prompt = self.session.prompt() if self.reading == "line" else NICK_PROMPT
                 try:
                     text = self.terminal.read_line(prompt)
                 except (EOFError, KeyboardInterrupt):

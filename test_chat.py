@@ -8,6 +8,7 @@ on port 0; every wait is bounded by a timeout.
 """
 
 import ast
+import calendar
 import re
 import collections
 import contextlib
@@ -473,11 +474,15 @@ class ClientDisplayTest(unittest.TestCase):
 
     def test_completion_candidates(self):
         nicks = {chat.nick_key(n): n for n in ["alice", "Alfred", "bob"]}
-        self.assertEqual(chat.completions("al", False, nicks), ["Alfred", "alice"])
-        self.assertEqual(chat.completions("AL", True, nicks), ["Alfred", "alice"])
-        self.assertEqual(chat.completions("/m", True, nicks), ["/me", "/msg"])
-        self.assertEqual(chat.completions("/r", True, nicks), ["/reply", "/rooms"])
-        self.assertEqual(chat.completions("/m", False, nicks), [])
+        rooms = {"#lobby", "#rust", "#Ruby"}
+        complete = chat.completions
+        self.assertEqual(complete("al", "hi ", nicks), ["Alfred", "alice"])
+        self.assertEqual(complete("AL", "", nicks), ["Alfred", "alice"])
+        self.assertEqual(complete("/m", "", nicks), ["/me", "/msg"])
+        self.assertEqual(complete("/r", "", nicks), ["/reply", "/rooms"])
+        self.assertEqual(complete("/m", "say ", nicks), [])
+        self.assertEqual(complete("r", "/join ", nicks, rooms=rooms), ["#Ruby", "#rust"])
+        self.assertEqual(complete("#l", "/JOIN ", nicks, rooms=rooms), ["#lobby"])
 
     def test_a_line_is_parsed_into_its_kind_and_fields(self):
         parse = chat.parse_server_line
@@ -969,24 +974,30 @@ class HistoryTest(ServerTestCase):
         alice = self.join("alice")
         stop = threading.Event()
 
-        def talk():
+        def talk():  # numbered lines, on and on, while bob joins
             i = 0
-            while not stop.is_set() and i < 3000:
+            while not stop.is_set():
                 alice.send_line("n %d" % i)
                 i += 1
-        thread = threading.Thread(target=talk)
-        thread.start()
-        self.addCleanup(thread.join)
+
+        def drain():  # alice reads her echoes, so that she is never behind
+            while not stop.is_set() and alice.read_line() is not None:
+                pass
+        threads = [threading.Thread(target=talk), threading.Thread(target=drain)]
+        for thread in threads:
+            thread.start()
+            self.addCleanup(thread.join)
         self.addCleanup(stop.set)
-        alice.wait_for("<alice> n 100")
-        bob = self.join("bob")
+        bob = self.greeted()
+        bob.send_line("bob")
         numbers = []
-        while len(numbers) < 100:
+        while len(numbers) < 200:
             line = bob.read_line()
             if "<alice> n " in line:
                 numbers.append(int(line.rsplit(" ", 1)[1]))
         stop.set()
-        self.assertEqual(numbers, list(range(numbers[0], numbers[0] + 100)))
+        self.assertEqual(numbers, list(range(numbers[0], numbers[0] + 200)))
+        self.assertGreater(numbers[0], 0)  # the replay held some of them
 
     def test_history_and_its_usage(self):
         self.start_server()
@@ -1923,7 +1934,7 @@ class ClientSessionTest(unittest.TestCase):
         self.assertEqual(shell.asked, ["secret", "nick"])
         session.typed("nick", " al ")
         session.server_line("*** al joined (2 online)")
-        self.assertEqual(shell.sent, b"/pass s3cret\nal\n/who\n/help\n/ping "
+        self.assertEqual(shell.sent, b"/pass s3cret\nal\n/who\n/rooms\n/help\n/ping "
                          + chat.SETUP_TOKEN.encode() + b"\n")
         self.assertEqual(shell.asked[-1], "line")
         self.assertEqual(shell.shown, ["*** welcome to chat.py (1 online)",
@@ -2241,6 +2252,7 @@ class TerminalCase(ServerTestCase):
 
     server_options = {}
     client_args = ["--color", "never"]
+    client_env = {}
     command = [sys.executable, CHAT_PY]
 
     def setUp(self):
@@ -2251,7 +2263,7 @@ class TerminalCase(ServerTestCase):
         master, slave = os.openpty()
         import fcntl, struct, termios  # Unix only, like the pseudo-terminal itself
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 40, 0, 0))
-        env = dict(os.environ, TERM="xterm", COLUMNS="40", LINES="24")
+        env = dict(os.environ, TERM="xterm", COLUMNS="40", LINES="24", **self.client_env)
         env.pop("NO_COLOR", None)
         self.addCleanup(os.close, master)
         self.proc = start_process(
@@ -2362,22 +2374,22 @@ class TerminalClientTest(TerminalCase):
         self.type(b"bob\r")
         self.read_until(b"!!! nickname bob is taken\r\nnickname: ")
         self.type(b"al\r")
-        self.read_until(b"*** al joined (2 online)\r\n> ")
+        self.read_until(b"*** al joined (2 online)\r\n#lobby> ")
         self.bob.wait_for("*** al joined (2 online)")
         self.wait_until_reading()
         self.type(b"hel")
         self.read_until(b"hel")
         self.bob.send_line("hi there")
         # The typed line is erased, the message printed, the line redrawn.
-        self.read_until(b"\r\x1b[J<bob> hi there\r\n> hel")
+        self.read_until(b"\r\x1b[J<bob> hi there\r\n#lobby> hel")
         self.type(b"lo\r")
         self.bob.expect("<bob> hi there", "<al> hello")
-        long_input = b"x" * 50  # 52 columns with the prompt: two rows of 40
+        long_input = b"x" * 50  # 58 columns with the prompt: two rows of 40
         self.wait_until_reading()
         self.type(long_input)
         self.read_until(long_input[-10:])
         self.bob.send_line("wrap")
-        self.read_until(b"\r\x1b[1A\x1b[J<bob> wrap\r\n> " + long_input)
+        self.read_until(b"\r\x1b[1A\x1b[J<bob> wrap\r\n#lobby> " + long_input)
         self.type(b"\r")
         self.bob.expect("<bob> wrap", "<al> " + "x" * 50)
         self.bob.send_line("/msg al psst")  # a private message rings the bell
@@ -2393,7 +2405,7 @@ class TerminalClientTest(TerminalCase):
         self.read_until(b"nickname: ")
         self.wait_until_reading()
         self.type(b"al\r")
-        self.read_until(b"*** al joined (2 online)\r\n> ")
+        self.read_until(b"*** al joined (2 online)\r\n#lobby> ")
         self.bob.wait_for("*** al joined (2 online)")
         self.wait_until_reading()
         typed = "日本語テキスト👍e\u0301"  # wide characters, an emoji, e + combining acute
@@ -2401,16 +2413,16 @@ class TerminalClientTest(TerminalCase):
         self.read_until(b"\x08" * 5)  # readline's echo: 1 + 2 + 2 columns back
         self.bob.send_line("hi")
         # Erase from the start of the input, print, redraw, and put the cursor
-        # back after the prompt (2 columns) and six wide characters (12).
-        self.read_until("\r\x1b[J<bob> hi\r\n> {}\r\x1b[14C".format(typed).encode("utf-8"))
+        # back after the prompt (8 columns) and six wide characters (12).
+        self.read_until("\r\x1b[J<bob> hi\r\n#lobby> {}\r\x1b[20C".format(typed).encode("utf-8"))
         self.type(b"X\r")  # readline still knows where its cursor is
         self.bob.expect("<bob> hi", "<al> 日本語テキスXト👍e\u0301")
-        long_line = "漢" * 25  # 52 columns with the prompt: the second row of 40
+        long_line = "漢" * 25  # 58 columns with the prompt: the second row of 40
         self.wait_until_reading()
         self.type(long_line.encode("utf-8"))
         self.read_until(long_line[-3:].encode("utf-8"))
         self.bob.send_line("wrapped")
-        self.read_until(("\r\x1b[1A\x1b[J<bob> wrapped\r\n> " + long_line).encode("utf-8"))
+        self.read_until(("\r\x1b[1A\x1b[J<bob> wrapped\r\n#lobby> " + long_line).encode("utf-8"))
         self.type(b"\r")
         self.bob.expect("<bob> wrapped", "<al> " + long_line)
 
@@ -2430,8 +2442,8 @@ class TerminalClientTest(TerminalCase):
         self.read_until(b"<al> pasted line 29\r\n")
         shown = self.rendered()
         # Each typed line once, after one prompt; the echoes on their own rows.
-        self.assertEqual([row for row in shown if row.startswith("> pasted")],
-                         ["> " + line for line in lines], shown)
+        self.assertEqual([row for row in shown if row.startswith("#lobby> pasted")],
+                         ["#lobby> " + line for line in lines], shown)
         self.assertEqual([row for row in shown if row.startswith("<al>")],
                          ["<al> " + line for line in lines], shown)
 
@@ -2439,7 +2451,7 @@ class TerminalClientTest(TerminalCase):
         import termios
         self.read_until(b"nickname: ")
         self.type(b"al\r")
-        self.read_until(b"> ")
+        self.read_until(b"#lobby> ")
         self.wait_until_reading()
         self.type(b"half a line")
         self.read_until(b"half a line")
@@ -2455,10 +2467,10 @@ class TerminalClientTest(TerminalCase):
         self.read_until(b"nickname: ")
         self.wait_until_reading()
         self.type(b"al\r")
-        self.read_until(b"*** al joined (2 online)\r\n> ")
+        self.read_until(b"*** al joined (2 online)\r\n#lobby> ")
         self.wait_until_reading()
         self.type(b"\x04")
-        # The prompt's line is cleared first: nothing is left after "> ".
+        # The prompt's line is cleared first: nothing is left after "#lobby> ".
         self.assertEqual(self.read_until(b"*** leaving..."), b"\r\x1b[K*** leaving...")
         self.assertEqual(self.proc.wait(TIMEOUT), 0)
         self.bob.wait_for("*** al left (quit)")
@@ -2467,7 +2479,7 @@ class TerminalClientTest(TerminalCase):
         self.read_until(b"nickname: ")
         self.wait_until_reading()
         self.type(b"al\r")
-        self.read_until(b"*** al joined (2 online)\r\n> ")
+        self.read_until(b"*** al joined (2 online)\r\n#lobby> ")
         self.bob.wait_for("*** al joined (2 online)")
         self.client_sync()
         self.type(b"/msg b\t")  # bob never spoke: known from the client's silent /who
@@ -2487,7 +2499,7 @@ class TerminalOperatorTest(TerminalCase):
     client_args = ["--color", "never", "--name", "al"]
 
     def test_tab_offers_op_then_the_operator_commands(self):
-        self.read_until(b"*** al joined (2 online)\r\n> ")
+        self.read_until(b"*** al joined (2 online)\r\n#lobby> ")
         self.bob.wait_for("*** al joined (2 online)")
         self.client_sync()
         self.type(b"/o\t")
@@ -2509,7 +2521,7 @@ class TerminalReconnectTest(TerminalCase):
     client_args = ["--color", "never", "--name", "al", "--reconnect"]
 
     def test_typing_while_disconnected_keeps_line_editing(self):
-        self.read_until(b"*** al joined (2 online)\r\n> ")
+        self.read_until(b"*** al joined (2 online)\r\n#lobby> ")
         self.bob.wait_for("*** al joined (2 online)")
         port = self.port
         self.server.shutdown()
@@ -2528,6 +2540,35 @@ class TerminalReconnectTest(TerminalCase):
         bob.expect("<al> one", "<al> twoX")
         self.read_until(b"*** reconnected")
         self.assertNotIn(b"^[", self.screen)
+
+
+class TerminalRoomTest(TerminalCase):
+    """The prompt names the room, Tab completes rooms after /join, and history
+    is shown in local time."""
+
+    client_env = {"TZ": "Etc/GMT-3"}  # three hours east of UTC, all year
+
+    def test_prompt_tab_and_history_in_local_time(self):
+        self.read_until(b"nickname: ")
+        self.bob.send_line("before al came")
+        self.bob.sync()
+        said = time.time()
+        self.wait_until_reading()
+        self.type(b"al\r")
+        shown = self.read_until(b"*** end of history")
+        self.assertIn(b"*** the last 1 message in #lobby (local times):", shown)
+        stamp = re.search(rb"\[(\d{4}-\d\d-\d\d \d\d:\d\d)\] <bob> before al came", shown)
+        local = calendar.timegm(time.strptime(stamp.group(1).decode(), "%Y-%m-%d %H:%M"))
+        self.assertLess(abs(local - (said + 3 * 3600)), 90)  # shown 3 hours ahead of UTC
+        self.read_until(b"#lobby> ")
+        self.bob.send_line("/join #rust")
+        self.read_until(b"*** bob left (went to #rust)")
+        self.client_sync()
+        self.type(b"/join #r\t")  # known from bob's leaving
+        self.read_until(b"/join #rust ")
+        self.type(b"\r")
+        self.read_until(b"*** al joined #rust (2 here)")
+        self.read_until(b"#rust> ")  # the next prompt names the room
 
 
 class TerminalOptionsTest(TerminalCase):
@@ -2560,9 +2601,9 @@ class TerminalWithoutReadlineTest(TerminalCase):
         self.type(b"al\r")
         self.read_until(b"*** al joined (2 online)")
         self.bob.wait_for("*** al joined (2 online)")
-        self.read_until(b"> ")
+        self.read_until(b"#lobby> ")
         self.bob.send_line("hello")
-        self.read_until(b"<bob> hello\r\n> ")  # above a fresh prompt
+        self.read_until(b"<bob> hello\r\n#lobby> ")  # above a fresh prompt
         self.type(b"hi\r\x04")
         self.bob.expect("<bob> hello", "<al> hi", "*** al left (quit)")
         self.assertEqual(self.proc.wait(TIMEOUT), 0)
