@@ -839,6 +839,8 @@ class SQLiteStore:
         self.batch = []                    # (id, room key, time, nick, kind, text) not yet written
         self.appended = {}                 # room key -> messages since its last trim
         self.failure = None                # why the last flush failed
+        self.stored = self.transactions = 0  # what flush() wrote, for the log
+        self.write_s = 0.0
         try:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._open()
@@ -881,6 +883,7 @@ class SQLiteStore:
         if not self.batch:
             return []
         batch, self.batch = self.batch, []
+        started = time.perf_counter()
         try:
             self.db.execute("BEGIN")
             self.db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)", batch)
@@ -890,7 +893,15 @@ class SQLiteStore:
             self._rollback()
             self.failure = describe_error(exc)
             return batch
+        self.stored += len(batch)
+        self.transactions += 1
+        self.write_s += time.perf_counter() - started
         return []
+
+    def usage(self):
+        """What the store cost, in a line for the log."""
+        return ("%s stored in %d transactions, %.3f s writing"
+                % (plural(self.stored, "message"), self.transactions, self.write_s))
 
     def _trim(self):
         """Keep the newest `keep` messages of each room that grew by
@@ -1033,6 +1044,7 @@ class Chat:
 
     def close(self):
         self.commit()
+        self.io.log("database: %s" % self.store.usage(), always=True)
         self.store.close()
 
     def registration_expired(self, conn):
@@ -3415,6 +3427,7 @@ BENCH_PROGRESS_S = 1.0
 BENCH_SWEEP_BATCH = 32        # rate mode: counting receivers read per loop pass
 BENCH_SWEEP_WAIT_S = 0.005    # rate mode: the loop passes at least this often
 BENCH_NICK = "b%d"
+BENCH_ROOM = "#bench%d"        # --rooms: client i talks in room i % K
 # Each run tags its messages, so that only its own lines are counted on a
 # server that has other users: tag, sender index, sequence number, send time.
 BENCH_MESSAGE = "%s %d %d %.6f"
@@ -3429,13 +3442,14 @@ class BenchError(Exception):
 class BenchClient:
     """One simulated user: its socket and what it has seen."""
 
-    __slots__ = ("index", "nick", "sock", "sender", "slow", "bursty", "observer", "state",
-                 "inbuf", "rank", "lines", "messages", "tail", "outbuf", "seq",
-                 "next_send", "next_read", "events", "order")
+    __slots__ = ("index", "nick", "room", "sock", "sender", "slow", "bursty", "observer",
+                 "state", "inbuf", "rank", "lines", "messages", "tail", "outbuf", "seq",
+                 "next_send", "next_read", "events", "order", "drained")
 
-    def __init__(self, index, sender, slow, bursty, observer):
+    def __init__(self, index, sender, slow, bursty, observer, room=LOBBY):
         self.index = index
         self.nick = BENCH_NICK % index
+        self.room = room           # the room it talks and listens in
         self.sock = None
         self.sender = sender
         self.slow = slow           # reads never, or at --slow-read bytes/s
@@ -3453,6 +3467,7 @@ class BenchClient:
         self.next_read = 0.0       # slow and bursty readers: when they read next
         self.events = 0
         self.order = []            # observers: (sender, seq) of each message seen
+        self.drained = False       # has had the answer to its ping after registering
 
 
 class Bench:
@@ -3472,10 +3487,17 @@ class Bench:
         observers = {i * (steady - 1) // max(1, BENCH_OBSERVERS - 1)
                      for i in range(min(BENCH_OBSERVERS, steady))}
         self.clients = [BenchClient(i, i < args.senders, i >= readers,
-                                    steady <= i < readers, i in observers)
+                                    steady <= i < readers, i in observers,
+                                    BENCH_ROOM % (i % args.rooms) if args.rooms > 1 else LOBBY)
                         for i in range(count)]
         self.tag = "bench-%06x" % random.randrange(1 << 24)
         self.marker = ("> %s " % self.tag).encode(ENCODING)  # in each of its lines
+        # After registering, each client pings; its pong says everything sent
+        # to it before (the joins) has arrived.
+        self.pong = format_line("pong", token=self.tag).encode(ENCODING)
+        senders = collections.Counter(c.room for c in self.clients if c.sender)
+        self.expected = {room: senders[room] * args.messages for room in
+                         {c.room for c in self.clients}}  # messages each member gets
         self.pausing = []              # slow and bursty readers, read on a schedule
         self.by_nick = {client.nick: client for client in self.clients}
         self.recv_buffer = bytearray(BENCH_RECV_BYTES)
@@ -3500,6 +3522,8 @@ class Bench:
         try:
             self._loop(self._registration_done)
             registered_at = time.monotonic()
+            self.phase = "drain"
+            self._ping_all()
             self._loop(self._joins_drained)
             self.phase = "messages"
             self._start_senders()
@@ -3638,7 +3662,11 @@ class Bench:
             kind, fields = parse_server_line(text)
             if kind == "error":
                 raise BenchError("%s was refused: %s" % (client.nick, text))
-            if kind == "joined" and fields["nick"] == client.nick:
+            if kind == "joined" and fields["nick"] == client.nick and client.room != LOBBY:
+                client.sock.sendall(encode_line("/join " + client.room))  # on to its room
+                continue
+            if (kind == "joined" and fields["nick"] == client.nick) or (
+                    kind == "joined_room" and fields["nick"] == client.nick):
                 client.rank = int(fields["count"])
                 client.state = "in"
                 self.in_flight -= 1
@@ -3665,6 +3693,11 @@ class Bench:
         run's own messages (by their tag, which a read may split)."""
         buffer, marker = self.recv_buffer, self.marker
         client.lines += buffer.count(b"\n", 0, size)
+        if self.phase == "drain":
+            edge = len(self.pong) - 1
+            client.drained = client.drained or self.pong in client.tail + buffer[:size]
+            client.tail = bytes((client.tail + buffer[max(0, size - edge):size])[-edge:])
+            return
         if self.phase != "messages":
             return
         edge = len(marker) - 1
@@ -3714,6 +3747,9 @@ class Bench:
         lines = (client.inbuf + data).split(b"\n")
         client.inbuf = lines.pop()
         client.lines += len(lines)
+        if self.phase == "drain":
+            client.drained = client.drained or self.pong in lines
+            return
         if self.phase != "messages":
             return
         tag = self.tag.encode(ENCODING)
@@ -3746,16 +3782,21 @@ class Bench:
     def _registration_done(self):
         return self.registered == len(self.clients)
 
+    def _ping_all(self):
+        line = encode_line("/ping " + self.tag)
+        for client in self.clients:
+            if client.state == "in" and not client.slow:
+                client.sock.sendall(line)  # a few bytes to a fresh socket
+
     def _joins_drained(self):
-        """Every reading client has had all join lines: those after its own,
-        up to the last one's (a server with other users counts them too)."""
-        last = max(c.rank for c in self.clients)
-        return all(c.lines >= last - c.rank for c in self.clients
-                   if not c.slow and c.state == "in")
+        """Every reading client has had all join lines: its pong has come."""
+        return all(c.drained for c in self.clients if not c.slow and c.state == "in")
 
     # -- phase 2: the messages --
 
     def _start_senders(self):
+        for client in self.clients:
+            client.tail = b""  # a pong's tail is no message's
         now = time.monotonic()
         if self.args.rate:
             self._sweep_counters()
@@ -3835,15 +3876,11 @@ class Bench:
         more = client.outbuf or (not self.args.rate and client.seq < self.args.messages)
         self._watch(client, selectors.EVENT_READ | (selectors.EVENT_WRITE if more else 0))
 
-    def _expected_per_client(self):
-        return self.args.senders * self.args.messages
-
     def _messages_done(self):
-        expected = self._expected_per_client()
         if any(c.seq < self.args.messages or c.outbuf for c in self.clients
                if c.sender and c.state == "in"):
             return False
-        return all(c.messages >= expected for c in self.clients
+        return all(c.messages >= self.expected[c.room] for c in self.clients
                    if not c.slow and c.state == "in")
 
     # -- reporting --
@@ -3852,8 +3889,10 @@ class Bench:
         if self.phase == "register":
             return "%d/%d registered" % (self.registered, len(self.clients))
         receivers = [c for c in self.clients if not c.slow and c.state == "in"]
+        if self.phase == "drain":
+            return "%d/%d settled" % (sum(c.drained for c in receivers), len(receivers))
         got = sum(c.messages for c in receivers)
-        return "%d/%d delivered" % (got, len(receivers) * self._expected_per_client())
+        return "%d/%d delivered" % (got, sum(self.expected[c.room] for c in receivers))
 
     def _progress(self, force=False, end=False):
         now = time.monotonic()
@@ -3872,9 +3911,12 @@ class Bench:
     def _collect(self, started, registered_at, messages_started, finished):
         args = self.args
         receivers = [c for c in self.clients if not c.slow and c.nick not in self.closed_early]
-        expected = len([c for c in self.clients if not c.slow]) * self._expected_per_client()
+        expected = sum(self.expected[c.room] for c in self.clients if not c.slow)
         received = sum(c.messages for c in receivers)
-        orders = [c.order for c in self.clients if c.observer and c.state == "in"]
+        observers = [c for c in self.clients if c.observer and c.state == "in"]
+        orders = {}  # room -> the orders its observers saw
+        for client in observers:
+            orders.setdefault(client.room, []).append(client.order)
         latencies = sorted(self.latencies)
         register_s = max(registered_at - started, 1e-9)
         message_s = max(finished - messages_started, 1e-9)
@@ -3893,8 +3935,10 @@ class Bench:
             "latency_ms": {name: round(percentile(latencies, q) * 1000, 2)
                            for name, q in (("p50", 50), ("p90", 90), ("p99", 99),
                                            ("max", 100))} if latencies else None,
-            "same_order": all(order == orders[0] for order in orders) if orders else None,
-            "observers": len(orders),
+            "same_order": all(order == seen[0] for seen in orders.values() for order in seen)
+                          if observers else None,
+            "observers": len(observers),
+            "rooms": args.rooms,
             "slow": args.slow,
             "slow_read": args.slow_read,
             "bursty": args.bursty,
@@ -3933,9 +3977,23 @@ def start_bench_server(clients, db):
         if "listening on " in line:
             port = int(line.rsplit(":", 1)[1])
             break
-    # Keep reading its stderr so that its log can never fill the pipe and block it.
-    threading.Thread(target=proc.stderr.read, daemon=True).start()
+    # Keep reading its stderr so that its log can never fill the pipe and block it;
+    # its last lines say what the store cost.
+    proc.log = collections.deque(maxlen=20)
+    proc.log_reader = threading.Thread(
+        target=lambda: proc.log.extend(iter(proc.stderr.readline, b"")), daemon=True)
+    proc.log_reader.start()
     return proc, port
+
+
+def server_store_usage(proc):
+    """The store's cost, as the bench-started server logged it at the end."""
+    proc.log_reader.join(SHUTDOWN_FLUSH_S)
+    for line in reversed(proc.log):
+        text = line.decode(ENCODING, "replace").strip()
+        if "database: " in text:
+            return text.split("database: ", 1)[1]
+    return None
 
 
 def server_usage(proc):
@@ -3971,8 +4029,10 @@ def format_bench_table(result):
     latency = result["latency_ms"]
     rows = [
         ("server", result["server"]),
-        ("workload", "%d clients, %d senders x %d messages (%s), %d slow (%s), %d bursty, %s"
-         % (result["clients"], result["senders"], result["messages"], result["mode"],
+        ("workload", "%d clients in %s, %d senders x %d messages (%s), %d slow (%s), "
+         "%d bursty, %s"
+         % (result["clients"], plural(result["rooms"], "room"), result["senders"],
+            result["messages"], result["mode"],
             result["slow"], "reading %d B/s" % result["slow_read"] if result["slow_read"]
             else "never reading", result["bursty"], "lines padded to %d bytes" % result["size"]
             if result["size"] else "short lines")),
@@ -3992,6 +4052,7 @@ def format_bench_table(result):
          else "n/a (not started by the bench)"),
         ("server peak RSS MB", "%.1f" % (result["server_peak_rss"] / 1e6)
          if result["server_peak_rss"] else "n/a (not started by the bench)"),
+        ("server store", result["server_store"] or "n/a (not started by the bench)"),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join("%-*s  %s" % (width, name, value) for name, value in rows)
@@ -4185,6 +4246,9 @@ def build_parser():
                                                "(default %(default)s)")
     bench.add_argument("--size", type=non_negative_int, default=0, metavar="B",
                        help="pad each message to B bytes (default: no padding)")
+    bench.add_argument("--rooms", type=positive_int, default=1, metavar="K",
+                       help="spread the clients, senders too, over K rooms (client i in "
+                            "#bench{i mod K}); 1 = all in #lobby (default %(default)s)")
     bench.add_argument("--concurrency", type=positive_int, default=BENCH_CONCURRENCY,
                        metavar="C", help="connections in flight while registering "
                                          "(default %(default)s)")
@@ -4229,7 +4293,8 @@ def run_bench(args):
         return 1
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    result.update(server=label, size=args.size, server_cpu_s=cpu, server_peak_rss=peak)
+    result.update(server=label, size=args.size, server_cpu_s=cpu, server_peak_rss=peak,
+                  server_store=server_store_usage(server) if server is not None else None)
     print(json.dumps(result) if args.json else format_bench_table(result))
     return 0 if bench_complete(result) else 1
 

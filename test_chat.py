@@ -2672,6 +2672,17 @@ class BenchTest(unittest.TestCase):
         self.assertGreater(result["server_cpu_s"], 0)
         self.assertGreater(result["server_peak_rss"], 1e6)
 
+    def test_rooms_spread_the_clients_and_each_gets_its_rooms_lines(self):
+        code, out, err = self.bench("--clients", "12", "--senders", "4", "--messages", "20",
+                                    "--rooms", "3")
+        self.assertEqual(code, 0, err)
+        result = json.loads(out)
+        # Rooms 0, 1, 2 hold 4 clients each and 2, 1, 1 of the senders.
+        self.assertEqual(result["deliveries_expected"], 4 * 2 * 20 + 4 * 20 + 4 * 20)
+        self.assertEqual(result["deliveries_received"], result["deliveries_expected"])
+        self.assertIs(result["same_order"], True)
+        self.assertIn("messages stored in", result["server_store"])
+
     def test_rate_mode_and_a_slow_client_evicted(self):
         code, out, err = self.bench("--clients", "6", "--senders", "4", "--slow", "1",
                                     "--messages", "400", "--size", "1500", "--rate", "400")
