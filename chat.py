@@ -21,10 +21,11 @@ The file, top to bottom:
     Protocol       framing, telnet, cleaning text, nick rules, FORMATS (every
                    line the server sends) and parse_server_line (its inverse)
     Plumbing       logging, selector bookkeeping, socket and TLS helpers
-    Chat           Connection (with its phase), Room, MemoryStore, Chat: what
+    Chat           Connection (with its phase), Room, SQLiteStore, Chat: what
                    a line means; it reaches the loop only through ChatServer's
-                   send/broadcast/enter/leave/close/log/call_later
-    Server loop    FanOut (each room's broadcasts, in one order) and ChatServer
+                   send/broadcast/enter/leave/close/log/call_later/off_loop
+    Server loop    FanOut (each room's broadcasts, in one order), Worker (a
+                   thread for what must not hold the loop) and ChatServer
                    (accept, TLS, read, write, slow readers, timers, shutdown)
     Client         ClientSession (its decisions) and ChatClient (sockets, the
                    keyboard thread, the terminal)
@@ -59,6 +60,7 @@ import tempfile
 import threading
 import time
 import traceback
+import urllib.parse
 import unicodedata
 import zlib
 
@@ -734,10 +736,10 @@ def server_tls_context(cert_file, key_file):
 
 # --- Chat ---------------------------------------------------------------------
 # What a line means and who gets which line: registration, commands, nicks,
-# operators, bans, the room. No sockets: the chat reaches the loop only
-# through the narrow interface the loop gives it (send, broadcast, enter,
-# leave, close, log, call_later: see ChatServer), so tests can drive it
-# in-process.
+# operators, bans, rooms and their history. No sockets: the chat reaches the
+# loop only through the narrow interface the loop gives it (send, broadcast,
+# enter, leave, close, log, call_later, off_loop: see ChatServer), so tests
+# can drive it in-process.
 
 # A connection's phase, in the order it goes through them. The line handler
 # is chosen by phase (Chat.LINE_HANDLERS): a phase can't disagree with a flag.
@@ -757,7 +759,7 @@ class Connection:
 
     __slots__ = ("sock", "addr", "ip", "name", "phase", "nick", "key", "room", "reader",
                  "outbuf", "tokens", "refilled", "paused", "held", "full", "counted",
-                 "behind_since", "events", "drained_at", "tls", "handshake_wait",
+                 "behind_since", "waiting", "events", "drained_at", "tls", "handshake_wait",
                  "close_at", "op", "muted", "op_attempts", "timers", "__weakref__")
 
     def __init__(self, sock, addr, limits, now):
@@ -775,6 +777,7 @@ class Connection:
         self.paused = False                # out of flood-control tokens
         self.held = False                  # a member is behind: input waits for it
         self.full = False                  # its own unread output is past max_sendq
+        self.waiting = False               # its last command is answered off the loop
         self.tokens = float(limits.burst)  # flood control bucket
         self.refilled = now
         self.behind_since = None           # when its backlog went past max_sendq
@@ -839,6 +842,7 @@ class SQLiteStore:
         self.batch = []                    # (id, room key, time, nick, kind, text) not yet written
         self.appended = {}                 # room key -> messages since its last trim
         self.failure = None                # why the last flush failed
+        self._readers = threading.local()  # reader(): one view per thread
         self.stored = self.transactions = 0  # what flush() wrote, for the log
         self.write_s = 0.0
         try:
@@ -866,6 +870,30 @@ class SQLiteStore:
 
     def close(self):
         self.db.close()
+
+    @property
+    def reads_apart(self):
+        """Whether other threads can read it with connections of their own
+        (a file can; `:memory:` is this connection's alone)."""
+        return self.path != ":memory:"
+
+    def close_reader(self):
+        """Close the calling thread's reader(), if it made one."""
+        view = self._readers.__dict__.pop("store", None)
+        if view is not None:
+            view.db.close()
+
+    def reader(self):
+        """A read-only view of the same file for the calling thread (made
+        once per thread): WAL lets it read while the loop writes."""
+        local = self._readers.__dict__
+        if "store" not in local:
+            view = object.__new__(SQLiteStore)
+            view.path, view.batch = self.path, []
+            view.db = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(self.path),
+                                      uri=True, check_same_thread=False)
+            local["store"] = view
+        return local["store"]
 
     # -- messages --
 
@@ -1317,27 +1345,48 @@ class Chat:
             self.io.send(conn, error(USAGE["history"]))
             return
         room = conn.room
+
+        def answer(rows):
+            if not rows:
+                self.io.send(conn, format_line("no_history", room=room.name))
+            else:
+                self._history_block(conn, format_line(
+                    "history_last", messages=plural(len(rows), "message"), room=room.name),
+                    rows)
+        self._read_history(conn, lambda store: store.recent(room.key, count), answer)
+
+    def _read_history(self, conn, read, answer):
+        """Read what is stored (all that was relayed: committed first), off
+        the loop where the store can (a file: a long history can take a
+        while), and answer conn with it."""
         self.commit()
-        rows = self.store.recent(room.key, count)
-        if not rows:
-            self.io.send(conn, format_line("no_history", room=room.name))
-        else:
-            self._history_block(conn, format_line(
-                "history_last", messages=plural(len(rows), "message"), room=room.name), rows)
+        if not self.store.reads_apart:
+            answer(read(self.store))
+            return
+
+        def answered(result):
+            if isinstance(result, Exception):
+                self.io.send(conn, error("the history can't be read now (%s)"
+                                         % describe_error(result)))
+            else:
+                answer(result)
+        self.io.off_loop(conn, lambda: read(self.store.reader()), answered)
 
     def _cmd_search(self, conn, arg):
         if not arg:
             self.io.send(conn, error(USAGE["search"]))
             return
         room = conn.room
-        self.commit()
-        rows = self.store.search(room.key, arg, SEARCH_RESULTS)
-        if not rows:
-            self.io.send(conn, format_line("no_match", room=room.name, text=arg))
-        else:
-            self._history_block(conn, format_line(
-                "history_search", messages=plural(len(rows), "message"), room=room.name,
-                text=arg), rows)
+
+        def answer(rows):
+            if not rows:
+                self.io.send(conn, format_line("no_match", room=room.name, text=arg))
+            else:
+                self._history_block(conn, format_line(
+                    "history_search", messages=plural(len(rows), "message"),
+                    room=room.name, text=arg), rows)
+        self._read_history(conn, lambda store: store.search(room.key, arg, SEARCH_RESULTS),
+                           answer)
 
     def _cmd_help(self, conn, arg):
         lines = list(HELP)
@@ -1537,13 +1586,56 @@ class FanOut:
         return data, self.late.pop(room, {})
 
 
+class Worker:
+    """One thread for what must not hold the loop (reading a long history):
+    it runs work in order, and wakes the loop when each is done."""
+
+    def __init__(self, wake, at_exit=None):
+        self.wake = wake
+        self.at_exit = at_exit             # run in the thread as it ends
+        self.jobs = queue.Queue()
+        self.results = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="worker", daemon=True)
+        self.thread.start()
+
+    def submit(self, work, done, conn):
+        self.jobs.put((work, done, conn))
+
+    def stop(self):
+        self.jobs.put(None)
+        self.thread.join(SHUTDOWN_FLUSH_S)
+
+    def finished(self):
+        """Yield (done, conn, result) for the work finished so far."""
+        while True:
+            try:
+                yield self.results.get_nowait()
+            except queue.Empty:
+                return
+
+    def _run(self):
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                if self.at_exit is not None:
+                    self.at_exit()
+                return
+            work, done, conn = job
+            try:
+                result = work()
+            except Exception as exc:  # deliberately broad: the answer says what failed
+                result = exc
+            self.results.put((done, conn, result))
+            self.wake()
+
+
 class ChatServer:
     """The server: a selectors loop that owns the sockets, and a Chat that
     owns the meaning of lines.
 
     Called from outside: bind(), start(), serve_forever(), shutdown().
     Called by the Chat (its whole view of the loop): send(), broadcast(),
-    enter(), leave(), close(), log(), call_later().
+    enter(), leave(), close(), log(), call_later(), off_loop().
     Everything else is the loop's own: accepting, TLS, reading, writing,
     back-pressure and slow readers, timers, and the two ways out: close()
     (the chat's: write what is owed, then close) and _drop() (the peer is
@@ -1577,6 +1669,7 @@ class ChatServer:
         self.cancelled_timers = 0          # entries in timers whose function is None
         self.spare_fd = None               # given up to accept-and-refuse at EMFILE
         self.wake_r = self.wake_w = None
+        self.worker = None                 # runs what must not hold the loop
         self.stopping = False
 
     # -- lifecycle --
@@ -1625,10 +1718,7 @@ class ChatServer:
     def shutdown(self):
         """Ask the loop to stop; safe from another thread or a signal handler."""
         self.stopping = True
-        try:
-            self.wake_w.send(b"x")
-        except (OSError, AttributeError):
-            pass  # the loop is already awake, finished, or never started
+        self.wake()
 
     def _run_pass(self, timeout):
         """One loop pass: dispatch ready sockets, fire timers, write output."""
@@ -1662,6 +1752,31 @@ class ChatServer:
                 pass
         except BlockingIOError:
             pass  # drained
+        if self.worker is not None:
+            for done, conn, result in self.worker.finished():
+                self._answered(done, conn, result)
+
+    def _answered(self, done, conn, result):
+        """Work done off the loop: its answer, then conn's input goes on."""
+        conn.waiting = False
+        if conn.phase == CLOSED:
+            return
+        try:
+            done(result)
+        except Exception:  # deliberately broad: the room must outlive a bug
+            self.log("internal error on %s, dropped:\n%s"
+                     % (conn.name, traceback.format_exc().rstrip()), always=True)
+            self._drop(conn, LEFT_CLOSED)
+            return
+        self.deferred[conn] = None  # the lines that waited in its reader
+        self._watch(conn)
+
+    def wake(self):
+        """Wake the loop from another thread (or a signal handler)."""
+        try:
+            self.wake_w.send(b"x")
+        except (OSError, AttributeError):
+            pass  # the loop is already awake, finished, or never started
 
     def _say_goodbye(self):
         """Tell every connection the server is going; flush for a while."""
@@ -1696,6 +1811,8 @@ class ChatServer:
             pass  # drained, or the peer is gone: either way, done
 
     def _close_everything(self):
+        if self.worker is not None:
+            self.worker.stop()
         self.chat.close()
         for conn in list(self.conns):
             self._forget(conn)
@@ -1754,6 +1871,15 @@ class ChatServer:
     def log(self, text, always=False):
         if self.logger is not None and (always or self.verbose):
             self.logger(text)
+
+    def off_loop(self, conn, work, done):
+        """Run work() in the worker thread, then done(its result) in the loop;
+        conn's input waits meanwhile, so that its answers stay in order."""
+        if self.worker is None:
+            self.worker = Worker(self.wake, at_exit=self.chat.store.close_reader)
+        conn.waiting = True
+        self._watch(conn)
+        self.worker.submit(work, done, conn)
 
     def call_later(self, delay, function, conn=None):
         """Call function(conn) (or function()) after delay seconds.
@@ -1951,7 +2077,8 @@ class ChatServer:
         if conn.handshake_wait:
             want = conn.handshake_wait
         else:
-            reading = conn.phase == CLOSING or not (conn.paused or conn.held or conn.full)
+            reading = conn.phase == CLOSING or not (
+                conn.paused or conn.held or conn.full or conn.waiting)
             want = selectors.EVENT_READ if reading else 0
             if conn.outbuf:
                 want |= selectors.EVENT_WRITE
@@ -2012,7 +2139,7 @@ class ChatServer:
         """Hand complete lines to the chat while the read gates allow."""
         reader = conn.reader
         rate = self.limits.rate
-        while conn.phase not in (CLOSING, CLOSED):
+        while conn.phase not in (CLOSING, CLOSED) and not conn.waiting:
             if self.throttled:
                 self._hold(conn)  # a member is behind: the rest when it has caught up
                 return

@@ -970,7 +970,7 @@ class HistoryTest(ServerTestCase):
         self.assertEqual(bob.sync(), [])
 
     def test_nothing_twice_and_nothing_missed_around_the_replay(self):
-        self.start_server(rate=0, replay=20)
+        self.start_server(rate=200, burst=20, replay=20)  # a steady stream
         alice = self.join("alice")
         stop = threading.Event()
 
@@ -980,23 +980,29 @@ class HistoryTest(ServerTestCase):
                 alice.send_line("n %d" % i)
                 i += 1
 
+        talking = threading.Event()
+
         def drain():  # alice reads her echoes, so that she is never behind
-            while not stop.is_set() and alice.read_line() is not None:
-                pass
+            line = ""
+            while not stop.is_set() and line is not None:
+                line = alice.read_line()
+                if line == "<alice> n 30":
+                    talking.set()
         threads = [threading.Thread(target=talk), threading.Thread(target=drain)]
         for thread in threads:
             thread.start()
             self.addCleanup(thread.join)
         self.addCleanup(stop.set)
+        self.assertTrue(talking.wait(TIMEOUT))
         bob = self.greeted()
         bob.send_line("bob")
         numbers = []
-        while len(numbers) < 200:
+        while len(numbers) < 60:
             line = bob.read_line()
             if "<alice> n " in line:
                 numbers.append(int(line.rsplit(" ", 1)[1]))
         stop.set()
-        self.assertEqual(numbers, list(range(numbers[0], numbers[0] + 200)))
+        self.assertEqual(numbers, list(range(numbers[0], numbers[0] + 60)))
         self.assertGreater(numbers[0], 0)  # the replay held some of them
 
     def test_history_and_its_usage(self):
@@ -1039,6 +1045,20 @@ class HistoryTest(ServerTestCase):
         alice.expect('*** no messages in #lobby match "alice"')
         alice.send_line("/search")
         alice.expect("!!! usage: /search TEXT")
+
+    def test_a_file_store_answers_off_the_loop_and_in_order(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        server = self.start_server(store=chat.SQLiteStore(os.path.join(folder, "chat.db")))
+        alice = self.join("alice")
+        alice.send_raw(b"one\ntwo\n/history 2\n/search ONE\n/ping after\n")
+        lines = [re.sub(STAMP, "", line) for line in alice.wait_for("*** pong after")]
+        self.assertEqual(lines, ["<alice> one", "<alice> two",
+                                 "*** the last 2 messages in #lobby (times in UTC):",
+                                 "<alice> one", "<alice> two", "*** end of history",
+                                 '*** 1 message in #lobby matching "ONE" (times in UTC):',
+                                 "<alice> one", "*** end of history"])
+        self.assertIsNotNone(server.worker)  # read by the worker thread, not the loop
 
     def test_a_store_that_fails_tells_the_sender_and_the_room_goes_on(self):
         server = self.start_server()
