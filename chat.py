@@ -928,8 +928,9 @@ class SQLiteStore:
 
     def usage(self):
         """What the store cost, in a line for the log."""
-        return ("%s stored in %d transactions, %.3f s writing"
-                % (plural(self.stored, "message"), self.transactions, self.write_s))
+        return ("%s stored in %s, %.3f s writing"
+                % (plural(self.stored, "message"), plural(self.transactions, "transaction"),
+                   self.write_s))
 
     def _trim(self):
         """Keep the newest `keep` messages of each room that grew by
@@ -3554,6 +3555,11 @@ BENCH_PROGRESS_S = 1.0
 BENCH_SWEEP_BATCH = 32        # rate mode: counting receivers read per loop pass
 BENCH_SWEEP_WAIT_S = 0.005    # rate mode: the loop passes at least this often
 BENCH_NICK = "b%d"
+BENCH_WORDS = "rust python chat server client room history quick brown fox lazy dog"
+BENCH_ABSENT = "zebra"         # said in no --history message: a search reads them all
+BENCH_QUERY_RUNS = 5           # --history: each query this many times, the median kept
+BENCH_PING_EVERY_S = 0.002     # --history: how often the other client pings
+BENCH_SPARE_CLIENTS = 10       # room on the started server beyond --clients (queries)
 BENCH_ROOM = "#bench%d"        # --rooms: client i talks in room i % K
 # Each run tags its messages, so that only its own lines are counted on a
 # server that has other users: tag, sender index, sequence number, send time.
@@ -3650,7 +3656,8 @@ class Bench:
             self._loop(self._registration_done)
             registered_at = time.monotonic()
             self.phase = "drain"
-            self._ping_all()
+            if self.args.rooms > 1:
+                self._ping_all()
             self._loop(self._joins_drained)
             self.phase = "messages"
             self._start_senders()
@@ -3916,8 +3923,14 @@ class Bench:
                 client.sock.sendall(line)  # a few bytes to a fresh socket
 
     def _joins_drained(self):
-        """Every reading client has had all join lines: its pong has come."""
-        return all(c.drained for c in self.clients if not c.slow and c.state == "in")
+        """Every reading client has had all join lines: with rooms, its pong
+        has come; else (any server of the protocol, /ping or not) it has had
+        the joins after its own, up to the last one's."""
+        readers = [c for c in self.clients if not c.slow and c.state == "in"]
+        if self.args.rooms > 1:
+            return all(c.drained for c in readers)
+        last = max(c.rank for c in self.clients)
+        return all(c.lines >= last - c.rank for c in readers)
 
     # -- phase 2: the messages --
 
@@ -4066,6 +4079,7 @@ class Bench:
                           if observers else None,
             "observers": len(observers),
             "rooms": args.rooms,
+            "history_size": args.history,
             "slow": args.slow,
             "slow_read": args.slow_read,
             "bursty": args.bursty,
@@ -4083,12 +4097,14 @@ def percentile(sorted_values, q):
     return sorted_values[min(len(sorted_values), int(rank)) - 1]
 
 
-def start_bench_server(clients, db):
+def start_bench_server(clients, db, keep_all=False):
     """Start `chat.py server --port 0 --rate 0 --db DB` as a child; return
     (process, port)."""
     command = [sys.executable, os.path.abspath(__file__), "server", "--host", DEFAULT_HOST,
                "--port", "0", "--rate", "0", "-q", "--db", db,
-               "--max-clients", str(max(MAX_CLIENTS, clients))]
+               "--max-clients", str(max(MAX_CLIENTS, clients + BENCH_SPARE_CLIENTS))]
+    if keep_all:
+        command += ["--keep", "0"]  # a filled history is measured, not trimmed
     proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     deadline = time.monotonic() + BENCH_SERVER_START_S
@@ -4121,6 +4137,80 @@ def server_store_usage(proc):
         if "database: " in text:
             return text.split("database: ", 1)[1]
     return None
+
+
+def fill_history(db, count):
+    """Write count messages of some words each into #lobby of a new database."""
+    store = SQLiteStore(db, keep=0)
+    store.add_room(nick_key(LOBBY), LOBBY)
+    words = BENCH_WORDS.split()
+    now = time.time()
+    rows = ((i, nick_key(LOBBY), now, BENCH_NICK % (i % 100), "message",
+             " ".join(random.choice(words) for _ in range(10))) for i in range(1, count + 1))
+    store.db.execute("BEGIN")
+    store.db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)", rows)
+    store.db.execute("COMMIT")
+    store.close()
+
+
+def time_history_queries(host, port, timeout):
+    """Time /history 500 and /search (a word said often, one never said) on
+    the server's #lobby, each BENCH_QUERY_RUNS times, while another client
+    pings: its slowest answer is the longest the loop was held. Return the
+    medians and that, in ms."""
+    asker, pinger = (BlockingPeer(host, port, nick, timeout) for nick in ("hq", "hp"))
+    held = []
+    stop = threading.Event()
+
+    def ping():
+        while not stop.is_set():
+            held.append(pinger.round_trip("/ping p", "*** pong p"))
+            stop.wait(BENCH_PING_EVERY_S)
+    thread = threading.Thread(target=ping, daemon=True)
+    thread.start()
+    result = {}
+    try:
+        for name, query in (("history_500", "/history 500"),
+                            ("search_found", "/search " + BENCH_WORDS.split()[0]),
+                            ("search_absent", "/search " + BENCH_ABSENT)):
+            times = sorted(asker.round_trip(query + "\n/ping q", "*** pong q")
+                           for _ in range(BENCH_QUERY_RUNS))
+            result[name + "_ms"] = round(percentile(times, 50) * 1000, 1)
+    finally:
+        stop.set()
+        thread.join(timeout)
+        asker.close()
+        pinger.close()
+    result["loop_held_ms"] = round(max(held) * 1000, 1) if held else None
+    return result
+
+
+class BlockingPeer:
+    """A plain blocking client, for timing one request at a time."""
+
+    def __init__(self, host, port, nick, timeout):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.inbuf = b""
+        self.round_trip(nick, NOTICE + nick + " joined")
+        self.round_trip("/ping ready", "*** pong ready")  # past its replay
+
+    def round_trip(self, request, answer):
+        """Send request; return the seconds until a line starting with answer."""
+        started = time.monotonic()
+        self.sock.sendall(encode_line(request))
+        wanted = answer.encode(ENCODING)
+        while True:
+            while b"\n" not in self.inbuf:
+                data = self.sock.recv(BENCH_RECV_BYTES)
+                if not data:
+                    raise BenchError("the server closed a history query's connection")
+                self.inbuf += data
+            line, self.inbuf = self.inbuf.split(b"\n", 1)
+            if line.startswith(wanted):
+                return time.monotonic() - started
+
+    def close(self):
+        self.sock.close()
 
 
 def server_usage(proc):
@@ -4180,6 +4270,10 @@ def format_bench_table(result):
         ("server peak RSS MB", "%.1f" % (result["server_peak_rss"] / 1e6)
          if result["server_peak_rss"] else "n/a (not started by the bench)"),
         ("server store", result["server_store"] or "n/a (not started by the bench)"),
+        ("history queries", "on %(messages)s: /history 500 %(history_500_ms).1f ms, /search "
+         "(found) %(search_found_ms).1f ms, /search (absent) %(search_absent_ms).1f ms; loop "
+         "held at most %(loop_held_ms)s ms" % dict(result["history"], messages=plural(
+             result["history_size"], "message")) if result.get("history") else "n/a (--history)"),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join("%-*s  %s" % (width, name, value) for name, value in rows)
@@ -4376,6 +4470,10 @@ def build_parser():
     bench.add_argument("--rooms", type=positive_int, default=1, metavar="K",
                        help="spread the clients, senders too, over K rooms (client i in "
                             "#bench{i mod K}); 1 = all in #lobby (default %(default)s)")
+    bench.add_argument("--history", type=non_negative_int, default=0, metavar="N",
+                       help="first fill the started server's #lobby with N messages (each "
+                            "joining client gets a replay), and at the end time /history 500 "
+                            "and /search on it, and how long they hold the loop")
     bench.add_argument("--concurrency", type=positive_int, default=BENCH_CONCURRENCY,
                        metavar="C", help="connections in flight while registering "
                                          "(default %(default)s)")
@@ -4398,7 +4496,10 @@ def run_bench(args):
     try:
         if args.host is None and args.port is None:
             # The store on, as a server runs by default, in a file of its own.
-            server, port = start_bench_server(args.clients, os.path.join(folder, DB_FILE))
+            db = os.path.join(folder, DB_FILE)
+            if args.history:
+                fill_history(db, args.history)
+            server, port = start_bench_server(args.clients, db, keep_all=bool(args.history))
             host, label = DEFAULT_HOST, "chat.py server (started by the bench)"
         else:
             host, port = args.host or DEFAULT_HOST, args.port or DEFAULT_PORT
@@ -4407,6 +4508,8 @@ def run_bench(args):
         cpu = peak = None
         try:
             result = bench.run()
+            if args.history:
+                result["history"] = time_history_queries(host, port, args.timeout)
             if server is not None:
                 cpu, peak = server_usage(server)  # before the teardown adds to them
         finally:
@@ -4428,6 +4531,8 @@ def run_bench(args):
 
 def bench_flags_problem(args):
     """Return what is wrong with the bench's flags, or None."""
+    if args.history and (args.host is not None or args.port is not None):
+        return "--history fills the server the bench starts: not with --host or --port"
     if args.duration is not None:
         if not args.rate:
             return "--duration needs --rate"

@@ -2703,6 +2703,17 @@ class BenchTest(unittest.TestCase):
         self.assertIs(result["same_order"], True)
         self.assertIn("messages stored in", result["server_store"])
 
+    def test_history_fills_the_lobby_and_times_the_queries(self):
+        code, out, err = self.bench("--clients", "5", "--senders", "1", "--messages", "5",
+                                    "--history", "2000")
+        self.assertEqual(code, 0, err)
+        history = json.loads(out)["history"]
+        for name in ("history_500_ms", "search_found_ms", "search_absent_ms", "loop_held_ms"):
+            self.assertGreater(history[name], 0, name)
+        code, out, err = self.bench("--port", "1", "--history", "10")
+        self.assertEqual(code, 2)
+        self.assertIn("--history fills the server the bench starts", err)
+
     def test_rate_mode_and_a_slow_client_evicted(self):
         code, out, err = self.bench("--clients", "6", "--senders", "4", "--slow", "1",
                                     "--messages", "400", "--size", "1500", "--rate", "400")
