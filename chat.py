@@ -101,6 +101,9 @@ HISTORY_DEFAULT = 20          # /history without N
 HISTORY_MAX = 500             # /history N at most
 SEARCH_RESULTS = 20           # /search answers with at most this many
 TRIM_EVERY = 1000             # a room is trimmed to --keep after this many new messages
+INDEX_BATCH = 500             # messages the search index takes per transaction (~8 ms)
+INDEX_DELAY_S = 1.0           # new messages wait this long for the index: not in a burst
+BUSY_TIMEOUT_S = 5.0          # a write waits this long for the other thread's
 WRONG_PASSWORD_DELAY_S = 1.0  # a wrong room password: closed after this, to slow guessing
 MAX_OP_ATTEMPTS = 3           # wrong /op passwords before the connection is closed
 
@@ -826,7 +829,7 @@ class SQLiteStore:
     been relayed is in the file, even if the process is killed right after.
     """
 
-    SCHEMA_VERSION = 1
+    SCHEMA_VERSION = 2  # 1: rooms, messages, bans; 2: the search index
     SCHEMA = (
         "CREATE TABLE IF NOT EXISTS rooms (key TEXT PRIMARY KEY, name TEXT NOT NULL,"
         " topic TEXT, topic_nick TEXT)",
@@ -834,7 +837,15 @@ class SQLiteStore:
         " time REAL NOT NULL, nick TEXT NOT NULL, kind TEXT NOT NULL, text TEXT NOT NULL)",
         "CREATE INDEX IF NOT EXISTS messages_by_room ON messages (room, id)",
         "CREATE TABLE IF NOT EXISTS bans (ip TEXT PRIMARY KEY, nick TEXT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+        "INSERT OR IGNORE INTO meta VALUES ('indexed_upto', 0)",
     )
+    # /search on a file: trigrams of every message's text, without the text
+    # itself. Kept up by the worker thread (index_some()), never by the loop;
+    # what it has not reached yet is searched row by row. Where SQLite has no
+    # FTS5 trigram tokenizer (before 3.34), every search reads row by row.
+    SEARCH_INDEX = ("CREATE VIRTUAL TABLE IF NOT EXISTS search USING"
+                    " fts5(text, content='', tokenize='trigram')")
 
     def __init__(self, path=":memory:", keep=KEEP_MESSAGES):
         self.path = path
@@ -861,12 +872,22 @@ class SQLiteStore:
         if self.path != ":memory:":
             db.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
         db.execute("PRAGMA synchronous=NORMAL")  # WAL: a process crash loses nothing
+        db.execute("PRAGMA busy_timeout=%d" % (BUSY_TIMEOUT_S * 1000))  # the worker's writes
         db.execute("BEGIN IMMEDIATE")  # fails at once on a read-only file
         for statement in self.SCHEMA:
             db.execute(statement)
+        self.indexed = self.path != ":memory:" and self._make_search_index()
         db.execute("PRAGMA user_version=%d" % self.SCHEMA_VERSION)
         db.execute("COMMIT")
         self.next_id = (db.execute("SELECT MAX(id) FROM messages").fetchone()[0] or 0) + 1
+
+    def _make_search_index(self):
+        """Make the search index where SQLite can; tell whether there is one."""
+        try:
+            self.db.execute(self.SEARCH_INDEX)
+            return True
+        except sqlite3.OperationalError:  # no FTS5, or no trigram tokenizer
+            return False
 
     def close(self):
         self.db.close()
@@ -878,22 +899,27 @@ class SQLiteStore:
         return self.path != ":memory:"
 
     def close_reader(self):
-        """Close the calling thread's reader(), if it made one."""
-        view = self._readers.__dict__.pop("store", None)
-        if view is not None:
+        """Close the calling thread's views (reader() and the index's)."""
+        for view in list(self._readers.__dict__.values()):
             view.db.close()
+        self._readers.__dict__.clear()
 
     def reader(self):
         """A read-only view of the same file for the calling thread (made
         once per thread): WAL lets it read while the loop writes."""
+        return self._thread_view("reader", writable=False)
+
+    def _thread_view(self, name, writable):
         local = self._readers.__dict__
-        if "store" not in local:
+        if name not in local:
             view = object.__new__(SQLiteStore)
-            view.path, view.batch = self.path, []
-            view.db = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(self.path),
-                                      uri=True, check_same_thread=False)
-            local["store"] = view
-        return local["store"]
+            view.path, view.batch, view.indexed = self.path, [], self.indexed
+            uri = "file:%s?mode=%s" % (urllib.parse.quote(self.path), "rw" if writable else "ro")
+            view.db = sqlite3.connect(uri, uri=True, isolation_level=None,
+                                      check_same_thread=False)
+            view.db.execute("PRAGMA busy_timeout=%d" % (BUSY_TIMEOUT_S * 1000))
+            local[name] = view
+        return local[name]
 
     # -- messages --
 
@@ -913,7 +939,7 @@ class SQLiteStore:
         batch, self.batch = self.batch, []
         started = time.perf_counter()
         try:
-            self.db.execute("BEGIN")
+            self.db.execute("BEGIN IMMEDIATE")  # waits out a write of the worker's
             self.db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)", batch)
             self._trim()
             self.db.execute("COMMIT")
@@ -941,9 +967,14 @@ class SQLiteStore:
             if count < min(TRIM_EVERY, self.keep):
                 continue
             self.appended[room] = 0
-            self.db.execute(
-                "DELETE FROM messages WHERE room = ? AND id <= (SELECT id FROM messages"
-                " WHERE room = ? ORDER BY id DESC LIMIT 1 OFFSET ?)", (room, room, self.keep))
+            old = ("FROM messages WHERE room = ? AND id <= (SELECT id FROM messages"
+                   " WHERE room = ? ORDER BY id DESC LIMIT 1 OFFSET ?)")
+            if self.indexed:  # out of the index first: it needs their text to forget them
+                self.db.execute(
+                    "INSERT INTO search (search, rowid, text) SELECT 'delete', id, text "
+                    + old + " AND id <= (SELECT value FROM meta WHERE key = 'indexed_upto')",
+                    (room, room, self.keep))
+            self.db.execute("DELETE " + old, (room, room, self.keep))
 
     def _rollback(self):
         try:
@@ -963,20 +994,69 @@ class SQLiteStore:
         """The last count messages of room whose text contains text, in any
         case, oldest first. Of what is written: flush() first."""
         needle = text.casefold()
-        query = ("SELECT id, time, nick, kind, text FROM messages WHERE room = ?%s"
+        self.db.execute("BEGIN")  # one snapshot: the index and the rows agree
+        try:
+            upto = 0
+            if self.indexed and len(needle) >= 3:  # a trigram index finds 3 characters
+                upto = self.db.execute(
+                    "SELECT value FROM meta WHERE key = 'indexed_upto'").fetchone()[0]
+            found = self._scan(room, needle, upto, count)
+            if len(found) < count and upto:
+                found += self._indexed(room, text, needle, upto, count - len(found))
+        finally:
+            self.db.execute("COMMIT")
+        return found[::-1]
+
+    def _scan(self, room, needle, after, count):
+        """Newest first, row by row: the messages with ids above after."""
+        query = ("SELECT id, time, nick, kind, text FROM messages WHERE room = ? AND id > ?%s"
                  " ORDER BY id DESC")
         if needle.isascii():  # LIKE ignores ASCII case itself: the database filters
             pattern = "%" + re.sub(r"([%_\\])", r"\\\1", needle) + "%"
-            rows = self.db.execute(query % " AND text LIKE ? ESCAPE '\\'", (room, pattern))
+            rows = self.db.execute(query % " AND text LIKE ? ESCAPE '\\'",
+                                   (room, after, pattern))
         else:
-            rows = self.db.execute(query % "", (room,))
+            rows = self.db.execute(query % "", (room, after))
+        return self._matching(rows, needle, count)
+
+    def _indexed(self, room, text, needle, upto, count):
+        """Newest first, through the index: the messages with ids up to upto."""
+        phrase = '"%s"' % text.replace('"', '""')
+        ids = self.db.execute("SELECT rowid FROM search WHERE search MATCH ? AND rowid <= ?"
+                              " ORDER BY rowid DESC", (phrase, upto))
+        rows = (self.db.execute("SELECT id, time, nick, kind, text FROM messages"
+                                " WHERE id = ? AND room = ?", (found_id, room)).fetchone()
+                for (found_id,) in ids)
+        return self._matching((row for row in rows if row), needle, count)
+
+    @staticmethod
+    def _matching(rows, needle, count):
         found = []
         for row in rows:
             if needle in row[4].casefold():
                 found.append(row)
                 if len(found) == count:
                     break
-        return found[::-1]
+        return found
+
+    def index_some(self, most=INDEX_BATCH):
+        """In the worker thread, with a connection of its own: add up to most
+        messages to the search index; return whether more wait."""
+        db = self._thread_view("maintainer", writable=True).db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            upto = db.execute("SELECT value FROM meta WHERE key = 'indexed_upto'").fetchone()[0]
+            rows = db.execute("SELECT id, text FROM messages WHERE id > ? ORDER BY id LIMIT ?",
+                              (upto, most)).fetchall()
+            if rows:
+                db.executemany("INSERT INTO search (rowid, text) VALUES (?, ?)", rows)
+                db.execute("UPDATE meta SET value = ? WHERE key = 'indexed_upto'",
+                           (rows[-1][0],))
+            db.execute("COMMIT")
+        except sqlite3.Error:
+            db.execute("ROLLBACK")
+            raise
+        return len(rows) == most
 
     # -- rooms and topics --
 
@@ -1032,6 +1112,7 @@ class Chat:
         self.members = {}                  # nick key -> registered Connection, every room
         self.rooms = {}                    # room key -> Room, those in use
         self.senders = {}                  # message id -> its sender, until it is stored
+        self.indexing = False              # the search index's catching up is due or under way
         self.lobby = self._room(LOBBY)
 
     # -- called by the loop --
@@ -1060,6 +1141,9 @@ class Chat:
         """Store what was said; the loop calls this before it writes any of
         it to a socket. A message that could not be stored is still relayed,
         and its sender is told."""
+        if self.store.batch and self.store.indexed and not self.indexing:
+            self.indexing = True  # the index catches up a little later, off the loop
+            self.io.call_later(INDEX_DELAY_S, self._index)
         failed = self.store.flush()
         senders, self.senders = self.senders, {}
         if not failed:
@@ -1075,6 +1159,19 @@ class Chat:
         self.commit()
         self.io.log("database: %s" % self.store.usage(), always=True)
         self.store.close()
+
+    def _index(self):
+        """Let the worker bring the search index up to date, a batch per job."""
+        def indexed(more):
+            if isinstance(more, Exception):
+                self.io.log("database error: the search index: %s" % describe_error(more),
+                            always=True)
+                more = False
+            if more:
+                self.io.off_loop(None, self.store.index_some, indexed)
+            else:
+                self.indexing = False
+        self.io.off_loop(None, self.store.index_some, indexed)
 
     def registration_expired(self, conn):
         self.io.send(conn, error("registration timed out"))
@@ -1580,6 +1677,19 @@ class FanOut:
         offset = self.late.get(room, {}).pop(conn, 0)
         return bytes(self.pending.get(room, b"")[offset:])
 
+    def catch_up(self, room, conn):
+        """Return the bytes of room's pending lines conn is owed so far; it
+        is owed only what comes after them at delivery. (A line to one
+        member then follows what was said before it, without handing the
+        pass's lines to every member at once.)"""
+        pending = self.pending.get(room)
+        if not pending:
+            return b""
+        late = self.late.setdefault(room, {})
+        offset = late.get(conn, 0)
+        late[conn] = len(pending)
+        return bytes(pending[offset:])
+
     def take(self, room):
         """Return (room's pending bytes, {latecomer: offset}) and forget them."""
         data = bytes(self.pending.pop(room, b""))
@@ -1759,6 +1869,9 @@ class ChatServer:
 
     def _answered(self, done, conn, result):
         """Work done off the loop: its answer, then conn's input goes on."""
+        if conn is None:
+            done(result)
+            return
         conn.waiting = False
         if conn.phase == CLOSED:
             return
@@ -1833,7 +1946,8 @@ class ChatServer:
         if conn.phase == CLOSED:
             return
         if conn.room is not None and conn.room in self.fanout.pending:
-            self._deliver(conn.room)  # keep its lines in the room's order
+            self.chat.commit()  # nothing reaches a socket before it is stored
+            conn.outbuf += self.fanout.catch_up(conn.room, conn)  # the room's order kept
         conn.outbuf += encode_line(text)
         self.dirty.add(conn)
 
@@ -1875,11 +1989,13 @@ class ChatServer:
 
     def off_loop(self, conn, work, done):
         """Run work() in the worker thread, then done(its result) in the loop;
-        conn's input waits meanwhile, so that its answers stay in order."""
+        conn's input (if conn is not None) waits meanwhile, so that its
+        answers stay in order."""
         if self.worker is None:
             self.worker = Worker(self.wake, at_exit=self.chat.store.close_reader)
-        conn.waiting = True
-        self._watch(conn)
+        if conn is not None:
+            conn.waiting = True
+            self._watch(conn)
         self.worker.submit(work, done, conn)
 
     def call_later(self, delay, function, conn=None):
@@ -4150,6 +4266,9 @@ def fill_history(db, count):
     store.db.execute("BEGIN")
     store.db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)", rows)
     store.db.execute("COMMIT")
+    while store.indexed and store.index_some(count):
+        pass  # a server that ran a while has indexed all of it
+    store.close_reader()
     store.close()
 
 

@@ -1111,7 +1111,7 @@ class StoreTest(unittest.TestCase):
         proc.terminate()
         self.assertEqual(proc.wait(TIMEOUT), 0)
         with contextlib.closing(sqlite3.connect(self.db)) as db:
-            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 1)
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 2)
             self.assertEqual(db.execute("SELECT nick, kind, text FROM messages").fetchall(),
                              [("alice", "message", "kept")])
 
@@ -1178,6 +1178,69 @@ class StoreTest(unittest.TestCase):
         again = Peer(port, source="127.0.0.2")
         self.addCleanup(again.close)
         self.assertEqual(again.expect_closed(), ["!!! you are banned"])
+
+    def test_a_version_1_file_is_migrated_and_keeps_its_history(self):
+        with contextlib.closing(sqlite3.connect(self.db)) as db:
+            for statement in chat.SQLiteStore.SCHEMA[:4]:  # what version 1 made
+                db.execute(statement)
+            db.execute("INSERT INTO rooms VALUES ('#lobby', '#lobby', NULL, NULL)")
+            db.execute("INSERT INTO messages VALUES (7, '#lobby', 0, 'old', 'message',"
+                       " 'said in version one')")
+            db.execute("PRAGMA user_version=1")
+            db.commit()
+        proc, port = self.start("--db", self.db)
+        self.assertEqual(self.history(port), [
+            "*** the last 1 message in #lobby (times in UTC):", "<old> said in version one",
+            "*** end of history"])
+        peer = Peer(port)
+        self.addCleanup(peer.close)
+        peer.send_line("searcher")
+        peer.sync()
+        peer.send_line("/search VERSION one")
+        self.assertEqual([re.sub(STAMP, "", line) for line in peer.sync()], [
+            '*** 1 message in #lobby matching "VERSION one" (times in UTC):',
+            "<old> said in version one", "*** end of history"])
+
+    def test_the_search_index_and_what_it_has_not_reached(self):
+        store = chat.SQLiteStore(self.db, keep=0)
+        self.addCleanup(store.close)
+        self.addCleanup(store.close_reader)
+        if not store.indexed:
+            self.skipTest("this SQLite has no FTS5 trigram tokenizer")
+        for i in range(30):
+            store.append("#lobby", "a", "message", "École number %d" % i, 0.0)
+        store.flush()
+        while store.index_some(7):
+            pass
+        for i in range(30, 33):
+            store.append("#lobby", "a", "message", "école number %d" % i, 0.0)
+        store.append("#other", "a", "message", "école elsewhere", 0.0)
+        store.flush()
+        found = store.reader().search("#lobby", "ÉCOLE NUMBER", 5)
+        self.assertEqual([row[4] for row in found],
+                         ["École number 28", "École number 29", "école number 30",
+                          "école number 31", "école number 32"])
+        self.assertEqual(len(store.reader().search("#lobby", "number 1", 20)), 11)
+        self.assertEqual(store.reader().search("#lobby", "zebra", 20), [])
+
+    def test_trimming_takes_messages_out_of_the_index_too(self):
+        store = chat.SQLiteStore(self.db, keep=5)
+        self.addCleanup(store.close)
+        self.addCleanup(store.close_reader)
+        if not store.indexed:
+            self.skipTest("this SQLite has no FTS5 trigram tokenizer")
+        for i in range(5):
+            store.append("#lobby", "a", "message", "first%d" % i, 0.0)
+        store.flush()
+        while store.index_some():
+            pass
+        for i in range(5):
+            store.append("#lobby", "a", "message", "second%d" % i, 0.0)
+        store.flush()  # trims the five first, which were indexed
+        self.assertEqual(store.db.execute(
+            "SELECT COUNT(*) FROM search WHERE search MATCH '\"first\"'").fetchone()[0], 0)
+        self.assertEqual([row[4] for row in store.reader().search("#lobby", "second", 20)],
+                         ["second%d" % i for i in range(5)])
 
     def test_a_database_that_cannot_be_used_is_one_line_and_exit_2(self):
         with open(self.db, "wb") as f:
