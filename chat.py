@@ -104,7 +104,15 @@ TRIM_EVERY = 1000             # a room is trimmed to --keep after this many new 
 INDEX_BATCH = 500             # messages the search index takes per transaction (~8 ms)
 INDEX_DELAY_S = 1.0           # new messages wait this long for the index: not in a burst
 BUSY_TIMEOUT_S = 5.0          # a write waits this long for the other thread's
-WRONG_PASSWORD_DELAY_S = 1.0  # a wrong room password: closed after this, to slow guessing
+WRONG_PASSWORD_DELAY_S = 1.0  # a wrong password: answered (or closed) after this, to slow guessing
+MIN_PASSWORD_CHARS = 8        # an account's password, at least
+MAX_LOGIN_ATTEMPTS = 3        # wrong account passwords on one connection before it is closed
+MAILBOX_MESSAGES = 100        # offline messages waiting for one account, at most
+# Account passwords: salted scrypt (about 50 ms, 16 MiB), or PBKDF2 where
+# hashlib has no scrypt (an OpenSSL without it); the stored hash says which.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1
+PBKDF2_ITERATIONS = 600000
+SALT_BYTES = 16
 MAX_OP_ATTEMPTS = 3           # wrong /op passwords before the connection is closed
 
 # Loopback is exempt from the per-address limit: local tests, bots and
@@ -232,6 +240,8 @@ FORMATS = {
     "history": "[{time}] {line}",
     "no_history": NOTICE + "no messages in {room} yet",
     "no_match": NOTICE + 'no messages in {room} match "{text}"',
+    "offline_start": NOTICE + "{messages} while you were away (times in UTC):",
+    "offline_end": NOTICE + "end of messages",
     "pong": NOTICE + "pong {token}",
     "kicked": NOTICE + "{nick} was kicked by {op} ({reason})",
     "banned": NOTICE + "{nick} was banned by {op} ({reason})",
@@ -247,6 +257,16 @@ GREETING = (
     "choose a nickname: 1-24 letters, digits, _ or -",
 )
 PASSWORD_GREETING = "this room needs a password: send /pass SECRET, then a nickname"
+ACCOUNT_MADE = "{nick} is now your account: next time, /login {nick} PASSWORD"
+NICK_REGISTERED = "{nick} is registered: /login {nick} PASSWORD, or choose another nickname"
+WRONG_LOGIN = "wrong nick or password"
+LOGGED_IN_ELSEWHERE = "you logged in elsewhere"
+LEFT_ELSEWHERE = "logged in elsewhere"
+PASSWORD_TOO_SHORT = "a password needs at least %d characters" % MIN_PASSWORD_CHARS
+PASSWORD_CHANGED = "password changed"
+NO_LONGER_REGISTERED = "{nick} is no longer registered"
+OFFLINE_KEPT = "{nick} is offline: they will get it when they log in"
+MAILBOX_FULL = "{nick}'s mailbox is full"
 PASSWORD_REQUIRED = "password required: send /pass SECRET first"
 PASSWORD_ACCEPTED = "password accepted: choose a nickname"
 WRONG_PASSWORD = "wrong password"
@@ -261,6 +281,10 @@ HELP = (
     "/topic [TEXT]        show the room's topic, or set it (- clears it)",
     "/history [N]         the room's last N messages (20; at most 500)",
     "/search TEXT         the room's last 20 messages that contain TEXT",
+    "/register PASSWORD   make your nick an account, yours alone",
+    "/login NICK PASSWORD use your account (from another connection too)",
+    "/password OLD NEW    change your account's password",
+    "/unregister PASSWORD delete your account",
     "/ping [TOKEN]        answered with: pong TOKEN",
     "/help                this list",
     "/quit [REASON]       leave",
@@ -286,6 +310,10 @@ USAGE = {
     "join": "usage: /join ROOM",
     "history": "usage: /history [N]",
     "search": "usage: /search TEXT",
+    "register": "usage: /register PASSWORD",
+    "login": "usage: /login NICK PASSWORD",
+    "password": "usage: /password OLD NEW",
+    "unregister": "usage: /unregister PASSWORD",
 }
 NO_REASON = "no reason given"
 SHUTDOWN_NOTICE = "server shutting down"
@@ -569,6 +597,33 @@ def secrets_match(given, expected):
     return hmac.compare_digest(digest(given), digest(expected))
 
 
+def hash_password(password):
+    """Return a salted hash of an account's password, naming its method:
+    scrypt$N$r$p$salt$hash, or pbkdf2_sha256$iterations$salt$hash. Slow on
+    purpose (tens of milliseconds): call it off the server's loop."""
+    salt = os.urandom(SALT_BYTES)
+    secret = password.encode(ENCODING, "replace")
+    if hasattr(hashlib, "scrypt"):
+        digest = hashlib.scrypt(secret, salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P)
+        return "scrypt$%d$%d$%d$%s$%s" % (SCRYPT_N, SCRYPT_R, SCRYPT_P, salt.hex(), digest.hex())
+    digest = hashlib.pbkdf2_hmac("sha256", secret, salt, PBKDF2_ITERATIONS)
+    return "pbkdf2_sha256$%d$%s$%s" % (PBKDF2_ITERATIONS, salt.hex(), digest.hex())
+
+
+def password_matches(password, stored):
+    """Tell, in constant time, whether password is the one stored hashed.
+    Slow on purpose: call it off the server's loop."""
+    method, *fields = stored.split("$")
+    secret = password.encode(ENCODING, "replace")
+    if method == "scrypt":
+        n, r, p, salt, digest = fields
+        seen = hashlib.scrypt(secret, salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p))
+    else:
+        iterations, salt, digest = fields
+        seen = hashlib.pbkdf2_hmac("sha256", secret, bytes.fromhex(salt), int(iterations))
+    return hmac.compare_digest(seen, bytes.fromhex(digest))
+
+
 FINGERPRINT_PREFIX = "SHA256:"
 OPENSSL_FINGERPRINT_PREFIX = "sha256 fingerprint="  # what `openssl x509 -fingerprint` prints
 
@@ -763,7 +818,8 @@ class Connection:
     __slots__ = ("sock", "addr", "ip", "name", "phase", "nick", "key", "room", "reader",
                  "outbuf", "tokens", "refilled", "paused", "held", "full", "counted",
                  "behind_since", "waiting", "events", "drained_at", "tls", "handshake_wait",
-                 "close_at", "op", "muted", "op_attempts", "timers", "__weakref__")
+                 "close_at", "op", "muted", "op_attempts", "account", "login_failures",
+                 "timers", "__weakref__")
 
     def __init__(self, sock, addr, limits, now):
         self.sock = sock
@@ -791,6 +847,8 @@ class Connection:
         self.op = False                    # an operator
         self.muted = False                 # its lines reach no one
         self.op_attempts = 0               # wrong /op passwords so far
+        self.account = None                # the key of the account it is logged in to
+        self.login_failures = 0            # wrong account passwords so far
         self.counted = False               # in the max-clients and per-IP counts
         self.events = 0                    # what the selector watches for it
         self.timers = []                   # its pending timers, cancelled when it closes
@@ -829,7 +887,7 @@ class SQLiteStore:
     been relayed is in the file, even if the process is killed right after.
     """
 
-    SCHEMA_VERSION = 2  # 1: rooms, messages, bans; 2: the search index
+    SCHEMA_VERSION = 3  # 1: rooms, messages, bans; 2: the search index; 3: accounts
     SCHEMA = (
         "CREATE TABLE IF NOT EXISTS rooms (key TEXT PRIMARY KEY, name TEXT NOT NULL,"
         " topic TEXT, topic_nick TEXT)",
@@ -839,6 +897,11 @@ class SQLiteStore:
         "CREATE TABLE IF NOT EXISTS bans (ip TEXT PRIMARY KEY, nick TEXT NOT NULL)",
         "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
         "INSERT OR IGNORE INTO meta VALUES ('indexed_upto', 0)",
+        "CREATE TABLE IF NOT EXISTS accounts (key TEXT PRIMARY KEY, nick TEXT NOT NULL,"
+        " hash TEXT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS mailbox (id INTEGER PRIMARY KEY, account TEXT NOT NULL,"
+        " time REAL NOT NULL, sender TEXT NOT NULL, text TEXT NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS mailbox_by_account ON mailbox (account, id)",
     )
     # /search on a file: trigrams of every message's text, without the text
     # itself. Kept up by the worker thread (index_some()), never by the loop;
@@ -1072,6 +1135,51 @@ class SQLiteStore:
         self._write("UPDATE rooms SET topic = ?, topic_nick = ? WHERE key = ?",
                     (text, nick, key))
 
+    # -- accounts and their mailboxes --
+
+    def account(self, key):
+        """(nick as registered, password hash) of an account, or None."""
+        return self.db.execute("SELECT nick, hash FROM accounts WHERE key = ?",
+                               (key,)).fetchone()
+
+    def add_account(self, key, nick, password_hash):
+        """Make an account; return False if the nick is one already."""
+        return self._write("INSERT OR IGNORE INTO accounts VALUES (?, ?, ?)",
+                           (key, nick, password_hash)) > 0
+
+    def set_password(self, key, password_hash):
+        self._write("UPDATE accounts SET hash = ? WHERE key = ?", (password_hash, key))
+
+    def remove_account(self, key):
+        """Delete an account and the messages waiting for it."""
+        try:
+            with self.db:
+                self.db.execute("BEGIN IMMEDIATE")
+                self.db.execute("DELETE FROM mailbox WHERE account = ?", (key,))
+                self.db.execute("DELETE FROM accounts WHERE key = ?", (key,))
+        except sqlite3.Error as exc:
+            raise StoreError(describe_error(exc))
+
+    def mail(self, key, sender, text, when):
+        """Keep a private message for an account; return False if its
+        mailbox is full."""
+        waiting = self.db.execute("SELECT COUNT(*) FROM mailbox WHERE account = ?",
+                                  (key,)).fetchone()[0]
+        if waiting >= MAILBOX_MESSAGES:
+            return False
+        self._write("INSERT INTO mailbox (account, time, sender, text) VALUES (?, ?, ?, ?)",
+                    (key, when, sender, text))
+        return True
+
+    def take_mail(self, key):
+        """The messages waiting for an account, oldest first: (time, sender,
+        text); they are deleted."""
+        rows = self.db.execute("SELECT id, time, sender, text FROM mailbox WHERE account = ?"
+                               " ORDER BY id", (key,)).fetchall()
+        if rows:
+            self._write("DELETE FROM mailbox WHERE account = ? AND id <= ?", (key, rows[-1][0]))
+        return [row[1:] for row in rows]
+
     # -- bans --
 
     def add_ban(self, ip, nick):
@@ -1102,13 +1210,15 @@ class Chat:
     registration_expired, disconnected, refusal); calls the loop through io."""
 
     def __init__(self, io, limits, password=None, op_password=None, store=None,
-                 replay=REPLAY_MESSAGES):
+                 replay=REPLAY_MESSAGES, operators=()):
         self.io = io
         self.limits = limits
         self.password = password           # the room's, or None
         self.op_password = op_password     # for /op, or None: no operators
         self.store = store if store is not None else SQLiteStore(":memory:")
         self.replay = replay               # messages replayed on joining a room
+        self.operators = {nick_key(nick) for nick in operators}  # accounts that are operators
+        self.decoy = None                  # see _decoy_hash()
         self.members = {}                  # nick key -> registered Connection, every room
         self.rooms = {}                    # room key -> Room, those in use
         self.senders = {}                  # message id -> its sender, until it is stored
@@ -1212,6 +1322,8 @@ class Chat:
             self._register(conn, arg.strip())
         elif command == "nick":
             self._register(conn, arg)
+        elif command == "login":
+            self._cmd_login(conn, arg)
         else:
             self.io.send(conn, error("choose a nickname first"))
 
@@ -1241,7 +1353,7 @@ class Chat:
         self.io.close(conn, delay=WRONG_PASSWORD_DELAY_S)  # a guess costs a second
 
     def _register(self, conn, nick):
-        problem = self._nick_problem(nick)
+        problem = self._nick_problem(nick, conn)
         if problem:
             self.io.send(conn, error(problem))
             return
@@ -1258,10 +1370,23 @@ class Chat:
         problem = nick_problem(nick)
         if problem:
             return problem
-        holder = self.members.get(nick_key(nick))
+        key = nick_key(nick)
+        holder = self.members.get(key)
         if holder is not None and holder is not conn:
             return "nickname %s is taken" % nick
+        if conn is None or conn.account != key:
+            account = self._account(key)
+            if account is not None:
+                return NICK_REGISTERED.format(nick=account[0])
         return None
+
+    def _account(self, key):
+        """(nick, hash) of an account, or None; a store that fails is logged."""
+        try:
+            return self.store.account(key)
+        except sqlite3.Error as exc:
+            self.io.log("database error: %s" % describe_error(exc), always=True)
+            return None
 
     # -- commands of members --
 
@@ -1295,12 +1420,33 @@ class Chat:
         target_nick, text = parts
         target = self.members.get(nick_key(target_nick))
         if target is None:
-            self.io.send(conn, error("no such user: %s" % target_nick))
+            self._mail(conn, target_nick, text)
             return
         if not self._allowed_to_speak(conn):
             return
         self.io.send(target, format_line("private", nick=conn.nick, text=text))
         self.io.send(conn, format_line("private_echo", nick=target.nick, text=text))
+
+    def _mail(self, conn, target_nick, text):
+        """A private message to someone offline: kept if they have an account."""
+        key = nick_key(target_nick)
+        account = self._account(key)
+        if account is None:
+            self.io.send(conn, error("no such user: %s" % target_nick))
+            return
+        if not self._allowed_to_speak(conn):
+            return
+        nick = account[0]
+        try:
+            kept = self.store.mail(key, conn.nick, text, time.time())
+        except StoreError as exc:
+            self.io.send(conn, error("your message was not stored (%s)" % exc))
+            return
+        if not kept:
+            self.io.send(conn, error(MAILBOX_FULL.format(nick=nick)))
+            return
+        self.io.send(conn, format_line("private_echo", nick=nick, text=text))
+        self.io.send(conn, notice(OFFLINE_KEPT.format(nick=nick)))
 
     def _cmd_nick(self, conn, arg):
         if not arg:
@@ -1315,6 +1461,10 @@ class Chat:
         if problem:
             self.io.send(conn, error(problem))
             return
+        self._rename(conn, arg)
+
+    def _rename(self, conn, arg):
+        """conn is now arg: its room is told."""
         old, room = conn.nick, conn.room
         del self.members[conn.key]
         self.io.leave(room, conn)  # the room knows members by nick key: out, and in again
@@ -1505,6 +1655,162 @@ class Chat:
         self.disconnected(conn, arg or LEFT_QUIT)
         self.io.close(conn)
 
+    # -- accounts (PROTOCOL.md, "v2: Accounts") --
+
+    def _cmd_register(self, conn, arg):
+        if not arg:
+            self.io.send(conn, error(USAGE["register"]))
+        elif conn.account == conn.key:
+            self.io.send(conn, error("you are logged in to %s already" % conn.nick))
+        elif len(arg) < MIN_PASSWORD_CHARS:
+            self.io.send(conn, error(PASSWORD_TOO_SHORT))
+        else:
+            nick, key = conn.nick, conn.key
+
+            def hashed(password_hash):
+                if isinstance(password_hash, Exception) or conn.key != key:
+                    self.io.send(conn, error("%s was not registered" % nick))
+                    return
+                try:
+                    made = self.store.add_account(key, nick, password_hash)
+                except StoreError as exc:
+                    self.io.send(conn, error("%s was not registered (%s)" % (nick, exc)))
+                    return
+                if not made:
+                    self.io.send(conn, error(NICK_REGISTERED.format(nick=nick)))
+                    return
+                conn.account = key
+                self.io.log("%s registered an account" % nick)
+                self.io.send(conn, notice(ACCOUNT_MADE.format(nick=nick)))
+                self._op_if_listed(conn)
+            self.io.off_loop(conn, lambda: hash_password(arg), hashed)
+
+    def _cmd_login(self, conn, arg):
+        parts = arg.split(None, 1)
+        if len(parts) < 2:
+            self.io.send(conn, error(USAGE["login"]))
+            return
+        key = nick_key(parts[0])
+        if conn.account == key and conn.key == key:
+            self.io.send(conn, error("you are logged in to %s already" % conn.nick))
+            return
+        account = self._account(key)
+        self._check_account(conn, account, parts[1],
+                            lambda: self._logged_in(conn, key, account[0]), login=True)
+
+    def _check_account(self, conn, account, password, then, login=False):
+        """Check password against account (None: no such account) off the
+        loop; then() if right, else the wrong-password answer a second later."""
+        def check():  # in the worker thread
+            return password_matches(password, account[1] if account is not None
+                                    else self._decoy_hash())
+
+        def checked(right):
+            if right is True and account is not None:
+                then()
+            else:
+                self._wrong_password(conn, WRONG_LOGIN if login else WRONG_PASSWORD)
+        self.io.off_loop(conn, check, checked)
+
+    def _decoy_hash(self):
+        """A hash to check a password against when there is no account, so
+        that a wrong nick costs the same time as a wrong password (made once,
+        in the worker thread)."""
+        if self.decoy is None:
+            self.decoy = hash_password(os.urandom(SALT_BYTES).hex())
+        return self.decoy
+
+    def _wrong_password(self, conn, text):
+        """A second later (the room goes on): the answer; the third closes."""
+        conn.login_failures += 1
+        self.io.log("%s: a wrong account password" % conn.name)
+        self.io.pause_input(conn)
+
+        def answer(conn):
+            self.io.send(conn, error(text))
+            if conn.login_failures >= MAX_LOGIN_ATTEMPTS:
+                self.disconnected(conn, LEFT_CLOSED)
+                self.io.close(conn)
+            else:
+                self.io.resume_input(conn)
+        self.io.call_later(WRONG_PASSWORD_DELAY_S, answer, conn)
+
+    def _logged_in(self, conn, key, nick):
+        """Right password: conn becomes nick, taking it from another connection."""
+        old = self.members.get(key)
+        if old is not None and old is not conn:
+            self.io.send(old, error(LOGGED_IN_ELSEWHERE))
+            self.disconnected(old, LEFT_ELSEWHERE)
+            self.io.close(old)
+        conn.account = key
+        self.io.log("%s logged in" % nick)
+        if conn.phase == MEMBER:
+            self._rename(conn, nick)
+        else:
+            self._register(conn, nick)
+        if conn.phase == MEMBER:
+            self._op_if_listed(conn)
+            self._deliver_mail(conn)
+
+    def _op_if_listed(self, conn):
+        if conn.account in self.operators and not conn.op:
+            conn.op = True
+            self.io.broadcast(conn.room, format_line("opped", nick=conn.nick))
+
+    def _deliver_mail(self, conn):
+        try:
+            rows = self.store.take_mail(conn.account)
+        except (StoreError, sqlite3.Error) as exc:
+            self.io.log("database error: %s" % describe_error(exc), always=True)
+            return
+        if not rows:
+            return
+        self.io.send(conn, format_line("offline_start",
+                                       messages=plural(len(rows), "message")))
+        for when, sender, text in rows:
+            self.io.send(conn, format_line(
+                "history", time=time.strftime(HISTORY_TIME, time.gmtime(when)),
+                line=format_line("private", nick=sender, text=text)))
+        self.io.send(conn, format_line("offline_end"))
+
+    def _cmd_password(self, conn, arg):
+        parts = arg.split()
+        if len(parts) != 2:
+            self.io.send(conn, error(USAGE["password"]))
+        elif conn.account is None:
+            self.io.send(conn, error("you are not logged in to an account"))
+        elif len(parts[1]) < MIN_PASSWORD_CHARS:
+            self.io.send(conn, error(PASSWORD_TOO_SHORT))
+        else:
+            key, new = conn.account, parts[1]
+
+            def change():
+                def hashed(password_hash):
+                    if isinstance(password_hash, Exception):
+                        self.io.send(conn, error("the password was not changed"))
+                    elif self._store(self.store.set_password, key, password_hash):
+                        self.io.send(conn, notice(PASSWORD_CHANGED))
+                    else:
+                        self.io.send(conn, error("the password was not changed"))
+                self.io.off_loop(conn, lambda: hash_password(new), hashed)
+            self._check_account(conn, self._account(key), parts[0], change)
+
+    def _cmd_unregister(self, conn, arg):
+        if not arg:
+            self.io.send(conn, error(USAGE["unregister"]))
+        elif conn.account is None:
+            self.io.send(conn, error("you are not logged in to an account"))
+        else:
+            key = conn.account
+            account = self._account(key)
+
+            def remove():
+                if self._store(self.store.remove_account, key):
+                    conn.account = None
+                    self.io.log("%s unregistered" % account[0])
+                    self.io.send(conn, notice(NO_LONGER_REGISTERED.format(nick=account[0])))
+            self._check_account(conn, account, arg, remove)
+
     # -- operators --
 
     def _cmd_op(self, conn, arg):
@@ -1624,6 +1930,10 @@ class Chat:
         "topic": _cmd_topic,
         "history": _cmd_history,
         "search": _cmd_search,
+        "register": _cmd_register,
+        "login": _cmd_login,
+        "password": _cmd_password,
+        "unregister": _cmd_unregister,
         "pass": _cmd_pass,
         "op": _cmd_op,
         "kick": _cmd_kick,
@@ -1755,14 +2065,14 @@ class ChatServer:
 
     def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT, limits=None,
                  log=log_to_stderr, verbose=True, tls_context=None, password=None,
-                 op_password=None, store=None, replay=REPLAY_MESSAGES):
+                 op_password=None, store=None, replay=REPLAY_MESSAGES, operators=()):
         self.host = host
         self.port = port
         self.limits = limits or Limits()
         self.tls_context = tls_context     # None: plain TCP
         self.logger = log                  # None: silent
         self.verbose = verbose             # False (-q): no per-client lines
-        self.chat = Chat(self, self.limits, password, op_password, store, replay)
+        self.chat = Chat(self, self.limits, password, op_password, store, replay, operators)
         self.fanout = FanOut()
         self.selector = None
         self.listener = None
@@ -1997,6 +2307,17 @@ class ChatServer:
             conn.waiting = True
             self._watch(conn)
         self.worker.submit(work, done, conn)
+
+    def pause_input(self, conn):
+        """Stop handling conn's input until resume_input(conn)."""
+        conn.waiting = True
+        self._watch(conn)
+
+    def resume_input(self, conn):
+        conn.waiting = False
+        if conn.phase != CLOSED:
+            self.deferred[conn] = None  # the lines that waited in its reader
+            self._watch(conn)
 
     def call_later(self, delay, function, conn=None):
         """Call function(conn) (or function()) after delay seconds.
@@ -4473,6 +4794,16 @@ def number_type(limit):
     return non_negative_float if limit.zero_ok else positive_float
 
 
+def nick_list(text):
+    """--operators: nicks separated by commas."""
+    nicks = [nick.strip() for nick in text.split(",") if nick.strip()]
+    for nick in nicks:
+        problem = nick_problem(nick)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+    return tuple(nicks)
+
+
 def fingerprint_argument(text):
     try:
         return normalize_fingerprint(text)
@@ -4516,6 +4847,8 @@ def build_parser():
     server.add_argument("--op-password-file", metavar="FILE",
                         help="the operators' password for /op (or the environment "
                              "variable %s)" % OP_PASSWORD_ENV)
+    server.add_argument("--operators", type=nick_list, default=(), metavar="NICK,NICK",
+                        help="accounts that are operators whenever they are logged in")
     server.add_argument("-q", "--quiet", action="store_true",
                         help="log only start, stop and errors")
 
@@ -4706,7 +5039,7 @@ def run_server(args):
         return 2
     server = ChatServer(args.host, args.port, limits, verbose=not args.quiet,
                         tls_context=tls_context, password=password, op_password=op_password,
-                        store=store, replay=args.replay)
+                        store=store, replay=args.replay, operators=args.operators)
     try:
         server.bind()
     except OSError as exc:  # socket.gaierror is one too: a bad host

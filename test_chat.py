@@ -229,7 +229,7 @@ class ServerTestCase(unittest.TestCase):
     peer_options = {}  # passed to every Peer (tls=...)
 
     def start_server(self, tls=False, password=None, op_password=None, replay=None,
-                     store=None, **limits):
+                     store=None, operators=(), **limits):
         context = None
         if tls:
             context, _ = chat.server_tls_context(write_file(self, "cert.pem", TEST_CERT),
@@ -239,7 +239,7 @@ class ServerTestCase(unittest.TestCase):
         options = {"replay": replay} if replay is not None else {}
         server = serve_in_thread(self, limits=chat.Limits(**limits), tls_context=context,
                                  password=password, op_password=op_password, store=store,
-                                 **options)
+                                 operators=operators, **options)
         self.server = server
         self.port = server.address[1]
         return server
@@ -479,7 +479,7 @@ class ClientDisplayTest(unittest.TestCase):
         self.assertEqual(complete("al", "hi ", nicks), ["Alfred", "alice"])
         self.assertEqual(complete("AL", "", nicks), ["Alfred", "alice"])
         self.assertEqual(complete("/m", "", nicks), ["/me", "/msg"])
-        self.assertEqual(complete("/r", "", nicks), ["/reply", "/rooms"])
+        self.assertEqual(complete("/r", "", nicks), ["/register", "/reply", "/rooms"])
         self.assertEqual(complete("/m", "say ", nicks), [])
         self.assertEqual(complete("r", "/join ", nicks, rooms=rooms), ["#Ruby", "#rust"])
         self.assertEqual(complete("#l", "/JOIN ", nicks, rooms=rooms), ["#lobby"])
@@ -1070,6 +1070,136 @@ class HistoryTest(ServerTestCase):
         bob.expect("<alice> lost")
 
 
+class AccountTest(ServerTestCase):
+    """PROTOCOL.md, "v2: Accounts" and "v2: Offline messages"."""
+
+    def setUp(self):
+        self.start_server(operators=("boss",))
+        if "a_second_later" not in self._testMethodName:  # that one measures it
+            patcher = mock.patch.object(chat, "WRONG_PASSWORD_DELAY_S", 0.05)
+            patcher.start()
+            self.addCleanup(patcher.stop)
+
+    def registered(self, nick, password="correct horse"):
+        peer = self.join(nick)
+        peer.send_line("/register " + password)
+        peer.expect("*** %s is now your account: next time, /login %s PASSWORD" % (nick, nick))
+        return peer
+
+    def test_register_and_the_nick_is_kept(self):
+        alice = self.join("alice")
+        alice.send_line("/register short")
+        alice.expect("!!! a password needs at least 8 characters")
+        alice.send_line("/register correct horse")
+        alice.expect("*** alice is now your account: next time, /login alice PASSWORD")
+        alice.close()
+        other = self.greeted()
+        other.send_line("ALICE")
+        other.expect("!!! alice is registered: /login alice PASSWORD, or choose another nickname")
+        other.send_line("bob")
+        other.wait_for("*** bob joined (1 online)")
+        other.send_line("/nick Alice")
+        other.expect("!!! alice is registered: /login alice PASSWORD, or choose another nickname")
+
+    def test_login_before_registering_and_a_wrong_password_a_second_later(self):
+        self.registered("alice").close()
+        peer = self.greeted()
+        started = time.monotonic()
+        peer.send_line("/login alice wrong one")
+        peer.send_line("/ping")  # waits behind the answer
+        peer.expect("!!! wrong nick or password")
+        self.assertGreaterEqual(time.monotonic() - started, 0.9)
+        peer.expect("!!! choose a nickname first")
+        peer.send_line("/login ALICE correct horse")
+        peer.expect("*** alice joined (1 online)")
+
+    def test_three_wrong_passwords_close_the_connection(self):
+        self.registered("alice").close()
+        peer = self.greeted()
+        for _ in range(3):
+            peer.send_line("/login alice nope nope")
+        self.assertEqual(peer.expect_closed(), ["!!! wrong nick or password"] * 3)
+
+    def test_login_takes_the_nick_over_from_another_connection(self):
+        alice = self.registered("alice")
+        bob = self.join("bob")
+        alice.wait_for("*** bob joined (2 online)")
+        again = self.greeted()
+        again.send_line("/login alice correct horse")
+        again.expect("*** alice joined (2 online)")
+        self.assertEqual(alice.expect_closed(), ["!!! you logged in elsewhere"])
+        bob.expect("*** alice left (logged in elsewhere)", "*** alice joined (2 online)")
+
+    def test_login_after_registering_renames(self):
+        self.registered("alice").close()
+        peer = self.join("guest")
+        peer.send_line("/login alice correct horse")
+        peer.expect("*** guest is now known as alice")
+        peer.send_line("/login alice correct horse")
+        peer.expect("!!! you are logged in to alice already")
+
+    def test_password_and_unregister(self):
+        alice = self.registered("alice", "correct-horse")
+        alice.send_line("/password wrong-one newpassword")
+        alice.expect("!!! wrong password")
+        alice.send_line("/password correct-horse short")
+        alice.expect("!!! a password needs at least 8 characters")
+        alice.send_line("/password correct-horse newpassword")
+        alice.expect("*** password changed")
+        alice.send_line("/password")
+        alice.expect("!!! usage: /password OLD NEW")
+        alice.close()
+        again = self.greeted()
+        again.send_line("/login alice newpassword")
+        again.expect("*** alice joined (1 online)")
+        again.send_line("/unregister nope")
+        again.expect("!!! wrong password")
+        again.send_line("/unregister newpassword")
+        again.expect("*** alice is no longer registered")
+        again.close()
+        anyone = self.greeted()
+        anyone.send_line("alice")
+        anyone.expect("*** alice joined (1 online)")
+
+    def test_operators_are_opped_on_login(self):
+        boss = self.join("boss")
+        other = self.join("other")
+        boss.send_line("/register correct horse")
+        boss.wait_for("*** boss is now your account: next time, /login boss PASSWORD")
+        boss.wait_for("*** boss is now an operator")
+        other.wait_for("*** boss is now an operator")
+
+    def test_offline_messages_wait_for_the_login(self):
+        self.registered("alice").close()
+        bob = self.join("bob")
+        bob.send_line("/msg ALICE are you there?")
+        bob.expect("-> *alice* are you there?",
+                   "*** alice is offline: they will get it when they log in")
+        bob.send_line("/msg nobody hi")
+        bob.expect("!!! no such user: nobody")
+        alice = self.greeted()
+        alice.send_line("/login alice correct horse")
+        alice.expect("*** alice joined (2 online)")
+        lines = alice.sync()
+        self.assertEqual(lines[-3], "*** 1 message while you were away (times in UTC):")
+        self.assertRegex(lines[-2], "^" + STAMP + r"\*bob\* are you there\?$")
+        self.assertEqual(lines[-1], "*** end of messages")
+        alice.close()
+        again = self.greeted()
+        again.send_line("/login alice correct horse")
+        again.expect("*** alice joined (2 online)")
+        self.assertNotIn("*** end of messages", again.sync())  # delivered ones are gone
+
+    def test_a_full_mailbox(self):
+        self.registered("alice").close()
+        bob = self.join("bob")
+        for i in range(chat.MAILBOX_MESSAGES):
+            bob.send_line("/msg alice %d" % i)
+        bob.sync()
+        bob.send_line("/msg alice one too many")
+        bob.expect("!!! alice's mailbox is full")
+
+
 class StoreTest(unittest.TestCase):
     """The SQLite file: its schema, what survives a restart, and a bad file."""
 
@@ -1111,7 +1241,7 @@ class StoreTest(unittest.TestCase):
         proc.terminate()
         self.assertEqual(proc.wait(TIMEOUT), 0)
         with contextlib.closing(sqlite3.connect(self.db)) as db:
-            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 2)
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 3)
             self.assertEqual(db.execute("SELECT nick, kind, text FROM messages").fetchall(),
                              [("alice", "message", "kept")])
 
