@@ -197,6 +197,7 @@ class Limits:
 # which other local users can read in `ps`.
 PASSWORD_ENV = "CHAT_PASSWORD"
 OP_PASSWORD_ENV = "CHAT_OP_PASSWORD"
+ACCOUNT_PASSWORD_ENV = "CHAT_ACCOUNT_PASSWORD"
 
 CLIENT_CONNECT_TIMEOUT_S = 10.0
 CLIENT_QUIT_WAIT_S = 10.0     # after /quit, wait this long for the server to close
@@ -2814,6 +2815,10 @@ class ChatServer:
 PROMPT = "{room}> "             # the room you are in: #lobby>
 NICK_PROMPT = "nickname: "
 PASSWORD_PROMPT = "room password: "
+ACCOUNT_PROMPT = "password for {nick}: "
+# Typed lines that carry an account's password: never kept in the Up-arrow
+# history, and shown with the password masked.
+SECRET_COMMANDS = ("/login", "/register", "/password", "/unregister")
 BELL = "\a"
 # Nick colours: the terminal's six colours and their bright forms (not black
 # or white, one of which is the background). A nick's colour comes from a
@@ -2842,7 +2847,7 @@ SETUP_TOKEN = "chat.py-client-setup"
 HELP_TOKEN = "chat.py-client-help"
 JOIN_TOKEN = "chat.py-client-join"
 # The keyboard thread's records: a tag byte for what was asked for.
-TYPED_TAGS = {"nick": b"N", "secret": b"P", "line": b"L"}
+TYPED_TAGS = {"nick": b"N", "secret": b"P", "account": b"A", "line": b"L"}
 TYPED_KINDS = {tag: kind for kind, tag in TYPED_TAGS.items()}
 # OpenSSL's words for a plain-text answer to a TLS hello.
 NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "HTTP_REQUEST",
@@ -3064,6 +3069,25 @@ class Terminal:
                 self._write(self._erase(*self._input()))
             self.prompt = None
 
+    def _hide_secret(self, prompt, text):
+        """A typed line that carries a password: out of the Up-arrow history,
+        and on the screen with its password masked (the cursor is on the row
+        after it). Called with the lock held."""
+        if self.readline is not None:
+            length = self.readline.get_current_history_length()
+            if length and self.readline.get_history_item(length) == text:
+                self.readline.remove_history_item(length - 1)
+        if not self.interactive:
+            return
+        word, _, rest = text.partition(" ")
+        if word.lower() == "/login":
+            nick, _, secret = rest.partition(" ")
+            masked = "%s %s %s" % (word, nick, "*" * len(secret))
+        else:
+            masked = word + " " + "*" * len(rest)
+        rows = display_width(prompt + text) // self._columns() + 1
+        self._write("\x1b[%dA\r\x1b[J%s%s\n" % (rows, prompt, masked))
+
     def end_of_input(self):
         """At Ctrl-D readline leaves the cursor after the prompt: clear that
         line, so that what follows (and the shell) starts on a clean one."""
@@ -3084,10 +3108,14 @@ class Terminal:
             self.readline.set_pre_input_hook(lambda: setattr(self, "prompt", prompt))
         else:
             self.prompt = prompt
+        text = None
         try:
-            return input(prompt)
+            text = input(prompt)
+            return text
         finally:
             with self.lock:
+                if text is not None and text.split(" ", 1)[0].lower() in SECRET_COMMANDS:
+                    self._hide_secret(prompt, text)  # before any line is shown after it
                 self.prompt = None
 
     def _wait_for_readline(self):
@@ -3154,7 +3182,8 @@ class ClientSession:
     """
 
     def __init__(self, io, where, nick=None, password=None, interactive=False,
-                 color=False, timestamps=False, bell=False, reconnect=False, tls=False):
+                 color=False, timestamps=False, bell=False, reconnect=False, tls=False,
+                 login=False, account_password=None):
         self.io = io
         self.where = where                 # host:port, for what is said about the server
         self.tls = tls
@@ -3176,7 +3205,10 @@ class ClientSession:
         self.backoff = RECONNECT_FIRST_S
         self.unsent = bytearray()          # typed while disconnected: sent once back
         self.retry_password = False        # a wrong password: ask again on a new connection
+        self.login = login                 # register by logging in to the account nick
+        self.account_password = account_password  # its password: /login again on reconnecting
         self.quitting = False              # /quit sent: the server's close is expected
+        self.pending_account = None        # a typed /login or /register awaiting its answer
         self.quit_deadline = None
         self._new_connection_state()
 
@@ -3205,8 +3237,10 @@ class ClientSession:
         self.reconnecting = self.reconnecting or self.was_in
         if self.password is not None:
             self._send_password()
-        if self.nick:
+        if self.nick and (not self.login or self.account_password is not None):
             self._send_nick()
+        elif self.nick and self.interactive:
+            self.io.ask("account")  # its password, then /login
 
     def server_line(self, text):
         self.heard_server = True
@@ -3245,7 +3279,10 @@ class ClientSession:
 
     def typed(self, kind, text):
         """What the keyboard thread read, as it was asked for."""
-        if kind == "secret":
+        if kind == "account":
+            self.account_password = text
+            self._send_nick()
+        elif kind == "secret":
             self.password = text
             self._send_password()
             if self.nick:
@@ -3253,6 +3290,11 @@ class ClientSession:
             # else the nickname is asked for once the server accepts the password
         elif kind == "nick":
             nick = clean_text(text).strip()
+            if nick.lower().startswith("/login "):
+                self._note_account(nick)
+                self.nick_sent = True
+                self.io.send(encode_line(nick))
+                return
             if nick:
                 self.nick = nick
             self._ask_for_registration()
@@ -3321,10 +3363,14 @@ class ClientSession:
             self.io.ask("nick")
 
     def _send_nick(self):
+        """The nick, or /login NICK PASSWORD when the nick is our account."""
         self.nick_sent = True
         if not self.interactive and not self.reconnecting:
             self.answer_deadline = time.monotonic() + CLIENT_ANSWER_WAIT_S
-        self.io.send(self.nick.encode(ENCODING) + b"\n")
+        if self.login and self.account_password is not None:
+            self.io.send(encode_line("/login %s %s" % (self.nick, self.account_password)))
+        else:
+            self.io.send(self.nick.encode(ENCODING) + b"\n")
 
     def _send_password(self):
         self.pass_sent = True
@@ -3361,6 +3407,8 @@ class ClientSession:
             return
         if reason == PASSWORD_REQUIRED and self.pass_sent:
             return  # the answer to a nick sent before the password: it goes again
+        if reason == WRONG_LOGIN:
+            self.pending_account = None
         self._show_server_line(text)
         self.answer_deadline = None
         if self.reconnecting:
@@ -3378,6 +3426,9 @@ class ClientSession:
 
     def _joined(self, nick, text):
         """Our join line: in the room."""
+        if self.pending_account is not None and nick_key(nick) == nick_key(
+                self.pending_account[0] or nick):
+            self._account_confirmed(nick)
         self.registered = self.was_in = True
         self.nick_sent = False
         self.answer_deadline = None
@@ -3485,6 +3536,7 @@ class ClientSession:
         """Show a line as the options say; keep nicks and /reply current."""
         track_nicks(self.nicks, text)
         kind, fields = parse_server_line(text)
+        self._note_account_answer(kind, fields)
         if kind == "private":
             self.last_private = fields["nick"]
         elif kind == "renamed" and fields["old"] == self.nick:
@@ -3492,9 +3544,12 @@ class ClientSession:
         elif kind == "joined_room" and fields["nick"] == self.nick:
             self._moved_to(fields["room"])
         self._note_rooms(kind, fields)
-        if kind in ("history", "history_last", "history_search"):
+        if kind in ("history", "history_last", "history_search", "offline_start"):
             text = local_history_line(text)
-        shown = render_line(text, self.nick if self.registered else None, self.color)
+        if kind == "history" and parse_server_line(fields["line"])[0] == "private":
+            shown = styled(STYLES["private"], text) if self.color else text  # while away
+        else:
+            shown = render_line(text, self.nick if self.registered else None, self.color)
         if self.bell and self.registered and wants_bell(text, self.nick):
             shown += BELL
         self.show(shown)
@@ -3531,12 +3586,41 @@ class ClientSession:
         if word == "/help":  # the server's list, then the client's own commands
             self.helping += 1
             return encode_line(text) + encode_line("/ping " + HELP_TOKEN)
+        if word in ("/login", "/register"):
+            self._note_account(text)
         if word == "/join" and self.interactive:
             # The next line is asked for once the server has answered, so that
             # its prompt names the room we are then in.
             self.joining += 1
             return encode_line(text) + encode_line("/ping " + JOIN_TOKEN)
         return encode_line(text)
+
+    def _note_account(self, text):
+        """A typed /login or /register: its account is logged in to again
+        after a reconnect (the server's answer confirms it, or forgets it)."""
+        word, _, arg = text.partition(" ")
+        if word.lower() == "/login":
+            nick, _, password = arg.strip().partition(" ")
+            self.pending_account = (nick, password.strip())
+        else:
+            self.pending_account = (None, arg.strip())  # the nick we have then
+
+    def _note_account_answer(self, kind, fields):
+        if self.pending_account is None:
+            return
+        wanted = self.pending_account[0]
+        if kind == "renamed" and wanted and nick_key(fields["new"]) == nick_key(wanted):
+            self._account_confirmed(fields["new"])
+        elif kind == "notice" and fields["text"] == ACCOUNT_MADE.format(nick=self.nick):
+            self._account_confirmed(self.nick)
+        elif kind == "error" and fields["text"] in (WRONG_LOGIN, PASSWORD_TOO_SHORT):
+            self.pending_account = None
+
+    def _account_confirmed(self, nick):
+        if self.pending_account is not None:
+            self.login, self.nick = True, nick
+            self.account_password = self.pending_account[1]
+            self.pending_account = None
 
     def _quitting(self):
         self.quitting = True
@@ -3564,7 +3648,7 @@ class ChatClient:
     def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT, nick=None,
                  stdin_fd=0, out=None, interactive=None, tls_context=None,
                  fingerprint=None, password=None, color=False, timestamps=False,
-                 bell=True, reconnect=False):
+                 bell=True, reconnect=False, login=False, account_password=None):
         self.host = host
         self.port = port
         self.tls_context = tls_context     # None: plain TCP
@@ -3577,7 +3661,7 @@ class ChatClient:
         self.interactive = interactive
         self.session = ClientSession(self, format_address((host, port)), nick, password,
                                      interactive, color, timestamps, bell and interactive,
-                                     reconnect, self.tls)
+                                     reconnect, self.tls, login, account_password)
         self.readline = self._load_readline() if interactive else None
         if self.readline is not None:
             self._set_up_completion()
@@ -3902,7 +3986,9 @@ class ChatClient:
                     break
                 self.reading = kind
                 if kind == "secret":
-                    text = self._read_password()
+                    text = self._read_password(PASSWORD_PROMPT)
+                elif kind == "account":
+                    text = self._read_password(ACCOUNT_PROMPT.format(nick=self.session.nick))
                 else:
                     text = next(lines, None)
                 if text is None:
@@ -3918,12 +4004,12 @@ class ChatClient:
                 pass
 
 
-    def _read_password(self):
-        """Ask for the room password without echoing it (this thread owns the
+    def _read_password(self, prompt):
+        """Ask for a password without echoing it (this thread owns the
         keyboard); None at the end of input."""
         if termios is None:  # Windows: getpass reads the console itself
             try:
-                return getpass.getpass(PASSWORD_PROMPT).encode(ENCODING, "replace")
+                return getpass.getpass(prompt).encode(ENCODING, "replace")
             except (EOFError, KeyboardInterrupt):
                 return None
         fd = self.stdin_fd
@@ -3933,7 +4019,7 @@ class ChatClient:
         # os.read, not sys.stdin: nothing is left in a buffer for later.
         termios.tcsetattr(fd, termios.TCSADRAIN, quiet)
         try:
-            self.terminal.write_now(PASSWORD_PROMPT)
+            self.terminal.write_now(prompt)
             typed = b""
             while not typed.endswith(b"\n"):
                 chunk = os.read(fd, 1024)
@@ -4872,6 +4958,13 @@ def build_parser():
                         help="the room's password, the file's first line (or the "
                              "environment variable %s; asked for if the room needs one)"
                              % PASSWORD_ENV)
+    client.add_argument("--login", action="store_true",
+                        help="--name is your account: log in to it (and again after a "
+                             "reconnect); its password from --account-password-file, "
+                             "%s, or asked for" % ACCOUNT_PASSWORD_ENV)
+    client.add_argument("--account-password-file", metavar="FILE",
+                        help="your account's password, the file's first line (or the "
+                             "environment variable %s)" % ACCOUNT_PASSWORD_ENV)
     client.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                         help="colour nicks and lines: auto = on a terminal, unless "
                              "NO_COLOR is set (default auto)")
@@ -5081,13 +5174,20 @@ def run_client(args):
             return 1
     try:
         password = read_secret(args.password_file, PASSWORD_ENV, "password")
+        account_password = read_secret(args.account_password_file, ACCOUNT_PASSWORD_ENV,
+                                       "account password")
     except ValueError as exc:
         sys.stderr.write("chat.py: %s\n" % exc)
         return 1
+    if args.login and not args.name:
+        sys.stderr.write("chat.py: --login needs --name (your account)\n")
+        return 2
     return ChatClient(args.host, args.port, args.name, tls_context=tls_context,
                       fingerprint=args.fingerprint, password=password,
                       color=use_color(args.color, sys.stdout), timestamps=args.timestamps,
-                      bell=not args.no_bell, reconnect=args.reconnect).run()
+                      bell=not args.no_bell, reconnect=args.reconnect,
+                      login=args.login or bool(account_password and args.name),
+                      account_password=account_password).run()
 
 
 def main(argv=None):

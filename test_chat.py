@@ -2002,6 +2002,63 @@ class ClientTest(ServerTestCase):
         watcher.expect("*** bot left (quit)")
 
 
+class ClientAccountTest(ServerTestCase):
+    """The bundled client logs in to its account, again after a reconnect,
+    and shows the messages that waited."""
+
+    def setUp(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        self.db = os.path.join(folder, "chat.db")
+        self.start_server(store=chat.SQLiteStore(self.db))
+        alice = self.join("alice")
+        alice.send_line("/register correct horse")
+        alice.expect("*** alice is now your account: next time, /login alice PASSWORD")
+        alice.close()
+
+    def client(self, *args):
+        env = dict(os.environ, CHAT_ACCOUNT_PASSWORD="correct horse")
+        return start_process(self, [sys.executable, CHAT_PY, "client", "--port", str(self.port)]
+                             + list(args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=env)
+
+    def test_it_logs_in_and_shows_what_waited_like_a_private_message(self):
+        bob = self.join("bob")
+        bob.send_line("/msg alice while you were out")
+        bob.wait_for("*** alice is offline: they will get it when they log in")
+        proc = self.client("--name", "alice", "--login")
+        bob.wait_for("*** alice joined (2 online)")
+        proc.stdin.close()
+        out = proc.stdout.read().decode()
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        self.assertIn("*** 1 message while you were away (local times):\n", out)
+        self.assertRegex(out, STAMP + r"\*bob\* while you were out\n\*\*\* end of messages\n")
+
+    def test_after_a_reconnect_it_logs_in_again(self):
+        proc = self.client("--name", "alice", "--login", "--reconnect")
+        watcher = self.join("watcher")
+        line = proc.stdout.readline()
+        while not line.startswith(b"*** alice joined"):
+            self.assertTrue(line, "the client gave up")
+            line = proc.stdout.readline()
+        self.server.shutdown()
+        while b"reconnecting in" not in line:
+            self.assertTrue(line, "the client gave up")
+            line = proc.stdout.readline()
+        serve_in_thread(self, self.port, store=chat.SQLiteStore(self.db))
+        again = Peer(self.port)
+        self.addCleanup(again.close)
+        again.send_line("bob")
+        again.wait_for("*** alice joined (2 online)")  # logged in: the account is alice's
+        proc.stdin.close()
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+
+    def test_login_needs_a_name(self):
+        code, out, err = run_chat("client", "--login", "--port", str(self.port))
+        self.assertEqual(code, 2)
+        self.assertIn("--login needs --name", err)
+
+
 class ClientLoopTest(unittest.TestCase):
     """The client in-process, its stdin a pipe, against fake servers; its
     waits are shortened so that the tests are quick."""
@@ -2782,6 +2839,27 @@ class TerminalRoomTest(TerminalCase):
         self.type(b"\r")
         self.read_until(b"*** al joined #rust (2 here)")
         self.read_until(b"#rust> ")  # the next prompt names the room
+
+
+class TerminalAccountTest(TerminalCase):
+    """A typed /register or /login: masked on the screen, not in the history."""
+
+    client_args = ["--color", "never", "--name", "al"]
+
+    def test_a_password_is_masked_and_kept_out_of_the_history(self):
+        self.read_until(b"*** al joined (2 online)\r\n#lobby> ")
+        self.wait_until_reading()
+        self.type(b"hello\r")
+        self.bob.wait_for("<al> hello")
+        self.wait_until_reading()
+        self.type(b"/register correct horse\r")
+        self.read_until(b"*** al is now your account")
+        shown = self.rendered()
+        self.assertIn("#lobby> /register *************", shown)
+        self.assertFalse([row for row in shown if "correct horse" in row], shown)
+        self.wait_until_reading()
+        self.type(b"\x1b[A\r")  # Up, Enter: the line before it goes again
+        self.bob.wait_for("<al> hello")
 
 
 class TerminalOptionsTest(TerminalCase):
