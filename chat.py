@@ -4083,6 +4083,7 @@ BENCH_ABSENT = "zebra"         # said in no --history message: a search reads th
 BENCH_QUERY_RUNS = 5           # --history: each query this many times, the median kept
 BENCH_PING_EVERY_S = 0.002     # --history: how often the other client pings
 BENCH_SPARE_CLIENTS = 10       # room on the started server beyond --clients (queries)
+BENCH_ACCOUNT_PASSWORD = "bench account password"  # --logins: the account they try
 BENCH_ROOM = "#bench%d"        # --rooms: client i talks in room i % K
 # Each run tags its messages, so that only its own lines are counted on a
 # server that has other users: tag, sender index, sequence number, send time.
@@ -4625,7 +4626,8 @@ def start_bench_server(clients, db, keep_all=False):
     (process, port)."""
     command = [sys.executable, os.path.abspath(__file__), "server", "--host", DEFAULT_HOST,
                "--port", "0", "--rate", "0", "-q", "--db", db,
-               "--max-clients", str(max(MAX_CLIENTS, clients + BENCH_SPARE_CLIENTS))]
+               "--max-clients", str(max(MAX_CLIENTS, clients + BENCH_SPARE_CLIENTS)),
+               "--max-per-ip", "0"]
     if keep_all:
         command += ["--keep", "0"]  # a filled history is measured, not trimmed
     proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -4709,6 +4711,45 @@ def time_history_queries(host, port, timeout):
         pinger.close()
     result["loop_held_ms"] = round(max(held) * 1000, 1) if held else None
     return result
+
+
+def time_logins(host, port, count, timeout):
+    """count connections log in at once (with a wrong password: each costs
+    the server a full password check, and none takes another's place) while
+    another client pings every BENCH_PING_EVERY_S: return how long until all
+    were answered, and the slowest ping (how long the loop was held), in ms."""
+    owner = BlockingPeer(host, port, "acct", timeout)
+    owner.round_trip("/register " + BENCH_ACCOUNT_PASSWORD, NOTICE + "acct is now your account")
+    pinger = BlockingPeer(host, port, "lp", timeout)
+    held, stop = [], threading.Event()
+
+    def ping():
+        while not stop.is_set():
+            held.append(pinger.round_trip("/ping p", "*** pong p"))
+            stop.wait(BENCH_PING_EVERY_S)
+    thread = threading.Thread(target=ping, daemon=True)
+    thread.start()
+    socks = [socket.create_connection((host, port), timeout=timeout) for _ in range(count)]
+    try:
+        started = time.monotonic()
+        for sock in socks:
+            sock.sendall(encode_line("/login acct not-the-password"))
+        wrong = encode_line(error(WRONG_LOGIN))
+        for sock in socks:
+            data = b""
+            while wrong not in data:
+                chunk = sock.recv(BENCH_RECV_BYTES)
+                if not chunk:
+                    raise BenchError("the server closed a login's connection")
+                data += chunk
+        answered = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join(timeout)
+        for sock in socks + [owner.sock, pinger.sock]:
+            sock.close()
+    return {"count": count, "all_answered_ms": round(answered * 1000, 1),
+            "loop_held_ms": round(max(held) * 1000, 1) if held else None}
 
 
 class BlockingPeer:
@@ -4796,6 +4837,8 @@ def format_bench_table(result):
         ("server peak RSS MB", "%.1f" % (result["server_peak_rss"] / 1e6)
          if result["server_peak_rss"] else "n/a (not started by the bench)"),
         ("server store", result["server_store"] or "n/a (not started by the bench)"),
+        ("logins at once", "%(count)d answered in %(all_answered_ms).0f ms; loop held at most "
+         "%(loop_held_ms)s ms" % result["logins"] if result.get("logins") else "n/a (--logins)"),
         ("history queries", "on %(messages)s: /history 500 %(history_500_ms).1f ms, /search "
          "(found) %(search_found_ms).1f ms, /search (absent) %(search_absent_ms).1f ms; loop "
          "held at most %(loop_held_ms)s ms" % dict(result["history"], messages=plural(
@@ -5019,6 +5062,9 @@ def build_parser():
                        help="first fill the started server's #lobby with N messages (each "
                             "joining client gets a replay), and at the end time /history 500 "
                             "and /search on it, and how long they hold the loop")
+    bench.add_argument("--logins", type=non_negative_int, default=0, metavar="N",
+                       help="at the end, N connections log in at once (wrong passwords: a full "
+                            "check each), timed with how long they hold the loop")
     bench.add_argument("--concurrency", type=positive_int, default=BENCH_CONCURRENCY,
                        metavar="C", help="connections in flight while registering "
                                          "(default %(default)s)")
@@ -5055,6 +5101,8 @@ def run_bench(args):
             result = bench.run()
             if args.history:
                 result["history"] = time_history_queries(host, port, args.timeout)
+            if args.logins:
+                result["logins"] = time_logins(host, port, args.logins, args.timeout)
             if server is not None:
                 cpu, peak = server_usage(server)  # before the teardown adds to them
         finally:

@@ -2985,6 +2985,15 @@ class BenchTest(unittest.TestCase):
         self.assertEqual(code, 2)
         self.assertIn("--history fills the server the bench starts", err)
 
+    def test_logins_at_once_are_answered_without_holding_the_loop(self):
+        code, out, err = self.bench("--clients", "3", "--senders", "1", "--messages", "2",
+                                    "--logins", "3")
+        self.assertEqual(code, 0, err)
+        logins = json.loads(out)["logins"]
+        self.assertEqual(logins["count"], 3)
+        self.assertGreaterEqual(logins["all_answered_ms"], 900)  # the second's wait
+        self.assertIsNotNone(logins["loop_held_ms"])
+
     def test_rate_mode_and_a_slow_client_evicted(self):
         code, out, err = self.bench("--clients", "6", "--senders", "4", "--slow", "1",
                                     "--messages", "400", "--size", "1500", "--rate", "400")
