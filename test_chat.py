@@ -1191,6 +1191,10 @@ class AccountTest(ServerTestCase):
         self.assertNotIn("*** end of messages", again.sync())  # delivered ones are gone
 
     def test_a_full_mailbox(self):
+        self.assertEqual(chat.MAILBOX_MESSAGES, 100)  # PROTOCOL.md's; a smaller box below
+        patcher = mock.patch.object(chat, "MAILBOX_MESSAGES", 5)
+        patcher.start()
+        self.addCleanup(patcher.stop)
         self.registered("alice").close()
         bob = self.join("bob")
         for i in range(chat.MAILBOX_MESSAGES):
