@@ -241,6 +241,8 @@ FORMATS = {
     "history": "[{time}] {line}",
     "no_history": NOTICE + "no messages in {room} yet",
     "no_match": NOTICE + 'no messages in {room} match "{text}"',
+    "history_after": NOTICE + "{messages} in {room} after {after} (times in UTC):",
+    "no_history_after": NOTICE + "no messages in {room} after {after}",
     "offline_start": NOTICE + "{messages} while you were away (times in UTC):",
     "offline_end": NOTICE + "end of messages",
     "pong": NOTICE + "pong {token}",
@@ -287,6 +289,7 @@ HELP = (
     "/password OLD NEW    change your account's password",
     "/unregister PASSWORD delete your account",
     "/ping [TOKEN]        answered with: pong TOKEN",
+    "/format json|text    JSON objects, one a line, for programs; or text",
     "/help                this list",
     "/quit [REASON]       leave",
 )
@@ -311,6 +314,7 @@ USAGE = {
     "join": "usage: /join ROOM",
     "history": "usage: /history [N]",
     "search": "usage: /search TEXT",
+    "format": "usage: /format json|text",
     "register": "usage: /register PASSWORD",
     "login": "usage: /login NICK PASSWORD",
     "password": "usage: /password OLD NEW",
@@ -332,16 +336,176 @@ LEFT_TOO_SLOW_SUFFIX = FORMATS["left"].split("{nick}")[1].format(
     reason=LEFT_TOO_SLOW).encode(ENCODING)
 
 
+class Line(str):
+    """A line the server sends: its text, and what it was made of: its kind
+    and fields (FORMATS), and facts only JSON mode shows (extra: an id, a
+    room, when it was said). A str everywhere else."""
+
+    def __new__(cls, text, kind, fields):
+        line = super().__new__(cls, text)
+        line.kind, line.fields, line.extra = kind, fields, {}
+        return line
+
+    def having(self, **extra):
+        """This line, with facts for its JSON form."""
+        self.extra.update(extra)
+        return self
+
+
 def format_line(kind, **fields):
-    """Return the text of one server line of the given kind."""
-    return FORMATS[kind].format(**fields)
+    """Return one server line of the given kind (a Line: its text is the str)."""
+    return Line(FORMATS[kind].format(**fields), kind, fields)
+
+
+# JSON mode (PROTOCOL.md, "v2: JSON mode"): every error has a code, found
+# from its text here, in one place.
+ERROR_CODES = tuple((re.compile(pattern), code) for pattern, code in (
+    (r"^usage: ", "usage"),
+    (r"^unknown command ", "unknown_command"),
+    (r"^choose a nickname first", "not_registered"),
+    (r"^password required", "password_required"),
+    (r"^wrong |^too many wrong ", "wrong_password"),
+    (r"^nickname too long|^invalid nickname", "nick_invalid"),
+    (r"^nickname .* is taken$", "nick_taken"),
+    (r" is registered: /login ", "nick_registered"),
+    (r"already", "already"),
+    (r"^no such user", "no_such_user"),
+    (r"^you are muted", "muted"),
+    (r"^operators only|^you can't ban yourself", "operators_only"),
+    (r"^this server has no operators", "no_operators"),
+    (r"^line too long", "line_too_long"),
+    (r"^invalid room name", "room_invalid"),
+    (r"^a password needs at least", "password_too_short"),
+    (r"mailbox is full$", "mailbox_full"),
+    (r"^you are banned", "banned"),
+    (r"^server full", "server_full"),
+    (r"^too many connections", "too_many_connections"),
+    (r"^registration timed out", "registration_timeout"),
+    (r"^you logged in elsewhere", "logged_in_elsewhere"),
+))
+ERROR_CODE_ELSE = "not_sent"   # a message not stored, a history not read, ...
+
+# Header lines a JSON block does without: its items say "history", then history_end.
+JSON_SILENT = frozenset({"history_last", "history_search", "history_after", "offline_start",
+                         "offline_end"})
+
+
+def error_code(text):
+    for pattern, code in ERROR_CODES:
+        if pattern.search(text):
+            return code
+    return ERROR_CODE_ELSE
+
+
+def json_time(when):
+    """UTC, ISO 8601 with milliseconds: 2026-12-01T14:03:05.123Z."""
+    return "%s.%03dZ" % (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)),
+                         int(when * 1000) % 1000)
+
+
+def json_object(line, now=None):
+    """The JSON object (a dict) for a line, or None for a line JSON mode
+    does without."""
+    kind, fields, extra = line.kind, line.fields, line.extra
+    if kind in JSON_SILENT:
+        return None
+    obj = JSON_OBJECTS[kind](fields, extra)
+    obj["time"] = json_time(extra.get("when", time.time() if now is None else now))
+    return obj
+
+
+def _json_history(fields, extra):
+    if extra.get("offline"):
+        return {"type": "private", "from": extra["from"], "to": extra["to"],
+                "text": extra["text"], "offline": True}
+    return {"type": extra["kind"], "id": extra["id"], "room": extra["room"],
+            "nick": extra["nick"], "text": extra["text"], "history": True}
+
+
+def _json_who(fields, extra):
+    nicks = fields["nicks"].split(", ") if fields["nicks"] else []
+    return {"type": "who", "room": fields["room"], "nicks": [n.lstrip("@") for n in nicks],
+            "operators": [n[1:] for n in nicks if n.startswith("@")]}
+
+
+def _json_rooms(fields, extra):
+    rooms = []
+    for item in filter(None, fields["list"].split(", ")):
+        name, _, count = item.rpartition(" (")
+        rooms.append({"name": name, "count": int(count.rstrip(")"))})
+    return {"type": "rooms", "count": int(fields["count"]), "rooms": rooms}
+
+
+def _json_moderation(kind):
+    def make(fields, extra):
+        obj = {"type": kind, "nick": fields["nick"], "room": extra.get("room"),
+               "by": fields.get("op", fields["nick"])}  # /op: the operator opped itself
+        if fields.get("reason"):
+            obj["reason"] = fields["reason"]
+        return obj
+    return make
+
+
+JSON_OBJECTS = {
+    "message": lambda f, x: {"type": "message", "id": x.get("id"), "room": x.get("room"),
+                             "nick": f["nick"], "text": f["text"]},
+    "action": lambda f, x: {"type": "action", "id": x.get("id"), "room": x.get("room"),
+                            "nick": f["nick"], "text": f["text"]},
+    "private": lambda f, x: {"type": "private", "from": f["nick"], "to": x.get("to"),
+                             "text": f["text"]},
+    "private_echo": lambda f, x: {"type": "private", "from": x.get("from"), "to": f["nick"],
+                                  "text": f["text"]},
+    "joined": lambda f, x: {"type": "joined", "nick": f["nick"], "room": x.get("room"),
+                            "count": int(f["count"])},
+    "joined_room": lambda f, x: {"type": "joined", "nick": f["nick"], "room": f["room"],
+                                 "count": int(f["count"])},
+    "left": lambda f, x: {"type": "left", "nick": f["nick"], "room": x.get("room"),
+                          "reason": f["reason"]},
+    "renamed": lambda f, x: {"type": "renamed", "old": f["old"], "new": f["new"],
+                             "room": x.get("room")},
+    "who": _json_who,
+    "rooms": _json_rooms,
+    "topic": lambda f, x: {"type": "topic", "room": f["room"], "text": f["text"],
+                           "nick": f["nick"]},
+    "no_topic": lambda f, x: {"type": "topic", "room": f["room"], "text": None, "nick": None},
+    "topic_set": lambda f, x: {"type": "topic", "room": x.get("room"), "text": f["text"],
+                               "nick": f["nick"]},
+    "topic_cleared": lambda f, x: {"type": "topic", "room": x.get("room"), "text": None,
+                                   "nick": f["nick"]},
+    "pong": lambda f, x: {"type": "pong", "token": f["token"]},
+    "kicked": _json_moderation("kicked"),
+    "banned": _json_moderation("banned"),
+    "muted": _json_moderation("muted"),
+    "unmuted": _json_moderation("unmuted"),
+    "opped": _json_moderation("opped"),
+    "history": _json_history,
+    "history_end": lambda f, x: {"type": "history_end", "room": x.get("room"),
+                                 "count": x.get("count", 0)},
+    "no_history": lambda f, x: {"type": "history_end", "room": f["room"], "count": 0},
+    "no_match": lambda f, x: {"type": "history_end", "room": f["room"], "count": 0},
+    "no_history_after": lambda f, x: {"type": "history_end", "room": f["room"], "count": 0},
+    "notice": lambda f, x: {"type": "notice", "text": f["text"]},
+    "error": lambda f, x: {"type": "error", "text": f["text"], "code": error_code(f["text"])},
+}
+
+
+def json_bytes(line):
+    """A line as JSON mode sends it (b"" for one it does without); made once."""
+    cached = line.extra.get("json")
+    if cached is None:
+        obj = json_object(line)
+        cached = b"" if obj is None else (json.dumps(obj, ensure_ascii=False) + "\n").encode(
+            ENCODING)
+        line.extra["json"] = cached
+    return cached
 
 
 # What each field of a line may hold: nicks are letters, digits, _ and -;
 # text, reasons, nick lists and tokens anything.
 FIELD_PATTERNS = {"nick": r"[\w-]+", "old": r"[\w-]+", "new": r"[\w-]+", "op": r"[\w-]+",
                   "count": r"\d+", "room": r"#[\w-]+", "rooms": r"\d+ rooms?",
-                  "messages": r"\d+ messages?", "time": r"\d{4}-\d\d-\d\d \d\d:\d\d"}
+                  "messages": r"\d+ messages?", "time": r"\d{4}-\d\d-\d\d \d\d:\d\d",
+                  "after": r"\d+"}
 
 
 def _line_pattern(template):
@@ -819,7 +983,7 @@ class Connection:
     __slots__ = ("sock", "addr", "ip", "name", "phase", "nick", "key", "room", "reader",
                  "outbuf", "tokens", "refilled", "paused", "held", "full", "counted",
                  "behind_since", "waiting", "events", "drained_at", "tls", "handshake_wait",
-                 "close_at", "op", "muted", "op_attempts", "account", "login_failures",
+                 "close_at", "op", "muted", "op_attempts", "account", "login_failures", "json",
                  "timers", "__weakref__")
 
     def __init__(self, sock, addr, limits, now):
@@ -850,6 +1014,7 @@ class Connection:
         self.op_attempts = 0               # wrong /op passwords so far
         self.account = None                # the key of the account it is logged in to
         self.login_failures = 0            # wrong account passwords so far
+        self.json = False                  # JSON mode: it gets JSON objects, not text lines
         self.counted = False               # in the max-clients and per-IP counts
         self.events = 0                    # what the selector watches for it
         self.timers = []                   # its pending timers, cancelled when it closes
@@ -1054,6 +1219,12 @@ class SQLiteStore:
             " ORDER BY id DESC LIMIT ?", (room, count)).fetchall()
         return rows[::-1]
 
+    def after(self, room, after, count):
+        """The oldest count messages of room with ids above after, oldest first."""
+        return self.db.execute(
+            "SELECT id, time, nick, kind, text FROM messages WHERE room = ? AND id > ?"
+            " ORDER BY id LIMIT ?", (room, after, count)).fetchall()
+
     def search(self, room, text, count):
         """The last count messages of room whose text contains text, in any
         case, oldest first. Of what is written: flush() first."""
@@ -1246,7 +1417,17 @@ class Chat:
         text = decode_line(line)
         if text.strip():
             command, arg = parse_line(text)
-            self.LINE_HANDLERS[conn.phase](self, conn, command, arg)
+            if command == "format" and conn.phase != CLOSING:
+                self._cmd_format(conn, arg)  # at any time, registered or not
+            else:
+                self.LINE_HANDLERS[conn.phase](self, conn, command, arg)
+
+    def _cmd_format(self, conn, arg):
+        if arg.lower() not in ("json", "text"):
+            self.io.send(conn, error(USAGE["format"]))
+            return
+        conn.json = arg.lower() == "json"
+        self.io.send(conn, notice("format: " + arg.lower()))
 
     def commit(self):
         """Store what was said; the loop calls this before it writes any of
@@ -1298,7 +1479,8 @@ class Chat:
         del self.members[conn.key]
         self.io.leave(room, conn)
         if reason is not None:
-            self.io.broadcast(room, format_line("left", nick=conn.nick, reason=reason))
+            self.io.broadcast(room, format_line("left", nick=conn.nick, reason=reason)
+                              .having(room=room.name))
             self.io.log("%s left (%s)" % (conn.nick, reason))
         self._forget_if_empty(room)
 
@@ -1363,7 +1545,8 @@ class Chat:
         self.io.enter(self.lobby, conn)
         self.io.log("%s joined from %s" % (nick, conn.name))
         conn.name = nick
-        self.io.broadcast(conn.room, format_line("joined", nick=nick, count=len(self.members)))
+        self.io.broadcast(conn.room, format_line("joined", nick=nick, count=len(self.members))
+                          .having(room=conn.room.name))
         self._welcome(conn, conn.room)
 
     def _nick_problem(self, nick, conn=None):
@@ -1405,7 +1588,8 @@ class Chat:
         message_id = self.store.append(room.key, conn.nick, kind, text, now)
         self.senders[message_id] = conn
         room.recent.append((message_id, now, conn.nick, kind, text))
-        self.io.broadcast(room, format_line(kind, nick=conn.nick, text=text))
+        self.io.broadcast(room, format_line(kind, nick=conn.nick, text=text).having(
+            id=message_id, room=room.name, when=now))
 
     def _cmd_me(self, conn, arg):
         if not arg:
@@ -1425,8 +1609,10 @@ class Chat:
             return
         if not self._allowed_to_speak(conn):
             return
-        self.io.send(target, format_line("private", nick=conn.nick, text=text))
-        self.io.send(conn, format_line("private_echo", nick=target.nick, text=text))
+        self.io.send(target, format_line("private", nick=conn.nick, text=text).having(
+            to=target.nick))
+        self.io.send(conn, format_line("private_echo", nick=target.nick, text=text).having(
+            **{"from": conn.nick}))
 
     def _mail(self, conn, target_nick, text):
         """A private message to someone offline: kept if they have an account."""
@@ -1446,7 +1632,8 @@ class Chat:
         if not kept:
             self.io.send(conn, error(MAILBOX_FULL.format(nick=nick)))
             return
-        self.io.send(conn, format_line("private_echo", nick=nick, text=text))
+        self.io.send(conn, format_line("private_echo", nick=nick, text=text).having(
+            **{"from": conn.nick}))
         self.io.send(conn, notice(OFFLINE_KEPT.format(nick=nick)))
 
     def _cmd_nick(self, conn, arg):
@@ -1473,7 +1660,7 @@ class Chat:
         self.members[conn.key] = conn
         self.io.enter(room, conn)
         self.io.log("%s is now known as %s" % (old, arg))
-        self.io.broadcast(room, format_line("renamed", old=old, new=arg))
+        self.io.broadcast(room, format_line("renamed", old=old, new=arg).having(room=room.name))
 
     def _cmd_who(self, conn, arg):
         members = sorted(conn.room.members.values(), key=lambda member: member.key)
@@ -1531,12 +1718,16 @@ class Chat:
                 room.recent)
 
     def _history_block(self, conn, header, rows):
+        """A header, the messages, the end (in JSON: the messages, marked as
+        history, and history_end with their count)."""
+        room = conn.room.name
         self.io.send(conn, header)
-        for _, when, nick, kind, text in rows:
+        for message_id, when, nick, kind, text in rows:
             self.io.send(conn, format_line(
                 "history", time=time.strftime(HISTORY_TIME, time.gmtime(when)),
-                line=format_line(kind, nick=nick, text=text)))
-        self.io.send(conn, format_line("history_end"))
+                line=format_line(kind, nick=nick, text=text)).having(
+                    id=message_id, room=room, nick=nick, kind=kind, text=text, when=when))
+        self.io.send(conn, format_line("history_end").having(room=room, count=len(rows)))
 
     def _cmd_join(self, conn, arg):
         if not arg:
@@ -1554,7 +1745,8 @@ class Chat:
         room = self._room(name)
         self.io.leave(old, conn)
         self.io.broadcast(old, format_line("left", nick=conn.nick,
-                                           reason=LEFT_WENT_TO.format(room=room.name)))
+                                           reason=LEFT_WENT_TO.format(room=room.name))
+                          .having(room=old.name))
         self._forget_if_empty(old)
         self.io.enter(room, conn)
         self.io.broadcast(room, format_line("joined_room", nick=conn.nick, room=room.name,
@@ -1586,9 +1778,12 @@ class Chat:
             room.topic, room.topic_nick = arg, conn.nick
             line = format_line("topic_set", nick=conn.nick, text=arg)
         self._store(self.store.set_topic, room.key, room.topic, room.topic_nick)
-        self.io.broadcast(room, line)
+        self.io.broadcast(room, line.having(room=room.name))
 
     def _cmd_history(self, conn, arg):
+        if arg.split(None, 1)[0].lower() == "after" if arg else False:
+            self._history_after(conn, arg.split(None, 1)[1:])
+            return
         count = HISTORY_DEFAULT if not arg else (int(arg) if arg.isdigit() else 0)
         if not 1 <= count <= HISTORY_MAX:
             self.io.send(conn, error(USAGE["history"]))
@@ -1603,6 +1798,24 @@ class Chat:
                     "history_last", messages=plural(len(rows), "message"), room=room.name),
                     rows)
         self._read_history(conn, lambda store: store.recent(room.key, count), answer)
+
+    def _history_after(self, conn, rest):
+        """/history after ID: the oldest HISTORY_MAX messages after ID."""
+        after = rest[0].strip() if rest else ""
+        if not after.isdigit():
+            self.io.send(conn, error("usage: /history after ID"))
+            return
+        room, after = conn.room, int(after)
+
+        def answer(rows):
+            if not rows:
+                self.io.send(conn, format_line("no_history_after", room=room.name, after=after))
+            else:
+                self._history_block(conn, format_line(
+                    "history_after", messages=plural(len(rows), "message"), room=room.name,
+                    after=after), rows)
+        self._read_history(conn, lambda store: store.after(room.key, after, HISTORY_MAX),
+                           answer)
 
     def _read_history(self, conn, read, answer):
         """Read what is stored (all that was relayed: committed first), off
@@ -1647,7 +1860,8 @@ class Chat:
             self.io.send(conn, notice(text))
 
     def _cmd_ping(self, conn, arg):
-        self.io.send(conn, format_line("pong", token=arg).rstrip())
+        line = format_line("pong", token=arg)
+        self.io.send(conn, Line(line.rstrip(), "pong", line.fields))  # no space without a token
 
     def _cmd_pass(self, conn, arg):
         self.io.send(conn, notice("you are in already"))
@@ -1756,7 +1970,8 @@ class Chat:
     def _op_if_listed(self, conn):
         if conn.account in self.operators and not conn.op:
             conn.op = True
-            self.io.broadcast(conn.room, format_line("opped", nick=conn.nick))
+            self.io.broadcast(conn.room, format_line("opped", nick=conn.nick)
+                              .having(room=conn.room.name))
 
     def _deliver_mail(self, conn):
         try:
@@ -1771,7 +1986,8 @@ class Chat:
         for when, sender, text in rows:
             self.io.send(conn, format_line(
                 "history", time=time.strftime(HISTORY_TIME, time.gmtime(when)),
-                line=format_line("private", nick=sender, text=text)))
+                line=format_line("private", nick=sender, text=text)).having(
+                    offline=True, to=conn.nick, text=text, when=when, **{"from": sender}))
         self.io.send(conn, format_line("offline_end"))
 
     def _cmd_password(self, conn, arg):
@@ -1822,7 +2038,8 @@ class Chat:
         elif secrets_match(arg, self.op_password):
             conn.op = True
             self.io.log("%s is now an operator" % conn.nick)
-            self.io.broadcast(conn.room, format_line("opped", nick=conn.nick))
+            self.io.broadcast(conn.room, format_line("opped", nick=conn.nick)
+                              .having(room=conn.room.name))
         else:
             conn.op_attempts += 1
             self.io.log("%s: wrong operator password" % conn.nick)
@@ -1851,6 +2068,7 @@ class Chat:
     def _moderate(self, conn, target, line):
         """A moderation line goes to target's room, and to the operator who
         acted if the operator is in another room."""
+        line.having(room=target.room.name)
         self.io.broadcast(target.room, line)
         if conn.room is not target.room:
             self.io.send(conn, line)
@@ -1931,6 +2149,7 @@ class Chat:
         "topic": _cmd_topic,
         "history": _cmd_history,
         "search": _cmd_search,
+        "format": _cmd_format,   # handled before the phase's handler: any time
         "register": _cmd_register,
         "login": _cmd_login,
         "password": _cmd_password,
@@ -1968,12 +2187,23 @@ class FanOut:
 
     def __init__(self):
         self.pending = {}                  # room -> this pass's broadcasts (bytearray)
+        self.lines = {}                    # room -> [(offset in pending, Line)], for JSON
         self.late = {}                     # room -> {conn: offset in pending at entry}
         self.size = 0                      # bytes pending, every room
 
-    def broadcast(self, room, data):
-        self.pending.setdefault(room, bytearray()).extend(data)
+    def broadcast(self, room, data, line):
+        pending = self.pending.setdefault(room, bytearray())
+        self.lines.setdefault(room, []).append((len(pending), line))
+        pending.extend(data)
         self.size += len(data)
+
+    def owed(self, room, offset, conn):
+        """What conn gets of room's pending lines from offset on: their text,
+        or for a connection in JSON mode their JSON objects."""
+        if not conn.json:
+            return bytes(self.pending.get(room, b"")[offset:])
+        return b"".join(json_bytes(line) for start, line in self.lines.get(room, ())
+                        if start >= offset)
 
     def enter(self, room, conn):
         room.members[conn.key] = conn
@@ -1985,8 +2215,7 @@ class FanOut:
     def leave(self, room, conn):
         """Take conn out of room; return the bytes it is owed of this pass."""
         del room.members[conn.key]
-        offset = self.late.get(room, {}).pop(conn, 0)
-        return bytes(self.pending.get(room, b"")[offset:])
+        return self.owed(room, self.late.get(room, {}).pop(conn, 0), conn)
 
     def catch_up(self, room, conn):
         """Return the bytes of room's pending lines conn is owed so far; it
@@ -1999,13 +2228,14 @@ class FanOut:
         late = self.late.setdefault(room, {})
         offset = late.get(conn, 0)
         late[conn] = len(pending)
-        return bytes(pending[offset:])
+        return self.owed(room, offset, conn)
 
     def take(self, room):
-        """Return (room's pending bytes, {latecomer: offset}) and forget them."""
+        """Return (room's pending bytes, {latecomer: offset}, the lines for
+        JSON) and forget them."""
         data = bytes(self.pending.pop(room, b""))
         self.size -= len(data)
-        return data, self.late.pop(room, {})
+        return data, self.late.pop(room, {}), self.lines.pop(room, [])
 
 
 class Worker:
@@ -2208,10 +2438,10 @@ class ChatServer:
         self.log("shutting down", always=True)
         for room in list(self.fanout.pending):
             self._deliver(room)
-        line = encode_line(notice(SHUTDOWN_NOTICE))
+        line = notice(SHUTDOWN_NOTICE)
         for conn in self.conns:
             if conn.phase not in (CLOSING, CLOSED) and not conn.handshake_wait:
-                conn.outbuf += line
+                conn.outbuf += json_bytes(line) if conn.json else encode_line(line)
                 self.dirty.add(conn)
         deadline = time.monotonic() + SHUTDOWN_FLUSH_S
         while True:
@@ -2259,12 +2489,12 @@ class ChatServer:
         if conn.room is not None and conn.room in self.fanout.pending:
             self.chat.commit()  # nothing reaches a socket before it is stored
             conn.outbuf += self.fanout.catch_up(conn.room, conn)  # the room's order kept
-        conn.outbuf += encode_line(text)
+        conn.outbuf += json_bytes(text) if conn.json else encode_line(text)
         self.dirty.add(conn)
 
     def broadcast(self, room, text):
         """Queue a line for every member of room, in the one order all of them see."""
-        self.fanout.broadcast(room, encode_line(text))
+        self.fanout.broadcast(room, encode_line(text), text)
 
     def enter(self, room, conn):
         """conn is now a member of room: it gets the room's lines from here on."""
@@ -2698,12 +2928,15 @@ class ChatServer:
         Otherwise, or for what a send leaves, they are appended to outbuf.
         """
         self.chat.commit()  # nothing reaches a socket before it is stored
-        data, late = self.fanout.take(room)
+        data, late, lines = self.fanout.take(room)
         if not data:
             return
         failed = []
         for conn in room.members.values():
             chunk = data[late[conn]:] if late and conn in late else data
+            if conn.json:  # the same lines, as JSON objects
+                offset = late.get(conn, 0) if late else 0
+                chunk = b"".join(json_bytes(line) for start, line in lines if start >= offset)
             if (write and not conn.outbuf and not conn.tls
                     and not conn.events & selectors.EVENT_WRITE):
                 try:

@@ -500,7 +500,7 @@ class ClientDisplayTest(unittest.TestCase):
                    "text": "hi there", "reason": "no reason given", "nicks": "@alice, bob",
                    "token": "t1", "room": "#rust", "rooms": "2 rooms",
                    "list": "#lobby (2), #rust (1)", "messages": "1 message",
-                   "time": "2026-12-01 14:03", "line": "<bob> hi"}
+                   "time": "2026-12-01 14:03", "line": "<bob> hi", "after": "42"}
         for kind, template in chat.FORMATS.items():
             names = [field for _, field, _, _ in string.Formatter().parse(template) if field]
             fields = {name: samples[name] for name in names}
@@ -1202,6 +1202,169 @@ class AccountTest(ServerTestCase):
         bob.sync()
         bob.send_line("/msg alice one too many")
         bob.expect("!!! alice's mailbox is full")
+
+
+ISO_TIME = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$"
+
+
+class JsonTest(ServerTestCase):
+    """PROTOCOL.md, "v2: JSON mode"."""
+
+    def setUp(self):
+        self.start_server(op_password="0p", rate=0)
+
+    def read(self, peer):
+        """The next object; its time checked and removed."""
+        obj = json.loads(peer.read_line())
+        self.assertRegex(obj.pop("time"), ISO_TIME)
+        return obj
+
+    def json_peer(self, nick):
+        peer = self.greeted()
+        peer.send_line("/format json")
+        self.assertEqual(self.read(peer), {"type": "notice", "text": "format: json"})
+        peer.send_line(nick)
+        return peer
+
+    def test_format_before_registering_and_back(self):
+        alice = self.json_peer("alice")
+        self.assertEqual(self.read(alice), {"type": "joined", "nick": "alice", "room": "#lobby",
+                                            "count": 1})
+        alice.send_line("/format text")
+        alice.expect("*** format: text")
+        alice.send_line("/format yaml")
+        alice.expect("!!! usage: /format json|text")
+
+    def test_every_type_and_its_fields(self):
+        alice = self.json_peer("alice")
+        self.read(alice)
+        bob = self.join("bob")
+        self.assertEqual(self.read(alice), {"type": "joined", "nick": "bob", "room": "#lobby",
+                                            "count": 2})
+        bob.send_line("hi")
+        message = self.read(alice)
+        self.assertIsInstance(message.pop("id"), int)
+        self.assertEqual(message, {"type": "message", "room": "#lobby", "nick": "bob",
+                                   "text": "hi"})
+        bob.send_line("/me waves")
+        self.assertEqual(self.read(alice)["type"], "action")
+        bob.send_line("/msg alice psst")
+        self.assertEqual(self.read(alice), {"type": "private", "from": "bob", "to": "alice",
+                                            "text": "psst"})
+        alice.send_line("/msg bob back")
+        self.assertEqual(self.read(alice), {"type": "private", "from": "alice", "to": "bob",
+                                            "text": "back"})
+        alice.send_line("/who")
+        self.assertEqual(self.read(alice), {"type": "who", "room": "#lobby",
+                                            "nicks": ["alice", "bob"], "operators": []})
+        alice.send_line("/rooms")
+        self.assertEqual(self.read(alice), {"type": "rooms", "count": 2,
+                                            "rooms": [{"name": "#lobby", "count": 2}]})
+        alice.send_line("/ping tok")
+        self.assertEqual(self.read(alice), {"type": "pong", "token": "tok"})
+        alice.send_line("/topic")
+        self.assertEqual(self.read(alice), {"type": "topic", "room": "#lobby", "text": None,
+                                            "nick": None})
+        bob.send_line("/topic all about chat")
+        self.assertEqual(self.read(alice), {"type": "topic", "room": "#lobby",
+                                            "text": "all about chat", "nick": "bob"})
+        bob.send_line("/topic -")
+        self.assertEqual(self.read(alice), {"type": "topic", "room": "#lobby", "text": None,
+                                            "nick": "bob"})
+        bob.send_line("/nick robert")
+        self.assertEqual(self.read(alice), {"type": "renamed", "old": "bob", "new": "robert",
+                                            "room": "#lobby"})
+        alice.send_line("/op 0p")
+        self.assertEqual(self.read(alice), {"type": "opped", "nick": "alice", "room": "#lobby",
+                                            "by": "alice"})
+        alice.send_line("/mute robert")
+        self.assertEqual(self.read(alice), {"type": "muted", "nick": "robert", "room": "#lobby",
+                                            "by": "alice"})
+        alice.send_line("/kick robert spam")
+        self.assertEqual(self.read(alice), {"type": "kicked", "nick": "robert",
+                                            "room": "#lobby", "by": "alice", "reason": "spam"})
+        alice.send_line("/help")
+        self.assertEqual(self.read(alice)["type"], "notice")
+
+    def test_errors_have_codes(self):
+        alice = self.json_peer("alice")
+        self.read(alice)
+        for line, code in (("/nosuch", "unknown_command"), ("/msg", "usage"),
+                           ("/msg nobody hi", "no_such_user"), ("/join #a b", "room_invalid"),
+                           ("/join #lobby", "already"), ("/kick x", "operators_only"),
+                           ("/nick -x", "nick_invalid"), ("/register short", "password_too_short"),
+                           ("x" * 5000, "line_too_long")):
+            alice.send_line(line)
+            obj = self.read(alice)
+            self.assertEqual((obj["type"], obj["code"]), ("error", code), line)
+
+    def test_history_items_ids_and_history_end(self):
+        alice = self.join("alice")
+        for i in range(3):
+            alice.send_line("m%d" % i)
+        alice.sync()
+        bob = self.json_peer("bob")
+        self.assertEqual(self.read(bob)["type"], "joined")
+        items = [self.read(bob) for _ in range(3)]
+        self.assertEqual([(item["type"], item["text"], item["history"]) for item in items],
+                         [("message", "m%d" % i, True) for i in range(3)])
+        ids = [item["id"] for item in items]
+        self.assertEqual(ids, sorted(ids))
+        self.assertEqual(self.read(bob), {"type": "history_end", "room": "#lobby", "count": 3})
+        bob.send_line("/join #empty")
+        self.assertEqual(self.read(bob)["type"], "joined")
+        bob.send_line("/history")
+        self.assertEqual(self.read(bob), {"type": "history_end", "room": "#empty", "count": 0})
+        bob.send_line("/search nothing")
+        self.assertEqual(self.read(bob), {"type": "history_end", "room": "#empty", "count": 0})
+
+    def test_history_after_an_id_exact_and_bounded(self):
+        alice = self.join("alice")
+        for i in range(510):
+            alice.send_line("n%d" % i)
+        alice.sync()
+        bob = self.json_peer("bob")
+        self.read(bob)
+        while self.read(bob)["type"] != "history_end":
+            pass  # the replay
+        bob.send_line("/history 1")
+        last = self.read(bob)
+        self.read(bob)
+        first_id = last["id"] - 509
+        bob.send_line("/history after %d" % (first_id - 1))
+        page = [self.read(bob) for _ in range(500)]
+        self.assertEqual([item["text"] for item in page], ["n%d" % i for i in range(500)])
+        self.assertEqual(self.read(bob), {"type": "history_end", "room": "#lobby", "count": 500})
+        bob.send_line("/history after %d" % page[-1]["id"])
+        rest = [self.read(bob) for _ in range(10)]
+        self.assertEqual([item["text"] for item in rest], ["n%d" % i for i in range(500, 510)])
+        self.assertEqual(self.read(bob)["count"], 10)
+        alice.send_line("/history after %d" % last["id"])
+        alice.wait_for("*** no messages in #lobby after %d" % last["id"])
+        alice.send_line("/history after %d" % (last["id"] - 2))
+        alice.wait_for("*** 2 messages in #lobby after %d (times in UTC):" % (last["id"] - 2))
+        alice.send_line("/history after x")
+        alice.wait_for("!!! usage: /history after ID")
+
+    def test_offline_messages_are_private_objects(self):
+        alice = self.join("alice")
+        alice.send_line("/register correct horse")
+        alice.wait_for("*** alice is now your account: next time, /login alice PASSWORD")
+        alice.close()
+        bob = self.join("bob")
+        bob.send_line("/msg alice later")
+        bob.wait_for("*** alice is offline: they will get it when they log in")
+        again = self.greeted()
+        again.send_line("/format json")
+        self.read(again)
+        again.send_line("/login alice correct horse")
+        self.assertEqual(self.read(again)["type"], "joined")
+        while True:
+            obj = self.read(again)
+            if obj["type"] == "private":
+                break
+        self.assertEqual(obj, {"type": "private", "from": "bob", "to": "alice", "text": "later",
+                               "offline": True})
 
 
 class StoreTest(unittest.TestCase):
