@@ -4919,31 +4919,47 @@ def time_history_queries(host, port, timeout):
     the server's #lobby, each BENCH_QUERY_RUNS times, while another client
     pings: its slowest answer is the longest the loop was held. Return the
     medians and that, in ms."""
-    asker, pinger = (BlockingPeer(host, port, nick, timeout) for nick in ("hq", "hp"))
-    held = []
-    stop = threading.Event()
-
-    def ping():
-        while not stop.is_set():
-            held.append(pinger.round_trip("/ping p", "*** pong p"))
-            stop.wait(BENCH_PING_EVERY_S)
-    thread = threading.Thread(target=ping, daemon=True)
-    thread.start()
+    asker = BlockingPeer(host, port, "hq", timeout)
     result = {}
-    try:
+    with LoopWatch(host, port, timeout, "hp") as watch:
         for name, query in (("history_500", "/history 500"),
                             ("search_found", "/search " + BENCH_WORDS.split()[0]),
                             ("search_absent", "/search " + BENCH_ABSENT)):
             times = sorted(asker.round_trip(query + "\n/ping q", "*** pong q")
                            for _ in range(BENCH_QUERY_RUNS))
             result[name + "_ms"] = round(percentile(times, 50) * 1000, 1)
-    finally:
-        stop.set()
-        thread.join(timeout)
-        asker.close()
-        pinger.close()
-    result["loop_held_ms"] = round(max(held) * 1000, 1) if held else None
+    asker.close()
+    result["loop_held_ms"] = watch.held_ms()
     return result
+
+
+class LoopWatch:
+    """While in a with block, a client pings every BENCH_PING_EVERY_S: its
+    slowest answer is the longest the server's loop was held."""
+
+    def __init__(self, host, port, timeout, nick):
+        self.pinger = BlockingPeer(host, port, nick, timeout)
+        self.timeout = timeout
+        self.times = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._ping, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop.set()
+        self.thread.join(self.timeout)
+        self.pinger.close()
+
+    def _ping(self):
+        while not self.stop.is_set():
+            self.times.append(self.pinger.round_trip("/ping p", "*** pong p"))
+            self.stop.wait(BENCH_PING_EVERY_S)
+
+    def held_ms(self):
+        return round(max(self.times) * 1000, 1) if self.times else None
 
 
 def time_logins(host, port, count, timeout):
@@ -4953,36 +4969,26 @@ def time_logins(host, port, count, timeout):
     were answered, and the slowest ping (how long the loop was held), in ms."""
     owner = BlockingPeer(host, port, "acct", timeout)
     owner.round_trip("/register " + BENCH_ACCOUNT_PASSWORD, NOTICE + "acct is now your account")
-    pinger = BlockingPeer(host, port, "lp", timeout)
-    held, stop = [], threading.Event()
-
-    def ping():
-        while not stop.is_set():
-            held.append(pinger.round_trip("/ping p", "*** pong p"))
-            stop.wait(BENCH_PING_EVERY_S)
-    thread = threading.Thread(target=ping, daemon=True)
-    thread.start()
     socks = [socket.create_connection((host, port), timeout=timeout) for _ in range(count)]
     try:
-        started = time.monotonic()
-        for sock in socks:
-            sock.sendall(encode_line("/login acct not-the-password"))
-        wrong = encode_line(error(WRONG_LOGIN))
-        for sock in socks:
-            data = b""
-            while wrong not in data:
-                chunk = sock.recv(BENCH_RECV_BYTES)
-                if not chunk:
-                    raise BenchError("the server closed a login's connection")
-                data += chunk
-        answered = time.monotonic() - started
+        with LoopWatch(host, port, timeout, "lp") as watch:
+            started = time.monotonic()
+            for sock in socks:
+                sock.sendall(encode_line("/login acct not-the-password"))
+            wrong = encode_line(error(WRONG_LOGIN))
+            for sock in socks:
+                data = b""
+                while wrong not in data:
+                    chunk = sock.recv(BENCH_RECV_BYTES)
+                    if not chunk:
+                        raise BenchError("the server closed a login's connection")
+                    data += chunk
+            answered = time.monotonic() - started
     finally:
-        stop.set()
-        thread.join(timeout)
-        for sock in socks + [owner.sock, pinger.sock]:
+        for sock in socks + [owner.sock]:
             sock.close()
     return {"count": count, "all_answered_ms": round(answered * 1000, 1),
-            "loop_held_ms": round(max(held) * 1000, 1) if held else None}
+            "loop_held_ms": watch.held_ms()}
 
 
 class BlockingPeer:
