@@ -3416,7 +3416,7 @@ class ClientSession:
 
     def __init__(self, io, where, nick=None, password=None, interactive=False,
                  color=False, timestamps=False, bell=False, reconnect=False, tls=False,
-                 login=False, account_password=None):
+                 login=False, account_password=None, json_pipe=False):
         self.io = io
         self.where = where                 # host:port, for what is said about the server
         self.tls = tls
@@ -3439,6 +3439,7 @@ class ClientSession:
         self.unsent = bytearray()          # typed while disconnected: sent once back
         self.retry_password = False        # a wrong password: ask again on a new connection
         self.login = login                 # register by logging in to the account nick
+        self.json_pipe = json_pipe         # --json: JSON objects out, as the server sends them
         self.account_password = account_password  # its password: /login again on reconnecting
         self.quitting = False              # /quit sent: the server's close is expected
         self.pending_account = None        # a typed /login or /register awaiting its answer
@@ -3468,6 +3469,8 @@ class ClientSession:
         self._new_connection_state()
         self.online = True
         self.reconnecting = self.reconnecting or self.was_in
+        if self.json_pipe:
+            self.io.send(b"/format json\n")
         if self.password is not None:
             self._send_password()
         if self.nick and (not self.login or self.account_password is not None):
@@ -3477,6 +3480,9 @@ class ClientSession:
 
     def server_line(self, text):
         self.heard_server = True
+        if self.json_pipe:
+            self._json_line(text)
+            return
         if not self.registered:
             self._unregistered_line(text)
             return
@@ -3484,6 +3490,41 @@ class ClientSession:
             self._note_quit_progress(text)
         if not self._hidden(text):
             self._show_server_line(text)
+
+    def _json_line(self, text):
+        """--json: pass the server's objects on as they are (a text line sent
+        before /format json was read becomes a notice object); watch for our
+        join and for a refusal."""
+        if not text.startswith("{"):
+            kind, fields = parse_server_line(text)
+            if kind == "notice" and fields["text"] == "format: text":
+                return
+            text = json.dumps(json_object(format_line(kind, **fields) if kind in (
+                "notice", "error") else notice(text)), ensure_ascii=False)
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            return  # not from a chat.py server: nothing a program could use
+        self.io.show(text)
+        if self.registered:
+            return
+        if obj.get("type") == "joined":
+            self.registered = self.was_in = True
+            self.nick_sent = False
+            self.answer_deadline = None
+            self.nick = obj.get("nick", self.nick)
+            if self.reconnecting:
+                self.reconnecting = False
+                self.backoff = RECONNECT_FIRST_S
+                if self.unsent:
+                    self.io.send(bytes(self.unsent))
+                    self.unsent.clear()
+            self.io.ask("line")
+        elif obj.get("type") == "notice" and is_nick_question(obj.get("text", "")):
+            self._greeted()
+        elif obj.get("type") == "error" and self.nick_sent:
+            self.answer_deadline = None
+            self.io.finish(1)  # nobody to ask: the refusal is on stdout
 
     def server_closed(self):
         if self.quitting:
@@ -3535,7 +3576,7 @@ class ClientSession:
             self.unsent += encode_line(text)  # sent once we are back
             self.io.ask("line")
         else:
-            data = self._client_command(text)
+            data = encode_line(text) if self.json_pipe else self._client_command(text)
             if data.lower().split(b" ")[0].rstrip(b"\n") == b"/quit":
                 self._quitting()
             self.io.send(data)
@@ -3789,7 +3830,10 @@ class ClientSession:
 
     def notice(self, text):
         """A notice of the client's own."""
-        self.show(render_line(notice(text), color=self.color))
+        if self.json_pipe:
+            self.io.show(json.dumps(json_object(notice(text)), ensure_ascii=False))
+        else:
+            self.show(render_line(notice(text), color=self.color))
 
     def show(self, shown):
         if self.timestamps:
@@ -3881,7 +3925,8 @@ class ChatClient:
     def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT, nick=None,
                  stdin_fd=0, out=None, interactive=None, tls_context=None,
                  fingerprint=None, password=None, color=False, timestamps=False,
-                 bell=True, reconnect=False, login=False, account_password=None):
+                 bell=True, reconnect=False, login=False, account_password=None,
+                 json_pipe=False):
         self.host = host
         self.port = port
         self.tls_context = tls_context     # None: plain TCP
@@ -3894,7 +3939,8 @@ class ChatClient:
         self.interactive = interactive
         self.session = ClientSession(self, format_address((host, port)), nick, password,
                                      interactive, color, timestamps, bell and interactive,
-                                     reconnect, self.tls, login, account_password)
+                                     reconnect, self.tls, login, account_password,
+                                     json_pipe)
         self.readline = self._load_readline() if interactive else None
         if self.readline is not None:
             self._set_up_completion()
@@ -5247,6 +5293,9 @@ def build_parser():
     client.add_argument("--account-password-file", metavar="FILE",
                         help="your account's password, the file's first line (or the "
                              "environment variable %s)" % ACCOUNT_PASSWORD_ENV)
+    client.add_argument("--json", action="store_true",
+                        help="a pipe for programs: the server's JSON objects on stdout, one a "
+                             "line; lines and commands from stdin; no terminal handling")
     client.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                         help="colour nicks and lines: auto = on a terminal, unless "
                              "NO_COLOR is set (default auto)")
@@ -5470,6 +5519,7 @@ def run_client(args):
         sys.stderr.write("chat.py: --login needs --name (your account)\n")
         return 2
     return ChatClient(args.host, args.port, args.name, tls_context=tls_context,
+                      interactive=False if args.json else None, json_pipe=args.json,
                       fingerprint=args.fingerprint, password=password,
                       color=use_color(args.color, sys.stdout), timestamps=args.timestamps,
                       bell=not args.no_bell, reconnect=args.reconnect,

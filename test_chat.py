@@ -2107,6 +2107,24 @@ class ClientTest(ServerTestCase):
         self.assertIn("*** /quit [REASON]       leave", help_lines)
         self.assertNotIn(chat.HELP_TOKEN, out)
 
+    def test_json_pipe_for_programs(self):
+        watcher = self.join("watcher")
+        code, out, err = run_chat("client", "--json", "--name", "bot", "--port", str(self.port),
+                                  stdin=b"hello\n/ping done\n")
+        self.assertEqual(code, 0, err)
+        objects = [json.loads(line) for line in out.splitlines()]  # JSON, every line
+        types = [obj["type"] for obj in objects]
+        self.assertIn({"type": "joined", "nick": "bot", "room": "#lobby", "count": 2},
+                      [{k: v for k, v in obj.items() if k != "time"} for obj in objects])
+        message = objects[types.index("message")]
+        self.assertEqual((message["nick"], message["text"]), ("bot", "hello"))
+        self.assertIn("pong", types)
+        watcher.wait_for("<bot> hello")
+        code, out, err = run_chat("client", "--json", "--name", "watcher", "--port",
+                                  str(self.port), stdin=b"")
+        self.assertEqual(code, 1)
+        self.assertEqual(json.loads(out.splitlines()[-1])["code"], "nick_taken")
+
     def test_tls_to_a_plain_server_says_so(self):
         code, out, err = run_chat("client", "--tls", "--name", "x", "--port", str(self.port))
         self.assertEqual(code, 1)
