@@ -18,8 +18,9 @@ nickname) and have operators (/op, then /kick, /ban, /mute and the rest).
 
 The file, top to bottom:
     Settings       every default and limit, with its unit; LIMITS and Limits
-    Protocol       framing, telnet, cleaning text, nick rules, FORMATS (every
-                   line the server sends) and parse_server_line (its inverse)
+    Protocol       framing, telnet, cleaning text, nick and room rules,
+                   FORMATS (every line the server sends, as a Line that also
+                   knows its JSON form) and parse_server_line (its inverse)
     Plumbing       logging, selector bookkeeping, socket and TLS helpers
     Chat           Connection (with its phase), Room, SQLiteStore, Chat: what
                    a line means; it reaches the loop only through ChatServer's
