@@ -3036,6 +3036,7 @@ class TerminalAccountTest(TerminalCase):
         self.wait_until_reading()
         self.type(b"hello\r")
         self.bob.wait_for("<al> hello")
+        self.read_until(b"<al> hello")  # shown: no line is on its way while Enter is pressed
         self.wait_until_reading()
         self.type(b"/register correct horse\r")
         self.read_until(b"*** al is now your account")
