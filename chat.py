@@ -535,6 +535,114 @@ def parse_server_line(text):
     return "other", {"text": text}
 
 
+def line_parts(text):
+    """(kind, fields) of a server line: a Line knows them (made here, or
+    from a JSON object); a text line is parsed."""
+    if isinstance(text, Line):
+        return text.kind, text.fields
+    return parse_server_line(text)
+
+
+def _history_time(iso):
+    """2026-12-01T14:03:05.123Z (a JSON time) as a history block writes it."""
+    return "%s %s" % (iso[:10], iso[11:16])
+
+
+def _said(obj, kind):
+    line = format_line(kind, nick=obj["nick"], text=obj["text"])
+    line.extra.update(id=obj.get("id"), room=obj.get("room"))
+    return line
+
+
+def _private_from_json(obj, me):
+    if obj.get("offline"):
+        return format_line("history", time=_history_time(obj["time"]),
+                           line=format_line("private", nick=obj["from"], text=obj["text"]))
+    if me and nick_key(obj["from"]) == nick_key(me):
+        return format_line("private_echo", nick=obj["to"], text=obj["text"])
+    return format_line("private", nick=obj["from"], text=obj["text"])
+
+
+def _joined_from_json(obj, me):
+    # One type for two lines: registering (count: online) lands in the lobby,
+    # /join (count: here) anywhere; a /join back to the lobby reads as the first.
+    if obj["room"] == LOBBY:
+        return format_line("joined", nick=obj["nick"], count=obj["count"])
+    return format_line("joined_room", nick=obj["nick"], room=obj["room"], count=obj["count"])
+
+
+def _topic_from_json(obj, asked):
+    if obj["text"] is None:
+        if obj["nick"] is None:
+            return format_line("no_topic", room=obj["room"])
+        return format_line("topic_cleared", nick=obj["nick"])
+    if asked:  # on joining, or an answer to /topic: the topic as it stands
+        return format_line("topic", room=obj["room"], text=obj["text"], nick=obj["nick"])
+    return format_line("topic_set", nick=obj["nick"], text=obj["text"])
+
+
+def _moderation_from_json(obj, me):
+    kind = obj["type"]
+    if kind == "opped":
+        return format_line("opped", nick=obj["nick"])
+    fields = {"nick": obj["nick"], "op": obj["by"]}
+    if kind in ("kicked", "banned"):
+        fields["reason"] = obj.get("reason") or NO_REASON
+    return format_line(kind, **fields)
+
+
+def _who_from_json(obj, me):
+    operators = set(obj["operators"])
+    nicks = ["@" + nick if nick in operators else nick for nick in obj["nicks"]]
+    return format_line("who", count=len(nicks), room=obj["room"], nicks=", ".join(nicks))
+
+
+def _rooms_from_json(obj, me):
+    return format_line("rooms", count=obj["count"], rooms=plural(len(obj["rooms"]), "room"),
+                       list=", ".join("%s (%d)" % (room["name"], room["count"])
+                                      for room in obj["rooms"]))
+
+
+# The inverse of JSON_OBJECTS: the text line an object stands for (topic and
+# history_end need to know what was asked: see line_from_json).
+LINES_FROM_JSON = {
+    "message": lambda obj, me: _said(obj, "message"),
+    "action": lambda obj, me: _said(obj, "action"),
+    "private": _private_from_json,
+    "joined": _joined_from_json,
+    "left": lambda obj, me: format_line("left", nick=obj["nick"], reason=obj["reason"]),
+    "renamed": lambda obj, me: format_line("renamed", old=obj["old"], new=obj["new"]),
+    "who": _who_from_json,
+    "rooms": _rooms_from_json,
+    "pong": lambda obj, me: format_line("pong", token=obj["token"]),
+    "kicked": _moderation_from_json,
+    "banned": _moderation_from_json,
+    "muted": _moderation_from_json,
+    "unmuted": _moderation_from_json,
+    "opped": _moderation_from_json,
+    "notice": lambda obj, me: notice(obj["text"]),
+    "error": lambda obj, me: error(obj["text"]),
+}
+
+
+def line_from_json(obj, me=None, topic_asked=False):
+    """The text line (a Line) a JSON object from the server stands for, as
+    text mode would have sent it (times in UTC); None for history_end and
+    for what no line stands for. me: our nick (a private echo is ours);
+    topic_asked: a topic object answers a join or /topic, not a change."""
+    kind = obj.get("type")
+    try:
+        if kind == "topic":
+            return _topic_from_json(obj, topic_asked)
+        line = LINES_FROM_JSON[kind](obj, me)
+        if obj.get("history") and kind in ("message", "action"):
+            line = format_line("history", time=_history_time(obj["time"]), line=line).having(
+                id=obj.get("id"), room=obj.get("room"))
+        return line
+    except (KeyError, TypeError, ValueError):
+        return None  # history_end (the caller's), an unknown type, a field missing
+
+
 def help_commands(lines):
     """The commands a /help list names: the first word of each /... line."""
     return tuple(line.split(" ", 1)[0] for line in lines if line.startswith("/"))
@@ -689,6 +797,17 @@ UNSAFE_CHARACTERS = _unsafe_characters()
 def clean_text(text):
     """Remove what could act on a terminal: controls and invisible reordering marks."""
     return text.translate(UNSAFE_CHARACTERS)
+
+
+def clean_json(value):
+    """A JSON value from a server, every string in it made safe (clean_text)."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, list):
+        return [clean_json(item) for item in value]
+    if isinstance(value, dict):
+        return {clean_text(key): clean_json(item) for key, item in value.items()}
+    return value
 
 
 def decode_line(line):
@@ -3080,6 +3199,11 @@ ALL_HELP = frozenset(HELP + (HELP_OP,) + HELP_OPERATORS)
 SETUP_TOKEN = "chat.py-client-setup"
 HELP_TOKEN = "chat.py-client-help"
 JOIN_TOKEN = "chat.py-client-join"
+RESUME_TOKEN = "chat.py-client-resume"   # back after a reconnect: the replays are over
+# The server's answer to the /format json the client starts with.
+FORMAT_JSON_ANSWER = "format: json"
+# What a server without JSON mode answers /format with: the client stays in text.
+NO_JSON_CODES = frozenset({"unknown_command", "nick_invalid", "usage", "not_registered"})
 # The keyboard thread's records: a tag byte for what was asked for.
 TYPED_TAGS = {"nick": b"N", "secret": b"P", "account": b"A", "line": b"L"}
 TYPED_KINDS = {tag: kind for kind, tag in TYPED_TAGS.items()}
@@ -3111,7 +3235,7 @@ def render_line(text, me=None, color=False):
     dim, errors red, private messages distinct. text is already clean."""
     if not color:
         return text
-    kind, fields = parse_server_line(text)
+    kind, fields = line_parts(text)
     if kind in ("private", "private_echo"):
         return styled(STYLES["private"], text)
     if kind == "error":
@@ -3131,7 +3255,7 @@ def render_line(text, me=None, color=False):
 
 def wants_bell(text, me):
     """A private message, or someone else's line that names you."""
-    kind, fields = parse_server_line(text)
+    kind, fields = line_parts(text)
     if kind == "private":
         return True
     return (kind in ("message", "action") and bool(me)
@@ -3140,7 +3264,7 @@ def wants_bell(text, me):
 
 def track_nicks(nicks, text):
     """Keep nicks (clash key -> nick) current from a line from the server."""
-    kind, fields = parse_server_line(text)
+    kind, fields = line_parts(text)
     if kind in ("message", "action", "private", "joined"):
         nicks[nick_key(fields["nick"])] = fields["nick"]
     elif kind in ("left", "kicked", "banned"):
@@ -3171,7 +3295,7 @@ def completions(word, before, nicks, commands=CLIENT_COMMANDS + SERVER_COMMANDS,
 
 def local_history_line(text):
     """A history line with its time (UTC from the server) in local time."""
-    kind, fields = parse_server_line(text)
+    kind, fields = line_parts(text)
     if kind != "history":
         return text.replace(TIMES_IN_UTC, TIMES_LOCAL)
     when = calendar.timegm(time.strptime(fields["time"], HISTORY_TIME))
@@ -3436,6 +3560,7 @@ class ClientSession:
         self.online = False                # a connection is open
         self.was_in = False                # registered at least once: reconnecting makes sense
         self.reconnecting = False          # connected again, not registered again yet
+        self.waiting_for_server = False    # --reconnect: not reached once yet
         self.backoff = RECONNECT_FIRST_S
         self.unsent = bytearray()          # typed while disconnected: sent once back
         self.retry_password = False        # a wrong password: ask again on a new connection
@@ -3445,6 +3570,9 @@ class ClientSession:
         self.quitting = False              # /quit sent: the server's close is expected
         self.pending_account = None        # a typed /login or /register awaiting its answer
         self.quit_deadline = None
+        self.last_id = None                # the newest message id seen in self.room
+        self.speaks_json = False           # the server answered /format json in JSON
+        self.resume = None                 # (room, last id) to come back to, reconnecting
         self._new_connection_state()
 
     def _new_connection_state(self):
@@ -3461,6 +3589,18 @@ class ClientSession:
         self.joining = 0                   # typed /join answers still awaited
         self.silence_deadline = time.monotonic() + CLIENT_GREETING_WAIT_S
         self.answer_deadline = None        # piped: the nickname's answer is due
+        # JSON mode: the client asks for it, and shows each object as its text line.
+        self.format_asked = False          # /format json sent, not answered yet
+        self.json_now = False              # ...and answered in JSON, on this connection
+        self.hidden_history = 0            # /history 1 answers (the newest id) not to show
+        self.just_joined = False           # the last object was our join: a topic is its
+        self.topic_asks = 0                # typed /topic (no text) answers still due
+        self.history_ask = None            # what a typed /history or /search asked
+        self.block = []                    # a history block's items, until history_end
+        self.mail = []                     # offline messages, until something else comes
+        self.resuming = False              # back in: replays are dropped until RESUME_TOKEN
+        self.catching_up = False           # /history after LAST_ID asked: live lines wait
+        self.held = []                     # ...here
 
     # -- events from ChatClient --
 
@@ -3469,9 +3609,17 @@ class ClientSession:
         not is asked for once the server has asked for a nickname."""
         self._new_connection_state()
         self.online = True
+        if self.waiting_for_server:
+            self.waiting_for_server = False
+            self.backoff = RECONNECT_FIRST_S
         self.reconnecting = self.reconnecting or self.was_in
-        if self.json_pipe:
+        if self.json_pipe or self.speaks_json:
+            # Objects, not screen text. A new client registers in text first
+            # (the first line a v1 server reads is a nickname); coming back
+            # to a server known to speak JSON, it asks at once, so that all it
+            # is sent again carries ids.
             self.io.send(b"/format json\n")
+            self.format_asked = not self.json_pipe
         if self.password is not None:
             self._send_password()
         if self.nick and (not self.login or self.account_password is not None):
@@ -3484,6 +3632,24 @@ class ClientSession:
         if self.json_pipe:
             self._json_line(text)
             return
+        if text.startswith("{"):
+            for line in self._lines_from_json(text):
+                self._server_text(line)
+            return
+        if self.format_asked and text.startswith(ERROR) and error_code(
+                text[len(ERROR):]) in NO_JSON_CODES:
+            self.format_asked = False  # a server without JSON mode: text lines it is
+            return
+        self._server_text(text)
+
+    def received_all(self):
+        """The end of what arrived at once: offline messages are shown as a
+        block even if nothing follows them."""
+        for line in self._mail_block():
+            self._server_text(line)
+
+    def _server_text(self, text):
+        """A line from the server (a Line made from a JSON object, or text)."""
         if not self.registered:
             self._unregistered_line(text)
             return
@@ -3491,6 +3657,152 @@ class ClientSession:
             self._note_quit_progress(text)
         if not self._hidden(text):
             self._show_server_line(text)
+
+    # -- JSON mode: objects, shown as the text lines they stand for --
+
+    def _lines_from_json(self, text):
+        """The lines to show for one object, in order (none while a block,
+        the offline messages or a catch-up gathers)."""
+        try:
+            obj = clean_json(json.loads(text))
+        except ValueError:
+            return [text]
+        if not isinstance(obj, dict):
+            return [text]
+        kind = obj.get("type")
+        if self.format_asked and kind == "notice" and obj.get("text") == FORMAT_JSON_ANSWER:
+            self._json_on()
+            return []
+        offline = kind == "private" and obj.get("offline")
+        lines = [] if offline else self._mail_block()
+        if offline:
+            self.mail.append(line_from_json(obj))
+        elif obj.get("history"):
+            self.block.append((obj.get("id"), line_from_json(obj)))
+        elif kind == "history_end":
+            lines += self._history_end(obj)
+        elif kind in ("message", "action") and (self.resuming or self.catching_up):
+            self.held.append(obj)  # said after what the catch-up will show
+        else:
+            lines += self._live_line(obj, kind)
+        return [line for line in lines if line is not None]
+
+    def _json_on(self):
+        """The server speaks JSON: learn the newest id of the room (which a
+        reconnect asks what was said after), unless a reconnect is on it."""
+        self.format_asked = False
+        self.json_now = self.speaks_json = True
+        if self.registered and self.resume is None:
+            self.hidden_history += 1
+            self.io.send(b"/history 1\n")
+
+    def _live_line(self, obj, kind):
+        topic_asked = False
+        if kind == "topic":
+            topic_asked = self.just_joined or self.topic_asks > 0
+            if not self.just_joined and self.topic_asks:
+                self.topic_asks -= 1
+        else:
+            self.just_joined = kind == "joined" and (
+                not self.registered or nick_key(obj.get("nick", "")) == nick_key(self.nick))
+        if kind in ("message", "action"):
+            self._saw_id(obj)
+        return [line_from_json(obj, self.nick, topic_asked)]
+
+    def _saw_id(self, obj):
+        message_id = obj.get("id")
+        if obj.get("room") == self.room and isinstance(message_id, int) and (
+                self.last_id is None or message_id > self.last_id):
+            self.last_id = message_id
+
+    def _mail_block(self):
+        """The offline messages gathered, as the text block that holds them."""
+        if not self.mail:
+            return []
+        mail, self.mail = self.mail, []
+        return ([format_line("offline_start", messages=plural(len(mail), "message"))]
+                + mail + [format_line("offline_end")])
+
+    def _history_end(self, obj):
+        """A block is complete: its lines as text mode has them (a header,
+        the items, the end), or what a reconnect has not seen of it."""
+        items, self.block = self.block, []
+        if self.resuming:
+            return []  # a replay on coming back: the catch-up shows what was missed
+        if self.catching_up:
+            return self._caught_up(items)
+        if self.hidden_history:
+            self.hidden_history -= 1
+            for message_id, line in items:
+                self._saw_id(dict(room=obj.get("room"), id=message_id))
+            return []
+        room, ask, self.history_ask = obj.get("room", self.room), self.history_ask, None
+        for message_id, line in items:
+            self._saw_id(dict(room=room, id=message_id))
+        ask = ask or ("last", None)
+        if not items:
+            return [format_line({"last": "no_history", "search": "no_match",
+                                 "after": "no_history_after"}[ask[0]], room=room,
+                                text=ask[1], after=ask[1])]
+        messages = plural(len(items), "message")
+        header = {"last": format_line("history_last", messages=messages, room=room),
+                  "search": format_line("history_search", messages=messages, room=room,
+                                        text=ask[1]),
+                  "after": format_line("history_after", messages=messages, room=room,
+                                       after=ask[1])}[ask[0]]
+        return [header] + [line for _, line in items] + [format_line("history_end")]
+
+    # -- coming back after a reconnect: what was missed, once, in order --
+
+    def _resume(self):
+        """Registered again: back to the room we were in; the replays that
+        come are dropped, and what was said since the last id we saw is
+        asked for once they are over (RESUME_TOKEN)."""
+        room, last_id = self.resume
+        self.resuming = True
+        self.io.send((encode_line("/join " + room) if room != LOBBY else b"")
+                     + encode_line("/ping " + RESUME_TOKEN))
+
+    def _resumed(self):
+        """The replays are over: ask for what was missed (or, having seen
+        no id, there is nothing to ask after); return the lines to show."""
+        self.resuming = False
+        room, last_id = self.resume
+        if room == self.room and last_id is not None:
+            self.last_id = last_id
+            self.catching_up = True
+            self.io.send(encode_line("/history after %d" % last_id))
+            return []
+        return self._caught_up([])
+
+    def _caught_up(self, items):
+        """A page of /history after: show what was not seen; ask for the
+        next page if it was full; else the lines that waited, then what was
+        typed while away."""
+        room = self.room
+        lines = []
+        for message_id, line in items:
+            if self.last_id is None or message_id > self.last_id:
+                lines.append(line)
+                self.last_id = message_id
+        if lines:
+            lines = ([format_line("history_after", messages=plural(len(lines), "message"),
+                                  room=room, after=self.resume[1])]
+                     + lines + [format_line("history_end")])
+        if len(items) >= HISTORY_MAX:
+            self.io.send(encode_line("/history after %d" % self.last_id))
+            return lines
+        self.catching_up = False
+        held, self.held = self.held, []
+        for obj in held:
+            if obj.get("room") == room and (self.last_id is None
+                                            or obj.get("id", 0) > self.last_id):
+                lines += self._live_line(obj, obj["type"])
+        self.resume = None
+        if self.unsent:
+            self.io.send(bytes(self.unsent))
+            self.unsent.clear()
+        return lines
 
     def _json_line(self, text):
         """--json: pass the server's objects on as they are (a text line sent
@@ -3546,11 +3858,20 @@ class ClientSession:
             self.io.finish(1)
 
     def reconnect_failed(self, problem):
-        if not self.was_in:  # a new password's connection: nothing to come back to
+        if self.waiting_for_server:
+            self._schedule_reconnect(None)  # said once already
+        elif not self.was_in:  # a new password's connection: nothing to come back to
             self.notice(problem)
             self.io.finish(1)
         else:
             self._schedule_reconnect(problem)
+
+    def unreachable_at_start(self, problem):
+        """--reconnect, and the server can't be reached yet: keep trying,
+        saying so once."""
+        self.waiting_for_server = True
+        self.notice("%s; trying again until it answers (Ctrl-C to stop)" % problem)
+        self._schedule_reconnect(None)
 
     def typed(self, kind, text):
         """What the keyboard thread read, as it was asked for."""
@@ -3573,8 +3894,8 @@ class ClientSession:
             if nick:
                 self.nick = nick
             self._ask_for_registration()
-        elif not self.online or self.reconnecting:
-            self.unsent += encode_line(text)  # sent once we are back
+        elif not self.online or self.reconnecting or self.resume is not None:
+            self.unsent += encode_line(text)  # sent once we are back, and caught up
             self.io.ask("line")
         else:
             data = encode_line(text) if self.json_pipe else self._client_command(text)
@@ -3654,7 +3975,7 @@ class ClientSession:
     def _unregistered_line(self, text):
         """Before the join line: watch for the greeting, the answer to our
         nick and the password's; show what the user needs to see."""
-        kind, fields = parse_server_line(text)
+        kind, fields = line_parts(text)
         if kind == "joined":
             self._joined(fields["nick"], text)
         elif kind == "notice" and fields["text"] == PASSWORD_GREETING:
@@ -3709,7 +4030,11 @@ class ClientSession:
         self.answer_deadline = None
         self.nick = nick
         self.room = LOBBY
+        self.last_id = None
         self._show_server_line(text)
+        if not (self.format_asked or self.json_now or self.json_pipe):
+            self.format_asked = True
+            self.io.send(b"/format json\n")
         if self.interactive:
             self._learn_the_room()
         if self.reconnecting:
@@ -3730,19 +4055,29 @@ class ClientSession:
     def _lose_connection(self):
         self.io.disconnect()
         self.online = False
+        if self.registered and self.resume is None:
+            self.resume = (self.room, self.last_id)  # where to come back to
         self.registered = False
 
     def _schedule_reconnect(self, why):
+        """The next attempt, later each time; why (None: say nothing) is shown."""
         delay = self.backoff * random.uniform(1 - RECONNECT_JITTER, 1 + RECONNECT_JITTER)
         self.backoff = min(self.backoff * 2, RECONNECT_MAX_S)
         self.io.reconnect_at(time.monotonic() + delay)
-        self.notice("%s; reconnecting in %.0f s (Ctrl-C to stop)" % (why, delay))
+        if why is not None:
+            self.notice("%s; reconnecting in %.0f s (Ctrl-C to stop)" % (why, delay))
 
     def _back_in(self):
         """Registered again after a reconnect: say so, send what waited."""
         self.reconnecting = False
         self.backoff = RECONNECT_FIRST_S
         self.notice("reconnected")
+        if self.resume is not None and self.json_now and self.resume[1] is not None:
+            self._resume()  # what was typed meanwhile goes once caught up
+            return
+        if self.resume is not None and self.resume[0] != LOBBY:
+            self.io.send(encode_line("/join " + self.resume[0]))  # its replay says the rest
+        self.resume = None
         if self.unsent:
             self.io.send(bytes(self.unsent))
             self.unsent.clear()
@@ -3752,7 +4087,7 @@ class ClientSession:
     def _hidden(self, text):
         """Answers to what the client asked by itself are not shown; the
         client's own commands follow the answer to a typed /help."""
-        kind, fields = parse_server_line(text)
+        kind, fields = line_parts(text)
         if kind == "who" and self.hidden_who:
             self.hidden_who -= 1
             track_nicks(self.nicks, text)
@@ -3763,6 +4098,10 @@ class ClientSession:
             return True
         if self.setup and kind == "notice" and fields["text"] in ALL_HELP:
             self._offer(help_commands([fields["text"]]))
+            return True
+        if kind == "pong" and fields["token"] == RESUME_TOKEN and self.resuming:
+            for line in self._resumed():
+                self._server_text(line)
             return True
         if kind == "pong" and fields["token"] == SETUP_TOKEN:
             self.setup = False
@@ -3784,6 +4123,7 @@ class ClientSession:
     def _moved_to(self, room):
         """In another room now: the room's people are learnt afresh."""
         self.room = room
+        self.last_id = None
         self.nicks.clear()
         self.nicks[nick_key(self.nick)] = self.nick
         if self.interactive:
@@ -3810,7 +4150,7 @@ class ClientSession:
     def _show_server_line(self, text):
         """Show a line as the options say; keep nicks and /reply current."""
         track_nicks(self.nicks, text)
-        kind, fields = parse_server_line(text)
+        kind, fields = line_parts(text)
         self._note_account_answer(kind, fields)
         if kind == "private":
             self.last_private = fields["nick"]
@@ -3819,9 +4159,10 @@ class ClientSession:
         elif kind == "joined_room" and fields["nick"] == self.nick:
             self._moved_to(fields["room"])
         self._note_rooms(kind, fields)
-        if kind in ("history", "history_last", "history_search", "offline_start"):
+        if kind in ("history", "history_last", "history_search", "history_after",
+                    "offline_start"):
             text = local_history_line(text)
-        if kind == "history" and parse_server_line(fields["line"])[0] == "private":
+        if kind == "history" and line_parts(fields["line"])[0] == "private":
             shown = styled(STYLES["private"], text) if self.color else text  # while away
         else:
             shown = render_line(text, self.nick if self.registered else None, self.color)
@@ -3866,12 +4207,25 @@ class ClientSession:
             return encode_line(text) + encode_line("/ping " + HELP_TOKEN)
         if word in ("/login", "/register"):
             self._note_account(text)
+        self._note_question(word, arg.strip())
         if word == "/join" and self.interactive:
             # The next line is asked for once the server has answered, so that
             # its prompt names the room we are then in.
             self.joining += 1
             return encode_line(text) + encode_line("/ping " + JOIN_TOKEN)
         return encode_line(text)
+
+    def _note_question(self, word, arg):
+        """A typed /history, /search or /topic: its answer (a JSON object)
+        is shown as the text line for what was asked."""
+        if word == "/history":
+            after = arg.split()
+            self.history_ask = (("after", after[1]) if len(after) == 2
+                                and after[0].lower() == "after" else ("last", None))
+        elif word == "/search":
+            self.history_ask = ("search", arg)
+        elif word == "/topic" and not arg:
+            self.topic_asks += 1
 
     def _note_account(self, text):
         """A typed /login or /register: its account is logged in to again
@@ -3907,7 +4261,7 @@ class ClientSession:
     def _note_quit_progress(self, text):
         """While leaving: the server is still busy with our own lines (their
         echoes come back) and it is worth waiting for; others' chatter is not."""
-        kind, fields = parse_server_line(text)
+        kind, fields = line_parts(text)
         if (kind in ("message", "action") and fields["nick"] == self.nick) or kind in (
                 "private_echo", "error"):
             self.quit_deadline = time.monotonic() + CLIENT_QUIT_WAIT_S
@@ -4049,11 +4403,10 @@ class ChatClient:
 
     def _connect_and_chat(self):
         problem = self._connect()
-        if problem:
+        if problem and not self.session.reconnect:
             sys.stderr.write("chat.py: %s\n" % problem)
             return 1
         self.selector = selectors.DefaultSelector()
-        self.selector.register(self.sock, selectors.EVENT_READ, self._on_server)
         self.typed_r, self.typed_w = socket.socketpair()
         self.typed_r.setblocking(False)
         self.selector.register(self.typed_r, selectors.EVENT_READ, self._on_typed)
@@ -4070,7 +4423,11 @@ class ChatClient:
             return 0
         self._save_terminal_modes()
         threading.Thread(target=self._read_keyboard, name="keyboard", daemon=True).start()
-        self.session.connected()
+        if problem:
+            self.session.unreachable_at_start(problem)  # --reconnect: it keeps trying
+        else:
+            self.selector.register(self.sock, selectors.EVENT_READ, self._on_server)
+            self.session.connected()
         while self.result is None:
             self._run_pass()
         return self.result
@@ -4214,6 +4571,8 @@ class ChatClient:
                 break
             if line is not TOO_LONG:
                 self.session.server_line(decode_line(line))
+        if self.result is None and self.sock is sock:
+            self.session.received_all()
 
     def _flush(self):
         try:

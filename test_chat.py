@@ -423,6 +423,69 @@ class ParseLineTest(unittest.TestCase):
         self.assertEqual(chat.encode_line("é"), "é\n".encode("utf-8"))
 
 
+class JsonToTextTest(unittest.TestCase):
+    """line_from_json undoes json_object: the client shows, from JSON, the
+    very line text mode would have sent."""
+
+    WHEN = calendar.timegm((2026, 12, 1, 14, 3, 5, 0, 0, 0))
+
+    def round_trip(self, line, me="al", topic_asked=False):
+        obj = json.loads(chat.json_bytes(line).decode())
+        return chat.line_from_json(obj, me, topic_asked)
+
+    def test_every_kind_comes_back_as_its_text_line(self):
+        f = chat.format_line
+        cases = [
+            f("message", nick="bob", text="hi {there}").having(id=3, room="#lobby"),
+            f("action", nick="bob", text="waves").having(id=4, room="#lobby"),
+            f("private", nick="bob", text="psst").having(to="al"),
+            f("private_echo", nick="bob", text="hey").having(**{"from": "al"}),
+            f("joined", nick="bob", count=2).having(room="#lobby"),
+            f("joined_room", nick="bob", room="#rust", count=1),
+            f("left", nick="bob", reason="went to #rust").having(room="#lobby"),
+            f("renamed", old="bob", new="rob").having(room="#lobby"),
+            f("who", count=2, room="#lobby", nicks="@al, bob"),
+            f("who", count=0, room="#empty", nicks=""),
+            f("rooms", count=3, rooms="2 rooms", list="#lobby (2), #rust (1)"),
+            f("topic_set", nick="bob", text="rust!").having(room="#rust"),
+            f("topic_cleared", nick="bob").having(room="#rust"),
+            f("pong", token="abc def"),
+            f("kicked", nick="bob", op="al", reason="no reason given").having(room="#lobby"),
+            f("banned", nick="bob", op="al", reason="spam").having(room="#lobby"),
+            f("muted", nick="bob", op="al").having(room="#lobby"),
+            f("unmuted", nick="bob", op="al").having(room="#lobby"),
+            f("opped", nick="al").having(room="#lobby"),
+            chat.notice("welcome to chat.py (1 online)"),
+            chat.error("nickname bob is taken"),
+            f("history", time="2026-12-01 14:03",
+              line=f("message", nick="bob", text="old")).having(
+                  id=9, room="#lobby", nick="bob", kind="message", text="old", when=self.WHEN),
+            f("history", time="2026-12-01 14:03",
+              line=f("private", nick="bob", text="while away")).having(
+                  offline=True, to="al", text="while away", when=self.WHEN, **{"from": "bob"}),
+        ]
+        for line in cases:
+            with self.subTest(line=str(line)):
+                back = self.round_trip(line)
+                self.assertEqual(str(back), str(line))
+                self.assertEqual(back.kind, line.kind)  # known, not parsed again
+
+    def test_a_topic_is_the_standing_one_when_asked_for_and_a_change_when_not(self):
+        asked = chat.format_line("topic", room="#rust", text="rust!", nick="bob")
+        self.assertEqual(str(self.round_trip(asked, topic_asked=True)), str(asked))
+        none = chat.format_line("no_topic", room="#rust")
+        self.assertEqual(str(self.round_trip(none, topic_asked=True)), str(none))
+        self.assertEqual(str(self.round_trip(asked)), "*** bob set the topic: rust!")
+
+    def test_strings_from_a_server_are_cleaned_and_junk_is_no_line(self):
+        obj = chat.clean_json(json.loads(json.dumps({
+            "type": "message", "id": 1, "room": "#lobby", "nick": "bob",
+            "text": "\x1b[2Jx\x9b2J"})))
+        self.assertNotIn("\x1b", str(chat.line_from_json(obj)))
+        for junk in ({}, {"type": "nonsense"}, {"type": "message"}, {"type": "history_end"}):
+            self.assertIsNone(chat.line_from_json(junk))
+
+
 class ClientDisplayTest(unittest.TestCase):
     """What the client makes of a line: colours, bell, nicks, completion."""
 
@@ -2187,6 +2250,90 @@ class ClientTest(ServerTestCase):
         watcher.expect("*** bot left (quit)")
 
 
+def read_until(proc, wanted, timeout=TIMEOUT):
+    """Read a process's stdout up to a line containing wanted; return the
+    lines read (without their ends), the rest kept for the next call."""
+    pending = READ_AHEAD.setdefault(proc, bytearray())
+    lines, deadline = [], time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout.fileno(), selectors.EVENT_READ)
+        while True:
+            while b"\n" in pending:
+                line, _, rest = bytes(pending).partition(b"\n")
+                pending[:] = rest
+                lines.append(line.decode("utf-8", "replace"))
+                if wanted in lines[-1]:
+                    return lines
+            left = deadline - time.monotonic()
+            chunk = os.read(proc.stdout.fileno(), 65536) if left > 0 and selector.select(
+                left) else b""
+            if not chunk:
+                raise AssertionError("no line with %r; read %r" % (wanted, lines))
+            pending += chunk
+
+
+READ_AHEAD = weakref.WeakKeyDictionary()  # a process's stdout read but not yet returned
+
+
+class ClientResumeTest(ServerTestCase):
+    """--reconnect comes back to its room and shows what was said while it
+    was away, once and in order (JSON mode's ids and /history after ID)."""
+
+    def setUp(self):
+        self.start_server(op_password="sekrit")
+
+    def test_lines_said_while_away_are_shown_once_in_order(self):
+        bob = self.join("bob")
+        bob.send_line("/op sekrit")
+        bob.send_line("/join #rust")
+        bob.wait_for("*** bob joined #rust (1 here)")
+        bob.send_line("said before")
+        alice = start_process(self, [sys.executable, CHAT_PY, "client", "--name", "alice",
+                                     "--port", str(self.port), "--reconnect"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+        read_until(alice, "*** alice joined (2 online)")
+        alice.stdin.write(b"/join #rust\n")
+        alice.stdin.flush()
+        bob.wait_for("*** alice joined #rust (2 here)")
+        bob.send_line("seen live")
+        out = read_until(alice, "<bob> seen live")
+        bob.send_line("/kick alice")
+        bob.wait_for("*** alice was kicked by bob (no reason given)")
+        for text in ("away 1", "away 2", "/me away 3"):
+            bob.send_line(text)
+        bob.wait_for("* bob away 3")
+        out += read_until(alice, "*** reconnected")
+        bob.wait_for("*** alice joined #rust (2 here)")  # back in the room it was in
+        bob.send_line("back")
+        out += read_until(alice, "<bob> back")
+        alice.stdin.close()
+        alice.wait(TIMEOUT)
+        said = [line for line in out if re.search(r"(<bob>|\* bob) ", line)]
+        self.assertEqual([re.sub(r"^\[[^]]*\] ", "", line) for line in said], [
+            "<bob> said before", "<bob> seen live", "<bob> away 1", "<bob> away 2",
+            "* bob away 3", "<bob> back"], out)
+        self.assertRegex("\n".join(out), r"\*\*\* [34] messages in #rust after \d+ ")
+
+    def test_a_server_down_at_start_is_waited_for_and_said_once(self):
+        port = self.port
+        self.server.shutdown()  # the port, free: the server is down
+        alice = start_process(self, [sys.executable, CHAT_PY, "client", "--name", "alice",
+                                     "--port", str(port), "--reconnect"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+        out = read_until(alice, "trying again until it answers")
+        self.assertIn("cannot connect to 127.0.0.1:%d" % port, out[-1])
+        time.sleep(1.5)  # not a wait for anything: time for an attempt or two to fail
+        serve_in_thread(self, port)
+        self.port = port
+        out += read_until(alice, "*** alice joined (1 online)")
+        alice.stdin.close()
+        self.assertEqual(alice.wait(TIMEOUT), 0)
+        self.assertEqual(sum("trying again" in line or "reconnecting" in line
+                             for line in out), 1, out)
+
+
 class ClientAccountTest(ServerTestCase):
     """The bundled client logs in to its account, again after a reconnect,
     and shows the messages that waited."""
@@ -2376,6 +2523,47 @@ class ClientSessionTest(unittest.TestCase):
         shell = FakeShell()
         return chat.ClientSession(shell, "127.0.0.1:9999", **options), shell
 
+    def registered_in_json(self, **options):
+        """A session that registered (as al) and heard that the server speaks JSON."""
+        session, shell = self.session(nick="al", **options)
+        session.connected()
+        session.server_line("*** al joined (1 online)")
+        self.assertIn(b"/format json\n", shell.sent)
+        session.server_line(json.dumps({"type": "notice", "text": "format: json"}))
+        self.assertTrue(shell.sent.endswith(b"/history 1\n"))  # the newest id, unshown
+        session.server_line(json.dumps({"type": "history_end", "room": "#lobby", "count": 0}))
+        del shell.shown[:]
+        return session, shell
+
+    def test_json_blocks_are_shown_as_text_mode_shows_them(self):
+        session, shell = self.registered_in_json()
+        item = {"type": "message", "id": 7, "room": "#lobby", "nick": "bob", "text": "x",
+                "history": True, "time": "2026-12-01T14:03:05.123Z"}
+        session.typed("line", "/search x")
+        session.server_line(json.dumps(item))
+        session.server_line(json.dumps({"type": "history_end", "room": "#lobby", "count": 1}))
+        stamp = time.strftime(chat.HISTORY_TIME, time.localtime(
+            calendar.timegm((2026, 12, 1, 14, 3, 0, 0, 0, 0))))
+        self.assertEqual(shell.shown, [
+            '*** 1 message in #lobby matching "x" (local times):',
+            "[%s] <bob> x" % stamp, "*** end of history"])
+        del shell.shown[:]
+        session.typed("line", "/history after 7")
+        session.server_line(json.dumps({"type": "history_end", "room": "#lobby", "count": 0}))
+        self.assertEqual(shell.shown, ["*** no messages in #lobby after 7"])
+
+    def test_offline_messages_are_one_block_and_own_privates_are_echoes(self):
+        session, shell = self.registered_in_json()
+        for text in ("one", "two"):
+            session.server_line(json.dumps({"type": "private", "from": "bob", "to": "al",
+                                            "text": text, "offline": True,
+                                            "time": "2026-12-01T14:03:05.123Z"}))
+        self.assertEqual(shell.shown, [])  # gathered: the block's count is not known yet
+        session.server_line(json.dumps({"type": "private", "from": "al", "to": "bob",
+                                        "text": "thanks"}))
+        self.assertEqual(shell.shown[0], "*** 2 messages while you were away (local times):")
+        self.assertEqual(shell.shown[3:], ["*** end of messages", "-> *bob* thanks"])
+
     def test_a_password_room_on_a_terminal_asks_password_then_nick(self):
         session, shell = self.session(interactive=True)
         session.connected()
@@ -2389,7 +2577,8 @@ class ClientSessionTest(unittest.TestCase):
         self.assertEqual(shell.asked, ["secret", "nick"])
         session.typed("nick", " al ")
         session.server_line("*** al joined (2 online)")
-        self.assertEqual(shell.sent, b"/pass s3cret\nal\n/who\n/rooms\n/help\n/ping "
+        # In text until registered; then JSON, and the setup questions.
+        self.assertEqual(shell.sent, b"/pass s3cret\nal\n/format json\n/who\n/rooms\n/help\n/ping "
                          + chat.SETUP_TOKEN.encode() + b"\n")
         self.assertEqual(shell.asked[-1], "line")
         self.assertEqual(shell.shown, ["*** welcome to chat.py (1 online)",
