@@ -20,7 +20,8 @@ The file, top to bottom:
     Settings       every default and limit, with its unit; LIMITS and Limits
     Protocol       framing, telnet, cleaning text, nick and room rules,
                    FORMATS (every line the server sends, as a Line that also
-                   knows its JSON form) and parse_server_line (its inverse)
+                   knows its JSON form), parse_server_line and line_from_json
+                   (text and JSON back to a Line, for the client)
     Plumbing       logging, selector bookkeeping, socket and TLS helpers
     Chat           Connection (with its phase), Room, SQLiteStore, Chat: what
                    a line means; it reaches the loop only through ChatServer's
@@ -3593,6 +3594,7 @@ class ClientSession:
         self.format_asked = False          # /format json sent, not answered yet
         self.json_now = False              # ...and answered in JSON, on this connection
         self.hidden_history = 0            # /history 1 answers (the newest id) not to show
+        self.to_self = False               # a private message to ourselves: its echo is next
         self.just_joined = False           # the last object was our join: a topic is its
         self.topic_asks = 0                # typed /topic (no text) answers still due
         self.history_ask = None            # what a typed /history or /search asked
@@ -3707,7 +3709,14 @@ class ClientSession:
                 not self.registered or nick_key(obj.get("nick", "")) == nick_key(self.nick))
         if kind in ("message", "action"):
             self._saw_id(obj)
-        return [line_from_json(obj, self.nick, topic_asked)]
+        line = line_from_json(obj, self.nick, topic_asked)
+        if kind == "private" and line is not None and nick_key(obj["from"]) == nick_key(
+                obj["to"]) == nick_key(self.nick):
+            # To ourselves: the server sends what we got, then the echo of what we sent.
+            self.to_self = not self.to_self
+            if self.to_self:
+                line = format_line("private", nick=obj["from"], text=obj["text"])
+        return [line]
 
     def _saw_id(self, obj):
         message_id = obj.get("id")

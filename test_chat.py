@@ -2563,6 +2563,11 @@ class ClientSessionTest(unittest.TestCase):
                                         "text": "thanks"}))
         self.assertEqual(shell.shown[0], "*** 2 messages while you were away (local times):")
         self.assertEqual(shell.shown[3:], ["*** end of messages", "-> *bob* thanks"])
+        del shell.shown[:]
+        for _ in range(2):  # to ourselves: what we got, then the echo
+            session.server_line(json.dumps({"type": "private", "from": "al", "to": "al",
+                                            "text": "note"}))
+        self.assertEqual(shell.shown, ["*al* note", "-> *al* note"])
 
     def test_a_password_room_on_a_terminal_asks_password_then_nick(self):
         session, shell = self.session(interactive=True)
