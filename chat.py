@@ -212,6 +212,15 @@ RECONNECT_JITTER = 0.2        # each pause varies by this much either way, so th
                               # the clients of a restarted server don't all return at once
 
 
+# Several servers, one chat (--redis): what they share in Redis, and how often.
+REDIS_DEFAULT_PORT = 6379
+REDIS_START_TIMEOUT_S = 8.0   # unreachable at start: said and exit 1 within 10 s
+REDIS_PREFIX = "chat:"        # every key chat.py makes starts with this
+REDIS_FEED_MAXLEN = 100000    # the feed (every room's lines, in one order), trimmed ~
+REDIS_READ_BLOCK_MS = 1000    # an XREAD BLOCK waits this long for new entries
+REDIS_READ_COUNT = 1000       # ...and takes at most this many at once
+
+
 # --- Protocol -----------------------------------------------------------------
 # The only code that knows what bytes on the wire look like: framing, telnet
 # filtering, cleaning text, nickname rules, parsing a client's line, and the
@@ -1076,6 +1085,196 @@ def server_tls_context(cert_file, key_file):
     der = ssl.PEM_cert_to_DER_cert(pem[pem.index(ssl.PEM_HEADER):end])
     return context, certificate_fingerprint(der)
 
+
+
+# RESP, Redis's wire protocol: a command is an array of bulk strings; a reply
+# is a simple string (+), an error (-), an integer (:), a bulk string ($, -1:
+# nil) or an array (*) of replies.
+
+class RedisError(Exception):
+    """An error reply (-ERR ...), or a Redis that can't be reached or used."""
+
+
+def resp_command(*args):
+    """One command as RESP bytes; str and int arguments are encoded."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if not isinstance(arg, bytes):
+            arg = str(arg).encode(ENCODING)
+        out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+    return b"".join(out)
+
+
+class RespReader:
+    """Replies parsed from a byte stream fed in pieces. An error reply is a
+    RedisError instance among the values, not raised: it answers one command."""
+
+    def __init__(self):
+        self.buf = bytearray()
+        self.pos = 0
+
+    def feed(self, data):
+        self.buf += data
+
+    def replies(self):
+        """Every whole reply fed so far (the rest waits for more bytes)."""
+        out = []
+        while True:
+            try:
+                value, pos = self._parse(self.pos)
+            except IndexError:  # not all here yet
+                break
+            out.append(value)
+            self.pos = pos
+        if self.pos:
+            del self.buf[:self.pos]
+            self.pos = 0
+        return out
+
+    def _line(self, pos):
+        end = self.buf.find(b"\r\n", pos)
+        if end < 0:
+            raise IndexError
+        return bytes(self.buf[pos + 1:end]), end + 2
+
+    def _parse(self, pos):
+        if pos >= len(self.buf):
+            raise IndexError
+        kind = self.buf[pos:pos + 1]
+        line, pos = self._line(pos)
+        if kind == b"+":
+            return line.decode(ENCODING, "replace"), pos
+        if kind == b"-":
+            return RedisError(line.decode(ENCODING, "replace")), pos
+        if kind == b":":
+            return int(line), pos
+        if kind == b"$":
+            size = int(line)
+            if size < 0:
+                return None, pos
+            if len(self.buf) < pos + size + 2:
+                raise IndexError
+            return bytes(self.buf[pos:pos + size]), pos + size + 2
+        if kind == b"*":
+            count = int(line)
+            if count < 0:
+                return None, pos
+            items = []
+            for _ in range(count):
+                item, pos = self._parse(pos)
+                items.append(item)
+            return items, pos
+        raise RedisError("not a Redis reply: %r" % bytes(self.buf[pos - len(line) - 3:pos]))
+
+
+class RedisAddress:
+    """Where a Redis is and how to get in: from redis://[:PASSWORD@]HOST:PORT[/DB]
+    (rediss:// for TLS, verified against the system's CAs or SSL_CERT_FILE)."""
+
+    def __init__(self, url):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+            raise ValueError("%r is not redis://[:PASSWORD@]HOST:PORT[/DB] "
+                             "(or rediss:// for TLS)" % url)
+        try:
+            self.port = parts.port or REDIS_DEFAULT_PORT
+            self.db = int(parts.path.strip("/") or 0)
+        except ValueError:
+            raise ValueError("%r: the port and the database are whole numbers" % url)
+        self.host = parts.hostname
+        self.tls = parts.scheme == "rediss"
+        self.username = urllib.parse.unquote(parts.username) if parts.username else None
+        self.password = urllib.parse.unquote(parts.password) if parts.password else None
+        self.where = format_address((self.host, self.port)) + ("/%d" % self.db if self.db else "")
+
+    def hello(self):
+        """The commands that open a connection: the password, the database."""
+        out = b""
+        if self.password is not None:
+            out += resp_command(*(["AUTH"] + ([self.username] if self.username else [])
+                                  + [self.password]))
+        if self.db:
+            out += resp_command("SELECT", self.db)
+        return out
+
+    def hello_replies(self):
+        return (self.password is not None) + bool(self.db)
+
+    def open(self, timeout):
+        """A connected socket (TLS for rediss://), blocking with timeout. Raises OSError."""
+        sock = socket.create_connection((self.host, self.port), timeout=timeout)
+        if self.tls:
+            try:
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.host)
+            except (OSError, ssl.SSLError):
+                sock.close()
+                raise
+        return sock
+
+
+class BlockingRedis:
+    """A plain Redis connection for what may wait: the check at start, and
+    the worker thread's reads (history, searches). Never used on the loop."""
+
+    def __init__(self, address, timeout=REDIS_START_TIMEOUT_S):
+        self.address = address
+        self.timeout = timeout
+        self.sock = None
+        self.reader = RespReader()
+
+    def connect(self):
+        """Connect and get in; raise RedisError saying why not, in one line."""
+        where = self.address.where
+        started = time.monotonic()
+        try:
+            self.sock = self.address.open(self.timeout)
+            self.sock.settimeout(max(0.1, self.timeout - (time.monotonic() - started)))
+            replies = self._round_trip(self.address.hello() + resp_command("PING"),
+                                       self.address.hello_replies() + 1)
+        except socket.timeout:
+            self.close()
+            raise RedisError("Redis at %s did not answer in %.0f s" % (where, self.timeout))
+        except ssl.SSLCertVerificationError as exc:
+            self.close()
+            raise RedisError("cannot verify Redis at %s: %s"
+                             % (where, exc.verify_message or exc.reason))
+        except (OSError, ssl.SSLError) as exc:
+            self.close()
+            raise RedisError("cannot reach Redis at %s: %s" % (where, describe_error(exc)))
+        for reply in replies:
+            if isinstance(reply, RedisError):
+                self.close()
+                raise RedisError("Redis at %s refused us: %s" % (where, reply))
+        return self
+
+    def call(self, *args):
+        """One command's reply (an error reply raised). Raises RedisError, OSError."""
+        if self.sock is None:
+            self.connect()
+        try:
+            reply = self._round_trip(resp_command(*args), 1)[0]
+        except OSError:
+            self.close()  # the next call connects again
+            raise
+        if isinstance(reply, RedisError):
+            raise reply
+        return reply
+
+    def _round_trip(self, data, count):
+        self.sock.sendall(data)
+        replies = []
+        while len(replies) < count:
+            chunk = self.sock.recv(RECV_BYTES)
+            if not chunk:
+                raise ConnectionResetError("Redis closed the connection")
+            self.reader.feed(chunk)
+            replies += self.reader.replies()
+        return replies
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
 
 # --- Chat ---------------------------------------------------------------------
@@ -5615,6 +5814,9 @@ def build_parser():
                         help="the SQLite file that keeps history, rooms, topics and bans "
                              "(default %(default)s in the working directory; :memory: keeps "
                              "nothing past a restart)")
+    server.add_argument("--redis", metavar="URL",
+                        help="redis://[:PASSWORD@]HOST:PORT[/DB] (rediss:// for TLS): "
+                             "every server given the same Redis database is one chat")
     server.add_argument("--keep", type=non_negative_int, default=KEEP_MESSAGES, metavar="N",
                         help="messages kept per room, the oldest going first; 0 keeps all "
                              "(default %(default)s)")
@@ -5830,6 +6032,18 @@ def run_server(args):
     except ValueError as exc:
         sys.stderr.write("chat.py: %s\n" % exc)
         return 2
+    redis = None
+    if args.redis:
+        try:
+            redis = RedisAddress(args.redis)
+        except ValueError as exc:
+            sys.stderr.write("chat.py: --redis: %s\n" % exc)
+            return 2
+        try:
+            BlockingRedis(redis).connect().close()
+        except RedisError as exc:
+            sys.stderr.write("chat.py: %s\n" % exc)
+            return 1
     try:
         store = SQLiteStore(args.db, args.keep)
     except StoreError as exc:

@@ -3528,5 +3528,120 @@ class CommandLineTest(unittest.TestCase):
                         self.assertNotIn("site-packages", origin, root)
 
 
+# --- Several servers, one chat: RESP, and real redis-server processes ----------
+
+REDIS_SERVER = shutil.which("redis-server")
+NO_REDIS = ("redis-server is not installed (Debian: apt-get install redis-server; "
+            ".ci/run does it): the several-servers tests are skipped")
+
+
+class RespTest(unittest.TestCase):
+    """Redis's wire protocol, both ways, with no Redis."""
+
+    def test_a_command_is_an_array_of_bulk_strings(self):
+        self.assertEqual(chat.resp_command("SET", "k", 5, b"\r\n"),
+                         b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\n5\r\n$2\r\n\r\n\r\n")
+
+    def test_replies_are_parsed_however_the_bytes_are_cut(self):
+        data = (b"+OK\r\n-ERR wrong\r\n:42\r\n$-1\r\n$5\r\nhe\r\no\r\n"
+                b"*2\r\n*1\r\n:1\r\n$0\r\n\r\n*-1\r\n")
+        reader, replies = chat.RespReader(), []
+        for i in range(len(data)):
+            reader.feed(data[i:i + 1])
+            replies += reader.replies()
+        self.assertEqual(replies[0], "OK")
+        self.assertIsInstance(replies[1], chat.RedisError)
+        self.assertEqual(str(replies[1]), "ERR wrong")
+        self.assertEqual(replies[2:], [42, None, b"he\r\no", [[1], b""], None])
+
+    def test_urls(self):
+        address = chat.RedisAddress("rediss://:p%40ss@example.org:6380/2")
+        self.assertEqual((address.host, address.port, address.db, address.tls,
+                          address.password), ("example.org", 6380, 2, True, "p@ss"))
+        self.assertEqual(address.hello(), chat.resp_command("AUTH", "p@ss")
+                         + chat.resp_command("SELECT", 2))
+        self.assertEqual(chat.RedisAddress("redis://127.0.0.1").port, 6379)
+        for bad in ("http://x", "redis://", "redis://h:port", "redis://h/db"):
+            with self.assertRaises(ValueError, msg=bad):
+                chat.RedisAddress(bad)
+
+    def test_a_redis_that_never_answers_is_said_to_be_so(self):
+        silent = socket.socket()
+        self.addCleanup(silent.close)
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)  # connects, never answers
+        address = chat.RedisAddress("redis://127.0.0.1:%d" % silent.getsockname()[1])
+        with self.assertRaisesRegex(chat.RedisError, r"did not answer in"):
+            chat.BlockingRedis(address, timeout=0.3).connect()
+
+    def test_unreachable_at_start_is_one_line_exit_1_and_never_listening(self):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]  # free once closed: nothing listens there
+        started = time.monotonic()
+        code, out, err = run_chat("server", "--port", "0", "--db", ":memory:", "--redis",
+                                  "redis://127.0.0.1:%d" % port)
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertEqual(code, 1)
+        self.assertEqual(err, "chat.py: cannot reach Redis at 127.0.0.1:%d: "
+                              "Connection refused\n" % port)
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class RedisCase(unittest.TestCase):
+    """Real redis-server processes on free ports, in a temporary folder, and
+    chat.py servers on them. Skipped, in one line, where there is no redis-server."""
+
+    @classmethod
+    def setUpClass(cls):
+        if REDIS_SERVER is None:
+            raise unittest.SkipTest(NO_REDIS)
+
+    def start_redis(self, *options, port=None):
+        """A redis-server (no snapshots; options such as --requirepass); its URL."""
+        folder = tempfile.mkdtemp(prefix="chat-redis-", dir=WORK_DIR)
+        port = port or free_port()
+        proc = start_process(self, [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1",
+                                    "--save", "", "--dir", folder] + list(options),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            self.assertIsNone(proc.poll(), "redis-server did not start on %d" % port)
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                self.assertLess(time.monotonic(), deadline, "redis-server never listened")
+                time.sleep(0.05)
+        self.redis_proc = proc
+        return "redis://127.0.0.1:%d" % port
+
+    def start_chat(self, url, *args):
+        """A chat.py server on that Redis; (process, port) once it listens."""
+        proc = start_process(self, [sys.executable, CHAT_PY, "server", "--port", "0",
+                                    "--db", ":memory:", "--redis", url] + list(args),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        port, _ = wait_until_listening(self, proc.stderr)
+        return proc, port
+
+
+class RedisStartTest(RedisCase):
+
+    def test_a_wrong_password_is_one_line_and_exit_1(self):
+        url = self.start_redis("--requirepass", "right")
+        code, out, err = run_chat("server", "--port", "0", "--db", ":memory:", "--redis",
+                                  url.replace("//", "//:wrong@"))
+        self.assertEqual(code, 1)
+        self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertRegex(err, r"^chat.py: Redis at 127.0.0.1:\d+ refused us: WRONGPASS")
+        proc, port = self.start_chat(url.replace("//", "//:right@"))  # and the right one
+        self.assertIsNone(proc.poll())
+
+
 if __name__ == "__main__":
     unittest.main()
