@@ -1276,6 +1276,11 @@ class BlockingRedis:
             self.sock.close()
             self.sock = None
 
+    def detach(self):
+        """The connected socket, given up (to a RedisLink)."""
+        sock, self.sock = self.sock, None
+        return sock
+
 
 # --- Chat ---------------------------------------------------------------------
 # What a line means and who gets which line: registration, commands, nicks,
@@ -1702,8 +1707,9 @@ class Chat:
     registration_expired, disconnected, refusal); calls the loop through io."""
 
     def __init__(self, io, limits, password=None, op_password=None, store=None,
-                 replay=REPLAY_MESSAGES, operators=()):
+                 replay=REPLAY_MESSAGES, operators=(), network=None):
         self.io = io
+        self.network = network             # a RedisNetwork: one chat with other servers
         self.limits = limits
         self.password = password           # the room's, or None
         self.op_password = op_password     # for /op, or None: no operators
@@ -1726,7 +1732,7 @@ class Chat:
     def connected(self, conn):
         """A connection the chat may talk to: greet it."""
         conn.phase = NICKNAME if self.password is None else PASSWORD
-        greeting = [text.format(count=len(self.members)) for text in GREETING]
+        greeting = [text.format(count=self.online()) for text in GREETING]
         if conn.phase == PASSWORD:
             greeting.insert(-1, PASSWORD_GREETING)  # the last line still asks for a nick
         for text in greeting:
@@ -1790,6 +1796,10 @@ class Chat:
         self.io.log("%s: registration timed out" % conn.name)
         self.io.close(conn)
 
+    def online(self):
+        """How many are registered, on every server of the chat."""
+        return len(self.members) + (len(self.network.elsewhere) if self.network else 0)
+
     def disconnected(self, conn, reason):
         """conn's connection ended (or is ending): it leaves, and its room is
         told why (reason None: told already)."""
@@ -1797,7 +1807,10 @@ class Chat:
             return
         room, conn.room = conn.room, None  # out of the room; the loop closes it next
         del self.members[conn.key]
-        self.io.leave(room, conn)
+        if self.network is not None:
+            self.network.release(conn.key)
+        if room.members.get(conn.key) is conn:  # (not yet, while arriving over the network)
+            self.io.leave(room, conn)
         if reason is not None:
             self.io.broadcast(room, format_line("left", nick=conn.nick, reason=reason)
                               .having(room=room.name))
@@ -1855,19 +1868,59 @@ class Chat:
         self.io.send(conn, error(WRONG_PASSWORD))
         self.io.close(conn, delay=WRONG_PASSWORD_DELAY_S)  # a guess costs a second
 
-    def _register(self, conn, nick):
+    def _register(self, conn, nick, then=None):
+        """conn becomes nick, in the lobby; then() follows."""
         problem = self._nick_problem(nick, conn)
         if problem:
             self.io.send(conn, error(problem))
             return
+        if self.network is None:
+            self._registered(conn, nick, then)
+            return
+
+        def claimed(taken):  # several servers: the nick is claimed in Redis first
+            self.io.resume_input(conn)
+            if conn.phase not in (NICKNAME, PASSWORD):
+                if not taken:
+                    self.network.release(nick_key(nick))  # gone meanwhile
+            elif taken:
+                self.io.send(conn, error("nickname %s is taken" % nick))
+            else:
+                self._registered(conn, nick, then)
+        self.io.pause_input(conn)
+        self.network.claim(nick_key(nick), nick, self.lobby.key, claimed)
+
+    def _registered(self, conn, nick, then=None):
         conn.nick, conn.key, conn.phase = nick, nick_key(nick), MEMBER
         self.members[conn.key] = conn
-        self.io.enter(self.lobby, conn)
         self.io.log("%s joined from %s" % (nick, conn.name))
         conn.name = nick
-        self.io.broadcast(conn.room, format_line("joined", nick=nick, count=len(self.members))
-                          .having(room=conn.room.name))
-        self._welcome(conn, conn.room)
+        self._arrive(conn, self.lobby, format_line("joined", nick=nick, count=self.online())
+                     .having(room=self.lobby.name))
+        if then is not None:
+            then()
+
+    def _arrive(self, conn, room, line):
+        """conn enters room: its join line to everyone there, then the topic
+        and the replay to conn. On several servers the line goes through the
+        feed, and conn enters when it comes back: the replay is what was said
+        before it, and conn gets live what comes after, none missed or twice."""
+        if self.network is None:
+            self.io.enter(room, conn)
+            self.io.broadcast(room, line)
+            self._welcome(conn, room)
+            return
+        conn.room = room
+        self.io.pause_input(conn)
+        self.io.broadcast(room, line)
+
+        def arrived():
+            if conn.phase == MEMBER and conn.room is room:
+                self.io.send(conn, line)
+                self.io.enter(room, conn)
+                self._welcome(conn, room)
+                self.io.resume_input(conn)
+        self.io.then(arrived)
 
     def _nick_problem(self, nick, conn=None):
         """Return why nick can't be taken (by conn, if renaming), or None."""
@@ -1876,7 +1929,8 @@ class Chat:
             return problem
         key = nick_key(nick)
         holder = self.members.get(key)
-        if holder is not None and holder is not conn:
+        if (holder is not None and holder is not conn) or (
+                self.network is not None and key in self.network.elsewhere):
             return "nickname %s is taken" % nick
         if conn is None or conn.account != key:
             account = self._account(key)
@@ -1905,6 +1959,10 @@ class Chat:
         if not self._allowed_to_speak(conn):
             return
         room, now = conn.room, time.time()
+        if self.network is not None:  # stored, and given its id, with the feed's entry
+            self.io.broadcast(room, format_line(kind, nick=conn.nick, text=text).having(
+                room=room.name, when=now))
+            return
         message_id = self.store.append(room.key, conn.nick, kind, text, now)
         self.senders[message_id] = conn
         room.recent.append((message_id, now, conn.nick, kind, text))
@@ -1924,6 +1982,14 @@ class Chat:
             return
         target_nick, text = parts
         target = self.members.get(nick_key(target_nick))
+        elsewhere = self.network.elsewhere.get(nick_key(target_nick)) if self.network else None
+        if target is None and elsewhere is not None:
+            if self._allowed_to_speak(conn):  # through the feed, to its server
+                self.network.publish("", "", format_line("private", nick=conn.nick, text=text)
+                                     .having(to=elsewhere[0]))
+                self.io.send(conn, format_line("private_echo", nick=elsewhere[0], text=text)
+                             .having(**{"from": conn.nick}))
+            return
         if target is None:
             self._mail(conn, target_nick, text)
             return
@@ -1969,11 +2035,28 @@ class Chat:
         if problem:
             self.io.send(conn, error(problem))
             return
-        self._rename(conn, arg)
+        if self.network is None or nick_key(arg) == conn.key:
+            self._rename(conn, arg)
+            return
+
+        def claimed(taken):
+            self.io.resume_input(conn)
+            if conn.phase != MEMBER:
+                if not taken:
+                    self.network.release(nick_key(arg))
+            elif taken:
+                self.io.send(conn, error("nickname %s is taken" % arg))
+            else:
+                self._rename(conn, arg)
+        self.io.pause_input(conn)
+        self.network.claim(nick_key(arg), arg, conn.room.key, claimed)
 
     def _rename(self, conn, arg):
         """conn is now arg: its room is told."""
         old, room = conn.nick, conn.room
+        if self.network is not None:  # claimed already (or an account's): where it is now
+            self.network.release(conn.key)
+            self.network.place(nick_key(arg), arg, room.key)
         del self.members[conn.key]
         self.io.leave(room, conn)  # the room knows members by nick key: out, and in again
         conn.nick, conn.key, conn.name = arg, nick_key(arg), arg
@@ -1983,8 +2066,11 @@ class Chat:
         self.io.broadcast(room, format_line("renamed", old=old, new=arg).having(room=room.name))
 
     def _cmd_who(self, conn, arg):
-        members = sorted(conn.room.members.values(), key=lambda member: member.key)
-        nicks = ["@" + m.nick if m.op else m.nick for m in members]
+        here = [(m.nick, m.op) for m in conn.room.members.values()]
+        if self.network is not None:
+            here += self.network.in_room(conn.room.key)
+        nicks = ["@" + nick if op else nick for nick, op in sorted(
+            here, key=lambda member: nick_key(member[0]))]
         self.io.send(conn, format_line("who", count=len(nicks), room=conn.room.name,
                                        nicks=", ".join(nicks)))
 
@@ -1994,6 +2080,13 @@ class Chat:
         """The Room called name (as nicks clash), from memory, the store, or new."""
         key = nick_key(name)
         room = self.rooms.get(key)
+        if room is None and self.network is not None:  # what the feed has told us of it
+            self.network.remember_room(key, name)
+            topic, topic_nick = self.network.topics.get(key, (None, None))
+            room = self.rooms[key] = Room(self.network.names.get(key, name), topic, topic_nick,
+                                          replay=self.replay)
+            room.recent = self.network.recents.setdefault(
+                key, collections.deque(maxlen=self.replay))
         if room is None:
             stored = self.store.room(key)
             if stored is None:
@@ -2068,17 +2161,23 @@ class Chat:
                                            reason=LEFT_WENT_TO.format(room=room.name))
                           .having(room=old.name))
         self._forget_if_empty(old)
-        self.io.enter(room, conn)
-        self.io.broadcast(room, format_line("joined_room", nick=conn.nick, room=room.name,
-                                            count=len(room.members)))
-        self._welcome(conn, room)
+        here = len(room.members) + 1
+        if self.network is not None:
+            self.network.place(conn.key, conn.nick, room.key)
+            here += len(self.network.in_room(room.key))
+        self._arrive(conn, room, format_line("joined_room", nick=conn.nick, room=room.name,
+                                             count=here))
 
     def _cmd_rooms(self, conn, arg):
-        rooms = sorted((room for room in self.rooms.values() if room.members),
-                       key=lambda room: (-len(room.members), room.key))
+        counts = {room.key: [room.name, len(room.members)] for room in self.rooms.values()
+                  if room.members}
+        if self.network is not None:
+            for user in self.network.elsewhere.values():
+                counts.setdefault(user[1], [self.network.names.get(user[1], user[1]), 0])[1] += 1
+        rooms = sorted(counts.items(), key=lambda item: (-item[1][1], item[0]))
         self.io.send(conn, format_line(
-            "rooms", count=len(self.members), rooms=plural(len(rooms), "room"),
-            list=", ".join("%s (%d)" % (room.name, len(room.members)) for room in rooms)))
+            "rooms", count=self.online(), rooms=plural(len(rooms), "room"),
+            list=", ".join("%s (%d)" % (name, count) for _, (name, count) in rooms)))
 
     def _cmd_topic(self, conn, arg):
         room = conn.room
@@ -2098,6 +2197,8 @@ class Chat:
             room.topic, room.topic_nick = arg, conn.nick
             line = format_line("topic_set", nick=conn.nick, text=arg)
         self._store(self.store.set_topic, room.key, room.topic, room.topic_nick)
+        if self.network is not None:
+            self.network.keep_topic(room.key, room.topic, room.topic_nick)
         self.io.broadcast(room, line.having(room=room.name))
 
     def _cmd_history(self, conn, arg):
@@ -2142,9 +2243,10 @@ class Chat:
         the loop where the store can (a file: a long history can take a
         while), and answer conn with it."""
         self.commit()
-        if not self.store.reads_apart:
+        if self.network is None and not self.store.reads_apart:
             answer(read(self.store))
             return
+        reader = self.network.reader if self.network is not None else self.store.reader
 
         def answered(result):
             if isinstance(result, Exception):
@@ -2152,7 +2254,7 @@ class Chat:
                                          % describe_error(result)))
             else:
                 answer(result)
-        self.io.off_loop(conn, lambda: read(self.store.reader()), answered)
+        self.io.off_loop(conn, lambda: read(reader()), answered)
 
     def _cmd_search(self, conn, arg):
         if not arg:
@@ -2279,13 +2381,15 @@ class Chat:
             self.io.close(old)
         conn.account = key
         self.io.log("%s logged in" % nick)
-        if conn.phase == MEMBER:
-            self._rename(conn, nick)
-        else:
-            self._register(conn, nick)
-        if conn.phase == MEMBER:
+
+        def welcome_back():
             self._op_if_listed(conn)
             self._deliver_mail(conn)
+        if conn.phase == MEMBER:
+            self._rename(conn, nick)
+            welcome_back()
+        else:
+            self._register(conn, nick, then=welcome_back)
 
     def _op_if_listed(self, conn):
         if conn.account in self.operators and not conn.op:
@@ -2616,15 +2720,23 @@ class ChatServer:
 
     def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT, limits=None,
                  log=log_to_stderr, verbose=True, tls_context=None, password=None,
-                 op_password=None, store=None, replay=REPLAY_MESSAGES, operators=()):
+                 op_password=None, store=None, replay=REPLAY_MESSAGES, operators=(),
+                 network=None):
         self.host = host
         self.port = port
         self.limits = limits or Limits()
         self.tls_context = tls_context     # None: plain TCP
         self.logger = log                  # None: silent
         self.verbose = verbose             # False (-q): no per-client lines
-        self.chat = Chat(self, self.limits, password, op_password, store, replay, operators)
+        self.chat = Chat(self, self.limits, password, op_password, store, replay, operators,
+                         network)
         self.fanout = FanOut()
+        # Several servers: a room's lines go out through Redis and are delivered
+        # when they come back. What the chat does meanwhile waits in sequence,
+        # behind (None, number) for each of our entries not back yet.
+        self.network = network
+        self.sequence = collections.deque()
+        self.inserting = None              # while a waiting action runs: what it queues
         self.selector = None
         self.listener = None
         self.address = None                # (host, port) actually bound
@@ -2662,6 +2774,11 @@ class ChatServer:
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
         self.selector.register(self.wake_r, selectors.EVENT_READ, self._on_wake)
+        if self.network is not None:
+            for link in self.network.connect(self._network_lost):
+                link.events = selectors.EVENT_READ
+                self.selector.register(link.sock, link.events, link.on_ready)
+            self.network.read_feed(self._from_feed)
         self._open_spare_fd()
         self.log("listening on %s" % format_address(self.address), always=True)
         return self.address
@@ -2758,6 +2875,8 @@ class ChatServer:
         self.log("shutting down", always=True)
         for room in list(self.fanout.pending):
             self._deliver(room)
+        if self.network is not None:
+            self.network.goodbye(list(self.chat.members.values()))
         line = notice(SHUTDOWN_NOTICE)
         for conn in self.conns:
             if conn.phase not in (CLOSING, CLOSED) and not conn.handshake_wait:
@@ -2788,6 +2907,8 @@ class ChatServer:
     def _close_everything(self):
         if self.worker is not None:
             self.worker.stop()
+        if self.network is not None:
+            self.network.close()
         self.chat.close()
         for conn in list(self.conns):
             self._forget(conn)
@@ -2804,6 +2925,9 @@ class ChatServer:
 
     def send(self, conn, text):
         """Queue a line for one connection, after the broadcasts it is owed."""
+        self._in_order(self._send_now, conn, text)
+
+    def _send_now(self, conn, text):
         if conn.phase == CLOSED:
             return
         if conn.room is not None and conn.room in self.fanout.pending:
@@ -2813,15 +2937,27 @@ class ChatServer:
         self.dirty.add(conn)
 
     def broadcast(self, room, text):
-        """Queue a line for every member of room, in the one order all of them see."""
-        self.fanout.broadcast(room, encode_line(text), text)
+        """Queue a line for every member of room, in the one order all of them
+        see (several servers: the feed's, once it comes back from Redis)."""
+        if self.network is None or not self.network.commands.alive:
+            self.fanout.broadcast(room, encode_line(text), text)
+            return
+        number = self.network.publish(room.key, room.name, text)
+        (self.inserting if self.inserting is not None else self.sequence).append((None, number))
+
+    def then(self, action):
+        """Call action() once the lines broadcast so far are delivered."""
+        self._in_order(action)
 
     def enter(self, room, conn):
         """conn is now a member of room: it gets the room's lines from here on."""
-        self.fanout.enter(room, conn)
+        self._in_order(self.fanout.enter, room, conn)
 
     def leave(self, room, conn):
         """conn leaves room: it still gets what the room was sent before."""
+        self._in_order(self._leave_now, room, conn)
+
+    def _leave_now(self, room, conn):
         owed = self.fanout.leave(room, conn)
         if owed:
             conn.outbuf += owed
@@ -2832,6 +2968,11 @@ class ChatServer:
     def close(self, conn, delay=0.0):
         """Stop handling conn's input; close it once its output is written,
         and not before delay seconds."""
+        if self.sequence or self.inserting:
+            conn.waiting = True  # no more of its lines meanwhile
+        self._in_order(self._close_now, conn, delay)
+
+    def _close_now(self, conn, delay):
         if conn.phase in (CLOSING, CLOSED):
             return
         self.chat.disconnected(conn, LEFT_QUIT)  # a member still in the room leaves
@@ -2847,6 +2988,76 @@ class ChatServer:
     def log(self, text, always=False):
         if self.logger is not None and (always or self.verbose):
             self.logger(text)
+
+    # -- several servers: the feed --
+
+    def _in_order(self, action, *args):
+        """Do it now, or (several servers) after our lines still on their way."""
+        waiting = self.inserting if self.inserting is not None else self.sequence
+        if waiting:
+            waiting.append((action, args))
+        else:
+            action(*args)
+
+    def _from_feed(self, entry):
+        """An entry of the feed (any server's, ours too): deliver its line to
+        our members of its room (or, a private message, to its addressee)."""
+        network = self.network
+        network.heard(entry)
+        kind, fields, room_key = entry["k"], entry["f"], entry["r"]
+        line = format_line(kind, **fields).having(**entry["x"])
+        if entry["id"]:
+            line.having(id=entry["id"])
+        ours = entry["o"] == network.server_id
+        if not room_key:  # a private message from another server
+            target = self.chat.members.get(nick_key(entry["x"].get("to", "")))
+            if target is not None and not ours:
+                self._send_now(target, line)
+        else:
+            room = self.chat.rooms.get(room_key)
+            if room is not None and not ours and kind in ("topic_set", "topic_cleared"):
+                room.topic, room.topic_nick = network.topics[room_key]
+                if room.topic is None:
+                    room.topic_nick = None
+            if room is not None and room.members:
+                self.fanout.broadcast(room, encode_line(line), line)
+        if ours and room_key:
+            self._delivered(entry["s"])
+
+    def _delivered(self, number):
+        """One of our entries is back: what waited for it is done, in order."""
+        while self.sequence and self.sequence[0][0] is not None:
+            self._run_waiting(self.sequence.popleft())  # (only after a lost link)
+        if self.sequence and self.sequence[0] == (None, number):
+            self.sequence.popleft()
+        while self.sequence and self.sequence[0][0] is not None:
+            self._run_waiting(self.sequence.popleft())
+
+    def _run_waiting(self, item):
+        """Run a waiting action; what it queues goes before what waited after it."""
+        action, args = item
+        self.inserting = []
+        try:
+            action(*args)
+        finally:
+            queued, self.inserting = self.inserting, None
+            self.sequence.extendleft(reversed(queued))
+
+    def _network_lost(self, why):
+        """Redis went away. (Coming back is not done yet: this server goes on alone.)"""
+        self.log("the chat network is unreachable: %s; this server goes on alone" % why,
+                 always=True)
+        waiting, self.sequence = self.sequence, collections.deque()
+        for action, args in waiting:
+            if action is not None:
+                self._run_waiting((action, args))
+
+    def _flush_network(self):
+        for link in (self.network.commands, self.network.feed):
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if link.flush() else 0)
+            if link.alive and events != link.events:
+                link.events = events
+                self.selector.modify(link.sock, events, link.on_ready)
 
     def off_loop(self, conn, work, done):
         """Run work() in the worker thread, then done(its result) in the loop;
@@ -3292,6 +3503,8 @@ class ChatServer:
                 self._note_backlog(conn)
         for room in list(self.fanout.pending):
             self._deliver(room)  # leave notices from drops: sent next pass
+        if self.network is not None:
+            self._flush_network()
 
     def _flush(self, conn):
         """Send as much of outbuf as the socket takes, in one call (TLS: a few)."""
@@ -3358,6 +3571,334 @@ class ChatServer:
         self.conns.discard(conn)
         self.dirty.discard(conn)
         self.behind.discard(conn)
+
+
+# --- Several servers, one chat (Redis) ----------------------------------------
+# Every line a room is sent goes through one Redis stream, the feed: a server
+# adds it there (a Lua script, which also gives a message its id and keeps it
+# in the room's own stream, the history) and delivers it to its own members
+# only when it reads it back, as every other server does. The feed's order is
+# the one order everyone sees. Who is online where is a hash, each nick
+# claimed in it atomically (HSETNX); each server also keeps a copy, kept
+# current by the feed, for /who, /rooms and /msg.
+
+REDIS_FEED = REDIS_PREFIX + "feed"            # every room's lines, in one order
+REDIS_IDS = REDIS_PREFIX + "ids"              # the last message id given
+REDIS_PRESENCE = REDIS_PREFIX + "presence"    # nick key -> {nick, room, server}
+REDIS_ROOMS = REDIS_PREFIX + "rooms"          # room key -> its name
+REDIS_TOPICS = REDIS_PREFIX + "topics"        # room key -> {text, nick}
+REDIS_HISTORY = REDIS_PREFIX + "room:"        # + room key: its messages, id-0 each
+
+# KEYS: feed, ids, the room's history; ARGV: feed length, --keep, then for a
+# message or an action its nick, kind, text and time ("" for other lines),
+# and the entry. Returns the message's id (0 for other lines).
+PUBLISH_SCRIPT = """
+local id = 0
+if ARGV[3] ~= '' then
+  id = redis.call('INCR', KEYS[2])
+  local fields = {'n', ARGV[3], 'k', ARGV[4], 't', ARGV[5], 'w', ARGV[6]}
+  if tonumber(ARGV[2]) > 0 then
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], id .. '-0', unpack(fields))
+  else
+    redis.call('XADD', KEYS[3], id .. '-0', unpack(fields))
+  end
+end
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'i', id, 'e', ARGV[7])
+return id
+"""
+
+
+def _text(value):
+    return value.decode(ENCODING, "replace") if isinstance(value, bytes) else value
+
+
+def _pairs(flat):
+    """A Redis reply [k1, v1, k2, v2...] as a dict of str."""
+    return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat or ()), 2)}
+
+
+class RedisLink:
+    """A non-blocking Redis connection inside the server's loop: commands
+    are queued (pipelined) with a callback for each reply, called in order."""
+
+    def __init__(self, sock, tls, on_lost):
+        sock.setblocking(False)
+        self.sock, self.tls, self.on_lost = sock, tls, on_lost
+        self.outbuf = bytearray()
+        self.callbacks = collections.deque()
+        self.reader = RespReader()
+        self.alive = True
+
+    def call(self, callback, *args):
+        """Queue a command; callback(reply) (None: no interest) once it answers."""
+        if self.alive:
+            self.outbuf += resp_command(*args)
+            self.callbacks.append(callback)
+
+    def flush(self):
+        """Write what the socket takes; return whether anything is left."""
+        if self.outbuf and self.alive:
+            try:
+                sent = send_some(self.sock, self.outbuf, self.tls)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
+                    ssl.SSLWantWriteError):
+                sent = 0
+            except OSError as exc:
+                self._lost(describe_error(exc))
+                return False
+            del self.outbuf[:sent]
+        return bool(self.outbuf) and self.alive
+
+    def on_ready(self):
+        """The selector says the socket is ready: read replies, write more."""
+        try:
+            data = receive_some(self.sock, self.tls)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
+                ssl.SSLWantWriteError):
+            data = None
+        except OSError as exc:
+            self._lost(describe_error(exc))
+            return
+        if data == b"":
+            self._lost("Redis closed the connection")
+            return
+        if data:
+            self.reader.feed(data)
+            for reply in self.reader.replies():
+                callback = self.callbacks.popleft()
+                if callback is not None:
+                    callback(reply)
+        self.flush()
+
+    def _lost(self, why):
+        if self.alive:
+            self.alive = False
+            self.on_lost(why)
+
+    def close(self):
+        self.alive = False
+        self.sock.close()
+
+
+class RedisNetwork:
+    """This server's part in a chat of several: the feed it adds to and reads,
+    the claims on nicks, and what it knows of the other servers' users."""
+
+    def __init__(self, address, keep=KEEP_MESSAGES, replay=REPLAY_MESSAGES):
+        self.address = address
+        self.keep = keep
+        self.replay = replay
+        self.server_id = os.urandom(6).hex()  # this process, for its entries and claims
+        self.script = None
+        self.last = "0-0"                  # the feed entry read last
+        self.commands = self.feed = None   # the two RedisLinks, once started
+        self.history = None                # the worker thread's BlockingRedis
+        self.seq = 0                       # this server's entries, numbered
+        self.elsewhere = {}                # nick key -> [nick, room key, server, op]
+        self.recents = {}                  # room key -> deque of its last messages
+        self.topics = {}                   # room key -> (text, nick)
+        self.names = {}                    # room key -> its name
+
+    def load(self):
+        """What is there at start (blocking, before the loop): the script,
+        where the feed is, who is online, each room's last messages and topic.
+        Raises RedisError."""
+        redis = BlockingRedis(self.address).connect()
+        try:
+            self.script = _text(redis.call("SCRIPT", "LOAD", PUBLISH_SCRIPT))
+            last = redis.call("XREVRANGE", REDIS_FEED, "+", "-", "COUNT", 1)
+            self.last = _text(last[0][0]) if last else "0-0"
+            for key, value in _pairs(redis.call("HGETALL", REDIS_PRESENCE)).items():
+                user = json.loads(value)
+                self.elsewhere[key] = [user["nick"], user["room"], user["server"], False]
+            redis.call("HSETNX", REDIS_ROOMS, nick_key(LOBBY), LOBBY)
+            self.names = _pairs(redis.call("HGETALL", REDIS_ROOMS))
+            for key, value in _pairs(redis.call("HGETALL", REDIS_TOPICS)).items():
+                topic = json.loads(value)
+                self.topics[key] = (topic["text"], topic["nick"])
+            for key in self.names:
+                rows = history_rows(redis.call("XREVRANGE", REDIS_HISTORY + key, "+", "-",
+                                               "COUNT", self.replay)) if self.replay else []
+                self.recents[key] = collections.deque(reversed(rows), maxlen=self.replay)
+        except (OSError, ValueError, KeyError) as exc:
+            raise RedisError("Redis at %s: %s" % (self.address.where, describe_error(exc)))
+        finally:
+            redis.close()
+
+    def connect(self, on_lost):
+        """The two links for the loop: commands, and the feed's blocking reads."""
+        links = []
+        for _ in range(2):
+            redis = BlockingRedis(self.address).connect()
+            links.append(RedisLink(redis.detach(), self.address.tls, on_lost))
+        self.commands, self.feed = links
+        return links
+
+    def read_feed(self, entries_read):
+        """Wait (on the feed link) for entries after the last one read."""
+        def got(reply):
+            if isinstance(reply, RedisError):
+                log_to_stderr("reading the chat network's feed: %s" % reply)
+                reply = None
+            for _, entries in reply or ():
+                for entry_id, flat in entries:
+                    self.last = _text(entry_id)
+                    try:
+                        fields = _pairs(flat)
+                        entry = json.loads(fields["e"])
+                        entry["id"] = int(fields["i"])
+                        entries_read(entry)
+                    except Exception:  # deliberately broad: one bad entry, not the room
+                        log_to_stderr("a feed entry %s was not delivered:\n%s"
+                                      % (self.last, traceback.format_exc().rstrip()))
+            self.read_feed(entries_read)
+        self.feed.call(got, "XREAD", "COUNT", REDIS_READ_COUNT, "BLOCK", REDIS_READ_BLOCK_MS,
+                       "STREAMS", REDIS_FEED, self.last)
+
+    def publish(self, room_key, room_name, line):
+        """Add a room's line to the feed (a message or an action also to the
+        room's history, with a new id); return its number among ours."""
+        self.commands.call(None, *self._publish_command(room_key, room_name, line))
+        return self.seq
+
+    def _publish_command(self, room_key, room_name, line):
+        self.seq += 1
+        extra = {name: value for name, value in line.extra.items() if name != "json"}
+        entry = json.dumps({"o": self.server_id, "s": self.seq, "r": room_key,
+                            "m": room_name, "k": line.kind, "f": line.fields, "x": extra},
+                           ensure_ascii=False)
+        said = ((line.fields["nick"], line.kind, line.fields["text"], extra.get("when", 0))
+                if line.kind in ("message", "action") and room_key else ("", "", "", ""))
+        return ("EVALSHA", self.script, 3, REDIS_FEED, REDIS_IDS,
+                REDIS_HISTORY + (room_key or ""), REDIS_FEED_MAXLEN, self.keep) + said + (entry,)
+
+    def goodbye(self, members):
+        """At shutdown (the loop is over: this may block): our users leave
+        the rooms of the other servers, and their nicks are free."""
+        commands = [self._publish_command(conn.room.key, conn.room.name, format_line(
+            "left", nick=conn.nick, reason=SHUTDOWN_NOTICE).having(room=conn.room.name))
+            for conn in members if conn.room is not None]
+        commands += [("HDEL", REDIS_PRESENCE, conn.key) for conn in members]
+        if not commands:
+            return
+        redis = BlockingRedis(self.address, timeout=SHUTDOWN_FLUSH_S)
+        try:
+            redis.connect()._round_trip(b"".join(resp_command(*c) for c in commands),
+                                        len(commands))
+        except (RedisError, OSError) as exc:
+            log_to_stderr("could not tell the chat network we are going: %s"
+                          % describe_error(exc))
+        finally:
+            redis.close()
+
+    def close(self):
+        for link in (self.commands, self.feed):
+            if link is not None:
+                link.close()
+
+    def claim(self, key, nick, room_key, answer):
+        """Take nick for one of ours, unless someone anywhere has it: answer(taken?)."""
+        value = json.dumps({"nick": nick, "room": room_key, "server": self.server_id})
+        self.commands.call(lambda reply: answer(reply != 1), "HSETNX", REDIS_PRESENCE, key,
+                           value)
+
+    def place(self, key, nick, room_key):
+        """One of ours is in room_key now (or renamed to nick)."""
+        value = json.dumps({"nick": nick, "room": room_key, "server": self.server_id})
+        self.commands.call(None, "HSET", REDIS_PRESENCE, key, value)
+
+    def release(self, key):
+        self.commands.call(None, "HDEL", REDIS_PRESENCE, key)
+
+    def remember_room(self, key, name):
+        if key not in self.names:
+            self.names[key] = name
+            self.commands.call(None, "HSETNX", REDIS_ROOMS, key, name)  # (the lobby: load())
+
+    def keep_topic(self, key, text, nick):
+        if text is None:
+            self.commands.call(None, "HDEL", REDIS_TOPICS, key)
+        else:
+            self.commands.call(None, "HSET", REDIS_TOPICS, key,
+                               json.dumps({"text": text, "nick": nick}))
+
+    def flush(self):
+        """Write the links; return those with output left (to watch for writing)."""
+        return [link for link in (self.commands, self.feed) if link.flush()]
+
+    def heard(self, entry):
+        """Keep the copy of who is where, and each room's last messages and
+        topic, current from an entry of the feed (every server's, ours too)."""
+        kind, fields, room = entry["k"], entry["f"], entry["r"]
+        if kind in ("message", "action"):
+            recent = self.recents.setdefault(room, collections.deque(maxlen=self.replay))
+            recent.append((entry["id"], entry["x"].get("when", 0), fields["nick"], kind,
+                           fields["text"]))
+        elif kind in ("topic_set", "topic_cleared"):
+            self.topics[room] = (fields.get("text"), fields["nick"])
+        if entry["o"] == self.server_id:
+            return
+        if kind in ("joined", "joined_room"):
+            self.elsewhere[nick_key(fields["nick"])] = [fields["nick"], room, entry["o"], False]
+        elif kind == "renamed":
+            user = self.elsewhere.pop(nick_key(fields["old"]), None)
+            if user is not None:
+                user[0] = fields["new"]
+                self.elsewhere[nick_key(fields["new"])] = user
+        elif kind == "opped" and nick_key(fields["nick"]) in self.elsewhere:
+            self.elsewhere[nick_key(fields["nick"])][3] = True
+        elif kind in ("kicked", "banned") or (kind == "left" and not fields["reason"].startswith(
+                LEFT_WENT_TO.format(room=""))):
+            self.elsewhere.pop(nick_key(fields["nick"]), None)
+
+    def in_room(self, room_key):
+        """The other servers' users in a room: [(nick, op)]."""
+        return [(user[0], user[3]) for user in self.elsewhere.values() if user[1] == room_key]
+
+    def reader(self):
+        """The worker thread's connection, for history (made when first needed)."""
+        if self.history is None:
+            self.history = RedisHistory(self.address)
+        return self.history
+
+
+def history_rows(entries):
+    """Stream entries of a room's history as (id, time, nick, kind, text)."""
+    rows = []
+    for entry_id, flat in entries or ():
+        fields = _pairs(flat)
+        rows.append((int(_text(entry_id).split("-")[0]), float(fields["w"]), fields["n"],
+                     fields["k"], fields["t"]))
+    return rows
+
+
+class RedisHistory:
+    """The store's history reads (recent, after, search), from the rooms'
+    streams in Redis; in the worker thread, never the loop."""
+
+    def __init__(self, address):
+        self.redis = BlockingRedis(address)
+
+    def recent(self, room, count):
+        return history_rows(self.redis.call("XREVRANGE", REDIS_HISTORY + room, "+", "-",
+                                            "COUNT", count))[::-1]
+
+    def after(self, room, after, count):
+        return history_rows(self.redis.call("XRANGE", REDIS_HISTORY + room,
+                                            "%d-0" % (after + 1), "+", "COUNT", count))
+
+    def search(self, room, text, count):
+        """The last count messages whose text holds text (case ignored):
+        the stream read newest first, a thousand at a time."""
+        needle, found, upper = text.casefold(), [], "+"
+        while len(found) < count:
+            rows = history_rows(self.redis.call("XREVRANGE", REDIS_HISTORY + room, upper, "-",
+                                                "COUNT", 1000))
+            found += [row for row in rows if needle in row[4].casefold()][:count - len(found)]
+            if len(rows) < 1000:
+                break
+            upper = "%d-0" % (rows[-1][0] - 1)
+        return found[::-1]
 
 
 # --- Client -------------------------------------------------------------------
@@ -6032,15 +6573,16 @@ def run_server(args):
     except ValueError as exc:
         sys.stderr.write("chat.py: %s\n" % exc)
         return 2
-    redis = None
+    network = None
     if args.redis:
         try:
             redis = RedisAddress(args.redis)
         except ValueError as exc:
             sys.stderr.write("chat.py: --redis: %s\n" % exc)
             return 2
+        network = RedisNetwork(redis, args.keep, args.replay)
         try:
-            BlockingRedis(redis).connect().close()
+            network.load()
         except RedisError as exc:
             sys.stderr.write("chat.py: %s\n" % exc)
             return 1
@@ -6051,7 +6593,8 @@ def run_server(args):
         return 2
     server = ChatServer(args.host, args.port, limits, verbose=not args.quiet,
                         tls_context=tls_context, password=password, op_password=op_password,
-                        store=store, replay=args.replay, operators=args.operators)
+                        store=store, replay=args.replay, operators=args.operators,
+                        network=network)
     try:
         server.bind()
     except OSError as exc:  # socket.gaierror is one too: a bad host
@@ -6061,7 +6604,11 @@ def run_server(args):
         return 2
     log_to_stderr("chat.py server starting (pid %d, Python %s)"
                   % (os.getpid(), sys.version.split()[0]))
-    log_to_stderr("history and rooms in %s" % (
+    if network is not None:
+        log_to_stderr("one chat with every server on Redis at %s (this one: %s); history "
+                      "there too" % (network.address.where, network.server_id))
+    log_to_stderr("%s in %s" % (
+        "accounts, mailboxes and bans" if network is not None else "history and rooms",
         "memory only (--db :memory:)" if args.db == ":memory:" else os.path.abspath(args.db)))
     if tls_context is not None:
         log_to_stderr("TLS on; the certificate's fingerprint is %s" % fingerprint)

@@ -3643,5 +3643,120 @@ class RedisStartTest(RedisCase):
         self.assertIsNone(proc.poll())
 
 
+
+class SeveralServersTest(RedisCase):
+    """Two chat.py servers on one Redis are one chat."""
+
+    def setUp(self):
+        url = self.start_redis()
+        self.a, self.port_a = self.start_chat(url)
+        self.b, self.port_b = self.start_chat(url)
+
+    def peer(self, port, nick=None, json_mode=False):
+        peer = Peer(port)
+        self.addCleanup(peer.close)
+        peer.wait_for("*** choose a nickname: 1-24 letters, digits, _ or -")
+        if json_mode:
+            peer.send_line("/format json")
+            peer.read_line()
+        if nick is not None:
+            peer.send_line(nick)
+            if not json_mode:
+                self.assertRegex(peer.read_line(), r"^\*\*\* %s joined \(\d+ online\)$" % nick)
+        return peer
+
+    def test_rooms_who_and_private_messages_span_the_servers(self):
+        alice = self.peer(self.port_a, "alice")
+        bob = self.peer(self.port_b, "bob")
+        alice.wait_for("*** bob joined (2 online)")
+        alice.send_line("hi from A")
+        bob.expect("<alice> hi from A")
+        bob.send_line("/me waves from B")
+        alice.expect("<alice> hi from A", "* bob waves from B")
+        bob.expect("* bob waves from B")
+        bob.send_line("/who")
+        bob.expect("*** 2 in #lobby: alice, bob")
+        bob.send_line("/msg alice psst")
+        bob.expect("-> *alice* psst")
+        alice.expect("*bob* psst")
+        alice.send_line("/join #rust")
+        alice.expect("*** alice joined #rust (1 here)")
+        bob.expect("*** alice left (went to #rust)")
+        bob.send_line("/rooms")
+        bob.expect("*** 2 online in 2 rooms: #lobby (1), #rust (1)")
+        alice.send_line("/topic rusty")
+        alice.expect("*** alice set the topic: rusty")
+        bob.send_line("/join #rust")
+        bob.expect("*** bob joined #rust (2 here)", "*** topic of #rust: rusty (set by alice)")
+        alice.expect("*** bob joined #rust (2 here)")
+        bob.send_line("/nick robert")
+        alice.expect("*** bob is now known as robert")
+        carol = self.peer(self.port_a)
+        carol.send_line("robert")
+        carol.expect("!!! nickname robert is taken")
+
+    def test_history_and_ids_are_the_same_on_every_server(self):
+        alice = self.peer(self.port_a, "alice", json_mode=True)
+        joined = json.loads(alice.read_line())
+        self.assertEqual((joined["type"], joined["nick"]), ("joined", "alice"))
+        for text in ("one", "two", "three"):
+            alice.send_line(text)
+        ids = [json.loads(alice.read_line())["id"] for _ in range(3)]
+        self.assertEqual(ids, sorted(ids))
+        self.assertEqual(len(set(ids)), 3)
+        bob = self.peer(self.port_b, "bob", json_mode=True)
+        lines = [json.loads(bob.read_line()) for _ in range(5)]  # joined, 3 items, end
+        self.assertEqual([(o["type"], o.get("id"), o.get("text")) for o in lines[1:4]],
+                         [("message", i, t) for i, t in zip(ids, ("one", "two", "three"))])
+        self.assertEqual(lines[4], dict(lines[4], type="history_end", count=3))
+        bob.send_line("/history after %d" % ids[0])
+        after = [json.loads(bob.read_line()) for _ in range(3)]
+        self.assertEqual([o.get("id") for o in after[:2]], ids[1:])
+        bob.send_line("/search TWO")
+        found = json.loads(bob.read_line())
+        self.assertEqual((found["id"], found["text"]), (ids[1], "two"))
+
+    def test_every_member_everywhere_gets_one_order(self):
+        watchers = [self.peer(self.port_a, "wa"), self.peer(self.port_b, "wb")]
+        senders = [self.peer(port, "s%d" % i)
+                   for i, port in enumerate((self.port_a, self.port_b) * 2)]
+        for watcher in watchers:
+            watcher.wait_for("*** s3 joined (6 online)")
+        for n in range(25):
+            for i, sender in enumerate(senders):
+                sender.send_line("m%d-%d" % (i, n))
+        seen = []
+        for watcher in watchers:
+            lines = [watcher.read_line() for _ in range(100)]
+            self.assertEqual(len([l for l in lines if l.startswith("<s")]), 100)
+            seen.append(lines)
+        self.assertEqual(seen[0], seen[1])
+        for i in range(4):  # each sender's own lines in the order sent
+            mine = [l for l in seen[0] if l.startswith("<s%d>" % i)]
+            self.assertEqual(mine, ["<s%d> m%d-%d" % (i, i, n) for n in range(25)])
+
+    def test_two_servers_racing_for_one_nick_cannot_both_win(self):
+        for round_ in range(8):
+            nick = "racer%d" % round_
+            pair = [self.peer(self.port_a), self.peer(self.port_b)]
+            for peer in pair:
+                peer.send_line(nick)
+            answers = sorted(peer.read_line() for peer in pair)
+            self.assertEqual(answers[0], "!!! nickname %s is taken" % nick, answers)
+            self.assertRegex(answers[1], r"^\*\*\* %s joined \(\d+ online\)$" % nick)
+
+    def test_a_stopped_server_s_users_leave_the_others_and_free_their_nicks(self):
+        alice = self.peer(self.port_a, "alice")
+        bob = self.peer(self.port_b, "bob")
+        alice.wait_for("*** bob joined (2 online)")
+        self.a.send_signal(signal.SIGTERM)
+        self.assertEqual(self.a.wait(TIMEOUT), 0)
+        bob.expect("*** alice left (server shutting down)")
+        again = self.peer(self.port_b, "alice")
+        bob.expect("*** alice joined (2 online)")
+        again.send_line("/who")
+        again.wait_for("*** 2 in #lobby: alice, bob")
+
+
 if __name__ == "__main__":
     unittest.main()
