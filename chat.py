@@ -219,6 +219,10 @@ REDIS_PREFIX = "chat:"        # every key chat.py makes starts with this
 REDIS_FEED_MAXLEN = 100000    # the feed (every room's lines, in one order), trimmed ~
 REDIS_READ_BLOCK_MS = 1000    # an XREAD BLOCK waits this long for new entries
 REDIS_READ_COUNT = 1000       # ...and takes at most this many at once
+REDIS_HEARTBEAT_S = 3.0       # each server says it is alive this often...
+REDIS_ALIVE_TTL_S = 10        # ...in a key that lives this long: a server that stops
+                              # is found lost within TTL + one heartbeat (13 s < 15)
+LEFT_SERVER_LOST = "server lost"
 
 
 # --- Protocol -----------------------------------------------------------------
@@ -2779,6 +2783,7 @@ class ChatServer:
                 link.events = selectors.EVENT_READ
                 self.selector.register(link.sock, link.events, link.on_ready)
             self.network.read_feed(self._from_feed)
+            self._heartbeat()
         self._open_spare_fd()
         self.log("listening on %s" % format_address(self.address), always=True)
         return self.address
@@ -3042,6 +3047,10 @@ class ChatServer:
         finally:
             queued, self.inserting = self.inserting, None
             self.sequence.extendleft(reversed(queued))
+
+    def _heartbeat(self):
+        self.network.heartbeat()
+        self.call_later(REDIS_HEARTBEAT_S, self._heartbeat)
 
     def _network_lost(self, why):
         """Redis went away. (Coming back is not done yet: this server goes on alone.)"""
@@ -3588,6 +3597,21 @@ REDIS_PRESENCE = REDIS_PREFIX + "presence"    # nick key -> {nick, room, server}
 REDIS_ROOMS = REDIS_PREFIX + "rooms"          # room key -> its name
 REDIS_TOPICS = REDIS_PREFIX + "topics"        # room key -> {text, nick}
 REDIS_HISTORY = REDIS_PREFIX + "room:"        # + room key: its messages, id-0 each
+REDIS_SERVERS = REDIS_PREFIX + "servers"      # the servers of the chat (their ids)
+REDIS_ALIVE = REDIS_PREFIX + "alive:"         # + server id: there while it heartbeats
+
+# KEYS: the servers, the alive prefix. The servers whose alive key is gone are
+# taken out, and returned: to one caller only, which announces their users.
+LOST_SCRIPT = """
+local lost = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', KEYS[2] .. id) == 0 then
+    redis.call('SREM', KEYS[1], id)
+    table.insert(lost, id)
+  end
+end
+return lost
+"""
 
 # KEYS: feed, ids, the room's history; ARGV: feed length, --keep, then for a
 # message or an action its nick, kind, text and time ("" for other lines),
@@ -3706,6 +3730,7 @@ class RedisNetwork:
         redis = BlockingRedis(self.address).connect()
         try:
             self.script = _text(redis.call("SCRIPT", "LOAD", PUBLISH_SCRIPT))
+            self.lost_script = _text(redis.call("SCRIPT", "LOAD", LOST_SCRIPT))
             last = redis.call("XREVRANGE", REDIS_FEED, "+", "-", "COUNT", 1)
             self.last = _text(last[0][0]) if last else "0-0"
             for key, value in _pairs(redis.call("HGETALL", REDIS_PRESENCE)).items():
@@ -3779,8 +3804,8 @@ class RedisNetwork:
             "left", nick=conn.nick, reason=SHUTDOWN_NOTICE).having(room=conn.room.name))
             for conn in members if conn.room is not None]
         commands += [("HDEL", REDIS_PRESENCE, conn.key) for conn in members]
-        if not commands:
-            return
+        commands += [("SREM", REDIS_SERVERS, self.server_id),
+                     ("DEL", REDIS_ALIVE + self.server_id)]
         redis = BlockingRedis(self.address, timeout=SHUTDOWN_FLUSH_S)
         try:
             redis.connect()._round_trip(b"".join(resp_command(*c) for c in commands),
@@ -3795,6 +3820,35 @@ class RedisNetwork:
         for link in (self.commands, self.feed):
             if link is not None:
                 link.close()
+
+    def heartbeat(self):
+        """Say we are alive; find the servers that are not, and announce
+        their users as lost (the one server that took each out does)."""
+        self.commands.call(None, "SET", REDIS_ALIVE + self.server_id, 1, "EX",
+                           REDIS_ALIVE_TTL_S)
+        self.commands.call(None, "SADD", REDIS_SERVERS, self.server_id)
+        self.commands.call(self._found_lost, "EVALSHA", self.lost_script, 2, REDIS_SERVERS,
+                           REDIS_ALIVE)
+
+    def _found_lost(self, lost):
+        if isinstance(lost, RedisError) or not lost:
+            return
+        lost = {_text(server) for server in lost}
+
+        def announce(presence):
+            if isinstance(presence, RedisError):
+                return
+            for key, value in _pairs(presence).items():
+                user = json.loads(value)
+                if user["server"] not in lost:
+                    continue
+                room_name = self.names.get(user["room"], user["room"])
+                self.commands.call(None, *self._publish_command(
+                    user["room"], room_name, format_line(
+                        "left", nick=user["nick"], reason=LEFT_SERVER_LOST).having(
+                            room=room_name)))
+                self.commands.call(None, "HDEL", REDIS_PRESENCE, key)
+        self.commands.call(announce, "HGETALL", REDIS_PRESENCE)
 
     def claim(self, key, nick, room_key, answer):
         """Take nick for one of ours, unless someone anywhere has it: answer(taken?)."""
@@ -3836,10 +3890,10 @@ class RedisNetwork:
                            fields["text"]))
         elif kind in ("topic_set", "topic_cleared"):
             self.topics[room] = (fields.get("text"), fields["nick"])
-        if entry["o"] == self.server_id:
-            return
         if kind in ("joined", "joined_room"):
-            self.elsewhere[nick_key(fields["nick"])] = [fields["nick"], room, entry["o"], False]
+            if entry["o"] != self.server_id:  # (ours are Chat.members)
+                self.elsewhere[nick_key(fields["nick"])] = [fields["nick"], room, entry["o"],
+                                                            False]
         elif kind == "renamed":
             user = self.elsewhere.pop(nick_key(fields["old"]), None)
             if user is not None:

@@ -3758,5 +3758,29 @@ class SeveralServersTest(RedisCase):
         again.wait_for("*** 2 in #lobby: alice, bob")
 
 
+
+class LostServerTest(RedisCase):
+
+    def test_the_users_of_a_server_that_stopped_heartbeating_are_announced_lost(self):
+        url = self.start_redis()
+        redis = chat.BlockingRedis(chat.RedisAddress(url)).connect()
+        self.addCleanup(redis.close)
+        proc, chat_port = self.start_chat(url)
+        bob = Peer(chat_port)
+        self.addCleanup(bob.close)
+        bob.send_line("bob")
+        bob.wait_for("*** bob joined (1 online)")
+        (alive,) = [_ for _ in redis.call("KEYS", chat.REDIS_ALIVE + "*")]
+        self.assertTrue(0 < redis.call("TTL", alive) <= chat.REDIS_ALIVE_TTL_S)
+        # A server that died (SIGKILL): in the chat's set, a user online, no heartbeat.
+        redis.call("SADD", chat.REDIS_SERVERS, "dead")
+        redis.call("HSET", chat.REDIS_PRESENCE, "ghost",
+                   json.dumps({"nick": "ghost", "room": "#lobby", "server": "dead"}))
+        self.assertEqual(bob.read_line(timeout=chat.REDIS_HEARTBEAT_S + TIMEOUT),
+                         "*** ghost left (server lost)")
+        self.assertEqual(redis.call("SMEMBERS", chat.REDIS_SERVERS), [alive[len(
+            chat.REDIS_ALIVE):]])
+        self.assertIsNone(redis.call("HGET", chat.REDIS_PRESENCE, "ghost"))
+
 if __name__ == "__main__":
     unittest.main()
