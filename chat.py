@@ -2832,7 +2832,8 @@ class ChatServer:
     def _next_timeout(self):
         """Sleep until the next timer, or not at all while work is waiting."""
         if (self.fanout.size or self.dirty or self.deferred
-                or (self.held and not self.behind)):
+                or (self.held and not self.behind)
+                or (self.network is not None and self.network.unsent())):
             return 0
         timeout = HELD_RECHECK_S if self.behind else None  # judge the slow readers
         if self.timers:
@@ -3876,9 +3877,10 @@ class RedisNetwork:
             self.commands.call(None, "HSET", REDIS_TOPICS, key,
                                json.dumps({"text": text, "nick": nick}))
 
-    def flush(self):
-        """Write the links; return those with output left (to watch for writing)."""
-        return [link for link in (self.commands, self.feed) if link.flush()]
+    def unsent(self):
+        """Whether commands wait to be written (queued since the pass's writes)."""
+        return any(link.outbuf and link.events == selectors.EVENT_READ
+                   for link in (self.commands, self.feed) if link.alive)
 
     def heard(self, entry):
         """Keep the copy of who is where, and each room's last messages and
