@@ -1111,11 +1111,14 @@ def resp_command(*args):
 
 class RespReader:
     """Replies parsed from a byte stream fed in pieces. An error reply is a
-    RedisError instance among the values, not raised: it answers one command."""
+    RedisError instance among the values, not raised: it answers one command.
+    Parsing resumes where it stopped, so a large reply that comes in many
+    reads is parsed once, not again from its start at each read."""
 
     def __init__(self):
         self.buf = bytearray()
         self.pos = 0
+        self.arrays = []                   # arrays being filled: [items still due, items]
 
     def feed(self, data):
         self.buf += data
@@ -1124,51 +1127,59 @@ class RespReader:
         """Every whole reply fed so far (the rest waits for more bytes)."""
         out = []
         while True:
-            try:
-                value, pos = self._parse(self.pos)
-            except IndexError:  # not all here yet
+            element = self._element()
+            if element is None:
                 break
-            out.append(value)
-            self.pos = pos
+            kind, value = element
+            if kind == "array" and value > 0:
+                self.arrays.append([value, []])
+                continue
+            if kind == "array":
+                value = [] if value == 0 else None  # *0: empty; *-1: nil
+            while self.arrays:  # an element completes its array, maybe several
+                array = self.arrays[-1]
+                array[1].append(value)
+                array[0] -= 1
+                if array[0]:
+                    break
+                value = self.arrays.pop()[1]
+            else:
+                out.append(value)
         if self.pos:
             del self.buf[:self.pos]
             self.pos = 0
         return out
 
-    def _line(self, pos):
-        end = self.buf.find(b"\r\n", pos)
+    def _element(self):
+        """("array", count) or ("value", value) for the next element, or None
+        until it is all here."""
+        buf, pos = self.buf, self.pos
+        end = buf.find(b"\r\n", pos)
         if end < 0:
-            raise IndexError
-        return bytes(self.buf[pos + 1:end]), end + 2
-
-    def _parse(self, pos):
-        if pos >= len(self.buf):
-            raise IndexError
-        kind = self.buf[pos:pos + 1]
-        line, pos = self._line(pos)
-        if kind == b"+":
-            return line.decode(ENCODING, "replace"), pos
-        if kind == b"-":
-            return RedisError(line.decode(ENCODING, "replace")), pos
-        if kind == b":":
-            return int(line), pos
+            return None
+        kind, line = buf[pos:pos + 1], bytes(buf[pos + 1:end])
+        after = end + 2
         if kind == b"$":
             size = int(line)
             if size < 0:
-                return None, pos
-            if len(self.buf) < pos + size + 2:
-                raise IndexError
-            return bytes(self.buf[pos:pos + size]), pos + size + 2
-        if kind == b"*":
-            count = int(line)
-            if count < 0:
-                return None, pos
-            items = []
-            for _ in range(count):
-                item, pos = self._parse(pos)
-                items.append(item)
-            return items, pos
-        raise RedisError("not a Redis reply: %r" % bytes(self.buf[pos - len(line) - 3:pos]))
+                value = None
+            elif len(buf) < after + size + 2:
+                return None
+            else:
+                value, after = bytes(buf[after:after + size]), after + size + 2
+        elif kind == b"*":
+            self.pos = after
+            return "array", int(line)
+        elif kind == b"+":
+            value = line.decode(ENCODING, "replace")
+        elif kind == b"-":
+            value = RedisError(line.decode(ENCODING, "replace"))
+        elif kind == b":":
+            value = int(line)
+        else:
+            raise RedisError("not a Redis reply: %r" % bytes(buf[pos:end]))
+        self.pos = after
+        return "value", value
 
 
 class RedisAddress:
@@ -5578,6 +5589,8 @@ class Bench:
         self.args = args
         self.host = host
         self.port = port
+        # Several servers of one chat (--hosts): client i connects to the i-th, in turn.
+        self.addresses = args.hosts or [(host, port)]
         self.server = server       # the subprocess when the bench started it
         self.selector = selectors.DefaultSelector()
         count = args.clients
@@ -5624,7 +5637,9 @@ class Bench:
             self._loop(self._registration_done)
             registered_at = time.monotonic()
             self.phase = "drain"
-            if self.args.rooms > 1:
+            if len(self.addresses) > 1:
+                self._say_barrier()
+            elif self.args.rooms > 1:
                 self._ping_all()
             self._loop(self._joins_drained)
             self.phase = "messages"
@@ -5694,16 +5709,17 @@ class Bench:
             self._connect(client)
 
     def _connect(self, client):
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        host, port = self.addresses[client.index % len(self.addresses)]
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
         client.sock = sock
         client.state = "connecting"
         self.in_flight += 1
-        err = sock.connect_ex((self.host, self.port))
+        err = sock.connect_ex((host, port))
         if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
             raise BenchError("cannot connect to %s: %s"
-                             % (format_address((self.host, self.port)), os.strerror(err)))
+                             % (format_address((host, port)), os.strerror(err)))
         self._watch(client, selectors.EVENT_WRITE)
 
     def _watch(self, client, events):
@@ -5849,8 +5865,8 @@ class Bench:
         lines = (client.inbuf + data).split(b"\n")
         client.inbuf = lines.pop()
         client.lines += len(lines)
-        if self.phase == "drain":
-            client.drained = client.drained or self.pong in lines
+        if self.phase == "drain":  # the pong, or (several servers) the line after the joins
+            client.drained = client.drained or any(self.pong in line for line in lines)
             return
         if self.phase != "messages":
             return
@@ -5890,12 +5906,23 @@ class Bench:
             if client.state == "in" and not client.slow:
                 client.sock.sendall(line)  # a few bytes to a fresh socket
 
+    def _say_barrier(self):
+        """Several servers: a pong says nothing of the other servers' joins,
+        but a message does. Every client is in once its own join came back
+        through the chat's one order, so a line said now comes after every
+        join, everywhere: one client in each room says it."""
+        self.pong = ("> drained %s" % self.tag).encode(ENCODING)
+        for room in {c.room for c in self.clients}:
+            speaker = next(c for c in self.clients if c.room == room and not c.slow)
+            speaker.sock.sendall(encode_line("drained " + self.tag))
+
     def _joins_drained(self):
         """Every reading client has had all join lines: with rooms, its pong
-        has come; else (any server of the protocol, /ping or not) it has had
-        the joins after its own, up to the last one's."""
+        has come (several servers: the line said after the joins); else (any
+        server of the protocol, /ping or not) it has had the joins after its
+        own, up to the last one's."""
         readers = [c for c in self.clients if not c.slow and c.state == "in"]
-        if self.args.rooms > 1:
+        if self.args.rooms > 1 or len(self.addresses) > 1:
             return all(c.drained for c in readers)
         last = max(c.rank for c in self.clients)
         return all(c.lines >= last - c.rank for c in readers)
@@ -6331,6 +6358,15 @@ def number_argument(convert, text, what):
     return value
 
 
+def host_list(text):
+    """H:P,H:P (a bare P: 127.0.0.1) as [(host, port)...]."""
+    addresses = []
+    for item in text.split(","):
+        host, _, port = item.strip().rpartition(":")
+        addresses.append((host.strip("[]") or DEFAULT_HOST, port_number(port)))
+    return addresses
+
+
 def port_number(text):
     value = number_argument(int, text, "a port number from 0 to 65535")
     if not 0 <= value <= 65535:
@@ -6484,6 +6520,9 @@ def build_parser():
                                       "starting one")
     bench.add_argument("--port", type=port_number, help="its port (with --host, or alone "
                                                         "for 127.0.0.1)")
+    bench.add_argument("--hosts", type=host_list, metavar="H:P,H:P",
+                       help="several servers of one chat (--redis): the clients are spread "
+                            "over them in turn")
     bench.add_argument("--clients", type=positive_int, default=100, metavar="N",
                        help="clients that connect and register (default %(default)s)")
     bench.add_argument("--senders", type=positive_int, default=10, metavar="S",
@@ -6541,13 +6580,16 @@ def run_bench(args):
     server = None
     folder = tempfile.mkdtemp(prefix="chat-bench-")
     try:
-        if args.host is None and args.port is None:
+        if args.host is None and args.port is None and not args.hosts:
             # The store on, as a server runs by default, in a file of its own.
             db = os.path.join(folder, DB_FILE)
             if args.history:
                 fill_history(db, args.history)
             server, port = start_bench_server(args.clients, db, keep_all=bool(args.history))
             host, label = DEFAULT_HOST, "chat.py server (started by the bench)"
+        elif args.hosts:
+            host, port = args.hosts[0]
+            label = ", ".join(format_address(address) for address in args.hosts)
         else:
             host, port = args.host or DEFAULT_HOST, args.port or DEFAULT_PORT
             label = format_address((host, port))
@@ -6580,8 +6622,11 @@ def run_bench(args):
 
 def bench_flags_problem(args):
     """Return what is wrong with the bench's flags, or None."""
-    if args.history and (args.host is not None or args.port is not None):
-        return "--history fills the server the bench starts: not with --host or --port"
+    if args.history and (args.host is not None or args.port is not None or args.hosts):
+        return ("--history fills the server the bench starts: not with --host, --port "
+                "or --hosts")
+    if args.hosts and (args.host is not None or args.port is not None):
+        return "--hosts names every server: not with --host or --port"
     if args.duration is not None:
         if not args.rate:
             return "--duration needs --rate"

@@ -3735,6 +3735,20 @@ class SeveralServersTest(RedisCase):
             mine = [l for l in seen[0] if l.startswith("<s%d>" % i)]
             self.assertEqual(mine, ["<s%d> m%d-%d" % (i, i, n) for n in range(25)])
 
+    def test_the_bench_spreads_its_clients_over_the_servers(self):
+        hosts = "127.0.0.1:%d,127.0.0.1:%d" % (self.port_a, self.port_b)
+        code, out, err = run_chat("bench", "--json", "--hosts", hosts, "--clients", "20",
+                                  "--senders", "4", "--messages", "10", "--rooms", "2",
+                                  timeout=60)
+        self.assertEqual(code, 0, err)
+        result = json.loads(out)
+        # 2 rooms of 10 readers, each room 2 senders x 10 messages
+        self.assertEqual(result["deliveries_received"], 2 * 10 * 2 * 10)
+        self.assertIs(result["same_order"], True)
+        code, out, err = run_chat("bench", "--hosts", hosts, "--port", "1")
+        self.assertEqual((code, err), (2, "chat.py bench: --hosts names every server: "
+                                          "not with --host or --port\n"))
+
     def test_two_servers_racing_for_one_nick_cannot_both_win(self):
         for round_ in range(8):
             nick = "racer%d" % round_
