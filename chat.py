@@ -29,6 +29,8 @@ The file, top to bottom:
     Server loop    FanOut (each room's broadcasts, in one order), Worker (a
                    thread for what must not hold the loop) and ChatServer
                    (accept, TLS, read, write, slow readers, timers, shutdown)
+    Several servers  RedisLink, RedisNetwork, RedisHistory: --redis, one
+                   chat of several servers through one Redis stream
     Client         ClientSession (its decisions) and ChatClient (sockets, the
                    keyboard thread, the terminal)
     Bench          `chat.py bench`, a load generator that reuses Protocol
