@@ -225,6 +225,14 @@ REDIS_HEARTBEAT_S = 3.0       # each server says it is alive this often...
 REDIS_ALIVE_TTL_S = 10        # ...in a key that lives this long: a server that stops
                               # is found lost within TTL + one heartbeat (13 s < 15)
 LEFT_SERVER_LOST = "server lost"
+REDIS_RETRY_S = 2.0           # Redis lost: try again this often (back within 10 s)
+REDIS_RETRY_TIMEOUT_S = 3.0   # ...each try given this long
+NETWORK_DOWN = "the chat network is unreachable: reconnecting"
+NETWORK_BACK = "the chat network is back"
+NOT_SENT_NETWORK = "not sent: the chat network is unreachable"
+# What needs the other servers or the store: refused while Redis is away.
+NEEDS_NETWORK = frozenset({"me", "nick", "who", "join", "rooms", "topic", "history", "search",
+                           "register", "login", "password", "unregister"})
 
 
 # --- Protocol -----------------------------------------------------------------
@@ -1826,6 +1834,9 @@ class Chat:
         del self.members[conn.key]
         if self.network is not None:
             self.network.release(conn.key)
+            if self.network.down and reason is not None:  # told to the others once back
+                self.network.left_meanwhile.append((room.key, room.name, format_line(
+                    "left", nick=conn.nick, reason=reason).having(room=room.name)))
         if room.members.get(conn.key) is conn:  # (not yet, while arriving over the network)
             self.io.leave(room, conn)
         if reason is not None:
@@ -1851,6 +1862,9 @@ class Chat:
             self.io.close(conn)
         elif command == "pass":
             self.io.send(conn, notice("no password needed now: choose a nickname"))
+        elif self.network is not None and self.network.down and command in (
+                None, "nick", "login"):
+            self.io.send(conn, error(NOT_SENT_NETWORK))
         elif command is None:
             self._register(conn, arg.strip())
         elif command == "nick":
@@ -1862,6 +1876,10 @@ class Chat:
 
     def _member_line(self, conn, command, arg):
         """A message to the room, or a command."""
+        if self.network is not None and self.network.down and self._needs_network(
+                command, arg):
+            self.io.send(conn, error(NOT_SENT_NETWORK))
+            return
         if command is None:
             self._say(conn, "message", arg)
             return
@@ -1870,6 +1888,13 @@ class Chat:
             self.io.send(conn, error("unknown command /%s (try /help)" % command))
         else:
             handler(self, conn, arg)
+
+    def _needs_network(self, command, arg):
+        """Whether a member's line needs the other servers (or the store):
+        everything but commands about this connection and /msg to one of ours."""
+        if command == "msg":
+            return nick_key(arg.split(" ", 1)[0]) not in self.members
+        return command is None or command in NEEDS_NETWORK
 
     def _closing_line(self, conn, command, arg):
         """Its last lines are on their way: what it says now is dropped."""
@@ -1898,8 +1923,10 @@ class Chat:
         def claimed(taken):  # several servers: the nick is claimed in Redis first
             self.io.resume_input(conn)
             if conn.phase not in (NICKNAME, PASSWORD):
-                if not taken:
+                if taken is False:
                     self.network.release(nick_key(nick))  # gone meanwhile
+            elif taken is None:
+                self.io.send(conn, error(NOT_SENT_NETWORK))
             elif taken:
                 self.io.send(conn, error("nickname %s is taken" % nick))
             else:
@@ -2059,8 +2086,10 @@ class Chat:
         def claimed(taken):
             self.io.resume_input(conn)
             if conn.phase != MEMBER:
-                if not taken:
+                if taken is False:
                     self.network.release(nick_key(arg))
+            elif taken is None:
+                self.io.send(conn, error(NOT_SENT_NETWORK))
             elif taken:
                 self.io.send(conn, error("nickname %s is taken" % arg))
             else:
@@ -2958,8 +2987,8 @@ class ChatServer:
     def broadcast(self, room, text):
         """Queue a line for every member of room, in the one order all of them
         see (several servers: the feed's, once it comes back from Redis)."""
-        if self.network is None or not self.network.commands.alive:
-            self.fanout.broadcast(room, encode_line(text), text)
+        if self.network is None or self.network.down:
+            self.fanout.broadcast(room, encode_line(text), text)  # (down: ours only)
             return
         number = self.network.publish(room.key, room.name, text)
         (self.inserting if self.inserting is not None else self.sequence).append((None, number))
@@ -3063,17 +3092,48 @@ class ChatServer:
             self.sequence.extendleft(reversed(queued))
 
     def _heartbeat(self):
-        self.network.heartbeat()
+        if not self.network.down:
+            self.network.heartbeat()
         self.call_later(REDIS_HEARTBEAT_S, self._heartbeat)
 
     def _network_lost(self, why):
-        """Redis went away. (Coming back is not done yet: this server goes on alone.)"""
-        self.log("the chat network is unreachable: %s; this server goes on alone" % why,
-                 always=True)
+        """Redis went away: our users are told once, what waited for the feed
+        is done, and we try again every REDIS_RETRY_S seconds."""
+        if self.network.down:
+            return
+        self.log("the chat network is unreachable (%s): reconnecting" % why, always=True)
+        for link in (self.network.commands, self.network.feed):
+            try:
+                self.selector.unregister(link.sock)
+            except (KeyError, ValueError, OSError):
+                pass
+        self.network.lost()
         waiting, self.sequence = self.sequence, collections.deque()
         for action, args in waiting:
             if action is not None:
                 self._run_waiting((action, args))
+        for conn in self.chat.members.values():
+            self._send_now(conn, notice(NETWORK_DOWN))
+        self.call_later(REDIS_RETRY_S, self._reconnect_network)
+
+    def _reconnect_network(self):
+        if self.stopping:
+            return
+        self.off_loop(None, lambda: self.network.open_sockets(REDIS_RETRY_TIMEOUT_S),
+                      self._network_answered)
+
+    def _network_answered(self, sockets):
+        if isinstance(sockets, Exception):
+            self.call_later(REDIS_RETRY_S, self._reconnect_network)
+            return
+        for link in self.network.connect(self._network_lost, sockets):
+            link.events = selectors.EVENT_READ
+            self.selector.register(link.sock, link.events, link.on_ready)
+        self.network.back(list(self.chat.members.values()))
+        self.network.read_feed(self._from_feed)  # from where it stopped
+        self.log("the chat network is back", always=True)
+        for conn in self.chat.members.values():
+            self._send_now(conn, notice(NETWORK_BACK))
 
     def _flush_network(self):
         for link in (self.network.commands, self.network.feed):
@@ -3709,9 +3769,14 @@ class RedisLink:
         self.flush()
 
     def _lost(self, why):
+        """Gone: the owner is told, then each command still unanswered."""
         if self.alive:
             self.alive = False
             self.on_lost(why)
+            callbacks, self.callbacks = self.callbacks, collections.deque()
+            for callback in callbacks:
+                if callback is not None:
+                    callback(RedisError(why))
 
     def close(self):
         self.alive = False
@@ -3736,6 +3801,9 @@ class RedisNetwork:
         self.recents = {}                  # room key -> deque of its last messages
         self.topics = {}                   # room key -> (text, nick)
         self.names = {}                    # room key -> its name
+        self.down = False                  # Redis is away: coming back
+        self.left_meanwhile = []           # (room key, name, line): said once back
+        self.check_lost_after = 0.0        # back from an outage: others get time first
 
     def load(self):
         """What is there at start (blocking, before the loop): the script,
@@ -3764,18 +3832,59 @@ class RedisNetwork:
         finally:
             redis.close()
 
-    def connect(self, on_lost):
-        """The two links for the loop: commands, and the feed's blocking reads."""
-        links = []
-        for _ in range(2):
-            redis = BlockingRedis(self.address).connect()
-            links.append(RedisLink(redis.detach(), self.address.tls, on_lost))
-        self.commands, self.feed = links
+    def connect(self, on_lost, sockets=None):
+        """The two links for the loop: commands, and the feed's blocking reads
+        (on sockets opened by open_sockets(), or opened now)."""
+        sockets = sockets or self.open_sockets()
+        self.commands, self.feed = links = [
+            RedisLink(sock, self.address.tls, on_lost) for sock in sockets]
         return links
+
+    def open_sockets(self, timeout=REDIS_START_TIMEOUT_S):
+        """Two connections, in (blocking: at start, or in the worker thread).
+        The scripts are loaded again: a restarted Redis has forgotten them."""
+        sockets = []
+        try:
+            for _ in range(2):
+                sockets.append(BlockingRedis(self.address, timeout).connect().detach())
+            redis = BlockingRedis(self.address, timeout).connect()
+            try:
+                self.script = _text(redis.call("SCRIPT", "LOAD", PUBLISH_SCRIPT))
+                self.lost_script = _text(redis.call("SCRIPT", "LOAD", LOST_SCRIPT))
+            finally:
+                redis.close()
+        except (RedisError, OSError):
+            for sock in sockets:
+                sock.close()
+            raise
+        return sockets
+
+    def lost(self):
+        """Redis went away: the links are dropped (the caller retries)."""
+        self.down = True
+        for link in (self.commands, self.feed):
+            if link is not None:
+                link.close()
+
+    def back(self, members):
+        """Connected again: our users are where they are (a restarted Redis
+        may have forgotten), those who left meanwhile are said to have, and
+        the others get time to come back before anyone is found lost."""
+        self.down = False
+        self.check_lost_after = time.monotonic() + REDIS_ALIVE_TTL_S
+        for conn in members:
+            if conn.room is not None:
+                self.place(conn.key, conn.nick, conn.room.key)
+        left, self.left_meanwhile = self.left_meanwhile, []
+        for room_key, room_name, line in left:
+            self.commands.call(None, *self._publish_command(room_key, room_name, line))
+            self.release(nick_key(line.fields["nick"]))
 
     def read_feed(self, entries_read):
         """Wait (on the feed link) for entries after the last one read."""
         def got(reply):
+            if self.down:
+                return  # read again, from self.last, once back
             if isinstance(reply, RedisError):
                 log_to_stderr("reading the chat network's feed: %s" % reply)
                 reply = None
@@ -3841,8 +3950,9 @@ class RedisNetwork:
         self.commands.call(None, "SET", REDIS_ALIVE + self.server_id, 1, "EX",
                            REDIS_ALIVE_TTL_S)
         self.commands.call(None, "SADD", REDIS_SERVERS, self.server_id)
-        self.commands.call(self._found_lost, "EVALSHA", self.lost_script, 2, REDIS_SERVERS,
-                           REDIS_ALIVE)
+        if time.monotonic() >= self.check_lost_after:
+            self.commands.call(self._found_lost, "EVALSHA", self.lost_script, 2,
+                               REDIS_SERVERS, REDIS_ALIVE)
 
     def _found_lost(self, lost):
         if isinstance(lost, RedisError) or not lost:
@@ -3865,10 +3975,12 @@ class RedisNetwork:
         self.commands.call(announce, "HGETALL", REDIS_PRESENCE)
 
     def claim(self, key, nick, room_key, answer):
-        """Take nick for one of ours, unless someone anywhere has it: answer(taken?)."""
+        """Take nick for one of ours, unless someone anywhere has it:
+        answer(taken?), or answer(None) when Redis could not say."""
         value = json.dumps({"nick": nick, "room": room_key, "server": self.server_id})
-        self.commands.call(lambda reply: answer(reply != 1), "HSETNX", REDIS_PRESENCE, key,
-                           value)
+        self.commands.call(lambda reply: answer(
+            None if isinstance(reply, RedisError) else reply != 1),
+            "HSETNX", REDIS_PRESENCE, key, value)
 
     def place(self, key, nick, room_key):
         """One of ours is in room_key now (or renamed to nick)."""
@@ -3876,7 +3988,8 @@ class RedisNetwork:
         self.commands.call(None, "HSET", REDIS_PRESENCE, key, value)
 
     def release(self, key):
-        self.commands.call(None, "HDEL", REDIS_PRESENCE, key)
+        if not self.down:
+            self.commands.call(None, "HDEL", REDIS_PRESENCE, key)
 
     def remember_room(self, key, name):
         if key not in self.names:

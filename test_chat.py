@@ -3605,6 +3605,9 @@ class RedisCase(unittest.TestCase):
     def start_redis(self, *options, port=None):
         """A redis-server (no snapshots; options such as --requirepass); its URL."""
         folder = tempfile.mkdtemp(prefix="chat-redis-", dir=WORK_DIR)
+        if "--dir" in options:  # the same data again: a restart
+            folder = options[options.index("--dir") + 1]
+            options = options[:options.index("--dir")] + options[options.index("--dir") + 2:]
         port = port or free_port()
         proc = start_process(self, [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1",
                                     "--save", "", "--dir", folder] + list(options),
@@ -3618,7 +3621,7 @@ class RedisCase(unittest.TestCase):
             except OSError:
                 self.assertLess(time.monotonic(), deadline, "redis-server never listened")
                 time.sleep(0.05)
-        self.redis_proc = proc
+        self.redis_proc, self.redis_folder = proc, folder
         return "redis://127.0.0.1:%d" % port
 
     def start_chat(self, url, *args):
@@ -3797,6 +3800,43 @@ class LostServerTest(RedisCase):
                          "*** ghost left (server lost)")
         self.assertEqual(len(redis.call("SMEMBERS", chat.REDIS_SERVERS)), 2)  # "dead" is out
         self.assertIsNone(redis.call("HGET", chat.REDIS_PRESENCE, "ghost"))
+
+
+class RedisOutageTest(RedisCase):
+
+    def test_redis_killed_and_restarted_loses_nothing_accepted(self):
+        port = free_port()
+        url = self.start_redis("--appendonly", "yes", "--appendfsync", "always", port=port)
+        folder = self.redis_folder
+        a, port_a = self.start_chat(url)
+        b, port_b = self.start_chat(url)
+        alice, carol, bob = Peer(port_a), Peer(port_a), Peer(port_b)
+        for count, (peer, nick) in enumerate(((alice, "alice"), (carol, "carol"),
+                                              (bob, "bob")), 1):
+            self.addCleanup(peer.close)
+            peer.send_line(nick)
+            peer.wait_for("*** %s joined (%d online)" % (nick, count))
+        alice.send_line("before")
+        bob.wait_for("<alice> before")
+        self.redis_proc.kill()
+        self.redis_proc.wait()
+        for peer in (alice, bob):
+            peer.wait_for("*** " + chat.NETWORK_DOWN)
+        alice.send_line("during")
+        alice.wait_for("!!! " + chat.NOT_SENT_NETWORK)
+        alice.send_line("/msg carol same server")  # needs no one else
+        carol.wait_for("*alice* same server")
+        self.start_redis("--appendonly", "yes", "--dir", folder, port=port)
+        for peer in (alice, bob):
+            peer.wait_for("*** " + chat.NETWORK_BACK)
+        alice.send_line("after")
+        skipped = bob.wait_for("<alice> after")
+        self.assertNotIn("<alice> during", skipped)
+        bob.send_line("/history")
+        lines = bob.wait_for("*** end of history")
+        said = [line.split("] ", 1)[1] for line in lines if line.startswith("[")]
+        self.assertEqual(said, ["<alice> before", "<alice> after"])
+
 
 if __name__ == "__main__":
     unittest.main()
