@@ -2990,7 +2990,11 @@ class ChatServer:
         if self.network is None or self.network.down:
             self.fanout.broadcast(room, encode_line(text), text)  # (down: ours only)
             return
-        number = self.network.publish(room.key, room.name, text)
+        failed = None
+        if text.kind in ("message", "action"):  # not accepted: its sender is told
+            sender = self.chat.members.get(nick_key(text.fields["nick"]))
+            failed = sender and (lambda: self._send_now(sender, error(NOT_SENT_NETWORK)))
+        number = self.network.publish(room.key, room.name, text, failed)
         (self.inserting if self.inserting is not None else self.sequence).append((None, number))
 
     def then(self, action):
@@ -3903,10 +3907,13 @@ class RedisNetwork:
         self.feed.call(got, "XREAD", "COUNT", REDIS_READ_COUNT, "BLOCK", REDIS_READ_BLOCK_MS,
                        "STREAMS", REDIS_FEED, self.last)
 
-    def publish(self, room_key, room_name, line):
+    def publish(self, room_key, room_name, line, failed=None):
         """Add a room's line to the feed (a message or an action also to the
-        room's history, with a new id); return its number among ours."""
-        self.commands.call(None, *self._publish_command(room_key, room_name, line))
+        room's history, with a new id); return its number among ours.
+        failed() is called if Redis refuses it or the connection breaks first."""
+        answered = None if failed is None else (
+            lambda reply: failed() if isinstance(reply, RedisError) else None)
+        self.commands.call(answered, *self._publish_command(room_key, room_name, line))
         return self.seq
 
     def _publish_command(self, room_key, room_name, line):

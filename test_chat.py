@@ -3554,6 +3554,24 @@ class RespTest(unittest.TestCase):
         self.assertEqual(str(replies[1]), "ERR wrong")
         self.assertEqual(replies[2:], [42, None, b"he\r\no", [[1], b""], None])
 
+    def test_a_broken_link_answers_each_waiting_command_with_an_error(self):
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+        lost, answers = [], []
+        link = chat.RedisLink(ours, False, lost.append)
+        self.addCleanup(link.close)
+        link.call(answers.append, "PING")
+        link.call(answers.append, "PING")
+        self.assertFalse(link.flush())  # all written
+        self.assertEqual(theirs.recv(100), chat.resp_command("PING") * 2)
+        theirs.sendall(b"+PONG\r\n")
+        link.on_ready()
+        theirs.close()
+        link.on_ready()
+        self.assertEqual(answers[0], "PONG")
+        self.assertIsInstance(answers[1], chat.RedisError)  # e.g. a message: "not sent"
+        self.assertEqual(lost, ["Redis closed the connection"])
+
     def test_urls(self):
         address = chat.RedisAddress("rediss://:p%40ss@example.org:6380/2")
         self.assertEqual((address.host, address.port, address.db, address.tls,
