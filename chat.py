@@ -232,7 +232,7 @@ NETWORK_BACK = "the chat network is back"
 NOT_SENT_NETWORK = "not sent: the chat network is unreachable"
 # What needs the other servers or the store: refused while Redis is away.
 NEEDS_NETWORK = frozenset({"me", "nick", "who", "join", "rooms", "topic", "history", "search",
-                           "register", "login", "password", "unregister"})
+                           "register", "login", "password", "unregister", "ban", "unban"})
 
 
 # --- Protocol -----------------------------------------------------------------
@@ -1958,10 +1958,10 @@ class Chat:
         self.io.pause_input(conn)
         self.io.broadcast(room, line)
 
-        def arrived():
+        def arrived():  # (entered first: it is owed none of what the room had before)
             if conn.phase == MEMBER and conn.room is room:
-                self.io.send(conn, line)
                 self.io.enter(room, conn)
+                self.io.send(conn, line)
                 self._welcome(conn, room)
                 self.io.resume_input(conn)
         self.io.then(arrived)
@@ -2054,17 +2054,27 @@ class Chat:
         if not self._allowed_to_speak(conn):
             return
         nick = account[0]
+
+        def answer(kept):
+            if kept is None:
+                self.io.send(conn, error(NOT_SENT_NETWORK))
+            elif not kept:
+                self.io.send(conn, error(MAILBOX_FULL.format(nick=nick)))
+            else:
+                self.io.send(conn, format_line("private_echo", nick=nick, text=text).having(
+                    **{"from": conn.nick}))
+                self.io.send(conn, notice(OFFLINE_KEPT.format(nick=nick)))
+        if self.network is not None:  # in Redis: the answer comes back to the loop
+            self.io.pause_input(conn)
+            self.network.mail(key, conn.nick, text, time.time(), lambda kept: (
+                self.io.resume_input(conn), answer(kept)))
+            return
         try:
             kept = self.store.mail(key, conn.nick, text, time.time())
         except StoreError as exc:
             self.io.send(conn, error("your message was not stored (%s)" % exc))
             return
-        if not kept:
-            self.io.send(conn, error(MAILBOX_FULL.format(nick=nick)))
-            return
-        self.io.send(conn, format_line("private_echo", nick=nick, text=text).having(
-            **{"from": conn.nick}))
-        self.io.send(conn, notice(OFFLINE_KEPT.format(nick=nick)))
+        answer(kept)
 
     def _cmd_nick(self, conn, arg):
         if not arg:
@@ -2444,12 +2454,23 @@ class Chat:
                               .having(room=conn.room.name))
 
     def _deliver_mail(self, conn):
+        if self.network is not None:  # in Redis: the answer comes back to the loop
+            self.network.take_mail(conn.account, lambda rows: self._mail_block(conn, rows))
+            return
         try:
             rows = self.store.take_mail(conn.account)
         except (StoreError, sqlite3.Error) as exc:
             self.io.log("database error: %s" % describe_error(exc), always=True)
             return
-        if not rows:
+        self._mail_block(conn, rows)
+
+    def _mail_block(self, conn, rows):
+        """The messages that waited for conn, as one block (none: nothing)."""
+        if rows and conn.phase != MEMBER and self.network is not None:
+            for when, sender, text in rows:  # gone meanwhile: they wait again
+                self.network.mail(conn.account, sender, text, when, lambda kept: None)
+            return
+        if not rows or conn.phase != MEMBER:
             return
         self.io.send(conn, format_line("offline_start",
                                        messages=plural(len(rows), "message")))
@@ -3057,6 +3078,8 @@ class ChatServer:
         network = self.network
         network.heard(entry)
         kind, fields, room_key = entry["k"], entry["f"], entry["r"]
+        if kind in CONTROL_KINDS:
+            return
         line = format_line(kind, **fields).having(**entry["x"])
         if entry["id"]:
             line.having(id=entry["id"])
@@ -3677,6 +3700,23 @@ REDIS_TOPICS = REDIS_PREFIX + "topics"        # room key -> {text, nick}
 REDIS_HISTORY = REDIS_PREFIX + "room:"        # + room key: its messages, id-0 each
 REDIS_SERVERS = REDIS_PREFIX + "servers"      # the servers of the chat (their ids)
 REDIS_ALIVE = REDIS_PREFIX + "alive:"         # + server id: there while it heartbeats
+REDIS_ACCOUNTS = REDIS_PREFIX + "accounts"    # nick key -> {nick, hash}
+REDIS_BANS = REDIS_PREFIX + "bans"            # address -> the nick banned
+REDIS_MAIL = REDIS_PREFIX + "mail:"           # + account key: its waiting messages
+CONTROL_KINDS = frozenset({"account", "ban"})  # feed entries that change a copy, not a room
+
+# KEYS: a mailbox; ARGV: its limit, the message. 1 if kept, 0 if it is full.
+MAIL_SCRIPT = """
+if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('RPUSH', KEYS[1], ARGV[2])
+return 1
+"""
+# KEYS: a mailbox. Its messages, taken out.
+TAKE_MAIL_SCRIPT = """
+local mail = redis.call('LRANGE', KEYS[1], 0, -1)
+redis.call('DEL', KEYS[1])
+return mail
+"""
 
 # KEYS: the servers, the alive prefix. The servers whose alive key is gone are
 # taken out, and returned: to one caller only, which announces their users.
@@ -3806,6 +3846,8 @@ class RedisNetwork:
         self.topics = {}                   # room key -> (text, nick)
         self.names = {}                    # room key -> its name
         self.down = False                  # Redis is away: coming back
+        self.accounts = {}                 # nick key -> (nick, password hash)
+        self.banned = {}                   # address -> the nick banned
         self.left_meanwhile = []           # (room key, name, line): said once back
         self.check_lost_after = 0.0        # back from an outage: others get time first
 
@@ -3815,8 +3857,11 @@ class RedisNetwork:
         Raises RedisError."""
         redis = BlockingRedis(self.address).connect()
         try:
-            self.script = _text(redis.call("SCRIPT", "LOAD", PUBLISH_SCRIPT))
-            self.lost_script = _text(redis.call("SCRIPT", "LOAD", LOST_SCRIPT))
+            self._load_scripts(redis)
+            for key, value in _pairs(redis.call("HGETALL", REDIS_ACCOUNTS)).items():
+                account = json.loads(value)
+                self.accounts[key] = (account["nick"], account["hash"])
+            self.banned = _pairs(redis.call("HGETALL", REDIS_BANS))
             last = redis.call("XREVRANGE", REDIS_FEED, "+", "-", "COUNT", 1)
             self.last = _text(last[0][0]) if last else "0-0"
             for key, value in _pairs(redis.call("HGETALL", REDIS_PRESENCE)).items():
@@ -3853,8 +3898,7 @@ class RedisNetwork:
                 sockets.append(BlockingRedis(self.address, timeout).connect().detach())
             redis = BlockingRedis(self.address, timeout).connect()
             try:
-                self.script = _text(redis.call("SCRIPT", "LOAD", PUBLISH_SCRIPT))
-                self.lost_script = _text(redis.call("SCRIPT", "LOAD", LOST_SCRIPT))
+                self._load_scripts(redis)
             finally:
                 redis.close()
         except (RedisError, OSError):
@@ -3862,6 +3906,53 @@ class RedisNetwork:
                 sock.close()
             raise
         return sockets
+
+    def _load_scripts(self, redis):
+        self.script = _text(redis.call("SCRIPT", "LOAD", PUBLISH_SCRIPT))
+        self.lost_script = _text(redis.call("SCRIPT", "LOAD", LOST_SCRIPT))
+        self.mail_script = _text(redis.call("SCRIPT", "LOAD", MAIL_SCRIPT))
+        self.take_mail_script = _text(redis.call("SCRIPT", "LOAD", TAKE_MAIL_SCRIPT))
+
+    # -- accounts, mailboxes and bans: in Redis, read from copies the feed keeps current --
+
+    def change(self, kind, key, **fields):
+        """An account or a ban changed here: in Redis, in our copy now, and
+        in the others' copies through the feed (None fields: removed)."""
+        hash_name = REDIS_ACCOUNTS if kind == "account" else REDIS_BANS
+        value = fields.get("nick")
+        if value is None:
+            self.commands.call(None, "HDEL", hash_name, key)
+            if kind == "account":
+                self.commands.call(None, "DEL", REDIS_MAIL + key)
+        else:
+            self.commands.call(None, "HSET", hash_name, key, json.dumps(fields)
+                               if kind == "account" else value)
+        self._changed(kind, key, fields)
+        self.commands.call(None, *self._publish_command("", "", Line("", kind, dict(
+            fields, key=key))))
+
+    def _changed(self, kind, key, fields):
+        copy = self.accounts if kind == "account" else self.banned
+        if fields.get("nick") is None:
+            copy.pop(key, None)
+        else:
+            copy[key] = ((fields["nick"], fields["hash"]) if kind == "account"
+                         else fields["nick"])
+
+    def mail(self, key, sender, text, when, answer):
+        """Keep a private message for an account: answer(kept?), or
+        answer(None) when Redis could not say."""
+        self.commands.call(lambda reply: answer(None if isinstance(reply, RedisError)
+                                                else reply == 1),
+                           "EVALSHA", self.mail_script, 1, REDIS_MAIL + key, MAILBOX_MESSAGES,
+                           json.dumps([when, sender, text]))
+
+    def take_mail(self, key, answer):
+        """The messages waiting for an account, taken: answer([(time, sender, text)])."""
+        self.commands.call(lambda reply: answer(
+            [] if isinstance(reply, RedisError) else [tuple(json.loads(item))
+                                                      for item in reply or ()]),
+            "EVALSHA", self.take_mail_script, 1, REDIS_MAIL + key)
 
     def lost(self):
         """Redis went away: the links are dropped (the caller retries)."""
@@ -4019,6 +4110,10 @@ class RedisNetwork:
         """Keep the copy of who is where, and each room's last messages and
         topic, current from an entry of the feed (every server's, ours too)."""
         kind, fields, room = entry["k"], entry["f"], entry["r"]
+        if kind in CONTROL_KINDS:
+            if entry["o"] != self.server_id:
+                self._changed(kind, fields["key"], fields)
+            return
         if kind in ("message", "action"):
             recent = self.recents.setdefault(room, collections.deque(maxlen=self.replay))
             recent.append((entry["id"], entry["x"].get("when", 0), fields["nick"], kind,
@@ -4049,6 +4144,50 @@ class RedisNetwork:
         if self.history is None:
             self.history = RedisHistory(self.address)
         return self.history
+
+
+class RedisStore:
+    """The store with --redis: accounts and bans in Redis, read from the
+    copies the feed keeps current (the loop never waits for Redis); what a
+    single server keeps in SQLite and several servers do not share goes on
+    to the local store. Mailboxes are asked for with a callback (Chat)."""
+
+    def __init__(self, network, local):
+        self.network = network
+        self.local = local
+
+    def __getattr__(self, name):
+        return getattr(self.local, name)
+
+    def account(self, key):
+        return self.network.accounts.get(key)
+
+    def add_account(self, key, nick, password_hash):
+        if key in self.network.accounts:
+            return False
+        self.network.change("account", key, nick=nick, hash=password_hash)
+        return True
+
+    def set_password(self, key, password_hash):
+        nick = self.network.accounts[key][0]
+        self.network.change("account", key, nick=nick, hash=password_hash)
+
+    def remove_account(self, key):
+        self.network.change("account", key, nick=None)
+
+    def add_ban(self, ip, nick):
+        self.network.change("ban", ip, nick=nick)
+
+    def remove_ban(self, ip):
+        was = ip in self.network.banned
+        self.network.change("ban", ip, nick=None)
+        return was
+
+    def is_banned(self, ip):
+        return ip in self.network.banned
+
+    def bans(self):
+        return sorted(self.network.banned.items())
 
 
 def history_rows(entries):
@@ -6814,6 +6953,8 @@ def run_server(args):
     except StoreError as exc:
         sys.stderr.write("chat.py: cannot use the database %s: %s\n" % (args.db, exc))
         return 2
+    if network is not None:
+        store = RedisStore(network, store)
     server = ChatServer(args.host, args.port, limits, verbose=not args.quiet,
                         tls_context=tls_context, password=password, op_password=op_password,
                         store=store, replay=args.replay, operators=args.operators,

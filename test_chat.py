@@ -3669,7 +3669,7 @@ class SeveralServersTest(RedisCase):
     """Two chat.py servers on one Redis are one chat."""
 
     def setUp(self):
-        url = self.start_redis()
+        self.url = url = self.start_redis()
         self.a, self.port_a = self.start_chat(url)
         self.b, self.port_b = self.start_chat(url)
 
@@ -3769,6 +3769,52 @@ class SeveralServersTest(RedisCase):
         code, out, err = run_chat("bench", "--hosts", hosts, "--port", "1")
         self.assertEqual((code, err), (2, "chat.py bench: --hosts names every server: "
                                           "not with --host or --port\n"))
+
+    def test_accounts_and_mailboxes_span_the_servers(self):
+        alice = self.peer(self.port_a, "alice")
+        alice.send_line("/register sesame-open")
+        alice.wait_for("*** " + chat.ACCOUNT_MADE.format(nick="alice"))
+        alice.send_line("/quit")
+        alice.expect_closed()
+        bob = self.peer(self.port_b, "bob")
+        bob.send_line("/msg alice are you there?")
+        bob.expect("-> *alice* are you there?",
+                   "*** " + chat.OFFLINE_KEPT.format(nick="alice"))
+        taker = self.peer(self.port_b)
+        taker.send_line("alice")  # the account is known on the other server too
+        taker.expect("!!! " + chat.NICK_REGISTERED.format(nick="alice"))
+        back = self.peer(self.port_b)
+        back.send_line("/login alice sesame-open")
+        back.expect("*** alice joined (2 online)",  # once
+                    "*** 1 message while you were away (times in UTC):")
+        self.assertRegex(back.wait_for("*** end of messages")[-1],
+                         r"^\[[\d: -]+\] \*bob\* are you there\?$")
+        back.send_line("/msg bob thanks")
+        bob.wait_for("*alice* thanks")
+
+    def test_bans_span_the_servers(self):
+        redis = chat.BlockingRedis(chat.RedisAddress(self.url)).connect()
+        self.addCleanup(redis.close)
+        redis.call("HSET", chat.REDIS_BANS, "10.0.0.9", "mallory")
+        op_file = write_file(self, "op.txt", "sekrit\n")
+        ops = []
+        for nick in ("op3", "op4"):
+            proc, port = self.start_chat(self.url, "--op-password-file", op_file)
+            op = self.peer(port, nick)
+            op.send_line("/op sekrit")
+            op.send_line("/bans")
+            op.wait_for("*** banned: 10.0.0.9 (mallory)")
+            ops.append(op)
+        ops[0].send_line("/unban 10.0.0.9")
+        ops[0].sync()
+        self.assertIsNone(redis.call("HGET", chat.REDIS_BANS, "10.0.0.9"))
+        deadline = time.monotonic() + TIMEOUT
+        while True:  # the other server's copy follows, through the feed
+            ops[1].send_line("/bans")
+            answer = ops[1].read_line()
+            if answer == "*** no address is banned" or time.monotonic() > deadline:
+                break
+        self.assertEqual(answer, "*** no address is banned")
 
     def test_two_servers_racing_for_one_nick_cannot_both_win(self):
         for round_ in range(8):
