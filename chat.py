@@ -1910,9 +1910,10 @@ class Chat:
         self.io.send(conn, error(WRONG_PASSWORD))
         self.io.close(conn, delay=WRONG_PASSWORD_DELAY_S)  # a guess costs a second
 
-    def _register(self, conn, nick, then=None):
-        """conn becomes nick, in the lobby; then() follows."""
-        problem = self._nick_problem(nick, conn)
+    def _register(self, conn, nick, then=None, force=False):
+        """conn becomes nick, in the lobby; then() follows. force: a login
+        taking the nick over from another server."""
+        problem = nick_problem(nick) if force else self._nick_problem(nick, conn)
         if problem:
             self.io.send(conn, error(problem))
             return
@@ -1932,7 +1933,7 @@ class Chat:
             else:
                 self._registered(conn, nick, then)
         self.io.pause_input(conn)
-        self.network.claim(nick_key(nick), nick, self.lobby.key, claimed)
+        self.network.claim(nick_key(nick), nick, self.lobby.key, claimed, force)
 
     def _registered(self, conn, nick, then=None):
         conn.nick, conn.key, conn.phase = nick, nick_key(nick), MEMBER
@@ -2429,7 +2430,17 @@ class Chat:
         self.io.call_later(WRONG_PASSWORD_DELAY_S, answer, conn)
 
     def _logged_in(self, conn, key, nick):
-        """Right password: conn becomes nick, taking it from another connection."""
+        """Right password: conn becomes nick, taking it from another connection
+        (on another server: that server is told to let it go)."""
+        if self.network is not None and key in self.network.elsewhere:
+            self.network.tell("takeover", key=key)
+            self.network.elsewhere.pop(key)  # ours now; its server says it left
+            if conn.phase != MEMBER:
+                conn.account = key
+                self.io.log("%s logged in (taking the nick over from another server)" % nick)
+                self._register(conn, nick, then=lambda: (self._op_if_listed(conn),
+                                                         self._deliver_mail(conn)), force=True)
+                return
         old = self.members.get(key)
         if old is not None and old is not conn:
             self.io.send(old, error(LOGGED_IN_ELSEWHERE))
@@ -2551,18 +2562,50 @@ class Chat:
             self.io.send(conn, error(USAGE[command]))
             return None, None
         target = self.members.get(nick_key(parts[0]))
+        reason = parts[1] if len(parts) > 1 else ""
+        if target is None and self.network is not None and (
+                nick_key(parts[0]) in self.network.elsewhere):
+            # On another server: that server acts (and tells the target's room).
+            self.network.tell("moderate", key=nick_key(parts[0]), command=command,
+                              by=conn.nick, ip=conn.ip, reason=reason)
+            return None, None
         if target is None:
             self.io.send(conn, error("no such user: %s" % parts[0]))
             return None, None
-        return target, parts[1] if len(parts) > 1 else ""
+        return target, reason
 
     def _moderate(self, conn, target, line):
         """A moderation line goes to target's room, and to the operator who
-        acted if the operator is in another room."""
+        acted if the operator is in another room (conn None: on another server)."""
         line.having(room=target.room.name)
         self.io.broadcast(target.room, line)
-        if conn.room is not target.room:
+        if conn is not None and conn.room is not target.room:
             self.io.send(conn, line)
+
+    def asked_elsewhere(self, kind, fields):
+        """Another server asks: let go of a nick logged in to there, or
+        moderate one of our users as its operator asked."""
+        target = self.members.get(fields["key"])
+        if target is None or target.phase != MEMBER:
+            return
+        if kind == "takeover":
+            self.io.send(target, error(LOGGED_IN_ELSEWHERE))
+            self.disconnected(target, LEFT_ELSEWHERE)
+            self.io.close(target)
+            return
+        by, command = fields["by"], fields["command"]
+        reason = fields.get("reason") or NO_REASON
+        self.io.log("%s (on another server) %s %s" % (by, command, target.nick))
+        if command == "kick":
+            self._remove(None, target, format_line("kicked", nick=target.nick, op=by,
+                                                   reason=reason))
+        elif command == "ban" and target.ip != fields.get("ip"):  # not the operator's own
+            self._store(self.store.add_ban, target.ip, target.nick)
+            self._remove(None, target, format_line("banned", nick=target.nick, op=by,
+                                                   reason=reason))
+        elif command in ("mute", "unmute") and target.muted != (command == "mute"):
+            target.muted = command == "mute"
+            self._moderate(None, target, format_line(command + "d", nick=target.nick, op=by))
 
     def _remove(self, conn, target, line):
         """Tell target's room (target included) line, then disconnect target."""
@@ -3079,6 +3122,8 @@ class ChatServer:
         network.heard(entry)
         kind, fields, room_key = entry["k"], entry["f"], entry["r"]
         if kind in CONTROL_KINDS:
+            if entry["o"] != network.server_id and kind in ("moderate", "takeover"):
+                self.chat.asked_elsewhere(kind, fields)
             return
         line = format_line(kind, **fields).having(**entry["x"])
         if entry["id"]:
@@ -3703,7 +3748,20 @@ REDIS_ALIVE = REDIS_PREFIX + "alive:"         # + server id: there while it hear
 REDIS_ACCOUNTS = REDIS_PREFIX + "accounts"    # nick key -> {nick, hash}
 REDIS_BANS = REDIS_PREFIX + "bans"            # address -> the nick banned
 REDIS_MAIL = REDIS_PREFIX + "mail:"           # + account key: its waiting messages
-CONTROL_KINDS = frozenset({"account", "ban"})  # feed entries that change a copy, not a room
+# Feed entries for the servers, not a room: a changed account or ban (every
+# server's copy), a moderation or a login that the target's server carries out.
+CONTROL_KINDS = frozenset({"account", "ban", "moderate", "takeover"})
+
+# KEYS: the presence hash; ARGV: a nick key, a server. The nick is freed only
+# if that server holds it (a login elsewhere may have taken it over).
+RELEASE_SCRIPT = """
+local held = redis.call('HGET', KEYS[1], ARGV[1])
+if held and cjson.decode(held)['server'] == ARGV[2] then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"""
 
 # KEYS: a mailbox; ARGV: its limit, the message. 1 if kept, 0 if it is full.
 MAIL_SCRIPT = """
@@ -3912,6 +3970,7 @@ class RedisNetwork:
         self.lost_script = _text(redis.call("SCRIPT", "LOAD", LOST_SCRIPT))
         self.mail_script = _text(redis.call("SCRIPT", "LOAD", MAIL_SCRIPT))
         self.take_mail_script = _text(redis.call("SCRIPT", "LOAD", TAKE_MAIL_SCRIPT))
+        self.release_script = _text(redis.call("SCRIPT", "LOAD", RELEASE_SCRIPT))
 
     # -- accounts, mailboxes and bans: in Redis, read from copies the feed keeps current --
 
@@ -4072,13 +4131,14 @@ class RedisNetwork:
                 self.commands.call(None, "HDEL", REDIS_PRESENCE, key)
         self.commands.call(announce, "HGETALL", REDIS_PRESENCE)
 
-    def claim(self, key, nick, room_key, answer):
-        """Take nick for one of ours, unless someone anywhere has it:
-        answer(taken?), or answer(None) when Redis could not say."""
+    def claim(self, key, nick, room_key, answer, force=False):
+        """Take nick for one of ours, unless someone anywhere has it (force:
+        a login, which takes it anyway): answer(taken?), or answer(None)
+        when Redis could not say."""
         value = json.dumps({"nick": nick, "room": room_key, "server": self.server_id})
         self.commands.call(lambda reply: answer(
-            None if isinstance(reply, RedisError) else reply != 1),
-            "HSETNX", REDIS_PRESENCE, key, value)
+            None if isinstance(reply, RedisError) else (reply != 1 and not force)),
+            "HSET" if force else "HSETNX", REDIS_PRESENCE, key, value)
 
     def place(self, key, nick, room_key):
         """One of ours is in room_key now (or renamed to nick)."""
@@ -4086,8 +4146,14 @@ class RedisNetwork:
         self.commands.call(None, "HSET", REDIS_PRESENCE, key, value)
 
     def release(self, key):
+        """Free a nick of ours (unless a login on another server took it over)."""
         if not self.down:
-            self.commands.call(None, "HDEL", REDIS_PRESENCE, key)
+            self.commands.call(None, "EVALSHA", self.release_script, 1, REDIS_PRESENCE, key,
+                               self.server_id)
+
+    def tell(self, kind, **fields):
+        """A control entry for the other servers (see CONTROL_KINDS)."""
+        self.commands.call(None, *self._publish_command("", "", Line("", kind, fields)))
 
     def remember_room(self, key, name):
         if key not in self.names:
@@ -4111,9 +4177,11 @@ class RedisNetwork:
         topic, current from an entry of the feed (every server's, ours too)."""
         kind, fields, room = entry["k"], entry["f"], entry["r"]
         if kind in CONTROL_KINDS:
-            if entry["o"] != self.server_id:
+            if kind in ("account", "ban") and entry["o"] != self.server_id:
                 self._changed(kind, fields["key"], fields)
             return
+        if room and room not in self.names:
+            self.names[room] = entry["m"]  # its spelling, for /rooms
         if kind in ("message", "action"):
             recent = self.recents.setdefault(room, collections.deque(maxlen=self.replay))
             recent.append((entry["id"], entry["x"].get("when", 0), fields["nick"], kind,
@@ -4129,11 +4197,22 @@ class RedisNetwork:
             if user is not None:
                 user[0] = fields["new"]
                 self.elsewhere[nick_key(fields["new"])] = user
+        elif kind == "left" and fields["reason"].startswith(LEFT_WENT_TO.format(room="")):
+            user = self.elsewhere.get(nick_key(fields["nick"]))
+            if user is not None:  # where it went: its join line there comes next
+                name = fields["reason"][len(LEFT_WENT_TO.format(room="")):]
+                user[1] = nick_key(name)
+                self.names.setdefault(user[1], name)
         elif kind == "opped" and nick_key(fields["nick"]) in self.elsewhere:
             self.elsewhere[nick_key(fields["nick"])][3] = True
         elif kind in ("kicked", "banned") or (kind == "left" and not fields["reason"].startswith(
                 LEFT_WENT_TO.format(room=""))):
-            self.elsewhere.pop(nick_key(fields["nick"]), None)
+            user = self.elsewhere.get(nick_key(fields["nick"]))
+            # Said by the user's own server (or of a lost one): a login
+            # elsewhere may have taken the nick over in between.
+            if user is not None and (user[2] == entry["o"]
+                                     or fields.get("reason") == LEFT_SERVER_LOST):
+                del self.elsewhere[nick_key(fields["nick"])]
 
     def in_room(self, room_key):
         """The other servers' users in a room: [(nick, op)]."""
