@@ -225,6 +225,8 @@ REDIS_HEARTBEAT_S = 3.0       # each server says it is alive this often...
 REDIS_ALIVE_TTL_S = 10        # ...in a key that lives this long: a server that stops
                               # is found lost within TTL + one heartbeat (13 s < 15)
 LEFT_SERVER_LOST = "server lost"
+REDIS_ANSWER_S = 5.0          # a command unanswered this long (an XREAD: past its
+                              # BLOCK): Redis is taken to be lost
 REDIS_RETRY_S = 2.0           # Redis lost: try again this often (back within 10 s)
 REDIS_RETRY_TIMEOUT_S = 3.0   # ...each try given this long
 NETWORK_DOWN = "the chat network is unreachable: reconnecting"
@@ -3164,8 +3166,14 @@ class ChatServer:
             self.sequence.extendleft(reversed(queued))
 
     def _heartbeat(self):
-        if not self.network.down:
-            self.network.heartbeat()
+        network = self.network
+        if not network.down:
+            now = time.monotonic()
+            if (network.commands.waited(now) > REDIS_ANSWER_S or network.feed.waited(now)
+                    > REDIS_READ_BLOCK_MS / 1000 + REDIS_ANSWER_S):
+                self._network_lost("Redis did not answer in %.0f s" % REDIS_ANSWER_S)
+            else:
+                network.heartbeat()
         self.call_later(REDIS_HEARTBEAT_S, self._heartbeat)
 
     def _network_lost(self, why):
@@ -3826,6 +3834,7 @@ class RedisLink:
         self.sock, self.tls, self.on_lost = sock, tls, on_lost
         self.outbuf = bytearray()
         self.callbacks = collections.deque()
+        self.asked_at = collections.deque()  # when each command still unanswered went
         self.reader = RespReader()
         self.alive = True
 
@@ -3834,6 +3843,11 @@ class RedisLink:
         if self.alive:
             self.outbuf += resp_command(*args)
             self.callbacks.append(callback)
+            self.asked_at.append(time.monotonic())
+
+    def waited(self, now):
+        """How long the oldest unanswered command has waited (0: none)."""
+        return now - self.asked_at[0] if self.asked_at else 0.0
 
     def flush(self):
         """Write what the socket takes; return whether anything is left."""
@@ -3865,6 +3879,7 @@ class RedisLink:
         if data:
             self.reader.feed(data)
             for reply in self.reader.replies():
+                self.asked_at.popleft()
                 callback = self.callbacks.popleft()
                 if callback is not None:
                     callback(reply)
@@ -7048,11 +7063,11 @@ def run_server(args):
     log_to_stderr("chat.py server starting (pid %d, Python %s)"
                   % (os.getpid(), sys.version.split()[0]))
     if network is not None:
-        log_to_stderr("one chat with every server on Redis at %s (this one: %s); history "
-                      "there too" % (network.address.where, network.server_id))
-    log_to_stderr("%s in %s" % (
-        "accounts, mailboxes and bans" if network is not None else "history and rooms",
-        "memory only (--db :memory:)" if args.db == ":memory:" else os.path.abspath(args.db)))
+        log_to_stderr("one chat with every server on Redis at %s (this one: %s); history, "
+                      "accounts and bans there too" % (network.address.where, network.server_id))
+    else:
+        log_to_stderr("history and rooms in %s" % (
+            "memory only (--db :memory:)" if args.db == ":memory:" else os.path.abspath(args.db)))
     if tls_context is not None:
         log_to_stderr("TLS on; the certificate's fingerprint is %s" % fingerprint)
     if password is not None:
