@@ -3653,6 +3653,30 @@ class RedisCase(unittest.TestCase):
 
 class RedisStartTest(RedisCase):
 
+    def test_rediss_verifies_the_certificate(self):
+        port = free_port()
+        cert = write_file(self, "cert.pem", TEST_CERT)
+        try:
+            self.start_redis("--port", "0", "--tls-port", str(port), "--tls-cert-file", cert,
+                             "--tls-key-file", write_file(self, "key.pem", TEST_KEY),
+                             "--tls-auth-clients", "no", port=port)
+        except AssertionError:
+            self.skipTest("this redis-server does not start with TLS (built without it?)")
+        url = "rediss://localhost:%d" % port
+        code, out, err = run_chat("server", "--port", "0", "--db", ":memory:", "--redis", url)
+        self.assertEqual((code, err), (1, "chat.py: cannot verify Redis at localhost:%d: "
+                                          "self-signed certificate\n" % port))
+        env = dict(os.environ, SSL_CERT_FILE=cert)  # trusted: one chat over TLS
+        proc = start_process(self, [sys.executable, CHAT_PY, "server", "--port", "0", "--db",
+                                    ":memory:", "--redis", url],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        chat_port, _ = wait_until_listening(self, proc.stderr)
+        peer = Peer(chat_port)
+        self.addCleanup(peer.close)
+        peer.send_line("al")
+        peer.send_line("over TLS")
+        peer.wait_for("<al> over TLS")
+
     def test_a_wrong_password_is_one_line_and_exit_1(self):
         url = self.start_redis("--requirepass", "right")
         code, out, err = run_chat("server", "--port", "0", "--db", ":memory:", "--redis",
