@@ -2315,24 +2315,6 @@ class ClientResumeTest(ServerTestCase):
             "* bob away 3", "<bob> back"], out)
         self.assertRegex("\n".join(out), r"\*\*\* [34] messages in #rust after \d+ ")
 
-    def test_a_server_down_at_start_is_waited_for_and_said_once(self):
-        port = self.port
-        self.server.shutdown()  # the port, free: the server is down
-        alice = start_process(self, [sys.executable, CHAT_PY, "client", "--name", "alice",
-                                     "--port", str(port), "--reconnect"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE)
-        out = read_until(alice, "trying again until it answers")
-        self.assertIn("cannot connect to 127.0.0.1:%d" % port, out[-1])
-        time.sleep(1.5)  # not a wait for anything: time for an attempt or two to fail
-        serve_in_thread(self, port)
-        self.port = port
-        out += read_until(alice, "*** alice joined (1 online)")
-        alice.stdin.close()
-        self.assertEqual(alice.wait(TIMEOUT), 0)
-        self.assertEqual(sum("trying again" in line or "reconnecting" in line
-                             for line in out), 1, out)
-
 
 class ClientAccountTest(ServerTestCase):
     """The bundled client logs in to its account, again after a reconnect,
@@ -2449,6 +2431,36 @@ class ClientLoopTest(unittest.TestCase):
             data += conn.recv(100)
         nick = data.split(b"\n")[0]
         conn.sendall(b"*** " + nick + b" joined (1 online)\n")
+
+    def test_reconnect_waits_for_a_server_down_at_start_saying_so_once(self):
+        self.shorten(RECONNECT_FIRST_S=0.05)
+        port = free_port()  # nothing listens there yet
+        stdin_r, stdin_w = os.pipe()
+        self.addCleanup(os.close, stdin_r)
+        os.write(stdin_w, b"hi\n")
+        os.close(stdin_w)
+        out, err = io.StringIO(), io.StringIO()
+        client = chat.ChatClient("127.0.0.1", port, "bot", stdin_fd=stdin_r, out=out,
+                                 interactive=False, reconnect=True)
+        result = {}
+
+        def run():
+            with contextlib.redirect_stderr(err):
+                result["code"] = client.run()
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + TIMEOUT
+        while "trying again" not in out.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)  # polling its output, bounded
+        self.assertIn("*** cannot connect to 127.0.0.1:%d: " % port, out.getvalue())
+        time.sleep(0.4)  # not a wait for anything: attempts at 0.05, 0.1, 0.2 s fail
+        serve_in_thread(self, port)
+        thread.join(TIMEOUT)
+        shown = out.getvalue()
+        self.assertEqual(result.get("code"), 0, shown)
+        self.assertIn("*** bot joined (1 online)\n<bot> hi\n", shown)
+        self.assertEqual(shown.count("trying again until it answers"), 1, shown)
+        self.assertNotIn("reconnecting", shown)
 
     def test_a_server_that_talks_on_does_not_keep_a_leaving_client(self):
         self.shorten(CLIENT_QUIT_WAIT_S=0.5)
