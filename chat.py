@@ -2435,8 +2435,13 @@ class Chat:
         """Right password: conn becomes nick, taking it from another connection
         (on another server: that server is told to let it go)."""
         if self.network is not None and key in self.network.elsewhere:
+            # Said here, not by its server, which may be dead (and then is
+            # never announced lost: the nick is ours in Redis now).
+            old_nick, room_key = self.network.elsewhere.pop(key)[:2]
+            room_name = self.network.names.get(room_key, room_key)
+            self.network.publish(room_key, room_name, format_line(
+                "left", nick=old_nick, reason=LEFT_ELSEWHERE).having(room=room_name))
             self.network.tell("takeover", key=key)
-            self.network.elsewhere.pop(key)  # ours now; its server says it left
             if conn.phase != MEMBER:
                 conn.account = key
                 self.io.log("%s logged in (taking the nick over from another server)" % nick)
@@ -2590,9 +2595,9 @@ class Chat:
         target = self.members.get(fields["key"])
         if target is None or target.phase != MEMBER:
             return
-        if kind == "takeover":
+        if kind == "takeover":  # (its room was told by the server it logged in to)
             self.io.send(target, error(LOGGED_IN_ELSEWHERE))
-            self.disconnected(target, LEFT_ELSEWHERE)
+            self.disconnected(target, None)
             self.io.close(target)
             return
         by, command = fields["by"], fields["command"]
