@@ -3152,9 +3152,9 @@ class ChatServer:
             self._delivered(entry["s"])
 
     def _delivered(self, number):
-        """One of our entries is back: what waited for it is done, in order."""
-        while self.sequence and self.sequence[0][0] is not None:
-            self._run_waiting(self.sequence.popleft())  # (only after a lost link)
+        """One of our entries is back: what waited for it is done, in order.
+        (The sequence starts with a marker whenever it is not empty; an entry
+        of ours that nothing waited for, such as a private message, has none.)"""
         if self.sequence and self.sequence[0] == (None, number):
             self.sequence.popleft()
         while self.sequence and self.sequence[0][0] is not None:
