@@ -3961,9 +3961,12 @@ class RedisOutageTest(RedisCase):
         alice.wait_for("!!! " + chat.NOT_SENT_NETWORK)
         alice.send_line("/msg carol same server")  # needs no one else
         carol.wait_for("*alice* same server")
+        carol.send_line("/quit")
+        alice.wait_for("*** carol left (quit)")  # her own server's users see it at once
         self.start_redis("--appendonly", "yes", "--dir", folder, port=port)
         for peer in (alice, bob):
             peer.wait_for("*** " + chat.NETWORK_BACK)
+        bob.wait_for("*** carol left (quit)")  # the others, once it is back
         alice.send_line("after")
         skipped = bob.wait_for("<alice> after")
         self.assertNotIn("<alice> during", skipped)
