@@ -202,6 +202,7 @@ class Limits:
 PASSWORD_ENV = "CHAT_PASSWORD"
 OP_PASSWORD_ENV = "CHAT_OP_PASSWORD"
 ACCOUNT_PASSWORD_ENV = "CHAT_ACCOUNT_PASSWORD"
+REDIS_PASSWORD_ENV = "CHAT_REDIS_PASSWORD"
 
 CLIENT_CONNECT_TIMEOUT_S = 10.0
 CLIENT_QUIT_WAIT_S = 10.0     # after /quit, wait this long for the server to close
@@ -6810,6 +6811,9 @@ def build_parser():
     server.add_argument("--redis", metavar="URL",
                         help="redis://[:PASSWORD@]HOST:PORT[/DB] (rediss:// for TLS): "
                              "every server given the same Redis database is one chat")
+    server.add_argument("--redis-password-file", metavar="FILE",
+                        help="Redis's password, kept out of the URL (which ps shows); or "
+                             "the environment variable %s" % REDIS_PASSWORD_ENV)
     server.add_argument("--keep", type=non_negative_int, default=KEEP_MESSAGES, metavar="N",
                         help="messages kept per room, the oldest going first; 0 keeps all "
                              "(default %(default)s)")
@@ -7038,6 +7042,8 @@ def run_server(args):
     if args.redis:
         try:
             redis = RedisAddress(args.redis)
+            redis.password = read_secret(args.redis_password_file, REDIS_PASSWORD_ENV,
+                                         "Redis password") or redis.password
         except ValueError as exc:
             sys.stderr.write("chat.py: --redis: %s\n" % exc)
             return 2

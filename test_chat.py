@@ -3698,6 +3698,13 @@ class RedisStartTest(RedisCase):
         self.assertRegex(err, r"^chat.py: Redis at 127.0.0.1:\d+ refused us: WRONGPASS")
         proc, port = self.start_chat(url.replace("//", "//:right@"))  # and the right one
         self.assertIsNone(proc.poll())
+        # Kept out of the command line, which ps shows: a file, or the environment.
+        proc, port = self.start_chat(url, "--redis-password-file",
+                                     write_file(self, "redis.txt", "right\n"))
+        self.assertIsNone(proc.poll())
+        code, out, err = run_chat("server", "--port", "0", "--db", ":memory:", "--redis", url,
+                                  env=dict(os.environ, CHAT_REDIS_PASSWORD="wrong"))
+        self.assertEqual(code, 1, err)
 
 
 
