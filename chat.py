@@ -225,14 +225,10 @@ REDIS_READ_COUNT = 1000       # ...and takes at most this many at once
 REDIS_HEARTBEAT_S = 3.0       # each server says it is alive this often...
 REDIS_ALIVE_TTL_S = 10        # ...in a key that lives this long: a server that stops
                               # is found lost within TTL + one heartbeat (13 s < 15)
-LEFT_SERVER_LOST = "server lost"
 REDIS_ANSWER_S = 5.0          # a command unanswered this long (an XREAD: past its
                               # BLOCK): Redis is taken to be lost
 REDIS_RETRY_S = 2.0           # Redis lost: try again this often (back within 10 s)
 REDIS_RETRY_TIMEOUT_S = 3.0   # ...each try given this long
-NETWORK_DOWN = "the chat network is unreachable: reconnecting"
-NETWORK_BACK = "the chat network is back"
-NOT_SENT_NETWORK = "not sent: the chat network is unreachable"
 # What needs the other servers or the store: refused while Redis is away.
 NEEDS_NETWORK = frozenset({"me", "nick", "who", "join", "rooms", "topic", "history", "search",
                            "register", "login", "password", "unregister", "ban", "unban"})
@@ -301,6 +297,10 @@ MAILBOX_FULL = "{nick}'s mailbox is full"
 PASSWORD_REQUIRED = "password required: send /pass SECRET first"
 PASSWORD_ACCEPTED = "password accepted: choose a nickname"
 WRONG_PASSWORD = "wrong password"
+# Several servers (--redis): Redis away, and back.
+NETWORK_DOWN = "the chat network is unreachable: reconnecting"
+NETWORK_BACK = "the chat network is back"
+NOT_SENT_NETWORK = "not sent: the chat network is unreachable"
 HELP = (
     "TEXT                 say TEXT to everyone (//TEXT says /TEXT)",
     "/me TEXT             act: * NICK TEXT",
@@ -354,6 +354,7 @@ LEFT_QUIT = "quit"
 LEFT_CLOSED = "connection closed"
 LEFT_TOO_SLOW = "too slow"
 LEFT_WENT_TO = "went to {room}"
+LEFT_SERVER_LOST = "server lost"   # its server stopped heartbeating (--redis)
 HISTORY_TIME = "%Y-%m-%d %H:%M"   # UTC, in a history block
 TIMES_IN_UTC = "(times in UTC)"   # in a history block's header
 TIMES_LOCAL = "(local times)"     # what the client shows instead, having converted them
