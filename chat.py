@@ -3750,7 +3750,9 @@ class ChatServer:
 # only when it reads it back, as every other server does. The feed's order is
 # the one order everyone sees. Who is online where is a hash, each nick
 # claimed in it atomically (HSETNX); each server also keeps a copy, kept
-# current by the feed, for /who, /rooms and /msg.
+# current by the feed, for /who, /rooms and /msg; accounts and bans the same
+# way, so the loop reads copies and never waits for Redis. Entries that are
+# not a room's line (CONTROL_KINDS) tell the servers what changed.
 
 REDIS_FEED = REDIS_PREFIX + "feed"            # every room's lines, in one order
 REDIS_IDS = REDIS_PREFIX + "ids"              # the last message id given
