@@ -3894,6 +3894,17 @@ class SeveralServersTest(RedisCase):
                 break
         self.assertEqual(answer, "*** no address is banned")
 
+    def test_another_database_number_is_another_chat(self):
+        alice = self.peer(self.port_a, "alice")
+        proc, port = self.start_chat(self.url + "/1")
+        other = self.peer(port, "alice")  # free there: another chat
+        other.send_line("/who")
+        other.expect("*** 1 in #lobby: alice")
+        other.send_line("hello?")
+        other.expect("<alice> hello?")
+        alice.send_line("/who")
+        alice.expect("*** 1 in #lobby: alice")  # nothing of the other chat came
+
     def test_two_servers_racing_for_one_nick_cannot_both_win(self):
         for round_ in range(8):
             nick = "racer%d" % round_
@@ -3920,7 +3931,37 @@ class SeveralServersTest(RedisCase):
 
 class LostServerTest(RedisCase):
 
-    def test_the_users_of_a_server_that_stopped_heartbeating_are_announced_lost(self):
+    def test_a_sigkilled_server_s_users_are_announced_lost_and_their_nicks_freed(self):
+        url = self.start_redis()
+        redis = chat.BlockingRedis(chat.RedisAddress(url)).connect()
+        self.addCleanup(redis.close)
+        doomed, port_a = self.start_chat(url)
+        (doomed_id,) = [key[len(chat.REDIS_ALIVE):] for key in
+                        redis.call("KEYS", chat.REDIS_ALIVE + "*")]
+        self.assertTrue(0 < redis.call("TTL", chat.REDIS_ALIVE + doomed_id.decode())
+                        <= chat.REDIS_ALIVE_TTL_S)
+        proc, port_b = self.start_chat(url)
+        alice, bob = Peer(port_a), Peer(port_b)
+        for peer, nick, count in ((alice, "alice", 1), (bob, "bob", 2)):
+            self.addCleanup(peer.close)
+            peer.send_line(nick)
+            peer.wait_for("*** %s joined (%d online)" % (nick, count))
+        doomed.kill()  # SIGKILL: it says nothing
+        doomed.wait()
+        taker = Peer(port_b)
+        self.addCleanup(taker.close)
+        taker.send_line("alice")
+        taker.wait_for("!!! nickname alice is taken")  # until it is found lost
+        # Its heartbeat's key would expire within 10 s; gone now, the next
+        # heartbeat of the other server (within 3 s) finds it lost.
+        redis.call("DEL", chat.REDIS_ALIVE + doomed_id.decode())
+        self.assertEqual(bob.read_line(timeout=chat.REDIS_HEARTBEAT_S + TIMEOUT),
+                         "*** alice left (server lost)")
+        taker.send_line("alice")
+        taker.wait_for("*** alice joined (2 online)")
+        self.assertEqual(redis.call("SCARD", chat.REDIS_SERVERS), 1)
+
+    def test_a_starting_server_finds_the_lost_ones_at_once(self):
         url = self.start_redis()
         redis = chat.BlockingRedis(chat.RedisAddress(url)).connect()
         self.addCleanup(redis.close)
@@ -3929,18 +3970,14 @@ class LostServerTest(RedisCase):
         self.addCleanup(bob.close)
         bob.send_line("bob")
         bob.wait_for("*** bob joined (1 online)")
-        (alive,) = [_ for _ in redis.call("KEYS", chat.REDIS_ALIVE + "*")]
-        self.assertTrue(0 < redis.call("TTL", alive) <= chat.REDIS_ALIVE_TTL_S)
-        # A server that died (SIGKILL): in the chat's set, a user online, no
-        # heartbeat. The next heartbeat of any server finds it: here, at once,
-        # that of a server starting.
+        # A server that died: in the chat's set, a user online, no heartbeat.
         redis.call("SADD", chat.REDIS_SERVERS, "dead")
         redis.call("HSET", chat.REDIS_PRESENCE, "ghost",
                    json.dumps({"nick": "ghost", "room": "#lobby", "server": "dead"}))
         self.start_chat(url)
         self.assertEqual(bob.read_line(timeout=chat.REDIS_HEARTBEAT_S + TIMEOUT),
                          "*** ghost left (server lost)")
-        self.assertEqual(len(redis.call("SMEMBERS", chat.REDIS_SERVERS)), 2)  # "dead" is out
+        self.assertEqual(redis.call("SCARD", chat.REDIS_SERVERS), 2)  # "dead" is out
         self.assertIsNone(redis.call("HGET", chat.REDIS_PRESENCE, "ghost"))
 
 
