@@ -3936,6 +3936,9 @@ class LostServerTest(RedisCase):
         redis = chat.BlockingRedis(chat.RedisAddress(url)).connect()
         self.addCleanup(redis.close)
         doomed, port_a = self.start_chat(url)
+        deadline = time.monotonic() + TIMEOUT
+        while not redis.call("KEYS", chat.REDIS_ALIVE + "*") and time.monotonic() < deadline:
+            time.sleep(0.01)  # polling for its first heartbeat, bounded
         (doomed_id,) = [key[len(chat.REDIS_ALIVE):] for key in
                         redis.call("KEYS", chat.REDIS_ALIVE + "*")]
         self.assertTrue(0 < redis.call("TTL", chat.REDIS_ALIVE + doomed_id.decode())
