@@ -3178,7 +3178,7 @@ class ChatServer:
             now = time.monotonic()
             if (network.commands.waited(now) > REDIS_ANSWER_S or network.feed.waited(now)
                     > REDIS_READ_BLOCK_MS / 1000 + REDIS_ANSWER_S):
-                self._network_lost("Redis did not answer in %.0f s" % REDIS_ANSWER_S)
+                self._network_lost("Redis did not answer in %g s" % REDIS_ANSWER_S)
             else:
                 network.heartbeat()
         self.call_later(REDIS_HEARTBEAT_S, self._heartbeat)

@@ -3986,6 +3986,74 @@ class LostServerTest(RedisCase):
 
 class RedisOutageTest(RedisCase):
 
+    def shorten(self, **values):
+        for name, value in values.items():
+            patcher = mock.patch.object(chat, name, value)
+            patcher.start()
+            self.addCleanup(patcher.stop)
+
+    def serve_on_redis(self, url):
+        """A server in this process on that Redis (its waits can be shortened)."""
+        network = chat.RedisNetwork(chat.RedisAddress(url))
+        network.load()
+        self.server = serve_in_thread(self, network=network, store=chat.RedisStore(
+            network, chat.SQLiteStore(":memory:")))
+        return self.server.address[1]
+
+    def quick_outages(self):
+        self.shorten(REDIS_ANSWER_S=0.5, REDIS_HEARTBEAT_S=0.2, REDIS_RETRY_S=0.2,
+                     REDIS_RETRY_TIMEOUT_S=0.5, REDIS_READ_BLOCK_MS=200, REDIS_ALIVE_TTL_S=1)
+
+    def test_a_redis_that_stops_answering_is_unreachable_until_it_answers(self):
+        self.quick_outages()
+        url = self.start_redis()
+        alice = Peer(self.serve_on_redis(url))
+        self.addCleanup(alice.close)
+        alice.send_line("alice")
+        alice.wait_for("*** alice joined (1 online)")
+        self.redis_proc.send_signal(signal.SIGSTOP)  # connected, silent
+        resumed = lambda: self.redis_proc.send_signal(signal.SIGCONT)
+        self.addCleanup(resumed)
+        alice.wait_for("*** " + chat.NETWORK_DOWN)
+        alice.send_line("anyone?")
+        alice.wait_for("!!! " + chat.NOT_SENT_NETWORK)
+        resumed()
+        alice.wait_for("*** " + chat.NETWORK_BACK)
+        alice.send_line("hello again")
+        alice.wait_for("<alice> hello again")
+
+    def test_an_outage_longer_than_a_heartbeat_loses_nobody(self):
+        self.quick_outages()
+        url = self.start_redis()
+        alice = Peer(self.serve_on_redis(url))
+        bob = Peer(self.serve_on_redis(url))
+        for peer, nick, count in ((alice, "alice", 1), (bob, "bob", 2)):
+            self.addCleanup(peer.close)
+            peer.send_line(nick)
+            peer.wait_for("*** %s joined (%d online)" % (nick, count))
+        # Bob's server comes back half a second after Redis does (alice's at once).
+        back_after = [float("inf")]
+        open_sockets = self.server.network.open_sockets
+
+        def slowly(timeout):  # in the worker thread
+            if time.monotonic() < back_after[0]:
+                raise OSError("not yet")
+            return open_sockets(timeout)
+        self.server.network.open_sockets = slowly
+        self.redis_proc.send_signal(signal.SIGSTOP)
+        self.addCleanup(self.redis_proc.send_signal, signal.SIGCONT)
+        for peer in (alice, bob):
+            peer.wait_for("*** " + chat.NETWORK_DOWN)
+        time.sleep(1.5)  # not a wait for anything: every heartbeat key expires meanwhile
+        back_after[0] = time.monotonic() + 0.5
+        self.redis_proc.send_signal(signal.SIGCONT)
+        for peer in (alice, bob):
+            peer.wait_for("*** " + chat.NETWORK_BACK)
+        time.sleep(1.5)  # past the grace after coming back, when lost servers are looked for
+        alice.send_line("/who")
+        self.assertNotIn("*** bob left (server lost)",
+                         alice.wait_for("*** 2 in #lobby: alice, bob"))
+
     def test_redis_killed_and_restarted_loses_nothing_accepted(self):
         port = free_port()
         url = self.start_redis("--appendonly", "yes", "--appendfsync", "always", port=port)
