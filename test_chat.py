@@ -93,6 +93,14 @@ def serve_in_thread(case, port=0, limits=None, **options):
     return server
 
 
+def shorten(case, **values):
+    """Patch chat's constants (waits, mostly) for the rest of the test."""
+    for name, value in values.items():
+        patcher = mock.patch.object(chat, name, value)
+        patcher.start()
+        case.addCleanup(patcher.stop)
+
+
 def setUpModule():
     """Subprocesses run in a temporary folder: a server's default chat.db goes there."""
     global WORK_DIR
@@ -2377,12 +2385,6 @@ class ClientLoopTest(unittest.TestCase):
     """The client in-process, its stdin a pipe, against fake servers; its
     waits are shortened so that the tests are quick."""
 
-    def shorten(self, **waits):
-        for name, seconds in waits.items():
-            patcher = mock.patch.object(chat, name, seconds)
-            patcher.start()
-            self.addCleanup(patcher.stop)
-
     def fake_server(self, script):
         """Listen; run script(conn, stop) for the one connection; return the port."""
         listener = socket.socket()
@@ -2433,7 +2435,7 @@ class ClientLoopTest(unittest.TestCase):
         conn.sendall(b"*** " + nick + b" joined (1 online)\n")
 
     def test_reconnect_waits_for_a_server_down_at_start_saying_so_once(self):
-        self.shorten(RECONNECT_FIRST_S=0.05)
+        shorten(self, RECONNECT_FIRST_S=0.05)
         port = free_port()  # nothing listens there yet
         stdin_r, stdin_w = os.pipe()
         self.addCleanup(os.close, stdin_r)
@@ -2463,7 +2465,7 @@ class ClientLoopTest(unittest.TestCase):
         self.assertNotIn("reconnecting", shown)
 
     def test_a_server_that_talks_on_does_not_keep_a_leaving_client(self):
-        self.shorten(CLIENT_QUIT_WAIT_S=0.5)
+        shorten(self, CLIENT_QUIT_WAIT_S=0.5)
 
         def talkative(conn, stop):
             self.greet_and_admit(conn)
@@ -2475,7 +2477,7 @@ class ClientLoopTest(unittest.TestCase):
         self.assertIn("<x> chatter", out)
 
     def test_a_nickname_never_answered_ends_a_piped_client(self):
-        self.shorten(CLIENT_ANSWER_WAIT_S=0.5)
+        shorten(self, CLIENT_ANSWER_WAIT_S=0.5)
 
         def mute(conn, stop):
             conn.sendall(b"*** choose a nickname\n")
@@ -2488,7 +2490,7 @@ class ClientLoopTest(unittest.TestCase):
         self.assertNotIn("said nothing", out)
 
     def test_a_server_that_never_greets_is_said_to_be_silent(self):
-        self.shorten(CLIENT_GREETING_WAIT_S=0.2, CLIENT_ANSWER_WAIT_S=0.6)
+        shorten(self, CLIENT_GREETING_WAIT_S=0.2, CLIENT_ANSWER_WAIT_S=0.6)
         port = self.fake_server(lambda conn, stop: stop.wait(TIMEOUT))
         code, out, err = self.run_client(port, nick=None, stdin=b"bot\nhi\n")
         self.assertEqual(code, 1)
@@ -3986,12 +3988,6 @@ class LostServerTest(RedisCase):
 
 class RedisOutageTest(RedisCase):
 
-    def shorten(self, **values):
-        for name, value in values.items():
-            patcher = mock.patch.object(chat, name, value)
-            patcher.start()
-            self.addCleanup(patcher.stop)
-
     def serve_on_redis(self, url):
         """A server in this process on that Redis (its waits can be shortened)."""
         network = chat.RedisNetwork(chat.RedisAddress(url))
@@ -4001,7 +3997,7 @@ class RedisOutageTest(RedisCase):
         return self.server.address[1]
 
     def quick_outages(self):
-        self.shorten(REDIS_ANSWER_S=0.5, REDIS_HEARTBEAT_S=0.2, REDIS_RETRY_S=0.2,
+        shorten(self, REDIS_ANSWER_S=0.5, REDIS_HEARTBEAT_S=0.2, REDIS_RETRY_S=0.2,
                      REDIS_RETRY_TIMEOUT_S=0.5, REDIS_READ_BLOCK_MS=200, REDIS_ALIVE_TTL_S=1)
 
     def test_a_redis_that_stops_answering_is_unreachable_until_it_answers(self):
