@@ -5057,11 +5057,12 @@ class ClientSession:
         """What the keyboard thread read, as it was asked for."""
         if kind == "account":
             self.account_password = text
-            self._send_nick()
+            if not (self.needs_password and self.password is None):
+                self._send_nick()  # else it goes once the room's password is typed
         elif kind == "secret":
             self.password = text
             self._send_password()
-            if self.nick:
+            if self.nick and not self._awaiting_account_password():
                 self._send_nick()  # again: one sent before the password was refused
             # else the nickname is asked for once the server accepts the password
         elif kind == "nick":
@@ -5133,10 +5134,17 @@ class ClientSession:
         password (on a terminal) before the nickname."""
         if self.needs_password and self.password is None and self.interactive:
             self.io.ask("secret")
+        elif self._awaiting_account_password():
+            pass  # asked for on connecting: typed() sends /login NICK PASSWORD
         elif self.nick and not self.nick_sent:
             self._send_nick()
         else:
             self.io.ask("nick")
+
+    def _awaiting_account_password(self):
+        """--login at a terminal, its password not typed yet: the bare nick
+        must not go (the server would refuse it as someone's account)."""
+        return self.login and self.account_password is None and self.interactive
 
     def _send_nick(self):
         """The nick, or /login NICK PASSWORD when the nick is our account."""
@@ -5186,6 +5194,12 @@ class ClientSession:
         if reason == WRONG_LOGIN:
             self.pending_account = None
         self._show_server_line(text)
+        if reason == WRONG_LOGIN and self.login and self.interactive and not self.reconnecting:
+            self.nick_sent = False
+            self.account_password = None
+            self.answer_deadline = None
+            self.io.ask("account")  # --login: the password again, the nick kept
+            return
         self.answer_deadline = None
         if self.reconnecting:
             self._lose_connection()  # the old session may linger on the server: later

@@ -2615,6 +2615,20 @@ class ClientSessionTest(unittest.TestCase):
         self.assertEqual(sorted(session.nicks.values()), ["al", "bob"])
         self.assertNotIn("/op", session.commands)
 
+    def test_login_at_a_terminal_waits_for_the_typed_password(self):
+        session, shell = self.session(nick="al", login=True, interactive=True)
+        session.connected()
+        for text in ["welcome to chat.py (1 online)",
+                     "choose a nickname: 1-24 letters, digits, _ or -"]:
+            session.server_line("*** " + text)
+        self.assertEqual((shell.asked, shell.sent), (["account"], b""))  # not the bare nick
+        session.typed("account", "correct horse")
+        self.assertEqual(shell.sent, b"/login al correct horse\n")
+        session.server_line("!!! " + chat.WRONG_LOGIN)  # mistyped: asked again, nick kept
+        self.assertEqual(shell.asked, ["account", "account"])
+        session.typed("account", "battery staple")
+        self.assertTrue(shell.sent.endswith(b"/login al battery staple\n"), shell.sent)
+
     def test_a_refused_nick_ends_a_piped_client_and_is_asked_again_on_a_terminal(self):
         session, shell = self.session(nick="bob")
         session.connected()
