@@ -211,6 +211,8 @@ CLIENT_ANSWER_WAIT_S = 10.0   # piped: a nickname unanswered this long ends the 
 CLIENT_MAX_OUTBUF = 65536     # stop taking typed lines while this much is unsent
 RECONNECT_FIRST_S = 1.0       # --reconnect: the first pause, doubled each time...
 RECONNECT_MAX_S = 30.0        # ...up to this
+CATCH_UP_TRIES = 3            # --reconnect: a refused "what did I miss" is asked this often...
+CATCH_UP_RETRY_S = 1.0        # ...this long apart, then the user is told it can't be shown
 RECONNECT_JITTER = 0.2        # each pause varies by this much either way, so that
                               # the clients of a restarted server don't all return at once
 
@@ -4372,6 +4374,8 @@ SETUP_TOKEN = "chat.py-client-setup"
 HELP_TOKEN = "chat.py-client-help"
 JOIN_TOKEN = "chat.py-client-join"
 RESUME_TOKEN = "chat.py-client-resume"   # back after a reconnect: the replays are over
+CAUGHT_UP = "{messages} in {room} while you were away (times in UTC):"
+CATCH_UP_FAILED = "what was said in {room} while you were away can't be shown: {reason}"
 # The server's answer to the /format json the client starts with.
 FORMAT_JSON_ANSWER = "format: json"
 # What a server without JSON mode answers /format with: the client stays in text.
@@ -4773,6 +4777,8 @@ class ClientSession:
         self.mail = []                     # offline messages, until something else comes
         self.resuming = False              # back in: replays are dropped until RESUME_TOKEN
         self.catching_up = False           # /history after LAST_ID asked: live lines wait
+        self.catch_up_refusals = 0         # ...answered by an error so often
+        self.catch_up_retry_at = None      # ...and asked again at this time
         self.held = []                     # ...here
 
     # -- events from ChatClient --
@@ -4856,6 +4862,8 @@ class ClientSession:
             lines += self._history_end(obj)
         elif kind in ("message", "action") and (self.resuming or self.catching_up):
             self.held.append(obj)  # said after what the catch-up will show
+        elif kind == "error" and self.catching_up:
+            lines += self._catch_up_refused(obj)  # the answer to /history after
         else:
             lines += self._live_line(obj, kind)
         return [line for line in lines if line is not None]
@@ -4966,13 +4974,37 @@ class ClientSession:
                 lines.append(line)
                 self.last_id = message_id
         if lines:
-            lines = ([format_line("history_after", messages=plural(len(lines), "message"),
-                                  room=room, after=self.resume[1])]
+            lines = ([format_line("notice", text=CAUGHT_UP.format(
+                messages=plural(len(lines), "message"), room=room))]
                      + lines + [format_line("history_end")])
         if len(items) >= HISTORY_MAX:
             self.io.send(encode_line("/history after %d" % self.last_id))
             return lines
+        return lines + self._end_catch_up()
+
+    def _catch_up_refused(self, obj):
+        """/history after was answered with an error (the history can't be
+        read just now): ask again a little later, a few times; then say what
+        can't be shown and go on, so the user is never left frozen."""
+        self.catch_up_refusals += 1
+        if self.catch_up_refusals < CATCH_UP_TRIES:
+            self.catch_up_retry_at = time.monotonic() + CATCH_UP_RETRY_S
+            return []
+        return [format_line("notice", text=CATCH_UP_FAILED.format(
+            room=self.room, reason=obj.get("text", "refused")))] + self._end_catch_up()
+
+    def _retry_catch_up(self):
+        self.catch_up_retry_at = None
+        if self.online and self.catching_up:
+            self.io.send(encode_line("/history after %d" % self.last_id))
+
+    def _end_catch_up(self):
+        """Caught up (or given up): the live lines that waited, then what
+        was typed while away."""
+        room = self.room
+        lines = []
         self.catching_up = False
+        self.catch_up_retry_at = None
         held, self.held = self.held, []
         for obj in held:
             if obj.get("room") == room and (self.last_id is None
@@ -5103,13 +5135,15 @@ class ClientSession:
         return self.registered and not self.quitting and not self.joining
 
     def next_deadline(self):
-        deadlines = [when for when in (self.quit_deadline, self.answer_deadline)
-                     if when is not None]
+        deadlines = [when for when in (self.quit_deadline, self.answer_deadline,
+                                       self.catch_up_retry_at) if when is not None]
         if self.online and not self.heard_server and self.silence_deadline:
             deadlines.append(self.silence_deadline)
         return min(deadlines) if deadlines else None
 
     def check_deadlines(self, now):
+        if self.catch_up_retry_at is not None and now >= self.catch_up_retry_at:
+            self._retry_catch_up()
         if self.quit_deadline is not None and now >= self.quit_deadline:
             self.io.finish(0)  # the server never closed: leave anyway
         elif self.answer_deadline is not None and now >= self.answer_deadline:

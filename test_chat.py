@@ -2321,7 +2321,7 @@ class ClientResumeTest(ServerTestCase):
         self.assertEqual([re.sub(r"^\[[^]]*\] ", "", line) for line in said], [
             "<bob> said before", "<bob> seen live", "<bob> away 1", "<bob> away 2",
             "* bob away 3", "<bob> back"], out)
-        self.assertRegex("\n".join(out), r"\*\*\* [34] messages in #rust after \d+ ")
+        self.assertRegex("\n".join(out), r"\*\*\* [34] messages in #rust while you were away ")
 
 
 class ClientAccountTest(ServerTestCase):
@@ -2628,6 +2628,36 @@ class ClientSessionTest(unittest.TestCase):
         self.assertEqual(shell.asked, ["account", "account"])
         session.typed("account", "battery staple")
         self.assertTrue(shell.sent.endswith(b"/login al battery staple\n"), shell.sent)
+
+    def test_a_refused_catch_up_is_asked_again_then_given_up_without_freezing(self):
+        session, shell = self.registered_in_json(reconnect=True)
+        session.server_line(json.dumps({"type": "message", "id": 5, "room": "#lobby",
+                                        "nick": "bob", "text": "seen"}))
+        session.server_closed()
+        self.assertEqual(session.resume, ("#lobby", 5))
+        session.connected()
+        session.server_line(json.dumps({"type": "notice", "text": "format: json"}))
+        session.server_line(json.dumps({"type": "joined", "nick": "al", "room": "#lobby",
+                                        "count": 2}))
+        session.server_line(json.dumps({"type": "pong", "token": chat.RESUME_TOKEN}))
+        self.assertTrue(shell.sent.endswith(b"/history after 5\n"), shell.sent)
+        session.typed("line", "typed while away")
+        refusal = json.dumps({"type": "error", "code": "not_sent", "text":
+                              "the history can't be read now (Redis closed the connection)"})
+        shell.sent = b""
+        for attempt in range(chat.CATCH_UP_TRIES):
+            session.server_line(refusal)
+            if attempt < chat.CATCH_UP_TRIES - 1:
+                self.assertEqual(shell.sent, b"")  # asked again later, not at once
+                session.check_deadlines(session.next_deadline())
+                self.assertEqual(shell.sent, b"/history after 5\n")
+                shell.sent = b""
+        self.assertIn("*** what was said in #lobby while you were away can't be shown: "
+                      "the history can't be read now (Redis closed the connection)", shell.shown)
+        self.assertEqual(shell.sent, b"typed while away\n")  # not dropped
+        session.server_line(json.dumps({"type": "message", "id": 9, "room": "#lobby",
+                                        "nick": "bob", "text": "live again"}))
+        self.assertEqual(shell.shown[-1], "<bob> live again")
 
     def test_a_refused_nick_ends_a_piped_client_and_is_asked_again_on_a_terminal(self):
         session, shell = self.session(nick="bob")
