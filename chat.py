@@ -1340,7 +1340,7 @@ class Connection:
                  "outbuf", "tokens", "refilled", "paused", "held", "full", "counted",
                  "behind_since", "waiting", "events", "drained_at", "tls", "handshake_wait",
                  "close_at", "op", "muted", "op_attempts", "account", "login_failures", "json",
-                 "timers", "__weakref__")
+                 "timers", "peer_done", "__weakref__")
 
     def __init__(self, sock, addr, limits, now):
         self.sock = sock
@@ -1365,6 +1365,7 @@ class Connection:
         self.tls = False                   # sock is an SSLSocket
         self.handshake_wait = 0            # while the TLS handshake runs: the event it waits for
         self.close_at = 0.0                # CLOSING: not before; None once the write side is shut
+        self.peer_done = False             # the peer sent its last byte (it may still read)
         self.op = False                    # an operator
         self.muted = False                 # its lines reach no one
         self.op_attempts = 0               # wrong /op passwords so far
@@ -3449,8 +3450,8 @@ class ChatServer:
         if conn.handshake_wait:
             want = conn.handshake_wait
         else:
-            reading = conn.phase == CLOSING or not (
-                conn.paused or conn.held or conn.full or conn.waiting)
+            reading = not conn.peer_done and (conn.phase == CLOSING or not (
+                conn.paused or conn.held or conn.full or conn.waiting))
             want = selectors.EVENT_READ if reading else 0
             if conn.outbuf:
                 want |= selectors.EVENT_WRITE
@@ -3500,7 +3501,7 @@ class ChatServer:
             self._drop(conn, LEFT_CLOSED)
             return
         if not data:
-            self._drop(conn, LEFT_CLOSED)
+            self._peer_closed(conn)
             return
         if conn.phase == CLOSING:
             return  # a closing connection's input is discarded
@@ -3703,12 +3704,32 @@ class ChatServer:
 
     # -- ways out --
 
+    def _peer_closed(self, conn):
+        """The peer sent its last byte: a close, or a half-close (nc after
+        its input ends, shutdown(SHUT_WR)) from a peer that still reads.
+        It leaves now; what it is owed is written before the socket closes:
+        replies still on their way (several servers: behind the feed) too."""
+        conn.peer_done = True
+        if conn.phase == CLOSING:
+            if conn.close_at is None or not conn.outbuf:
+                self._forget(conn)  # nothing more for it, or it has all of it
+            else:
+                self._watch(conn)  # writing on; no more reading
+            return
+        if conn.phase in (HANDSHAKE, PASSWORD, NICKNAME):
+            self.log("%s disconnected" % conn.name)
+        self.chat.disconnected(conn, LEFT_CLOSED)
+        self.close(conn)
+
     def _shut_write(self, conn):
         """Everything is written: say we are done, and wait for the peer's close.
 
         Closing at once would reset the connection if the peer's late bytes
         arrive, and a reset can destroy our last lines before it reads them.
         """
+        if conn.peer_done:
+            self._forget(conn)  # its close came already
+            return
         conn.close_at = None
         try:
             conn.sock.shutdown(socket.SHUT_WR)

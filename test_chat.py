@@ -3775,6 +3775,19 @@ class SeveralServersTest(RedisCase):
                 self.assertRegex(peer.read_line(), r"^\*\*\* %s joined \(\d+ online\)$" % nick)
         return peer
 
+    def test_what_nc_sends_before_closing_is_all_answered(self):
+        # printf 'nick\n/who\n/ping x\n/quit\n' | nc -q 3 HOST PORT: the lines and
+        # the end of input arrive before the join line is back from the feed.
+        for nick, ending in (("carol", "/quit\n"), ("dave", "")):
+            peer = Peer(self.port_a)
+            self.addCleanup(peer.close)
+            peer.send_raw(("%s\nhello\n/who\n/ping x\n%s" % (nick, ending)).encode())
+            peer.sock.shutdown(socket.SHUT_WR)  # what nc does once its input ends
+            got = peer.expect_closed()
+            for line in ("*** %s joined (1 online)" % nick, "<%s> hello" % nick,
+                         "*** 1 in #lobby: %s" % nick, "*** pong x"):
+                self.assertIn(line, got, (nick, got))
+
     def test_rooms_who_and_private_messages_span_the_servers(self):
         alice = self.peer(self.port_a, "alice")
         bob = self.peer(self.port_b, "bob")
