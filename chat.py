@@ -698,20 +698,25 @@ def error(text):
 
 
 # Telnet: IAC (0xFF) starts a command. States of the filter below.
-IAC, SB, SE, WILL, DONT = 0xFF, 0xFA, 0xF0, 0xFB, 0xFE
+IAC, SB, SE, WILL, WONT, DO, DONT = 0xFF, 0xFA, 0xF0, 0xFB, 0xFC, 0xFD, 0xFE
+# telnet sends DO TIMING-MARK after a byte it took for an interrupt (the 0x9C
+# inside "Ü") and throws away all it receives until that is answered.
+TIMING_MARK = 0x06
+WONT_TIMING_MARK = bytes([IAC, WONT, TIMING_MARK])
 LF, CR = 0x0A, 0x0D
 TELNET_DATA, TELNET_IAC, TELNET_OPTION, TELNET_SUB, TELNET_SUB_IAC = range(5)
 # A subnegotiation ends at IAC SE or after this many bytes following its
 # IAC SB, so a stray IAC SB can't swallow the rest of a connection.
 TELNET_MAX_SUB_BYTES = 512
-TELNET_START = (TELNET_DATA, 0)   # (state, bytes of the subnegotiation so far)
+TELNET_START = (TELNET_DATA, 0)   # (state, the option's verb or the subnegotiation's bytes)
 
 
-def strip_telnet(data, state=TELNET_START):
+def strip_telnet(data, state=TELNET_START, answers=None):
     """Drop telnet commands from a chunk of the byte stream.
 
     Returns (data without commands, state to pass with the next chunk): a
-    command may be split across reads, down to one byte per read.
+    command may be split across reads, down to one byte per read. What the
+    peer must be answered (WONT TIMING-MARK) is added to answers.
     """
     mode, sub_bytes = state
     if mode == TELNET_DATA and IAC not in data:
@@ -725,7 +730,7 @@ def strip_telnet(data, state=TELNET_START):
                 out.append(byte)
         elif mode == TELNET_IAC:
             if WILL <= byte <= DONT:
-                mode = TELNET_OPTION
+                mode, sub_bytes = TELNET_OPTION, byte  # the verb, until its option comes
             elif byte == SB:
                 mode, sub_bytes = TELNET_SUB, 0
             else:
@@ -733,7 +738,9 @@ def strip_telnet(data, state=TELNET_START):
                     out.append(byte)
                 mode = TELNET_DATA
         elif mode == TELNET_OPTION:
-            mode = TELNET_DATA
+            if sub_bytes == DO and byte == TIMING_MARK and answers is not None:
+                answers += WONT_TIMING_MARK
+            mode, sub_bytes = TELNET_DATA, 0
         else:  # inside a subnegotiation: TELNET_SUB or TELNET_SUB_IAC
             sub_bytes += 1
             if mode == TELNET_SUB_IAC and byte == SE:
@@ -756,7 +763,7 @@ class LineReader:
     the rest of it, up to its LF, is discarded as it arrives.
     """
 
-    __slots__ = ("max_line", "buf", "pos", "discarding", "telnet")
+    __slots__ = ("max_line", "buf", "pos", "discarding", "telnet", "answers")
 
     def __init__(self, max_line=MAX_LINE_BYTES):
         self.max_line = max_line
@@ -764,10 +771,11 @@ class LineReader:
         self.pos = 0              # buf[:pos] has been handed out already
         self.discarding = False   # inside an overlong line, waiting for its LF
         self.telnet = TELNET_START
+        self.answers = bytearray()  # telnet answers owed to the peer (see strip_telnet)
 
     def feed(self, data):
         """Add bytes as they came from the socket."""
-        data, self.telnet = strip_telnet(data, self.telnet)
+        data, self.telnet = strip_telnet(data, self.telnet, self.answers)
         self.buf += data
 
     def pop_line(self):
@@ -3506,6 +3514,10 @@ class ChatServer:
         if conn.phase == CLOSING:
             return  # a closing connection's input is discarded
         conn.reader.feed(data)
+        if conn.reader.answers:  # telnet's, out of band: before any line
+            conn.outbuf += conn.reader.answers
+            conn.reader.answers.clear()
+            self.dirty.add(conn)
         self._handle_lines(conn)
 
     def _handle_lines(self, conn):

@@ -333,6 +333,19 @@ class TelnetTest(unittest.TestCase):
         self.assertEqual(self.strip(*[bytes([b]) for b in data]), b"hi there\n")
 
 
+    def test_do_timing_mark_is_answered_wont_and_nothing_else_is(self):
+        # telnet after the 0x9C of "Ü": deaf until answered (PROTOCOL.md v3: Corrections)
+        for chunks in ([b"\xc3\x9c\xff\xfd\x06!\n"], [bytes([b]) for b in
+                                                         b"\xc3\x9c\xff\xfd\x06!\n"]):
+            state, out, answers = chat.TELNET_START, b"", bytearray()
+            for chunk in chunks:
+                data, state = chat.strip_telnet(chunk, state, answers)
+                out += data
+            self.assertEqual((out, bytes(answers)), ("Ü!\n".encode(), b"\xff\xfc\x06"))
+        answers = bytearray()
+        chat.strip_telnet(b"\xff\xfb\x06\xff\xfd\x01\xff\xfa\x06\xff\xf0", answers=answers)
+        self.assertEqual(answers, b"")  # WILL TM, DO ECHO, a subnegotiation: no answer
+
 class LineReaderTest(unittest.TestCase):
 
     def lines(self, reader):
@@ -900,6 +913,19 @@ class BadInputTest(ServerTestCase):
 # --- Server: the guarantees -------------------------------------------------------
 
 STAMP = r"\[\d{4}-\d\d-\d\d \d\d:\d\d\] "   # a history line's time
+
+
+class TelnetUserTest(ServerTestCase):
+
+    def test_a_telnet_user_typing_u_umlaut_keeps_seeing_the_chat(self):
+        self.start_server()
+        al, bob = self.join("al"), self.join("bob")
+        al.wait_for("*** bob joined (2 online)")
+        al.send_raw(b"Gr\xc3\x9c\xff\xfd\x06\xc3\x9f dich\r\n")
+        reply = al.sock.recv(3)
+        self.assertEqual(reply, b"\xff\xfc\x06")  # WONT TIMING-MARK, at once
+        bob.wait_for("<al> GrÜß dich")
+        al.wait_for("<al> GrÜß dich")
 
 
 class RoomTest(ServerTestCase):
