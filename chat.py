@@ -1988,14 +1988,14 @@ class Chat:
         if problem:
             return problem
         key = nick_key(nick)
+        if conn is None or conn.account != key:  # an account's owner, online or not: /login
+            account = self._account(key)
+            if account is not None:
+                return NICK_REGISTERED.format(nick=account[0])
         holder = self.members.get(key)
         if (holder is not None and holder is not conn) or (
                 self.network is not None and key in self.network.elsewhere):
             return "nickname %s is taken" % nick
-        if conn is None or conn.account != key:
-            account = self._account(key)
-            if account is not None:
-                return NICK_REGISTERED.format(nick=account[0])
         return None
 
     def _account(self, key):

@@ -1189,6 +1189,9 @@ class AccountTest(ServerTestCase):
         alice.expect("!!! a password needs at least 8 characters")
         alice.send_line("/register correct horse")
         alice.expect("*** alice is now your account: next time, /login alice PASSWORD")
+        online = self.greeted()  # the same answer while its owner is online
+        online.send_line("alice")
+        online.expect("!!! alice is registered: /login alice PASSWORD, or choose another nickname")
         alice.close()
         other = self.greeted()
         other.send_line("ALICE")
