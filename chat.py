@@ -2130,10 +2130,10 @@ class Chat:
             self.network.release(conn.key)
             self.network.place(nick_key(arg), arg, room.key)
         del self.members[conn.key]
-        self.io.leave(room, conn)  # the room knows members by nick key: out, and in again
+        old_key = conn.key
         conn.nick, conn.key, conn.name = arg, nick_key(arg), arg
         self.members[conn.key] = conn
-        self.io.enter(room, conn)
+        self.io.rekey(room, conn, old_key)  # now, not in order: queued actions use conn.key
         self.io.log("%s is now known as %s" % (old, arg))
         self.io.broadcast(room, format_line("renamed", old=old, new=arg).having(room=room.name))
 
@@ -2768,8 +2768,16 @@ class FanOut:
 
     def leave(self, room, conn):
         """Take conn out of room; return the bytes it is owed of this pass."""
-        del room.members[conn.key]
+        if room.members.get(conn.key) is conn:  # (its nick may be someone else's by now)
+            del room.members[conn.key]
         return self.owed(room, self.late.get(room, {}).pop(conn, 0), conn)
+
+    def rekey(self, room, conn, old_key):
+        """conn, a member of room, was renamed: it is found by its new key.
+        Nothing else changes (what it is owed is kept by connection)."""
+        if room.members.get(old_key) is conn:
+            del room.members[old_key]
+            room.members[conn.key] = conn
 
     def catch_up(self, room, conn):
         """Return the bytes of room's pending lines conn is owed so far; it
@@ -3088,6 +3096,10 @@ class ChatServer:
     def enter(self, room, conn):
         """conn is now a member of room: it gets the room's lines from here on."""
         self._in_order(self.fanout.enter, room, conn)
+
+    def rekey(self, room, conn, old_key):
+        """conn was renamed: the room finds it by its new key from now on."""
+        self.fanout.rekey(room, conn, old_key)
 
     def leave(self, room, conn):
         """conn leaves room: it still gets what the room was sent before."""

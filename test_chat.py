@@ -619,6 +619,9 @@ class FakeLoop:
     def leave(self, room, conn):
         self.fanout.leave(room, conn)
 
+    def rekey(self, room, conn, old_key):
+        self.fanout.rekey(room, conn, old_key)
+
     def close(self, conn, delay=0.0):
         conn.phase = chat.CLOSING
         self.closed.append((conn, delay))
@@ -3939,6 +3942,29 @@ class SeveralServersTest(RedisCase):
         bob.sync()
         self.assertEqual(skipped.count("*** alice left (logged in elsewhere)"), 1, skipped)
         self.assertNotIn("*** alice left (server lost)", bob.seen)
+
+    def test_a_login_that_renames_says_the_old_one_left_first(self):
+        alice = self.peer(self.port_b, "alice")
+        alice.send_line("/register sesame-open")
+        alice.wait_for("*** " + chat.ACCOUNT_MADE.format(nick="alice"))
+        for number, port in enumerate((self.port_a, self.port_a)):  # from B, then from A
+            again = self.peer(port, "x%d" % number)
+            again.send_line("/login alice sesame-open")
+            again.send_line("/ping done")
+            self.assertEqual(again.wait_for("*** pong done")[-2:], [
+                "*** alice left (logged in elsewhere)", "*** x%d is now known as alice" % number])
+            again.send_line("still here")
+            again.expect("<alice> still here")
+        bob = self.peer(self.port_a, "bob")
+        for port in (self.port_b, self.port_b):  # before registering: from A, then from B
+            again = self.peer(port)
+            again.send_line("/login alice sesame-open")
+            again.send_line("/ping done")
+            self.assertEqual([line for line in again.wait_for("*** pong done")
+                              if "alice" in line and not line.startswith("[")],
+                             ["*** alice joined (2 online)"])  # a left before it: not its room yet
+            self.assertEqual(bob.wait_for("*** alice joined (2 online)")[-1:],
+                             ["*** alice left (logged in elsewhere)"])
 
     def test_an_operator_acts_on_a_user_of_another_server(self):
         op_file = write_file(self, "op.txt", "sekrit\n")
