@@ -2128,7 +2128,7 @@ class Chat:
         old, room = conn.nick, conn.room
         if self.network is not None:  # claimed already (or an account's): where it is now
             self.network.release(conn.key)
-            self.network.place(nick_key(arg), arg, room.key)
+            self.network.place(nick_key(arg), arg, room.key, conn.op)
         del self.members[conn.key]
         old_key = conn.key
         conn.nick, conn.key, conn.name = arg, nick_key(arg), arg
@@ -2235,7 +2235,7 @@ class Chat:
         self._forget_if_empty(old)
         here = len(room.members) + 1
         if self.network is not None:
-            self.network.place(conn.key, conn.nick, room.key)
+            self.network.place(conn.key, conn.nick, room.key, conn.op)
             here += len(self.network.in_room(room.key))
         self._arrive(conn, room, format_line("joined_room", nick=conn.nick, room=room.name,
                                              count=here))
@@ -2478,9 +2478,14 @@ class Chat:
         else:
             self._register(conn, nick, then=welcome_back)
 
+    def _now_operator(self, conn):
+        conn.op = True
+        if self.network is not None:  # for /who on a server started later
+            self.network.place(conn.key, conn.nick, conn.room.key, True)
+
     def _op_if_listed(self, conn):
         if conn.account in self.operators and not conn.op:
-            conn.op = True
+            self._now_operator(conn)
             self.io.broadcast(conn.room, format_line("opped", nick=conn.nick)
                               .having(room=conn.room.name))
 
@@ -2558,7 +2563,7 @@ class Chat:
         elif conn.op:
             self.io.send(conn, notice("you are an operator already"))
         elif secrets_match(arg, self.op_password):
-            conn.op = True
+            self._now_operator(conn)
             self.io.log("%s is now an operator" % conn.nick)
             self.io.broadcast(conn.room, format_line("opped", nick=conn.nick)
                               .having(room=conn.room.name))
@@ -3995,7 +4000,8 @@ class RedisNetwork:
             self.last = _text(last[0][0]) if last else "0-0"
             for key, value in _pairs(redis.call("HGETALL", REDIS_PRESENCE)).items():
                 user = json.loads(value)
-                self.elsewhere[key] = [user["nick"], user["room"], user["server"], False]
+                self.elsewhere[key] = [user["nick"], user["room"], user["server"],
+                                       user.get("op", False)]
             redis.call("HSETNX", REDIS_ROOMS, nick_key(LOBBY), LOBBY)
             self.names = _pairs(redis.call("HGETALL", REDIS_ROOMS))
             for key, value in _pairs(redis.call("HGETALL", REDIS_TOPICS)).items():
@@ -4099,7 +4105,7 @@ class RedisNetwork:
         self.check_lost_after = time.monotonic() + REDIS_ALIVE_TTL_S
         for conn in members:
             if conn.room is not None:
-                self.place(conn.key, conn.nick, conn.room.key)
+                self.place(conn.key, conn.nick, conn.room.key, conn.op)
         left, self.left_meanwhile = self.left_meanwhile, []
         for room_key, room_name, line in left:
             self.commands.call(None, *self._publish_command(room_key, room_name, line))
@@ -4211,9 +4217,10 @@ class RedisNetwork:
             None if isinstance(reply, RedisError) else (reply != 1 and not force)),
             "HSET" if force else "HSETNX", REDIS_PRESENCE, key, value)
 
-    def place(self, key, nick, room_key):
-        """One of ours is in room_key now (or renamed to nick)."""
-        value = json.dumps({"nick": nick, "room": room_key, "server": self.server_id})
+    def place(self, key, nick, room_key, op=False):
+        """One of ours is in room_key now (or renamed to nick, or an operator)."""
+        value = json.dumps({"nick": nick, "room": room_key, "server": self.server_id,
+                            "op": op})
         self.commands.call(None, "HSET", REDIS_PRESENCE, key, value)
 
     def release(self, key):
@@ -4261,8 +4268,10 @@ class RedisNetwork:
             self.topics[room] = (fields.get("text"), fields["nick"])
         if kind in ("joined", "joined_room"):
             if entry["o"] != self.server_id:  # (ours are Chat.members)
-                self.elsewhere[nick_key(fields["nick"])] = [fields["nick"], room, entry["o"],
-                                                            False]
+                key = nick_key(fields["nick"])
+                moved = self.elsewhere.get(key)  # (from another room: an operator still)
+                op = bool(moved and moved[2] == entry["o"] and moved[3])
+                self.elsewhere[key] = [fields["nick"], room, entry["o"], op]
         elif kind == "renamed":
             user = self.elsewhere.pop(nick_key(fields["old"]), None)
             if user is not None:

@@ -3966,6 +3966,26 @@ class SeveralServersTest(RedisCase):
             self.assertEqual(bob.wait_for("*** alice joined (2 online)")[-1:],
                              ["*** alice left (logged in elsewhere)"])
 
+    def test_an_operator_keeps_its_at_sign_on_the_other_servers(self):
+        op_file = write_file(self, "op.txt", "sekrit\n")
+        proc, port = self.start_chat(self.url, "--op-password-file", op_file)
+        op = self.peer(port, "op")
+        op.send_line("/op sekrit")
+        op.wait_for("*** op is now an operator")
+        bob = self.peer(self.port_b, "bob")
+        bob.send_line("/join #rust")
+        bob.wait_for("*** bob joined #rust (1 here)")
+        op.send_line("/join #rust")  # moved rooms: still an operator
+        bob.wait_for("*** op joined #rust (2 here)")
+        bob.send_line("/who")
+        bob.expect("*** 2 in #rust: bob, @op")
+        later, later_port = self.start_chat(self.url)  # started after: knows it too
+        carol = self.peer(later_port, "carol")
+        carol.send_line("/join #rust")
+        carol.wait_for("*** carol joined #rust (3 here)")
+        carol.send_line("/who")
+        carol.expect("*** 3 in #rust: bob, carol, @op")
+
     def test_an_operator_acts_on_a_user_of_another_server(self):
         op_file = write_file(self, "op.txt", "sekrit\n")
         proc, port = self.start_chat(self.url, "--op-password-file", op_file)
