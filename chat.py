@@ -2667,10 +2667,11 @@ class Chat:
             self.io.send(conn, notice("%s is no longer banned" % arg))
 
     def _cmd_bans(self, conn, arg):
-        bans = self.store.bans()
-        if not conn.op:
+        if not conn.op:  # before the store is read: a non-operator costs it nothing
             self.io.send(conn, error("operators only"))
-        elif not bans:
+            return
+        bans = self.store.bans()
+        if not bans:
             self.io.send(conn, notice("no address is banned"))
         else:
             self.io.send(conn, notice("banned: " + ", ".join(

@@ -1170,6 +1170,16 @@ class HistoryTest(ServerTestCase):
         bob.expect("<alice> lost")
 
 
+class BansTest(ServerTestCase):
+
+    def test_bans_asks_the_store_only_for_an_operator(self):
+        server = self.start_server()
+        al = self.join("al")
+        server.chat.store.db.close()  # any read of it would fail now
+        al.send_line("/bans")
+        al.expect("!!! operators only")
+
+
 class AccountTest(ServerTestCase):
     """PROTOCOL.md, "v2: Accounts" and "v2: Offline messages"."""
 
