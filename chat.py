@@ -141,6 +141,7 @@ HELD_RECHECK_S = 0.05         # while someone is behind, judge at least this oft
 SEND_BUFFER_BYTES = 262144
 ACCEPTS_PER_PASS = 128        # accept in batches, but let others run too
 LISTEN_BACKLOG = 1024
+ORDINARY_DISCONNECTS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 LINGER_S = 2.0                # after our last byte, wait this long for the peer
 SHUTDOWN_FLUSH_S = 2.0        # on SIGINT/SIGTERM, flush for at most this long
 ACCEPT_PAUSE_S = 0.1          # out of file descriptors and no spare: wait
@@ -3523,7 +3524,7 @@ class ChatServer:
                 ssl.SSLWantWriteError):
             return  # nothing yet (for TLS: no whole record yet)
         except OSError as exc:
-            self.log("%s: %s" % (conn.name, exc))
+            self._log_socket_error(conn, exc)
             self._drop(conn, LEFT_CLOSED)
             return
         if not data:
@@ -3667,6 +3668,8 @@ class ChatServer:
             return
         failed = []
         for conn in room.members.values():
+            if conn.phase == CLOSED:
+                continue  # closed while its leave waits behind the feed (several servers)
             chunk = data[late[conn]:] if late and conn in late else data
             if conn.json:  # the same lines, as JSON objects
                 offset = late.get(conn, 0) if late else 0
@@ -3688,7 +3691,7 @@ class ChatServer:
             conn.outbuf += chunk
             self.dirty.add(conn)
         for conn, exc in failed:  # dropped after the loop: it changes members
-            self.log("%s: %s" % (conn.name, exc))
+            self._log_socket_error(conn, exc)
             self._drop(conn, LEFT_CLOSED)
 
     def _write_output(self):
@@ -3719,7 +3722,7 @@ class ChatServer:
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as exc:
-                self.log("%s: %s" % (conn.name, exc))
+                self._log_socket_error(conn, exc)
                 self._drop(conn, LEFT_CLOSED)
                 return
             if sent:
@@ -3733,6 +3736,12 @@ class ChatServer:
             self._watch(conn)
 
     # -- ways out --
+
+    def _log_socket_error(self, conn, exc):
+        """A peer that closed while lines were on their way to it is an
+        ordinary leave (its left line is logged); anything else is worth a line."""
+        if not isinstance(exc, ORDINARY_DISCONNECTS):
+            self.log("%s: %s" % (conn.name, exc))
 
     def _peer_closed(self, conn):
         """The peer sent its last byte: a close, or a half-close (nc after

@@ -3830,6 +3830,15 @@ class SeveralServersTest(RedisCase):
                          "*** 1 in #lobby: %s" % nick, "*** pong x"):
                 self.assertIn(line, got, (nick, got))
 
+    def test_ordinary_disconnects_log_no_socket_errors(self):
+        code, out, err = run_chat("bench", "--port", str(self.port_a), "--clients", "30",
+                                  "--senders", "10", "--messages", "50", "--flood")
+        self.assertEqual(code, 0, err)
+        self.a.terminate()
+        log = self.a.stderr.read().decode()
+        self.assertIn("left (connection closed)", log)
+        self.assertNotIn("Errno", log)
+
     def test_rooms_who_and_private_messages_span_the_servers(self):
         alice = self.peer(self.port_a, "alice")
         bob = self.peer(self.port_b, "bob")
