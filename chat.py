@@ -4409,7 +4409,7 @@ PASSWORD_PROMPT = "room password: "
 ACCOUNT_PROMPT = "password for {nick}: "
 # Typed lines that carry an account's password: never kept in the Up-arrow
 # history, and shown with the password masked.
-SECRET_COMMANDS = ("/login", "/register", "/password", "/unregister")
+SECRET_COMMANDS = ("/login", "/register", "/password", "/unregister", "/op")
 BELL = "\a"
 # Nick colours: the terminal's six colours and their bright forms (not black
 # or white, one of which is the background). A nick's colour comes from a
@@ -4438,6 +4438,7 @@ SETUP_TOKEN = "chat.py-client-setup"
 HELP_TOKEN = "chat.py-client-help"
 JOIN_TOKEN = "chat.py-client-join"
 RESUME_TOKEN = "chat.py-client-resume"   # back after a reconnect: the replays are over
+NOT_CONNECTED_YET = "not connected: that goes once reconnected"
 CAUGHT_UP = "{messages} in {room} while you were away (times in UTC):"
 CATCH_UP_FAILED = "what was said in {room} while you were away can't be shown: {reason}"
 # The server's answer to the /format json the client starts with.
@@ -4667,24 +4668,22 @@ class Terminal:
                 self._write(self._erase(*self._input()))
             self.prompt = None
 
-    def _hide_secret(self, prompt, text):
-        """A typed line that carries a password: out of the Up-arrow history,
-        and on the screen with its password masked (the cursor is on the row
-        after it). Called with the lock held."""
+    def _forget_secret(self, text):
+        """A typed line that carries a password: out of the Up-arrow history.
+        Called with the lock held."""
         if self.readline is not None:
             length = self.readline.get_current_history_length()
             if length and self.readline.get_history_item(length) == text:
                 self.readline.remove_history_item(length - 1)
-        if not self.interactive:
-            return
-        word, _, rest = text.partition(" ")
-        if word.lower() == "/login":
-            nick, _, secret = rest.partition(" ")
-            masked = "%s %s %s" % (word, nick, "*" * len(secret))
-        else:
-            masked = word + " " + "*" * len(rest)
+
+    def _clear_sent(self, prompt, text):
+        """Take a sent line off the screen, as irssi does: what it says comes
+        back as the server's echo (or its answer), so it is not shown twice,
+        and a password in it is not left on the screen at all. The cursor is
+        on the row after it; it ends where the line began. Called with the
+        lock held."""
         rows = display_width(prompt + text) // self._columns() + 1
-        self._write("\x1b[%dA\r\x1b[J%s%s\n" % (rows, prompt, masked))
+        self._write("\x1b[%dA\r\x1b[J" % rows)
 
     def end_of_input(self):
         """At Ctrl-D readline leaves the cursor after the prompt: clear that
@@ -4711,9 +4710,11 @@ class Terminal:
             text = input(prompt)
             return text
         finally:
-            with self.lock:
+            with self.lock:  # before any line is shown after it
                 if text is not None and text.split(" ", 1)[0].lower() in SECRET_COMMANDS:
-                    self._hide_secret(prompt, text)  # before any line is shown after it
+                    self._forget_secret(text)
+                if text is not None and self.interactive:
+                    self._clear_sent(prompt, text)
                 self.prompt = None
 
     def _wait_for_readline(self):
@@ -5173,6 +5174,8 @@ class ClientSession:
             self._ask_for_registration()
         elif not self.online or self.reconnecting or self.resume is not None:
             self.unsent += encode_line(text)  # sent once we are back, and caught up
+            if self.interactive and not (self.online and not self.reconnecting):
+                self.notice(NOT_CONNECTED_YET)  # (the typed line is off the screen)
             self.io.ask("line")
         else:
             data = encode_line(text) if self.json_pipe else self._client_command(text)
