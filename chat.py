@@ -5447,15 +5447,18 @@ class ClientSession:
         track_nicks(self.nicks, text)
         kind, fields = line_parts(text)
         self._note_account_answer(kind, fields)
+        dated = kind == "history"  # a history line has its own time
         if kind == "private":
             self.last_private = fields["nick"]
+        elif dated and line_parts(fields["line"])[0] == "private":
+            self.last_private = line_parts(fields["line"])[1]["nick"]  # sent while away
         elif kind == "renamed" and fields["old"] == self.nick:
             self.nick = fields["new"]  # renamed: mentions follow the new nick
         elif kind == "joined_room" and fields["nick"] == self.nick:
             self._moved_to(fields["room"])
         self._note_rooms(kind, fields)
         if kind in ("history", "history_last", "history_search", "history_after",
-                    "offline_start"):
+                    "offline_start", "notice"):
             text = local_history_line(text)
         if kind == "history" and line_parts(fields["line"])[0] == "private":
             shown = styled(STYLES["private"], text) if self.color else text  # while away
@@ -5463,7 +5466,7 @@ class ClientSession:
             shown = render_line(text, self.nick if self.registered else None, self.color)
         if self.bell and self.registered and wants_bell(text, self.nick):
             shown += BELL
-        self.show(shown)
+        self.show(shown, dated)
 
     def notice(self, text):
         """A notice of the client's own."""
@@ -5472,8 +5475,8 @@ class ClientSession:
         else:
             self.show(render_line(notice(text), color=self.color))
 
-    def show(self, shown):
-        if self.timestamps:
+    def show(self, shown, dated=False):
+        if self.timestamps and not dated:
             stamp = time.strftime("%H:%M")
             shown = (styled(STYLES["time"], stamp) if self.color else stamp) + " " + shown
         self.io.show(shown)

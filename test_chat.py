@@ -2701,6 +2701,18 @@ class ClientSessionTest(unittest.TestCase):
                                         "nick": "bob", "text": "live again"}))
         self.assertEqual(shell.shown[-1], "<bob> live again")
 
+    def test_history_lines_keep_their_own_time_and_reply_answers_offline_messages(self):
+        session, shell = self.registered_in_json(timestamps=True)
+        session.server_line(json.dumps({"type": "private", "from": "bob", "to": "al",
+                                        "text": "while you slept", "offline": True,
+                                        "time": "2026-12-01T14:03:05.123Z"}))
+        session.received_all()
+        self.assertEqual(len(shell.shown), 3, shell.shown)
+        self.assertRegex(shell.shown[1], r"^\[2026-12-01 \d\d:\d\d\] \*bob\* while you slept$")
+        self.assertRegex(shell.shown[0], r"^\d\d:\d\d \*\*\* 1 message while you were away")
+        session.typed("line", "/reply got it")
+        self.assertTrue(shell.sent.endswith(b"/msg bob got it\n"), shell.sent)
+
     def test_a_refused_nick_ends_a_piped_client_and_is_asked_again_on_a_terminal(self):
         session, shell = self.session(nick="bob")
         session.connected()
