@@ -1086,6 +1086,11 @@ def send_some(sock, buf, tls):
     return sent
 
 
+def looks_like_tls(data):
+    """Whether bytes start like a TLS record: a handshake or an alert, version 3.x."""
+    return len(data) >= 2 and data[0] in (0x15, 0x16) and data[1] == 0x03
+
+
 def client_tls_context(cafile=None, pinned=False, insecure=False):
     """Return the client's SSLContext: verified against the system's CAs (or
     cafile) with the host name checked; with a pinned fingerprint or
@@ -3040,6 +3045,8 @@ class ChatServer:
                 break
             time.sleep(0.02)  # a bounded wait for slow readers, not a sync
         for conn in self.conns:
+            if not conn.handshake_wait:
+                self._send_close_notify(conn)
             self._discard_input(conn)
 
     def _discard_input(self, conn):
@@ -3743,6 +3750,19 @@ class ChatServer:
         if not isinstance(exc, ORDINARY_DISCONNECTS):
             self.log("%s: %s" % (conn.name, exc))
 
+    @staticmethod
+    def _send_close_notify(conn):
+        """TLS: end with a close_notify, so the peer can tell our close from
+        a connection cut short (openssl s_client: "unexpected eof")."""
+        if not conn.tls:
+            return
+        try:
+            conn.sock.unwrap()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            pass  # ours went; the peer's answer is not waited for
+        except (ssl.SSLError, OSError, ValueError):
+            pass  # the peer is gone: nothing to tell
+
     def _peer_closed(self, conn):
         """The peer sent its last byte: a close, or a half-close (nc after
         its input ends, shutdown(SHUT_WR)) from a peer that still reads.
@@ -3770,6 +3790,7 @@ class ChatServer:
             self._forget(conn)  # its close came already
             return
         conn.close_at = None
+        self._send_close_notify(conn)
         try:
             conn.sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -5214,14 +5235,25 @@ class ClientSession:
         if self.quit_deadline is not None and now >= self.quit_deadline:
             self.io.finish(0)  # the server never closed: leave anyway
         elif self.answer_deadline is not None and now >= self.answer_deadline:
-            self.io.fail("the server at %s did not answer the nickname in %.0f s"
-                         % (self.where, CLIENT_ANSWER_WAIT_S))
+            self.io.fail("the server at %s did not answer the nickname in %.0f s%s"
+                         % (self.where, CLIENT_ANSWER_WAIT_S, self._tls_hint()))
         elif (self.online and not self.heard_server and self.silence_deadline
               and now >= self.silence_deadline):
             self.silence_deadline = None  # said once
-            self.notice("the server at %s has said nothing in %.0f s (is it a chat server?)"
-                        % (self.where, CLIENT_GREETING_WAIT_S))
+            self.notice("the server at %s has said nothing in %.0f s (is it a chat server?%s)"
+                        % (self.where, CLIENT_GREETING_WAIT_S,
+                           "" if self.tls else " one that needs --tls?"))
             self._greeted()  # ask for what it never asked for
+
+    def _tls_hint(self):
+        """A server that never spoke to a plain client may be waiting for TLS."""
+        return "" if self.tls or self.heard_server else " (does it need --tls?)"
+
+    def speaks_tls(self):
+        """The first bytes from the server are a TLS record (its alert at our
+        plain text): there is no chat to have without TLS."""
+        self.io.fail("the server at %s speaks TLS: add --tls (or --cafile, --fingerprint)"
+                     % self.where)
 
     # -- registering --
 
@@ -5860,6 +5892,9 @@ class ChatClient:
             data = b""
         if not data:
             self.session.server_closed()
+            return
+        if not self.tls and not self.session.heard_server and looks_like_tls(data):
+            self.session.speaks_tls()
             return
         self.reader.feed(data)
         sock = self.sock

@@ -2713,6 +2713,19 @@ class ClientSessionTest(unittest.TestCase):
         session.typed("line", "/reply got it")
         self.assertTrue(shell.sent.endswith(b"/msg bob got it\n"), shell.sent)
 
+    def test_a_silent_server_gets_a_hint_about_tls(self):
+        session, shell = self.session(nick="al")
+        session.connected()
+        session.check_deadlines(session.next_deadline())  # said nothing: the nick goes anyway
+        self.assertIn("one that needs --tls?", shell.shown[-1])
+        session.check_deadlines(session.next_deadline())
+        self.assertRegex(shell.finished, r"did not answer the nickname in \d+ s "
+                                         r"\(does it need --tls\?\)$")
+        session, shell = self.session(nick="al")
+        session.connected()
+        session.speaks_tls()
+        self.assertIn("speaks TLS: add --tls", shell.finished)
+
     def test_a_refused_nick_ends_a_piped_client_and_is_asked_again_on_a_terminal(self):
         session, shell = self.session(nick="bob")
         session.connected()
@@ -2747,6 +2760,21 @@ class TlsTest(ServerTestCase):
         alice.send_line("quick")
         alice.expect("<alice> quick")
         self.assertLess(time.monotonic() - started, 1.0)
+
+    def test_a_close_by_the_server_ends_with_close_notify(self):
+        context = ssl.create_default_context(cafile=self.cert)
+        raw = socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT)
+        sock = context.wrap_socket(raw, server_hostname="localhost",
+                                   suppress_ragged_eofs=False)  # a cut: SSLEOFError
+        self.addCleanup(sock.close)
+        sock.sendall(b"al\n/quit\n")
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break  # a close_notify: the end the server meant
+            data += chunk
+        self.assertIn(b"*** al joined (1 online)", data)
 
     def test_plain_text_to_the_tls_port_is_closed_without_harm(self):
         alice = self.join("alice")
