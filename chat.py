@@ -68,6 +68,9 @@ import urllib.parse
 import unicodedata
 import zlib
 
+if sys.version_info < (3, 8):  # before anything newer is used: one line, not a traceback
+    sys.exit("chat.py needs Python 3.8 or newer; this is Python %s" % sys.version.split()[0])
+
 try:
     import resource  # Unix only: used to raise the open-files limit.
 except ImportError:  # Windows
@@ -6055,6 +6058,7 @@ BENCH_ABSENT = "zebra"         # said in no --history message: a search reads th
 BENCH_QUERY_RUNS = 5           # --history: each query this many times, the median kept
 BENCH_PING_EVERY_S = 0.002     # --history: how often the other client pings
 BENCH_SPARE_CLIENTS = 10       # room on the started server beyond --clients (queries)
+BENCH_SENDERS = 10                 # --senders, where there are that many clients
 BENCH_ACCOUNT_PASSWORD = "bench account password"  # --logins: the account they try
 BENCH_ROOM = "#bench%d"        # --rooms: client i talks in room i % K
 # Each run tags its messages, so that only its own lines are counted on a
@@ -7045,8 +7049,9 @@ def build_parser():
                             "over them in turn")
     bench.add_argument("--clients", type=positive_int, default=100, metavar="N",
                        help="clients that connect and register (default %(default)s)")
-    bench.add_argument("--senders", type=positive_int, default=10, metavar="S",
-                       help="of them, how many send (default %(default)s)")
+    bench.add_argument("--senders", type=positive_int, default=None, metavar="S",
+                       help="of them, how many send (default %d, or all the clients "
+                            "there are)" % BENCH_SENDERS)
     bench.add_argument("--messages", type=positive_int, default=100, metavar="M",
                        help="lines each sender sends (default %(default)s)")
     mode = bench.add_mutually_exclusive_group()
@@ -7151,6 +7156,8 @@ def bench_flags_problem(args):
         if not args.rate:
             return "--duration needs --rate"
         args.messages = max(1, int(round(args.rate * args.duration)))
+    if args.senders is None:  # the default: as many as there are clients for
+        args.senders = max(1, min(BENCH_SENDERS, args.clients - args.slow - args.bursty))
     if args.senders + args.slow + args.bursty > args.clients:
         return ("--senders (%d), --slow (%d) and --bursty (%d) need that many --clients (%d)"
                 % (args.senders, args.slow, args.bursty, args.clients))
@@ -7292,4 +7299,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # stdout's reader left (| head): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

@@ -15,6 +15,7 @@ import contextlib
 import io
 import errno
 import gc
+import glob
 import json
 import os
 import selectors
@@ -3639,6 +3640,25 @@ class CommandLineTest(unittest.TestCase):
         self.assertNotIn("port_number", err)
         code, out, err = run_chat("client", "--port", "99999")
         self.assertIn("chat.py client: error: argument --port: expected a port number", err)
+
+    def test_bench_senders_default_to_the_clients_there_are(self):
+        args = chat.build_parser().parse_args(["bench", "--clients", "5"])
+        self.assertIsNone(chat.bench_flags_problem(args))
+        self.assertEqual(args.senders, 5)
+        args = chat.build_parser().parse_args(["bench", "--clients", "50", "--slow", "1"])
+        chat.bench_flags_problem(args)
+        self.assertEqual(args.senders, 10)
+
+    def test_an_old_python_is_told_in_one_line(self):
+        olds = glob.glob(os.path.expanduser("~/.pyenv/versions/3.[67].*/bin/python3"))
+        if not olds:
+            self.skipTest("no Python 3.6 or 3.7 here to try")
+        for old in olds:
+            proc = subprocess.run([old, CHAT_PY, "server"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, timeout=TIMEOUT)
+            self.assertEqual(proc.returncode, 1)
+            self.assertRegex(proc.stderr.decode(),
+                             r"^chat.py needs Python 3.8 or newer; this is Python 3\.[67]\.\d+\n$")
 
     def test_fingerprints_in_every_form_openssl_and_the_server_print(self):
         digits = TEST_FINGERPRINT[len("SHA256:"):]
