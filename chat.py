@@ -291,6 +291,8 @@ GREETING = (
 )
 PASSWORD_GREETING = "this room needs a password: send /pass SECRET, then a nickname"
 ACCOUNT_MADE = "{nick} is now your account: next time, /login {nick} PASSWORD"
+OPERATOR_NICK_KEPT = ("nickname {nick} is kept for an operator's account: "
+                      "choose another nickname")
 NICK_REGISTERED = "{nick} is registered: /login {nick} PASSWORD, or choose another nickname"
 WRONG_LOGIN = "wrong nick or password"
 LOGGED_IN_ELSEWHERE = "you logged in elsewhere"
@@ -401,7 +403,7 @@ ERROR_CODES = tuple((re.compile(pattern), code) for pattern, code in (
     (r"^password required", "password_required"),
     (r"^wrong |^too many wrong ", "wrong_password"),
     (r"^nickname too long|^invalid nickname", "nick_invalid"),
-    (r"^nickname .* is taken$", "nick_taken"),
+    (r"^nickname .* is taken$|^nickname .* is kept for ", "nick_taken"),
     (r" is registered: /login ", "nick_registered"),
     (r"already", "already"),
     (r"^no such user", "no_such_user"),
@@ -1688,6 +1690,10 @@ class SQLiteStore:
         return self.db.execute("SELECT nick, hash FROM accounts WHERE key = ?",
                                (key,)).fetchone()
 
+    def account_nicks(self):
+        """Every account's nick, for chat.py account list."""
+        return [row[0] for row in self.db.execute("SELECT nick FROM accounts ORDER BY key")]
+
     def add_account(self, key, nick, password_hash):
         """Make an account; return False if the nick is one already."""
         return self._write("INSERT OR IGNORE INTO accounts VALUES (?, ?, ?)",
@@ -2001,6 +2007,8 @@ class Chat:
             account = self._account(key)
             if account is not None:
                 return NICK_REGISTERED.format(nick=account[0])
+            if key in self.operators:  # --operators NICK before its account is made:
+                return OPERATOR_NICK_KEPT.format(nick=nick)  # whoever took it would be one
         holder = self.members.get(key)
         if (holder is not None and holder is not conn) or (
                 self.network is not None and key in self.network.elsewhere):
@@ -4025,7 +4033,7 @@ class RedisNetwork:
         Raises RedisError."""
         redis = BlockingRedis(self.address).connect()
         try:
-            self._load_scripts(redis)
+            self.load_scripts(redis)
             for key, value in _pairs(redis.call("HGETALL", REDIS_ACCOUNTS)).items():
                 account = json.loads(value)
                 self.accounts[key] = (account["nick"], account["hash"])
@@ -4067,7 +4075,7 @@ class RedisNetwork:
                 sockets.append(BlockingRedis(self.address, timeout).connect().detach())
             redis = BlockingRedis(self.address, timeout).connect()
             try:
-                self._load_scripts(redis)
+                self.load_scripts(redis)
             finally:
                 redis.close()
         except (RedisError, OSError):
@@ -4076,7 +4084,7 @@ class RedisNetwork:
             raise
         return sockets
 
-    def _load_scripts(self, redis):
+    def load_scripts(self, redis):
         self.script = _text(redis.call("SCRIPT", "LOAD", PUBLISH_SCRIPT))
         self.lost_script = _text(redis.call("SCRIPT", "LOAD", LOST_SCRIPT))
         self.mail_script = _text(redis.call("SCRIPT", "LOAD", MAIL_SCRIPT))
@@ -4088,18 +4096,23 @@ class RedisNetwork:
     def change(self, kind, key, **fields):
         """An account or a ban changed here: in Redis, in our copy now, and
         in the others' copies through the feed (None fields: removed)."""
+        for command in self.change_commands(kind, key, fields):
+            self.commands.call(None, *command)
+        self._changed(kind, key, fields)
+
+    def change_commands(self, kind, key, fields):
+        """The Redis commands of a change (see change()): also what `chat.py
+        account` sends, so that running servers hear of it as of any other."""
         hash_name = REDIS_ACCOUNTS if kind == "account" else REDIS_BANS
         value = fields.get("nick")
         if value is None:
-            self.commands.call(None, "HDEL", hash_name, key)
+            commands = [("HDEL", hash_name, key)]
             if kind == "account":
-                self.commands.call(None, "DEL", REDIS_MAIL + key)
+                commands.append(("DEL", REDIS_MAIL + key))
         else:
-            self.commands.call(None, "HSET", hash_name, key, json.dumps(fields)
-                               if kind == "account" else value)
-        self._changed(kind, key, fields)
-        self.commands.call(None, *self._publish_command("", "", Line("", kind, dict(
-            fields, key=key))))
+            commands = [("HSET", hash_name, key, json.dumps(fields)
+                         if kind == "account" else value)]
+        return commands + [self._publish_command("", "", Line("", kind, dict(fields, key=key)))]
 
     def _changed(self, kind, key, fields):
         copy = self.accounts if kind == "account" else self.banned
@@ -6965,7 +6978,8 @@ def build_parser():
                             default=limit.default, metavar=limit.unit,
                             help=limit.help + " (default %(default)s)")
     server.add_argument("--db", default=DB_FILE, metavar="FILE",
-                        help="the SQLite file that keeps history, rooms, topics and bans "
+                        help="the SQLite file that keeps history, rooms, topics, bans, "
+                             "accounts and their waiting messages "
                              "(default %(default)s in the working directory; :memory: keeps "
                              "nothing past a restart)")
     server.add_argument("--redis", metavar="URL",
@@ -7035,6 +7049,25 @@ def build_parser():
     client.add_argument("--reconnect", action="store_true",
                         help="when the connection drops, connect again (pauses from 1 s "
                              "doubling to 30 s) and register the same nick; Ctrl-C stops it")
+    account = commands.add_parser(
+        "account", help="make accounts, reset their passwords, delete and list them",
+        description="An administrator's tool: the accounts of a chat, in its SQLite file "
+                    "(--db) or in Redis (--redis; running servers are told at once).")
+    account.set_defaults(run=run_account, parser=account)
+    account.add_argument("action", choices=("add", "password", "delete", "list"),
+                         help="add NAME, password NAME (a new one), delete NAME, or list")
+    account.add_argument("name", nargs="?", metavar="NAME", help="the account's nick")
+    account.add_argument("--db", default=DB_FILE, metavar="FILE",
+                         help="the server's SQLite file (default %(default)s)")
+    account.add_argument("--redis", metavar="URL",
+                         help="the chat's Redis, as the servers are given it")
+    account.add_argument("--redis-password-file", metavar="FILE",
+                         help="Redis's password; or the environment variable %s"
+                              % REDIS_PASSWORD_ENV)
+    account.add_argument("--password-file", metavar="FILE",
+                         help="the new password: the file's first line (- : standard "
+                              "input); else it is asked for twice on the terminal")
+
     bench = commands.add_parser(
         "bench", help="measure a server: registrations, deliveries, latency",
         description="Start a chat.py server (or use --host/--port), run one workload, "
@@ -7248,6 +7281,11 @@ def run_server(args):
         log_to_stderr("the room needs a password")
     if op_password is not None:
         log_to_stderr("operators: /op with the operator password")
+    for nick in args.operators:
+        if store.account(nick_key(nick)) is None:  # whoever registered it would be one
+            log_to_stderr("warning: --operators %s: there is no account %s yet, and nobody "
+                          "can take that nick until it is made: chat.py account add %s%s"
+                          % (nick, nick, nick, "" if network is None else " --redis URL"))
     if threading.current_thread() is threading.main_thread():
         # Before start(): a signal that comes once "listening on" is logged
         # must already mean a clean shutdown.
@@ -7255,6 +7293,156 @@ def run_server(args):
             signal.signal(signum, lambda *_: server.shutdown())
     server.start()
     server.serve_forever()
+    return 0
+
+
+class SQLiteAccounts:
+    """chat.py account on a server's SQLite file (a running server sees the
+    change at its next login: it reads accounts from the file)."""
+
+    def __init__(self, path):
+        self.store = SQLiteStore(path)
+        self.where = path
+
+    def get(self, key):
+        return self.store.account(key)
+
+    def add(self, key, nick, password_hash):
+        self.store.add_account(key, nick, password_hash)
+
+    def set_password(self, key, nick, password_hash):
+        self.store.set_password(key, password_hash)
+
+    def delete(self, key):
+        self.store.remove_account(key)
+
+    def nicks(self):
+        return self.store.account_nicks()
+
+    def close(self):
+        self.store.close()
+
+
+class RedisAccounts:
+    """chat.py account on a chat of several servers: the accounts in Redis,
+    and the running servers told through the feed, as a server tells the others."""
+
+    def __init__(self, address):
+        self.network = RedisNetwork(address)
+        self.redis = BlockingRedis(address).connect()
+        self.network.load_scripts(self.redis)
+        self.where = address.where
+
+    def get(self, key):
+        value = self.redis.call("HGET", REDIS_ACCOUNTS, key)
+        if value is None:
+            return None
+        account = json.loads(value)
+        return account["nick"], account["hash"]
+
+    def add(self, key, nick, password_hash):
+        self._change(key, nick=nick, hash=password_hash)
+
+    def set_password(self, key, nick, password_hash):
+        self._change(key, nick=nick, hash=password_hash)
+
+    def delete(self, key):
+        self._change(key, nick=None)
+
+    def _change(self, key, **fields):
+        for command in self.network.change_commands("account", key, fields):
+            self.redis.call(*command)
+
+    def nicks(self):
+        accounts = [json.loads(value) for value in _pairs(
+            self.redis.call("HGETALL", REDIS_ACCOUNTS)).values()]
+        return [account["nick"] for account in sorted(accounts,
+                                                      key=lambda a: nick_key(a["nick"]))]
+
+    def close(self):
+        self.redis.close()
+
+
+def open_accounts(args):
+    """The accounts chat.py account works on: --redis's, else --db's."""
+    if args.redis:
+        address = RedisAddress(args.redis)  # ValueError: a bad address
+        address.password = read_secret(args.redis_password_file, REDIS_PASSWORD_ENV,
+                                       "Redis password") or address.password
+        return RedisAccounts(address)
+    return SQLiteAccounts(args.db)
+
+
+def new_account_password(args):
+    """The password to set: --password-file's first line ('-': standard
+    input), else typed twice on the terminal. Raises ValueError saying why not."""
+    if args.password_file == "-":
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif args.password_file:
+        password = read_secret(args.password_file, None, "password")
+    elif sys.stdin.isatty():
+        password = getpass.getpass("password for %s: " % args.name)
+        if getpass.getpass("the same again: ") != password:
+            raise ValueError("the two passwords differ; nothing changed")
+    else:
+        raise ValueError("no terminal to ask the password on: give --password-file FILE "
+                         "(or - for standard input)")
+    if len(password) < MIN_PASSWORD_CHARS:
+        raise ValueError(PASSWORD_TOO_SHORT)
+    return password
+
+
+def run_account(args):
+    """chat.py account add|password|delete|list: an administrator's tool."""
+    if args.action != "list" and not args.name:
+        args.parser.error("%s needs the account's NAME" % args.action)
+    if args.action == "add" and nick_problem(args.name):
+        sys.stderr.write("chat.py: %s\n" % nick_problem(args.name))
+        return 2
+    try:
+        accounts = open_accounts(args)
+    except (ValueError, RedisError, StoreError) as exc:
+        sys.stderr.write("chat.py: %s\n" % exc)
+        return 1
+    try:
+        return manage_account(args, accounts)
+    except (RedisError, StoreError, OSError) as exc:
+        sys.stderr.write("chat.py: %s: %s\n" % (accounts.where, describe_error(exc)))
+        return 1
+    finally:
+        accounts.close()
+
+
+def manage_account(args, accounts):
+    """Do args.action; return the exit code, having said what happened."""
+    if args.action == "list":
+        for nick in accounts.nicks():
+            print(nick)
+        return 0
+    key = nick_key(args.name)
+    account = accounts.get(key)
+    if args.action == "add" and account is not None:
+        sys.stderr.write("chat.py: %s is an account already (to reset its password: "
+                         "chat.py account password %s)\n" % (account[0], account[0]))
+        return 1
+    if args.action != "add" and account is None:
+        sys.stderr.write("chat.py: no account %s\n" % args.name)
+        return 1
+    if args.action == "delete":
+        accounts.delete(key)
+        print("%s deleted, with any messages that waited for it" % account[0])
+        return 0
+    try:
+        password_hash = hash_password(new_account_password(args))
+    except ValueError as exc:
+        sys.stderr.write("chat.py: %s\n" % exc)
+        return 1
+    if args.action == "add":
+        accounts.add(key, args.name, password_hash)
+        print("%s is an account now: /login %s PASSWORD" % (args.name, args.name))
+    else:
+        accounts.set_password(key, account[0], password_hash)
+        print("the password of %s is changed" % account[0])
     return 0
 
 

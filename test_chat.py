@@ -1275,11 +1275,18 @@ class AccountTest(ServerTestCase):
         anyone.send_line("alice")
         anyone.expect("*** alice joined (1 online)")
 
-    def test_operators_are_opped_on_login(self):
-        boss = self.join("boss")
+    def test_operators_are_opped_on_login_and_their_nick_kept_until_the_account_exists(self):
+        squatter = self.greeted()
+        squatter.send_line("boss")  # would become an operator by /register
+        squatter.expect("!!! " + chat.OPERATOR_NICK_KEPT.format(nick="boss"))
+        squatter.send_line("squatter")
+        squatter.wait_for("*** squatter joined (1 online)")
+        squatter.send_line("/nick BOSS")
+        squatter.expect("!!! " + chat.OPERATOR_NICK_KEPT.format(nick="BOSS"))
+        self.server.chat.store.add_account("boss", "boss", chat.hash_password("correct horse"))
         other = self.join("other")
-        boss.send_line("/register correct horse")
-        boss.wait_for("*** boss is now your account: next time, /login boss PASSWORD")
+        boss = self.greeted()
+        boss.send_line("/login boss correct horse")
         boss.wait_for("*** boss is now an operator")
         other.wait_for("*** boss is now an operator")
 
@@ -1319,6 +1326,53 @@ class AccountTest(ServerTestCase):
 
 
 ISO_TIME = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$"
+
+
+class AccountCommandTest(unittest.TestCase):
+    """chat.py account: an administrator makes accounts, resets passwords,
+    deletes and lists them, on the server's file."""
+
+    def test_add_list_password_delete_and_a_server_that_uses_them(self):
+        db = os.path.join(tempfile.mkdtemp(prefix="chat-accounts-", dir=WORK_DIR), "chat.db")
+        self.addCleanup(shutil.rmtree, os.path.dirname(db), True)
+        code, out, err = run_chat("account", "add", "boss", "--db", db, "--password-file", "-",
+                                  stdin=b"correct horse\n")
+        self.assertEqual((code, out, err), (0, "boss is an account now: /login boss PASSWORD\n",
+                                            ""))
+        code, out, err = run_chat("account", "add", "Boss", "--db", db, "--password-file", "-",
+                                  stdin=b"correct horse\n")
+        self.assertEqual((code, err), (1, "chat.py: boss is an account already (to reset its "
+                                          "password: chat.py account password boss)\n"))
+        code, out, err = run_chat("account", "password", "boss", "--db", db,
+                                  "--password-file", "-", stdin=b"short\n")
+        self.assertEqual((code, err), (1, "chat.py: a password needs at least 8 characters\n"))
+        code, out, err = run_chat("account", "password", "boss", "--db", db,
+                                  "--password-file", "-", stdin=b"battery staple\n")
+        self.assertEqual((code, out), (0, "the password of boss is changed\n"))
+        code, out, err = run_chat("account", "add", "temp", "--db", db, "--password-file",
+                                  write_file(self, "pw.txt", "temporary pw\n"))
+        self.assertEqual(code, 0, err)
+        self.assertEqual(run_chat("account", "list", "--db", db)[1], "boss\ntemp\n")
+        self.assertEqual(run_chat("account", "delete", "temp", "--db", db)[:2],
+                         (0, "temp deleted, with any messages that waited for it\n"))
+        self.assertEqual(run_chat("account", "delete", "temp", "--db", db)[::2],
+                         (1, "chat.py: no account temp\n"))
+        code, out, err = run_chat("account", "add", "nobody", "--db", db, stdin=b"")
+        self.assertEqual((code, err), (1, "chat.py: no terminal to ask the password on: give "
+                                          "--password-file FILE (or - for standard input)\n"))
+        # A server on that file: the listed name without an account is warned about.
+        proc = start_process(self, [sys.executable, CHAT_PY, "server", "--port", "0", "--db",
+                                    db, "--operators", "boss,ghost"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        port, log = wait_until_listening(self, proc.stderr)
+        self.assertNotIn("--operators boss", log)
+        self.assertIn("warning: --operators ghost: there is no account ghost yet, and nobody "
+                      "can take that nick until it is made: chat.py account add ghost", log)
+        boss = Peer(port)
+        self.addCleanup(boss.close)
+        boss.send_line("/login boss battery staple")
+        boss.wait_for("*** boss joined (1 online)")
+        boss.wait_for("*** boss is now an operator")
 
 
 class JsonTest(ServerTestCase):
@@ -4067,6 +4121,20 @@ class SeveralServersTest(RedisCase):
         carol.wait_for("*** carol joined #rust (3 here)")
         carol.send_line("/who")
         carol.expect("*** 3 in #rust: bob, carol, @op")
+
+    def test_chat_py_account_reaches_the_running_servers(self):
+        code, out, err = run_chat("account", "add", "dora", "--redis", self.url,
+                                  "--password-file", "-", stdin=b"explorer-pw\n")
+        self.assertEqual(code, 0, err)
+        for port in (self.port_a, self.port_b):
+            dora = self.peer(port)
+            dora.send_line("/login dora explorer-pw")
+            dora.wait_for("*** dora joined (1 online)")
+            dora.close()
+        self.assertEqual(run_chat("account", "list", "--redis", self.url)[1], "dora\n")
+        code, out, err = run_chat("account", "delete", "dora", "--redis", self.url)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(run_chat("account", "list", "--redis", self.url)[1], "")
 
     def test_an_operator_acts_on_a_user_of_another_server(self):
         op_file = write_file(self, "op.txt", "sekrit\n")
