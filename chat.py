@@ -6,7 +6,7 @@
     nc 127.0.0.1 9999                                          or join with netcat
     python3 chat.py bench [--clients N] [--senders S] ...      measure a server
 
-The wire protocol, in short (README.md has all of it): UTF-8 lines ending in
+The wire protocol, in short (docs/protocol.md has all of it): UTF-8 lines ending in
 LF. The first line a connection sends is its nickname. After that a line is
 a message to everyone, or a command: /me, /msg, /nick, /who, /help, /ping,
 /quit. The server sends `<NICK> ` messages, `* NICK ` actions, `*NICK* `

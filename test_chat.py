@@ -3843,21 +3843,48 @@ class RedisCase(unittest.TestCase):
         if "--dir" in options:  # the same data again: a restart
             folder = options[options.index("--dir") + 1]
             options = options[:options.index("--dir")] + options[options.index("--dir") + 2:]
-        port = port or free_port()
+        # A free port may be taken before redis-server binds it (.ci/run runs
+        # the suite under several Pythons at once): then another one, unless
+        # the port was asked for.
+        for attempt in range(1 if port else 5):
+            proc, chosen = self._redis_on(port or free_port(), folder, options)
+            if proc is not None:
+                break
+        self.assertIsNotNone(proc, "redis-server did not start on %d" % chosen)
+        self.redis_proc, self.redis_folder = proc, folder
+        return "redis://127.0.0.1:%d" % chosen
+
+    def _redis_on(self, port, folder, options):
+        """(redis-server on port, port), or (None, port) if it could not bind it."""
         proc = start_process(self, [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1",
                                     "--save", "", "--dir", folder] + list(options),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + TIMEOUT
         while True:
-            self.assertIsNone(proc.poll(), "redis-server did not start on %d" % port)
+            if proc.poll() is not None:
+                return None, port
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as probe:
+                    if "--tls-port" in options:
+                        return proc, port  # TLS only: the port was asked for, not chosen
+                    probe.sendall(b"INFO server\r\n")  # ours, not another run's?
+                    reply = b""
+                    while not reply.endswith(b"\r\n") or not (
+                            b"process_id:" in reply or reply.startswith(b"-")):
+                        chunk = probe.recv(65536)
+                        if not chunk:
+                            break
+                        reply += chunk
+                if ("process_id:%d\r\n" % proc.pid).encode() in reply:
+                    return proc, port
+                if b"NOAUTH" not in reply:
+                    proc.kill()
+                    proc.wait()
+                    return None, port
+                return proc, port  # --requirepass: it answers only after AUTH
             except OSError:
                 self.assertLess(time.monotonic(), deadline, "redis-server never listened")
-                time.sleep(0.05)
-        self.redis_proc, self.redis_folder = proc, folder
-        return "redis://127.0.0.1:%d" % port
+                time.sleep(0.05)  # polling a starting process, bounded by the deadline
 
     def start_chat(self, url, *args):
         """A chat.py server on that Redis; (process, port) once it listens."""
