@@ -903,6 +903,18 @@ def room_problem(name):
     return None
 
 
+DECIMAL = re.compile(r"[0-9]{1,20}")  # ASCII digits only: '²'.isdigit(), but int('²') fails
+MAX_MESSAGE_ID = 2 ** 63 - 1           # SQLite's largest integer
+
+
+def decimal_number(text, largest):
+    """The number text spells in ASCII digits, if at most largest; else None."""
+    if not DECIMAL.fullmatch(text):
+        return None
+    number = int(text)
+    return number if number <= largest else None
+
+
 def plural(count, noun):
     """A count as English writes it: 1 message, 2 messages."""
     return "%d %s%s" % (count, noun, "" if count == 1 else "s")
@@ -2294,8 +2306,8 @@ class Chat:
         if arg.split(None, 1)[0].lower() == "after" if arg else False:
             self._history_after(conn, arg.split(None, 1)[1:])
             return
-        count = HISTORY_DEFAULT if not arg else (int(arg) if arg.isdigit() else 0)
-        if not 1 <= count <= HISTORY_MAX:
+        count = HISTORY_DEFAULT if not arg else decimal_number(arg, HISTORY_MAX)
+        if count is None or not 1 <= count <= HISTORY_MAX:
             self.io.send(conn, error(USAGE["history"]))
             return
         room = conn.room
@@ -2311,11 +2323,11 @@ class Chat:
 
     def _history_after(self, conn, rest):
         """/history after ID: the oldest HISTORY_MAX messages after ID."""
-        after = rest[0].strip() if rest else ""
-        if not after.isdigit():
+        after = decimal_number(rest[0].strip() if rest else "", MAX_MESSAGE_ID)
+        if after is None:
             self.io.send(conn, error("usage: /history after ID"))
             return
-        room, after = conn.room, int(after)
+        room = conn.room
 
         def answer(rows):
             if not rows:

@@ -1048,6 +1048,16 @@ class HistoryTest(ServerTestCase):
         alice.send_line("five")
         bob.expect("<alice> five")
 
+    def test_odd_numbers_get_the_usage_line(self):
+        server = self.start_server()
+        alice = self.join("alice")
+        for arg in ("²", "after ²", "after 99999999999999999999999999", "-1", "0", "501"):
+            alice.send_line("/history " + arg)
+            alice.expect("!!! usage: /history after ID" if arg.startswith("after")
+                         else "!!! usage: /history [N]")
+        alice.send_line("/history after 9223372036854775807")
+        alice.expect("*** no messages in #lobby after 9223372036854775807")
+
     def test_an_empty_room_replays_nothing_and_one_message_is_singular(self):
         self.start_server()
         alice = self.join("alice")
