@@ -2910,6 +2910,7 @@ class ChatServer:
         self.network = network
         self.sequence = collections.deque()
         self.inserting = None              # while a waiting action runs: what it queues
+        self.unconfirmed = {}              # our messages not back from the feed: number -> sender
         self.selector = None
         self.listener = None
         self.address = None                # (host, port) actually bound
@@ -3119,12 +3120,22 @@ class ChatServer:
         if self.network is None or self.network.down:
             self.fanout.broadcast(room, encode_line(text), text)  # (down: ours only)
             return
-        failed = None
-        if text.kind in ("message", "action"):  # not accepted: its sender is told
+        failed, sender, published = None, None, []
+        if text.kind in ("message", "action"):  # refused, or never back: its sender is told
             sender = self.chat.members.get(nick_key(text.fields["nick"]))
-            failed = sender and (lambda: self._send_now(sender, error(NOT_SENT_NETWORK)))
+            failed = sender and (lambda: self._not_sent(published[0]))  # (called later)
         number = self.network.publish(room.key, room.name, text, failed)
+        published.append(number)
+        if sender is not None:
+            self.unconfirmed[number] = sender
         (self.inserting if self.inserting is not None else self.sequence).append((None, number))
+
+    def _not_sent(self, number):
+        """One of our messages did not come back from the feed (refused, or
+        Redis went away first): its sender is told, once."""
+        sender = self.unconfirmed.pop(number, None)
+        if sender is not None:
+            self._send_now(sender, error(NOT_SENT_NETWORK))
 
     def then(self, action):
         """Call action() once the lines broadcast so far are delivered."""
@@ -3217,6 +3228,7 @@ class ChatServer:
         """One of our entries is back: what waited for it is done, in order.
         (The sequence starts with a marker whenever it is not empty; an entry
         of ours that nothing waited for, such as a private message, has none.)"""
+        self.unconfirmed.pop(number, None)  # delivered: its sender has its echo
         if self.sequence and self.sequence[0] == (None, number):
             self.sequence.popleft()
         while self.sequence and self.sequence[0][0] is not None:
@@ -3254,7 +3266,9 @@ class ChatServer:
                 self.selector.unregister(link.sock)
             except (KeyError, ValueError, OSError):
                 pass
-        self.network.lost()
+        self.network.lost()  # (what was unanswered is answered "not sent")
+        for number in list(self.unconfirmed):  # accepted by Redis, not back: maybe lost
+            self._not_sent(number)
         waiting, self.sequence = self.sequence, collections.deque()
         for action, args in waiting:
             if action is not None:
@@ -3993,11 +4007,34 @@ class RedisLink:
             return
         if data:
             self.reader.feed(data)
-            for reply in self.reader.replies():
+            try:
+                replies = self.reader.replies()
+            except (RedisError, ValueError) as exc:  # not RESP: nothing after it is either
+                self._lost("Redis sent what is not a reply (%s)" % exc)
+                return
+            for reply in replies:
+                if not self.callbacks:
+                    self._lost("Redis answered a command it was not sent")
+                    return
                 self.asked_at.popleft()
                 callback = self.callbacks.popleft()
+                if isinstance(reply, RedisError) and str(reply).startswith("NOSCRIPT"):
+                    # Redis forgot our scripts (SCRIPT FLUSH, a restart without
+                    # them): as good as lost; coming back loads them again.
+                    self.callbacks.appendleft(callback)
+                    self._lost("Redis lost chat.py's scripts (%s)" % reply)
+                    return
                 if callback is not None:
-                    callback(reply)
+                    try:
+                        callback(reply)
+                    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+                        # A reply of the wrong shape (an unasked +OK taken
+                        # for an XREAD's answer): this link can't be trusted.
+                        self._lost("Redis answered what was not asked (%s: %s)"
+                                   % (type(exc).__name__, exc))
+                        return
+                if not self.alive:
+                    return  # a callback found the link gone
         self.flush()
 
     def _lost(self, why):
@@ -4005,14 +4042,21 @@ class RedisLink:
         if self.alive:
             self.alive = False
             self.on_lost(why)
-            callbacks, self.callbacks = self.callbacks, collections.deque()
-            for callback in callbacks:
-                if callback is not None:
-                    callback(RedisError(why))
+            self._fail_unanswered(why)
 
-    def close(self):
+    def _fail_unanswered(self, why):
+        """Each command still unanswered gets an error as its reply: a
+        publish's sender is told its line was not sent, never left guessing."""
+        callbacks, self.callbacks = self.callbacks, collections.deque()
+        self.asked_at.clear()
+        for callback in callbacks:
+            if callback is not None:
+                callback(RedisError(why))
+
+    def close(self, why="the connection to Redis was closed"):
         self.alive = False
         self.sock.close()
+        self._fail_unanswered(why)
 
 
 class RedisNetwork:
