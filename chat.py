@@ -4277,6 +4277,7 @@ class RedisNetwork:
             redis.close()
 
     def close(self):
+        self.down = True  # at shutdown: what was asked is not waited for, nor said
         for link in (self.commands, self.feed):
             if link is not None:
                 link.close()

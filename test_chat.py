@@ -3896,12 +3896,12 @@ class RedisCase(unittest.TestCase):
                 self.assertLess(time.monotonic(), deadline, "redis-server never listened")
                 time.sleep(0.05)  # polling a starting process, bounded by the deadline
 
-    def serve_on_redis(self, url):
+    def serve_on_redis(self, url, **limits):
         """A server in this process on that Redis (its waits can be shortened)."""
         network = chat.RedisNetwork(chat.RedisAddress(url))
         network.load()
         self.server = serve_in_thread(self, network=network, store=chat.RedisStore(
-            network, chat.SQLiteStore(":memory:")))
+            network, chat.SQLiteStore(":memory:")), limits=chat.Limits(**limits))
         return self.server.address[1]
 
     def quick_outages(self):
@@ -4502,7 +4502,8 @@ class RedisFaultTest(RedisCase):
         url = self.start_redis()
         senders = []
         for number in range(3):
-            peer = Peer(self.serve_on_redis(url) if number < 2 else self.server.address[1])
+            peer = Peer(self.serve_on_redis(url, rate=0) if number < 2
+                        else self.server.address[1])
             self.addCleanup(peer.close)
             peer.send_line("s%d" % number)
             peer.wait_for("*** s%d joined (%d online)" % (number, number + 1))
@@ -4513,9 +4514,9 @@ class RedisFaultTest(RedisCase):
 
         def send_and_count(peer, nick):  # every line: its echo, or "not sent"
             sent = 0
-            for sent in range(1, 301):
+            for sent in range(1, 201):
                 peer.send_line("%s %d" % (nick, sent))
-                if sent == 100:
+                if sent == 50:
                     self.redis_proc.send_signal(signal.SIGSTOP) if nick == "s0" else None
             echoed = told = 0
             while echoed + told < sent:
