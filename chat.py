@@ -4470,12 +4470,20 @@ class RedisHistory:
     def __init__(self, address):
         self.redis = BlockingRedis(address)
 
+    def _call(self, *args):
+        """One command; a connection that broke since the last one (Redis
+        went away and came back in between) is made again, once."""
+        try:
+            return self.redis.call(*args)
+        except OSError:
+            return self.redis.call(*args)  # (call() connects again)
+
     def recent(self, room, count):
-        return history_rows(self.redis.call("XREVRANGE", REDIS_HISTORY + room, "+", "-",
+        return history_rows(self._call("XREVRANGE", REDIS_HISTORY + room, "+", "-",
                                             "COUNT", count))[::-1]
 
     def after(self, room, after, count):
-        return history_rows(self.redis.call("XRANGE", REDIS_HISTORY + room,
+        return history_rows(self._call("XRANGE", REDIS_HISTORY + room,
                                             "%d-0" % (after + 1), "+", "COUNT", count))
 
     def search(self, room, text, count):
@@ -4483,7 +4491,7 @@ class RedisHistory:
         the stream read newest first, a thousand at a time."""
         needle, found, upper = text.casefold(), [], "+"
         while len(found) < count:
-            rows = history_rows(self.redis.call("XREVRANGE", REDIS_HISTORY + room, upper, "-",
+            rows = history_rows(self._call("XREVRANGE", REDIS_HISTORY + room, upper, "-",
                                                 "COUNT", 1000))
             found += [row for row in rows if needle in row[4].casefold()][:count - len(found)]
             if len(rows) < 1000:

@@ -4370,6 +4370,26 @@ class RedisOutageTest(RedisCase):
         self.assertNotIn("*** bob left (server lost)",
                          alice.wait_for("*** 2 in #lobby: alice, bob"))
 
+    def test_the_first_history_read_after_an_outage_succeeds(self):
+        self.quick_outages()
+        port = free_port()
+        url = self.start_redis("--appendonly", "yes", "--appendfsync", "always", port=port)
+        folder = self.redis_folder
+        alice = Peer(self.serve_on_redis(url))
+        self.addCleanup(alice.close)
+        alice.send_line("alice")
+        alice.wait_for("*** alice joined (1 online)")
+        alice.send_line("kept")
+        alice.send_line("/history 1")  # the history reader is connected now
+        alice.wait_for("*** end of history")
+        self.redis_proc.kill()
+        self.redis_proc.wait()
+        alice.wait_for("*** " + chat.NETWORK_DOWN)
+        self.start_redis("--appendonly", "yes", "--dir", folder, port=port)
+        alice.wait_for("*** " + chat.NETWORK_BACK)
+        alice.send_line("/history 1")
+        alice.expect("*** the last 1 message in #lobby (times in UTC):")
+
     def test_redis_killed_and_restarted_loses_nothing_accepted(self):
         port = free_port()
         url = self.start_redis("--appendonly", "yes", "--appendfsync", "always", port=port)
