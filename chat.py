@@ -3900,6 +3900,17 @@ end
 return 0
 """
 
+# KEYS: the id counter; ARGV: the newest id this server has seen. A Redis
+# that came back without its data starts ids at 1 again: they never go back
+# (/history after ID would skip what is said later). 1 if it was behind.
+RAISE_IDS_SCRIPT = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"""
+
 # KEYS: a mailbox; ARGV: its limit, the message. 1 if kept, 0 if it is full.
 MAIL_SCRIPT = """
 if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
@@ -4082,6 +4093,8 @@ class RedisNetwork:
         self.banned = {}                   # address -> the nick banned
         self.left_meanwhile = []           # (room key, name, line): said once back
         self.check_lost_after = 0.0        # back from an outage: others get time first
+        self.newest_id = 0                 # the newest message id seen: ids never go back
+        self.said_data_gone = False        # ...and a Redis without its data is logged once
 
     def load(self):
         """What is there at start (blocking, before the loop): the script,
@@ -4090,6 +4103,7 @@ class RedisNetwork:
         redis = BlockingRedis(self.address).connect()
         try:
             self.load_scripts(redis)
+            self.newest_id = int(redis.call("GET", REDIS_IDS) or 0)
             for key, value in _pairs(redis.call("HGETALL", REDIS_ACCOUNTS)).items():
                 account = json.loads(value)
                 self.accounts[key] = (account["nick"], account["hash"])
@@ -4146,6 +4160,7 @@ class RedisNetwork:
         self.mail_script = _text(redis.call("SCRIPT", "LOAD", MAIL_SCRIPT))
         self.take_mail_script = _text(redis.call("SCRIPT", "LOAD", TAKE_MAIL_SCRIPT))
         self.release_script = _text(redis.call("SCRIPT", "LOAD", RELEASE_SCRIPT))
+        self.raise_ids_script = _text(redis.call("SCRIPT", "LOAD", RAISE_IDS_SCRIPT))
 
     # -- accounts, mailboxes and bans: in Redis, read from copies the feed keeps current --
 
@@ -4206,6 +4221,8 @@ class RedisNetwork:
         the others get time to come back before anyone is found lost."""
         self.down = False
         self.check_lost_after = time.monotonic() + REDIS_ALIVE_TTL_S
+        self.commands.call(self._ids_checked, "EVALSHA", self.raise_ids_script, 1, REDIS_IDS,
+                           self.newest_id)  # first: before anything of ours gets an id
         for conn in members:
             if conn.room is not None:
                 self.place(conn.key, conn.nick, conn.room.key, conn.op)
@@ -4213,6 +4230,15 @@ class RedisNetwork:
         for room_key, room_name, line in left:
             self.commands.call(None, *self._publish_command(room_key, room_name, line))
             self.release(nick_key(line.fields["nick"]))
+
+    def _ids_checked(self, raised):
+        if raised == 1 and not self.said_data_gone:
+            self.said_data_gone = True
+            log_to_stderr("!!! Redis came back WITHOUT THE CHAT'S DATA (its message counter "
+                          "was below %d, the newest id seen here): ids go on after it, but "
+                          "history, accounts, bans and waiting messages kept in Redis before "
+                          "are gone unless Redis is restored (persistence: appendonly yes)"
+                          % self.newest_id)
 
     def read_feed(self, entries_read):
         """Wait (on the feed link) for entries after the last one read."""
@@ -4365,6 +4391,7 @@ class RedisNetwork:
         if room and room not in self.names:
             self.names[room] = entry["m"]  # its spelling, for /rooms
         if kind in ("message", "action"):
+            self.newest_id = max(self.newest_id, entry["id"])
             recent = self.recents.setdefault(room, collections.deque(maxlen=self.replay))
             recent.append((entry["id"], entry["x"].get("when", 0), fields["nick"], kind,
                            fields["text"]))

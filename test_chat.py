@@ -4390,6 +4390,41 @@ class RedisOutageTest(RedisCase):
         alice.send_line("/history 1")
         alice.expect("*** the last 1 message in #lobby (times in UTC):")
 
+    def test_a_redis_back_without_its_data_never_sends_ids_back(self):
+        port = free_port()
+        url = self.start_redis(port=port)  # no persistence: a restart forgets all
+        proc, chat_port = self.start_chat(url)
+        alice = Peer(chat_port)
+        self.addCleanup(alice.close)
+        alice.send_line("/format json")
+        alice.send_line("alice")
+        for text in ("one", "two", "three"):
+            alice.send_line(text)
+        def event():  # the next JSON object (the greeting comes before /format json)
+            line = alice.read_line()
+            while not line.startswith("{"):
+                line = alice.read_line()
+            return json.loads(line)
+        ids = []
+        while len(ids) < 3:
+            said = event()
+            if said.get("type") == "message":
+                ids.append(said["id"])
+        self.redis_proc.kill()
+        self.redis_proc.wait()
+        self.start_redis(port=port)
+        while event().get("text") != chat.NETWORK_BACK:
+            pass
+        alice.send_line("after")
+        said = event()
+        while said.get("type") != "message":
+            said = event()
+        event = said
+        self.assertGreater(event["id"], max(ids))
+        proc.terminate()
+        log = proc.stderr.read().decode()
+        self.assertEqual(log.count("Redis came back WITHOUT THE CHAT'S DATA"), 1, log)
+
     def test_redis_killed_and_restarted_loses_nothing_accepted(self):
         port = free_port()
         url = self.start_redis("--appendonly", "yes", "--appendfsync", "always", port=port)
