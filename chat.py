@@ -76,6 +76,10 @@ try:
 except ImportError:  # Windows
     resource = None
 try:
+    import fcntl     # Unix only: a server's lock on its database file.
+except ImportError:  # Windows: two servers on one file are not refused there
+    fcntl = None
+try:
     import termios   # Unix only: the client restores the terminal's modes.
 except ImportError:  # Windows
     termios = None
@@ -1463,9 +1467,18 @@ class SQLiteStore:
     # FTS5 trigram tokenizer (before 3.34), every search reads row by row.
     SEARCH_INDEX = ("CREATE VIRTUAL TABLE IF NOT EXISTS search USING"
                     " fts5(text, content='', tokenize='trigram')")
+    # What SCHEMA makes: a table of these names with other columns is another
+    # program's (CREATE TABLE IF NOT EXISTS would keep it, and fail later).
+    COLUMNS = {"rooms": ["key", "name", "topic", "topic_nick"],
+               "messages": ["id", "room", "time", "nick", "kind", "text"],
+               "bans": ["ip", "nick"], "meta": ["key", "value"],
+               "accounts": ["key", "nick", "hash"],
+               "mailbox": ["id", "account", "time", "sender", "text"]}
 
-    def __init__(self, path=":memory:", keep=KEEP_MESSAGES):
+    def __init__(self, path=":memory:", keep=KEEP_MESSAGES, exclusive=False):
         self.path = path
+        self.lock_fd = None                # exclusive: held while this server runs
+        self.file_id = None                # (device, inode) of the file, to notice it gone
         self.keep = keep                   # messages kept per room; 0: all
         self.batch = []                    # (id, room key, time, nick, kind, text) not yet written
         self.appended = {}                 # room key -> messages since its last trim
@@ -1475,9 +1488,31 @@ class SQLiteStore:
         self.write_s = 0.0
         try:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            if exclusive:
+                self._lock()
             self._open()
         except sqlite3.Error as exc:
+            self.close()
             raise StoreError(describe_error(exc))
+        except StoreError:
+            self.close()
+            raise
+
+    def _lock(self):
+        """One server per file: two would hand out the same ids (and fail on
+        every message). A lock of our own, flock, beside SQLite's (fcntl
+        locks, which it takes and drops as it writes); `chat.py account` takes
+        none, so an administrator can work on the file of a running server.
+        The descriptor stays open until close(): closing any descriptor of
+        the file would drop SQLite's own locks."""
+        if fcntl is None or self.path == ":memory:":
+            return
+        self.lock_fd = os.open(self.path, os.O_RDWR)
+        try:
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise StoreError("another chat.py server is using it (one file, one server: give "
+                             "this one its own --db; several servers are one chat with --redis)")
 
     def _open(self):
         """Check the file, make or migrate its schema, and find the next id."""
@@ -1490,13 +1525,29 @@ class SQLiteStore:
             db.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
         db.execute("PRAGMA synchronous=NORMAL")  # WAL: a process crash loses nothing
         db.execute("PRAGMA busy_timeout=%d" % (BUSY_TIMEOUT_S * 1000))  # the worker's writes
+        damage = [row[0] for row in db.execute("PRAGMA quick_check")]
+        if damage != ["ok"]:
+            said = [line.strip() for line in damage[0].split("\n")
+                    if line.strip() and not line.startswith("***")]
+            raise StoreError("the file is damaged (%s): restore it from a backup, or start "
+                             "afresh with another --db" % (said or damage)[0])
         db.execute("BEGIN IMMEDIATE")  # fails at once on a read-only file
         for statement in self.SCHEMA:
             db.execute(statement)
+        for table, columns in self.COLUMNS.items():
+            found = [row[1] for row in db.execute("PRAGMA table_info(%s)" % table)]
+            if found != columns:
+                db.execute("ROLLBACK")
+                raise StoreError("its table %s is not chat.py's (columns %s): another "
+                                 "program's database? Give chat.py its own --db"
+                                 % (table, ", ".join(found)))
         self.indexed = self.path != ":memory:" and self._make_search_index()
         db.execute("PRAGMA user_version=%d" % self.SCHEMA_VERSION)
         db.execute("COMMIT")
         self.next_id = (db.execute("SELECT MAX(id) FROM messages").fetchone()[0] or 0) + 1
+        if self.path != ":memory:":
+            stat = os.stat(self.path)
+            self.file_id = (stat.st_dev, stat.st_ino)
 
     def _make_search_index(self):
         """Make the search index where SQLite can; tell whether there is one."""
@@ -1507,7 +1558,11 @@ class SQLiteStore:
             return False
 
     def close(self):
-        self.db.close()
+        if getattr(self, "db", None) is not None:
+            self.db.close()
+        if self.lock_fd is not None:  # after the database: see _lock()
+            os.close(self.lock_fd)
+            self.lock_fd = None
 
     @property
     def reads_apart(self):
@@ -1554,6 +1609,10 @@ class SQLiteStore:
         if not self.batch:
             return []
         batch, self.batch = self.batch, []
+        if self._file_gone():
+            self.failure = ("the database file %s was deleted or replaced while the server "
+                            "ran" % self.path)
+            return batch
         started = time.perf_counter()
         try:
             self.db.execute("BEGIN IMMEDIATE")  # waits out a write of the worker's
@@ -1568,6 +1627,18 @@ class SQLiteStore:
         self.transactions += 1
         self.write_s += time.perf_counter() - started
         return []
+
+    def _file_gone(self):
+        """Whether the file we write is no longer the one at path (deleted,
+        or another put in its place): SQLite writes on into the unlinked
+        file, and all of it would be lost at the restart."""
+        if self.file_id is None:
+            return False
+        try:
+            stat = os.stat(self.path)
+        except OSError:
+            return True
+        return (stat.st_dev, stat.st_ino) != self.file_id
 
     def usage(self):
         """What the store cost, in a line for the log."""
@@ -7342,10 +7413,10 @@ def run_server(args):
             sys.stderr.write("chat.py: %s\n" % exc)
             return 1
     try:
-        store = SQLiteStore(args.db, args.keep)
+        store = SQLiteStore(args.db, args.keep, exclusive=True)
     except StoreError as exc:
         sys.stderr.write("chat.py: cannot use the database %s: %s\n" % (args.db, exc))
-        return 2
+        return 1
     if network is not None:
         store = RedisStore(network, store)
     server = ChatServer(args.host, args.port, limits, verbose=not args.quiet,

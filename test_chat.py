@@ -1717,18 +1717,62 @@ class StoreTest(unittest.TestCase):
         self.assertEqual([row[4] for row in store.reader().search("#lobby", "second", 20)],
                          ["second%d" % i for i in range(5)])
 
-    def test_a_database_that_cannot_be_used_is_one_line_and_exit_2(self):
+    def assert_refused(self, path, why):
+        code, out, err = run_chat("server", "--port", "0", "--db", path)
+        self.assertEqual((code, len(err.splitlines())), (1, 1), err)
+        self.assertTrue(err.startswith("chat.py: cannot use the database %s: " % path), err)
+        self.assertIn(why, err)
+
+    def test_a_database_that_cannot_be_used_is_one_line_and_exit_1(self):
         with open(self.db, "wb") as f:
             f.write(b"this is not a database, just some bytes" * 100)
-        code, out, err = run_chat("server", "--port", "0", "--db", self.db)
-        self.assertEqual(code, 2)
-        self.assertEqual(len(err.splitlines()), 1, err)
-        self.assertTrue(err.startswith("chat.py: cannot use the database %s: " % self.db), err)
-        missing = os.path.join(self.folder, "no", "such", "folder", "chat.db")
-        code, out, err = run_chat("server", "--port", "0", "--db", missing)
-        self.assertEqual(code, 2)
-        self.assertEqual(len(err.splitlines()), 1, err)
-        self.assertIn("cannot use the database", err)
+        self.assert_refused(self.db, "not a database")
+        self.assert_refused(os.path.join(self.folder, "no", "such", "folder", "chat.db"),
+                            "unable to open")
+
+    def test_another_program_s_tables_are_refused_not_a_traceback(self):
+        for name, schema in (("messages", "id INTEGER PRIMARY KEY, room TEXT, text TEXT"),
+                             ("accounts", "user TEXT, pw TEXT")):
+            path = os.path.join(self.folder, name + ".db")
+            with contextlib.closing(sqlite3.connect(path)) as db:
+                db.execute("CREATE TABLE %s (%s)" % (name, schema))
+                db.commit()
+            self.assert_refused(path, "its table %s is not chat.py's" % name)
+
+    def test_a_damaged_page_is_refused_not_a_traceback(self):
+        store = chat.SQLiteStore(self.db)
+        for number in range(200):
+            store.add_room("#r%d" % number, "#r%d" % number)
+            store.append("#lobby", 1.0, "bob", "message", "hello %d" % number)
+        store.flush()
+        store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        store.close()
+        with contextlib.closing(sqlite3.connect(self.db)) as db:
+            pages = dict(db.execute("SELECT name, rootpage FROM sqlite_master"))
+            page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        for name in ("sqlite_autoindex_rooms_1", "messages_by_room"):  # an index, a table's key
+            damaged = os.path.join(self.folder, name + ".db")
+            shutil.copy(self.db, damaged)
+            with open(damaged, "r+b") as f:
+                f.seek((pages[name] - 1) * page_size)
+                f.write(b"\xde\xad" * (page_size // 2))
+            self.assert_refused(damaged, "damaged")
+
+    def test_two_servers_on_one_file_the_second_is_refused(self):
+        proc, port = self.start("--db", self.db)
+        self.assert_refused(self.db, "another chat.py server is using it")
+        code, out, err = run_chat("account", "add", "zed", "--db", self.db,
+                                  "--password-file", "-", stdin=b"correct horse\n")
+        self.assertEqual(code, 0, err)  # the administrator's tool may use it meanwhile
+
+    def test_a_file_deleted_while_running_is_noticed_and_said(self):
+        proc, port = self.start("--db", self.db)
+        alice = self.talk(port, "alice", "stored")
+        for name in os.listdir(self.folder):
+            os.remove(os.path.join(self.folder, name))
+        alice.send_line("lost")
+        alice.expect("<alice> lost", "!!! your message was not stored (the database file %s "
+                                     "was deleted or replaced while the server ran)" % self.db)
 
 
 class GuaranteeTest(ServerTestCase):
