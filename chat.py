@@ -361,6 +361,7 @@ USAGE = {
     "unregister": "usage: /unregister PASSWORD",
 }
 NO_REASON = "no reason given"
+NOT_STORED = "the {what} was not stored ({why}): it is gone at the next restart"
 SHUTDOWN_NOTICE = "server shutting down"
 LEFT_QUIT = "quit"
 LEFT_CLOSED = "connection closed"
@@ -2292,6 +2293,17 @@ class Chat:
             self.io.log("database error: %s" % exc, always=True)
             return False
 
+    def _store_or_tell(self, conn, what, write, *args):
+        """_store() for a change someone made (a topic, a ban): if it could
+        not be stored (a full disk), they are told it will not last."""
+        try:
+            write(*args)
+            return True
+        except StoreError as exc:
+            self.io.log("database error: %s" % exc, always=True)
+            self.io.send(conn, error(NOT_STORED.format(what=what, why=exc)))
+            return False
+
     def _welcome(self, conn, room):
         """Just in room: its topic, then its last messages."""
         if room.topic is not None:
@@ -2368,10 +2380,11 @@ class Chat:
         else:
             room.topic, room.topic_nick = arg, conn.nick
             line = format_line("topic_set", nick=conn.nick, text=arg)
-        self._store(self.store.set_topic, room.key, room.topic, room.topic_nick)
         if self.network is not None:
             self.network.keep_topic(room.key, room.topic, room.topic_nick)
         self.io.broadcast(room, line.having(room=room.name))
+        self._store_or_tell(conn, "topic", self.store.set_topic, room.key, room.topic,
+                            room.topic_nick)
 
     def _cmd_history(self, conn, arg):
         if arg.split(None, 1)[0].lower() == "after" if arg else False:
@@ -2750,10 +2763,10 @@ class Chat:
         if target is conn:  # it would lock out the operator's own address
             self.io.send(conn, error("you can't ban yourself"))
         elif target is not None:
-            self._store(self.store.add_ban, target.ip, target.nick)
             self.io.log("%s banned %s (%s)" % (conn.nick, target.nick, target.ip))
             self._remove(conn, target, format_line("banned", nick=target.nick, op=conn.nick,
                                              reason=reason or NO_REASON))
+            self._store_or_tell(conn, "ban", self.store.add_ban, target.ip, target.nick)
 
     def _cmd_unban(self, conn, arg):
         if not conn.op:

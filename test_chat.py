@@ -1758,6 +1758,45 @@ class StoreTest(unittest.TestCase):
                 f.write(b"\xde\xad" * (page_size // 2))
             self.assert_refused(damaged, "damaged")
 
+    def full_filesystem(self):
+        """A small filesystem of its own (tmpfs), or the test is skipped."""
+        mount = tempfile.mkdtemp(prefix="chat-full-", dir=WORK_DIR)
+        made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mount],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if made.returncode != 0:
+            self.skipTest("can't make a full filesystem here (mounting a tmpfs needs root)")
+        self.addCleanup(subprocess.run, ["umount", "-l", mount])
+        return mount
+
+    def test_a_full_disk_tells_who_set_a_topic_or_a_ban(self):
+        folder = self.full_filesystem()
+        db = os.path.join(folder, "chat.db")
+        proc, port = self.start("--db", db, "--op-password-file",
+                                write_file(self, "op.txt", "0p\n"))
+        op = self.talk(port, "op")
+        op.send_line("/op 0p")
+        op.wait_for("*** op is now an operator")
+        victim = Peer(port, source="127.0.0.2")
+        self.addCleanup(victim.close)
+        victim.send_line("victim")
+        op.wait_for("*** victim joined (2 online)")
+        filler = os.open(os.path.join(folder, "filler"), os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(filler, b"x" * 4096):
+                pass
+        except OSError:
+            pass  # full
+        finally:
+            os.close(filler)
+        op.send_line("/topic " + "lasting? " * 100)
+        op.wait_for("*** op set the topic: " + ("lasting? " * 100).rstrip())
+        self.assertRegex(op.read_line(), r"^!!! the topic was not stored \(.*\): it is gone at "
+                                         r"the next restart$")
+        op.send_line("/ban victim")
+        op.wait_for("*** victim was banned by op (no reason given)")
+        self.assertRegex(op.read_line(), r"^!!! the ban was not stored \(.*\): it is gone at "
+                                         r"the next restart$")
+
     def test_two_servers_on_one_file_the_second_is_refused(self):
         proc, port = self.start("--db", self.db)
         self.assert_refused(self.db, "another chat.py server is using it")
