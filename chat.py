@@ -109,6 +109,7 @@ DB_FILE = "chat.db"           # the store: a SQLite file in the working director
 KEEP_MESSAGES = 100000        # messages kept per room (0: all)
 REPLAY_MESSAGES = 20          # messages replayed on joining a room (0: none)
 HISTORY_DEFAULT = 20          # /history without N
+ID_BLOCK = 10000              # message ids the file reserves ahead (see _reserve_ids)
 HISTORY_MAX = 500             # /history N at most
 SEARCH_RESULTS = 20           # /search answers with at most this many
 TRIM_EVERY = 1000             # a room is trimmed to --keep after this many new messages
@@ -1456,6 +1457,7 @@ class SQLiteStore:
         "CREATE TABLE IF NOT EXISTS bans (ip TEXT PRIMARY KEY, nick TEXT NOT NULL)",
         "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
         "INSERT OR IGNORE INTO meta VALUES ('indexed_upto', 0)",
+        "INSERT OR IGNORE INTO meta VALUES ('ids_reserved', 0)",
         "CREATE TABLE IF NOT EXISTS accounts (key TEXT PRIMARY KEY, nick TEXT NOT NULL,"
         " hash TEXT NOT NULL)",
         "CREATE TABLE IF NOT EXISTS mailbox (id INTEGER PRIMARY KEY, account TEXT NOT NULL,"
@@ -1544,8 +1546,12 @@ class SQLiteStore:
                                  % (table, ", ".join(found)))
         self.indexed = self.path != ":memory:" and self._make_search_index()
         db.execute("PRAGMA user_version=%d" % self.SCHEMA_VERSION)
+        newest = db.execute("SELECT MAX(id) FROM messages").fetchone()[0] or 0
+        reserved = db.execute("SELECT value FROM meta WHERE key = 'ids_reserved'").fetchone()[0]
+        self.next_id = max(newest, reserved) + 1
+        ceiling = self._reserve_ids()
         db.execute("COMMIT")
-        self.next_id = (db.execute("SELECT MAX(id) FROM messages").fetchone()[0] or 0) + 1
+        self.ids_reserved = ceiling
         if self.path != ":memory:":
             stat = os.stat(self.path)
             self.file_id = (stat.st_dev, stat.st_ino)
@@ -1619,7 +1625,10 @@ class SQLiteStore:
             self.db.execute("BEGIN IMMEDIATE")  # waits out a write of the worker's
             self.db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)", batch)
             self._trim()
+            ceiling = (self._reserve_ids() if self.next_id > self.ids_reserved - ID_BLOCK // 2
+                       else self.ids_reserved)
             self.db.execute("COMMIT")
+            self.ids_reserved = ceiling  # (only once it is in the file)
         except sqlite3.Error as exc:
             self._rollback()
             self.failure = describe_error(exc)
@@ -1628,6 +1637,16 @@ class SQLiteStore:
         self.transactions += 1
         self.write_s += time.perf_counter() - started
         return []
+
+    def _reserve_ids(self):
+        """Ids never go back: messages that were relayed but not stored (a
+        full disk) had ids, which a restart must not hand out again. So the
+        file keeps a ceiling ahead of the ids in use, and a restart starts
+        above it (a gap of up to ID_BLOCK ids; a message is its id, not its
+        place). Called inside a transaction; returns the new ceiling."""
+        self.db.execute("UPDATE meta SET value = ? WHERE key = 'ids_reserved'",
+                        (self.next_id + ID_BLOCK,))
+        return self.next_id + ID_BLOCK
 
     def _file_gone(self):
         """Whether the file we write is no longer the one at path (deleted,

@@ -1743,7 +1743,7 @@ class StoreTest(unittest.TestCase):
         store = chat.SQLiteStore(self.db)
         for number in range(200):
             store.add_room("#r%d" % number, "#r%d" % number)
-            store.append("#lobby", 1.0, "bob", "message", "hello %d" % number)
+            store.append("#lobby", "bob", "message", "hello %d" % number, 1.0)
         store.flush()
         store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         store.close()
@@ -1768,6 +1768,45 @@ class StoreTest(unittest.TestCase):
         self.addCleanup(subprocess.run, ["umount", "-l", mount])
         return mount
 
+    @staticmethod
+    def fill(folder):
+        """Take what space is left there."""
+        filler = os.open(os.path.join(folder, "filler"), os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(filler, b"x" * 4096):
+                pass
+        except OSError:
+            pass  # full
+        finally:
+            os.close(filler)
+
+    def test_ids_of_messages_a_full_disk_lost_are_not_given_again(self):
+        folder = self.full_filesystem()
+        db = os.path.join(folder, "chat.db")
+        proc, port = self.start("--db", db)
+        alice = self.talk(port, "alice", "stored")
+        alice.send_line("/format json")
+        while '"format: json"' not in alice.read_line():
+            pass
+        self.fill(folder)
+        seen = []
+        for number in range(3):
+            alice.send_line("lost %d" % number)
+            said = json.loads(alice.read_line())
+            self.assertEqual((said["type"], said["text"]), ("message", "lost %d" % number))
+            seen.append(said["id"])
+            self.assertEqual(json.loads(alice.read_line())["type"], "error")  # not stored
+        proc.terminate()
+        proc.wait(TIMEOUT)
+        os.remove(os.path.join(folder, "filler"))
+        proc, port = self.start("--db", db)
+        again = self.talk(port, "alice")
+        again.send_line("/format json")
+        while '"format: json"' not in again.read_line():
+            pass
+        again.send_line("after the restart")
+        self.assertGreater(json.loads(again.read_line())["id"], max(seen))
+
     def test_a_full_disk_tells_who_set_a_topic_or_a_ban(self):
         folder = self.full_filesystem()
         db = os.path.join(folder, "chat.db")
@@ -1780,14 +1819,7 @@ class StoreTest(unittest.TestCase):
         self.addCleanup(victim.close)
         victim.send_line("victim")
         op.wait_for("*** victim joined (2 online)")
-        filler = os.open(os.path.join(folder, "filler"), os.O_WRONLY | os.O_CREAT)
-        try:
-            while os.write(filler, b"x" * 4096):
-                pass
-        except OSError:
-            pass  # full
-        finally:
-            os.close(filler)
+        self.fill(folder)
         op.send_line("/topic " + "lasting? " * 100)
         op.wait_for("*** op set the topic: " + ("lasting? " * 100).rstrip())
         self.assertRegex(op.read_line(), r"^!!! the topic was not stored \(.*\): it is gone at "
