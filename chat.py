@@ -1377,7 +1377,7 @@ class Connection:
                  "outbuf", "tokens", "refilled", "paused", "held", "full", "counted",
                  "behind_since", "waiting", "events", "drained_at", "tls", "handshake_wait",
                  "close_at", "op", "muted", "op_attempts", "account", "login_failures", "json",
-                 "timers", "peer_done", "__weakref__")
+                 "timers", "peer_done", "sent_total", "on_written", "__weakref__")
 
     def __init__(self, sock, addr, limits, now):
         self.sock = sock
@@ -1403,6 +1403,8 @@ class Connection:
         self.handshake_wait = 0            # while the TLS handshake runs: the event it waits for
         self.close_at = 0.0                # CLOSING: not before; None once the write side is shut
         self.peer_done = False             # the peer sent its last byte (it may still read)
+        self.sent_total = 0                # bytes that have left through the socket
+        self.on_written = []               # (sent_total to reach, action): see when_written
         self.op = False                    # an operator
         self.muted = False                 # its lines reach no one
         self.op_attempts = 0               # wrong /op passwords so far
@@ -1826,14 +1828,16 @@ class SQLiteStore:
                     (key, when, sender, text))
         return True
 
-    def take_mail(self, key):
-        """The messages waiting for an account, oldest first: (time, sender,
-        text); they are deleted."""
-        rows = self.db.execute("SELECT id, time, sender, text FROM mailbox WHERE account = ?"
+    def read_mail(self, key):
+        """The messages waiting for an account, oldest first: (id, time,
+        sender, text). They stay until drop_mail(): only what reached the
+        account's connection is deleted."""
+        return self.db.execute("SELECT id, time, sender, text FROM mailbox WHERE account = ?"
                                " ORDER BY id", (key,)).fetchall()
-        if rows:
-            self._write("DELETE FROM mailbox WHERE account = ? AND id <= ?", (key, rows[-1][0]))
-        return [row[1:] for row in rows]
+
+    def drop_mail(self, key, rows):
+        """Delete messages read_mail() gave (they were written to the account)."""
+        self._write("DELETE FROM mailbox WHERE account = ? AND id <= ?", (key, rows[-1][0]))
 
     # -- bans --
 
@@ -2622,32 +2626,34 @@ class Chat:
                               .having(room=conn.room.name))
 
     def _deliver_mail(self, conn):
+        mailbox = self.network if self.network is not None else self.store
         if self.network is not None:  # in Redis: the answer comes back to the loop
-            self.network.take_mail(conn.account, lambda rows: self._mail_block(conn, rows))
+            self.network.read_mail(conn.account, lambda rows: self._mail_block(
+                conn, rows, mailbox))
             return
         try:
-            rows = self.store.take_mail(conn.account)
+            rows = self.store.read_mail(conn.account)
         except (StoreError, sqlite3.Error) as exc:
             self.io.log("database error: %s" % describe_error(exc), always=True)
             return
-        self._mail_block(conn, rows)
+        self._mail_block(conn, rows, mailbox)
 
-    def _mail_block(self, conn, rows):
-        """The messages that waited for conn, as one block (none: nothing)."""
-        if rows and conn.phase != MEMBER and self.network is not None:
-            for when, sender, text in rows:  # gone meanwhile: they wait again
-                self.network.mail(conn.account, sender, text, when, lambda kept: None)
-            return
+    def _mail_block(self, conn, rows, mailbox):
+        """The messages that waited for conn, as one block (none: nothing).
+        They are deleted once written to its socket: a connection that goes
+        (evicted as too slow, say) before that leaves them waiting."""
         if not rows or conn.phase != MEMBER:
             return
+        account = conn.account
         self.io.send(conn, format_line("offline_start",
                                        messages=plural(len(rows), "message")))
-        for when, sender, text in rows:
+        for _, when, sender, text in rows:
             self.io.send(conn, format_line(
                 "history", time=time.strftime(HISTORY_TIME, time.gmtime(when)),
                 line=format_line("private", nick=sender, text=text)).having(
                     offline=True, to=conn.nick, text=text, when=when, **{"from": sender}))
         self.io.send(conn, format_line("offline_end"))
+        self.io.when_written(conn, lambda: self._store(mailbox.drop_mail, account, rows))
 
     def _cmd_password(self, conn, arg):
         parts = arg.split()
@@ -3207,6 +3213,21 @@ class ChatServer:
     def send(self, conn, text):
         """Queue a line for one connection, after the broadcasts it is owed."""
         self._in_order(self._send_now, conn, text)
+
+    def when_written(self, conn, action):
+        """Call action() once what conn was sent so far has left through its
+        socket (never, if conn goes before that)."""
+        self._in_order(self._when_written_now, conn, action)
+
+    def _when_written_now(self, conn, action):
+        if conn.phase == CLOSED:
+            return
+        conn.on_written.append((conn.sent_total + len(conn.outbuf), action))
+        self._written(conn)
+
+    def _written(self, conn):
+        while conn.on_written and conn.on_written[0][0] <= conn.sent_total:
+            conn.on_written.pop(0)[1]()
 
     def _send_now(self, conn, text):
         if conn.phase == CLOSED:
@@ -3832,6 +3853,9 @@ class ChatServer:
                     continue
                 if sent:
                     conn.drained_at = time.monotonic()
+                    conn.sent_total += sent
+                    if conn.on_written:
+                        self._written(conn)
                 if sent == len(chunk):
                     continue
                 chunk = memoryview(chunk)[sent:]
@@ -3875,6 +3899,9 @@ class ChatServer:
             if sent:
                 del conn.outbuf[:sent]
                 conn.drained_at = time.monotonic()
+                conn.sent_total += sent
+                if conn.on_written:
+                    self._written(conn)
                 self._note_backlog(conn)
         if (conn.phase == CLOSING and not conn.outbuf and conn.close_at is not None
                 and time.monotonic() >= conn.close_at):
@@ -4021,11 +4048,6 @@ redis.call('RPUSH', KEYS[1], ARGV[2])
 return 1
 """
 # KEYS: a mailbox. Its messages, taken out.
-TAKE_MAIL_SCRIPT = """
-local mail = redis.call('LRANGE', KEYS[1], 0, -1)
-redis.call('DEL', KEYS[1])
-return mail
-"""
 
 # KEYS: the servers, the alive prefix. The servers whose alive key is gone are
 # taken out, and returned: to one caller only, which announces their users.
@@ -4261,7 +4283,6 @@ class RedisNetwork:
         self.script = _text(redis.call("SCRIPT", "LOAD", PUBLISH_SCRIPT))
         self.lost_script = _text(redis.call("SCRIPT", "LOAD", LOST_SCRIPT))
         self.mail_script = _text(redis.call("SCRIPT", "LOAD", MAIL_SCRIPT))
-        self.take_mail_script = _text(redis.call("SCRIPT", "LOAD", TAKE_MAIL_SCRIPT))
         self.release_script = _text(redis.call("SCRIPT", "LOAD", RELEASE_SCRIPT))
         self.raise_ids_script = _text(redis.call("SCRIPT", "LOAD", RAISE_IDS_SCRIPT))
 
@@ -4304,12 +4325,18 @@ class RedisNetwork:
                            "EVALSHA", self.mail_script, 1, REDIS_MAIL + key, MAILBOX_MESSAGES,
                            json.dumps([when, sender, text]))
 
-    def take_mail(self, key, answer):
-        """The messages waiting for an account, taken: answer([(time, sender, text)])."""
+    def read_mail(self, key, answer):
+        """The messages waiting for an account: answer([(number, time, sender,
+        text)]). They stay until drop_mail()."""
         self.commands.call(lambda reply: answer(
-            [] if isinstance(reply, RedisError) else [tuple(json.loads(item))
-                                                      for item in reply or ()]),
-            "EVALSHA", self.take_mail_script, 1, REDIS_MAIL + key)
+            [] if isinstance(reply, RedisError) else [(number,) + tuple(json.loads(item))
+                                                      for number, item in enumerate(reply or ())]),
+            "LRANGE", REDIS_MAIL + key, 0, -1)
+
+    def drop_mail(self, key, rows):
+        """Delete the first messages read_mail() gave (they were written):
+        what was kept meanwhile came after them."""
+        self.commands.call(None, "LTRIM", REDIS_MAIL + key, len(rows), -1)
 
     def lost(self):
         """Redis went away: the links are dropped (the caller retries)."""

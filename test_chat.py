@@ -623,6 +623,9 @@ class FakeLoop:
     def rekey(self, room, conn, old_key):
         self.fanout.rekey(room, conn, old_key)
 
+    def when_written(self, conn, action):
+        action()
+
     def close(self, conn, delay=0.0):
         conn.phase = chat.CLOSING
         self.closed.append((conn, delay))
@@ -1336,6 +1339,37 @@ class AccountTest(ServerTestCase):
 
 
 ISO_TIME = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$"
+
+
+class MailboxTest(ServerTestCase):
+
+    def test_a_login_evicted_before_its_mail_is_written_leaves_it_waiting(self):
+        shorten(self, SEND_BUFFER_BYTES=8192)  # the mail waits in the server, not the kernel
+        server = self.start_server(rate=0, max_sendq=65536)
+        server.chat.store.add_account("alice", "alice", chat.hash_password("correct horse"))
+        bob = self.join("bob")
+        texts = ["%03d %s" % (number, "m" * 3000) for number in range(chat.MAILBOX_MESSAGES)]
+        for text in texts:
+            bob.send_line("/msg alice " + text)
+        bob.sync()
+        stalled = self.greeted(rcvbuf=4096)  # logs in, then never reads
+        stalled.send_line("/login alice correct horse")
+        bob.wait_for("*** alice left (too slow)")
+        got_first = [line for line in stalled.expect_closed() if line.endswith("m" * 3000)]
+        alice = self.greeted()
+        alice.send_line("/login alice correct horse")
+        alice.wait_for("*** alice joined (2 online)")
+        lines = alice.sync()
+        got_then = [line for line in lines if line.endswith("m" * 3000)]
+        self.assertTrue(got_then, "the mailbox was emptied by the evicted login")
+        said = {line.split("*bob* ")[1] for line in got_first + got_then}
+        self.assertEqual(said, set(texts))  # every one reached alice, at least once
+        alice.send_line("/quit")
+        alice.expect_closed()
+        again = self.greeted()
+        again.send_line("/login alice correct horse")
+        again.wait_for("*** alice joined (2 online)")
+        self.assertFalse([line for line in again.sync() if "while you were away" in line])
 
 
 class AccountCommandTest(unittest.TestCase):
