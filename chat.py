@@ -2551,7 +2551,10 @@ class Chat:
                                     else self._decoy_hash())
 
         def checked(right):
-            if right is True and account is not None:
+            # The account as it is now: /unregister or /password may have
+            # changed it while the password was checked against what it was.
+            if right is True and account is not None and self._account(
+                    nick_key(account[0])) == account:
                 then()
             else:
                 self._wrong_password(conn, WRONG_LOGIN if login else WRONG_PASSWORD)

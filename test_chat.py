@@ -1303,6 +1303,22 @@ class AccountTest(ServerTestCase):
         boss.wait_for("*** boss is now an operator")
         other.wait_for("*** boss is now an operator")
 
+    def test_a_login_racing_unregister_does_not_end_in_a_deleted_account(self):
+        checked = chat.password_matches
+
+        def slowly(password, stored):  # in the worker: each check takes a while
+            time.sleep(0.2)
+            return checked(password, stored)
+        patcher = mock.patch.object(chat, "password_matches", slowly)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        alice = self.registered("alice")
+        other = self.greeted()
+        alice.send_line("/unregister correct horse")
+        other.send_line("/login alice correct horse")  # read before, checked after it
+        alice.expect("*** alice is no longer registered")
+        other.expect("!!! wrong nick or password")
+
     def test_offline_messages_wait_for_the_login(self):
         self.registered("alice").close()
         bob = self.join("bob")
