@@ -116,6 +116,9 @@ TRIM_EVERY = 1000             # a room is trimmed to --keep after this many new 
 INDEX_BATCH = 500             # messages the search index takes per transaction (~8 ms)
 INDEX_DELAY_S = 1.0           # new messages wait this long for the index: not in a burst
 BUSY_TIMEOUT_S = 5.0          # a write waits this long for the other thread's
+GUESS_ADDRESSES = 10000       # addresses whose guesses are remembered before old ones go
+GUESS_INTERVAL_S = 1.0        # an address's guesses at any secret are checked this far apart...
+WRONG_GUESSES_PER_MINUTE = 10 # ...and past this many wrong ones in a minute, refused unchecked
 WRONG_PASSWORD_DELAY_S = 1.0  # a wrong password: answered (or closed) after this, to slow guessing
 MIN_PASSWORD_CHARS = 8        # an account's password, at least
 MAX_LOGIN_ATTEMPTS = 3        # wrong account passwords on one connection before it is closed
@@ -362,6 +365,7 @@ USAGE = {
     "unregister": "usage: /unregister PASSWORD",
 }
 NO_REASON = "no reason given"
+TOO_MANY_GUESSES = "too many wrong passwords from your address: try again in a minute"
 NOT_STORED = "the {what} was not stored ({why}): it is gone at the next restart"
 SHUTDOWN_NOTICE = "server shutting down"
 LEFT_QUIT = "quit"
@@ -1864,6 +1868,53 @@ class SQLiteStore:
             raise StoreError(describe_error(exc))
 
 
+class GuessLimit:
+    """What guessing secrets (the room's password, the operators', an
+    account's) costs an address: its guesses are checked one at a time,
+    GUESS_INTERVAL_S apart, however many connections it opens; past
+    WRONG_GUESSES_PER_MINUTE wrong ones in a minute, the next are refused
+    unchecked until the minute is over. (Whoever shares the address, behind
+    one NAT, shares the count.)"""
+
+    WINDOW_S = 60.0
+
+    def __init__(self):
+        self.by_ip = {}                    # ip -> [next turn, window start, wrong in it]
+
+    def turn(self, ip, now=None):
+        """Seconds until ip's next guess may be checked (its place in line)."""
+        now = time.monotonic() if now is None else now
+        state = self.by_ip.get(ip)
+        if state is None:
+            if len(self.by_ip) >= GUESS_ADDRESSES:
+                self._forget_old(now)
+            state = self.by_ip[ip] = [now, now, 0]
+        at = max(now, state[0])
+        state[0] = at + GUESS_INTERVAL_S
+        return at - now
+
+    def spent(self, ip, now=None):
+        """Whether ip's wrong guesses this minute are all used up."""
+        now = time.monotonic() if now is None else now
+        state = self.by_ip.get(ip)
+        if state is None:
+            return False
+        if now - state[1] >= self.WINDOW_S:
+            state[1], state[2] = now, 0
+        return state[2] >= WRONG_GUESSES_PER_MINUTE
+
+    def wrong(self, ip):
+        state = self.by_ip.get(ip)
+        if state is not None:
+            state[2] += 1
+
+    def _forget_old(self, now):
+        """Keep the table small: addresses quiet for a window are forgotten."""
+        for ip in [ip for ip, (turn, start, _) in self.by_ip.items()
+                   if now - max(turn, start) >= self.WINDOW_S]:
+            del self.by_ip[ip]
+
+
 class Chat:
     """The chat's rules. Called by the loop (connected, handle_line,
     registration_expired, disconnected, refusal); calls the loop through io."""
@@ -1879,6 +1930,7 @@ class Chat:
         self.replay = replay               # messages replayed on joining a room
         self.operators = {nick_key(nick) for nick in operators}  # accounts that are operators
         self.decoy = None                  # see _decoy_hash()
+        self.guesses = GuessLimit()        # per address: how fast secrets may be guessed
         self.members = {}                  # nick key -> registered Connection, every room
         self.rooms = {}                    # room key -> Room, those in use
         self.senders = {}                  # message id -> its sender, until it is stored
@@ -2039,11 +2091,17 @@ class Chat:
     # -- registration --
 
     def _check_password(self, conn, secret):
+        self._paced(conn, lambda: self._check_room_password(conn, secret))
+
+    def _check_room_password(self, conn, secret):
+        if conn.phase != PASSWORD:
+            return  # (gone while its guess waited its turn)
         if secrets_match(secret, self.password):
             conn.phase = NICKNAME
             self.io.send(conn, notice(PASSWORD_ACCEPTED))
             return
         self.io.log("%s: wrong password" % conn.name)
+        self.guesses.wrong(conn.ip)
         self.io.send(conn, error(WRONG_PASSWORD))
         self.io.close(conn, delay=WRONG_PASSWORD_DELAY_S)  # a guess costs a second
 
@@ -2545,7 +2603,12 @@ class Chat:
 
     def _check_account(self, conn, account, password, then, login=False):
         """Check password against account (None: no such account) off the
-        loop; then() if right, else the wrong-password answer a second later."""
+        loop, in the address's turn; then() if right, else the wrong-password
+        answer a second later."""
+        self._paced(conn, lambda: self._check_account_now(conn, account, password, then,
+                                                          login))
+
+    def _check_account_now(self, conn, account, password, then, login):
         def check():  # in the worker thread
             return password_matches(password, account[1] if account is not None
                                     else self._decoy_hash())
@@ -2568,9 +2631,33 @@ class Chat:
             self.decoy = hash_password(os.urandom(SALT_BYTES).hex())
         return self.decoy
 
+    def _paced(self, conn, check):
+        """A guess at a secret: check() in its address's turn (at most one a
+        second), or refused unchecked past the address's wrong guesses for
+        the minute. Its input waits meanwhile, so its answers stay in order."""
+        def in_turn(conn=conn):
+            if self.guesses.spent(conn.ip):  # (its guesses before this one, all wrong)
+                self.io.log("%s: too many wrong passwords from %s" % (conn.name, conn.ip))
+                self.io.send(conn, error(TOO_MANY_GUESSES))
+            else:
+                check()
+        if conn.phase in (CLOSING, CLOSED):
+            return
+        delay = self.guesses.turn(conn.ip)
+        if delay <= 0:
+            in_turn()
+            return
+        self.io.pause_input(conn)
+
+        def later(conn):
+            self.io.resume_input(conn)
+            in_turn(conn)
+        self.io.call_later(delay, later, conn)
+
     def _wrong_password(self, conn, text):
         """A second later (the room goes on): the answer; the third closes."""
         conn.login_failures += 1
+        self.guesses.wrong(conn.ip)
         self.io.log("%s: a wrong account password" % conn.name)
         self.io.pause_input(conn)
 
@@ -2703,13 +2790,20 @@ class Chat:
             self.io.send(conn, error("this server has no operators"))
         elif conn.op:
             self.io.send(conn, notice("you are an operator already"))
-        elif secrets_match(arg, self.op_password):
+        else:
+            self._paced(conn, lambda: self._check_op_password(conn, arg))
+
+    def _check_op_password(self, conn, arg):
+        if conn.phase != MEMBER or conn.op:
+            return
+        if secrets_match(arg, self.op_password):
             self._now_operator(conn)
             self.io.log("%s is now an operator" % conn.nick)
             self.io.broadcast(conn.room, format_line("opped", nick=conn.nick)
                               .having(room=conn.room.name))
         else:
             conn.op_attempts += 1
+            self.guesses.wrong(conn.ip)
             self.io.log("%s: wrong operator password" % conn.nick)
             self.io.send(conn, error("wrong operator password"))
             if conn.op_attempts >= MAX_OP_ATTEMPTS:
@@ -6959,6 +7053,21 @@ class LoopWatch:
         return round(max(self.times) * 1000, 1) if self.times else None
 
 
+def connect_from_many(host, port, number, timeout):
+    """Connect as if from the number-th of many addresses: on a loopback
+    server, from 127.0.0.(2 + number % 250) where the system has them all
+    (Linux), so that each guesses as an address of its own (the server paces
+    an address's guesses); else from wherever the system picks."""
+    if host.startswith("127."):
+        try:
+            return socket.create_connection(
+                (host, port), timeout=timeout,
+                source_address=("127.0.0.%d" % (2 + number % 250), 0))
+        except OSError:
+            pass  # (macOS: only 127.0.0.1)
+    return socket.create_connection((host, port), timeout=timeout)
+
+
 def time_logins(host, port, count, timeout):
     """count connections log in at once (with a wrong password: each costs
     the server a full password check, and none takes another's place) while
@@ -6966,7 +7075,7 @@ def time_logins(host, port, count, timeout):
     were answered, and the slowest ping (how long the loop was held), in ms."""
     owner = BlockingPeer(host, port, "acct", timeout)
     owner.round_trip("/register " + BENCH_ACCOUNT_PASSWORD, NOTICE + "acct is now your account")
-    socks = [socket.create_connection((host, port), timeout=timeout) for _ in range(count)]
+    socks = [connect_from_many(host, port, number, timeout) for number in range(count)]
     try:
         with LoopWatch(host, port, timeout, "lp") as watch:
             started = time.monotonic()

@@ -1199,10 +1199,9 @@ class AccountTest(ServerTestCase):
 
     def setUp(self):
         self.start_server(operators=("boss",))
+        shorten(self, GUESS_INTERVAL_S=0.01)  # (GuessTest measures it)
         if "a_second_later" not in self._testMethodName:  # that one measures it
-            patcher = mock.patch.object(chat, "WRONG_PASSWORD_DELAY_S", 0.05)
-            patcher.start()
-            self.addCleanup(patcher.stop)
+            shorten(self, WRONG_PASSWORD_DELAY_S=0.05)
 
     def registered(self, nick, password="correct horse"):
         peer = self.join(nick)
@@ -3108,6 +3107,7 @@ class TlsTest(ServerTestCase):
 class PasswordTest(ServerTestCase):
 
     def setUp(self):
+        shorten(self, GUESS_INTERVAL_S=0.01)  # (GuessTest measures it)
         self.start_server(password="open sesame")
 
     def test_the_greeting_asks_for_it_and_the_nick_must_wait(self):
@@ -3162,9 +3162,37 @@ class PasswordTest(ServerTestCase):
         self.assertEqual(code, 2)  # no such flag
 
 
+class GuessTest(ServerTestCase):
+    """Guessing secrets costs the guesser's address, however many
+    connections it opens: one guess a GUESS_INTERVAL_S, and a bounded
+    number of wrong ones a minute."""
+
+    def test_an_address_guesses_one_at_a_time_then_not_at_all(self):
+        shorten(self, GUESS_INTERVAL_S=0.1, WRONG_PASSWORD_DELAY_S=0.01)
+        self.start_server(password="open sesame", op_password="0p")
+        guessers = [self.connect() for _ in range(chat.WRONG_GUESSES_PER_MINUTE + 2)]
+        for number, peer in enumerate(guessers):  # all at once, from one address
+            peer.send_line("/pass wrong %d" % number)
+        answered = []
+        for peer in guessers:
+            peer.wait_for("*** choose a nickname: 1-24 letters, digits, _ or -")
+            line = peer.read_line()
+            answered.append((time.monotonic(), line))
+        answers = [line for _, line in answered]
+        self.assertEqual(answers, ["!!! wrong password"] * chat.WRONG_GUESSES_PER_MINUTE
+                         + ["!!! " + chat.TOO_MANY_GUESSES] * 2)
+        times = sorted(when for when, line in answered if line == "!!! wrong password")
+        self.assertGreaterEqual(times[-1] - times[0],
+                                0.1 * (chat.WRONG_GUESSES_PER_MINUTE - 1) * 0.9)
+        right = self.connect()  # the right one too, now, from that address
+        right.send_line("/pass open sesame")
+        right.wait_for("!!! " + chat.TOO_MANY_GUESSES)
+
+
 class OperatorTest(ServerTestCase):
 
     def setUp(self):
+        shorten(self, GUESS_INTERVAL_S=0.01)  # (GuessTest measures it)
         self.start_server(op_password="hunter2")
         self.alice, self.bob = self.join_all("alice", "bob")
 
