@@ -100,7 +100,9 @@ RATE_LINES_PER_S = 10.0       # flood control: token refill rate (0 = off)
 BURST_LINES = 20              # flood control: bucket size
 BYTES_PER_EXTRA_TOKEN = 512   # a line costs one more token per full 512 bytes
 MAX_SENDQ_BYTES = 262144      # unsent output at which a client counts as behind
-MAX_LAG_S = 5.0               # the longest one reader that is behind may hold the room
+MAX_BACKLOG_BYTES = 4194304   # one reader's backlog past which input waits (if it still reads)
+MAX_OUTPUT_BYTES = 67108864   # everyone's backlog together past which input waits
+MAX_LAG_S = 5.0               # the longest a reader may stay behind before it is evicted
 MAX_CLIENTS = 10000           # connections, registered or not
 MAX_PER_IP = 16               # connections from one address (0 = no limit)
 REGISTER_TIMEOUT_S = 60.0     # from connect to an accepted nickname
@@ -180,12 +182,17 @@ LIMITS = (
           "lines per second per client; 0 = no flood control"),
     Limit("burst", int, BURST_LINES, "LINES", False, "lines a client may send at once"),
     Limit("max_sendq", int, MAX_SENDQ_BYTES, "BYTES", False,
-          "unsent bytes at which a client is behind: input waits until it has caught "
-          "up. It also bounds a client's own replies, and a quarter of it (at most "
-          "64 KiB) is the broadcast one loop pass takes"),
+          "unsent bytes at which a client is behind (it is evicted if it then takes "
+          "nothing for a second). It also bounds a client's own replies, and a quarter of "
+          "it (at most 64 KiB) is the broadcast one loop pass takes"),
+    Limit("max_backlog", int, None, "BYTES", False,
+          "the most held for one client before anyone waits: input pauses while a client "
+          "that still reads is past it (default %d, or --max-sendq when that is larger)"
+          % MAX_BACKLOG_BYTES),
+    Limit("max_output", int, MAX_OUTPUT_BYTES, "BYTES", False,
+          "every client's backlog together: input pauses while it is past this"),
     Limit("max_lag", float, MAX_LAG_S, "SECONDS", False,
-          "the longest a reader that is behind may hold the room before it is evicted "
-          "as too slow"),
+          "the longest a reader may stay behind, reading, before it is evicted as too slow"),
     Limit("max_clients", int, MAX_CLIENTS, "N", False, "connections, registered or not"),
     Limit("max_per_ip", int, MAX_PER_IP, "N", True,
           "connections from one address, loopback exempt; 0 = no limit"),
@@ -203,6 +210,11 @@ class Limits:
             setattr(self, limit.name, values.pop(limit.name, limit.default))
         if values:
             raise TypeError("unknown limits: %s" % ", ".join(sorted(values)))
+        if self.max_backlog is None:
+            self.max_backlog = max(MAX_BACKLOG_BYTES, self.max_sendq)
+        elif self.max_backlog < self.max_sendq:
+            raise ValueError("--max-backlog (%d) can't be below --max-sendq (%d)"
+                             % (self.max_backlog, self.max_sendq))
         # Derived: a pass stops reading once this much broadcast is queued,
         # so no one is sent more in one pass than a client that reads can
         # take. (max_sendq itself is where a member counts as behind.)
@@ -1381,7 +1393,8 @@ class Connection:
                  "outbuf", "tokens", "refilled", "paused", "held", "full", "counted",
                  "behind_since", "waiting", "events", "drained_at", "tls", "handshake_wait",
                  "close_at", "op", "muted", "op_attempts", "account", "login_failures", "json",
-                 "timers", "peer_done", "sent_total", "on_written", "__weakref__")
+                 "timers", "peer_done", "sent_total", "on_written", "counted_backlog",
+                 "__weakref__")
 
     def __init__(self, sock, addr, limits, now):
         self.sock = sock
@@ -1408,6 +1421,7 @@ class Connection:
         self.close_at = 0.0                # CLOSING: not before; None once the write side is shut
         self.peer_done = False             # the peer sent its last byte (it may still read)
         self.sent_total = 0                # bytes that have left through the socket
+        self.counted_backlog = 0           # len(outbuf) in the server's backlog total
         self.on_written = []               # (sent_total to reach, action): see when_written
         self.op = False                    # an operator
         self.muted = False                 # its lines reach no one
@@ -3127,7 +3141,8 @@ class ChatServer:
         self.deferred = {}                 # conns to read next pass (a dict: ordered, unique)
         self.behind = set()                # members more than max_sendq behind
         self.held = []                     # conns not read while a member is behind
-        self.throttled = False             # is a member behind (this pass)?
+        self.throttled = False             # must input wait for readers (this pass)?
+        self.backlog = 0                   # every connection's unsent bytes, together
         self.timers = []                   # heap of [when, seq, function, conn]
         self.timer_seq = 0
         self.cancelled_timers = 0          # entries in timers whose function is None
@@ -3193,7 +3208,7 @@ class ChatServer:
     def _run_pass(self, timeout):
         """One loop pass: dispatch ready sockets, fire timers, write output."""
         events = self.selector.select(timeout)
-        self.throttled = self._someone_is_behind()
+        self.throttled = self._input_must_wait()
         if self.held and not self.throttled:
             self._release_held()
         self._read_deferred()
@@ -3208,7 +3223,7 @@ class ChatServer:
     def _next_timeout(self):
         """Sleep until the next timer, or not at all while work is waiting."""
         if (self.fanout.size or self.dirty or self.deferred
-                or (self.held and not self.behind)
+                or (self.held and not self.throttled)
                 or (self.network is not None and self.network.unsent())):
             return 0
         timeout = HELD_RECHECK_S if self.behind else None  # judge the slow readers
@@ -3865,18 +3880,26 @@ class ChatServer:
             if conn.phase != CLOSED and not conn.paused:
                 self._on_event_guarded(conn, selectors.EVENT_READ)
 
-    # -- slow readers (PROTOCOL.md, "v2: Slow readers") --
+    # -- slow readers (docs/protocol.md, "Slow readers") --
 
-    def _someone_is_behind(self):
-        """Tell whether input should wait for a member that is behind; first
-        evict those that stopped reading or have lagged too long."""
+    def _input_must_wait(self):
+        """Evict the readers that stopped or stayed behind too long; then tell
+        whether input must wait: while a reader that still reads is past
+        max_backlog, or everyone's backlog together is past max_output. A
+        reader merely behind holds nobody: its lines wait in its backlog."""
+        if self.behind:
+            now = time.monotonic()
+            for conn in [conn for conn in self.behind if self._too_slow(conn, now)]:
+                self.log("%s evicted: %d bytes unsent" % (conn.name, len(conn.outbuf)))
+                self._drop(conn, LEFT_TOO_SLOW)
+        if self.backlog > self.limits.max_output:
+            return True
         if not self.behind:
             return False
         now = time.monotonic()
-        for conn in [conn for conn in self.behind if self._too_slow(conn, now)]:
-            self.log("%s evicted: %d bytes unsent" % (conn.name, len(conn.outbuf)))
-            self._drop(conn, LEFT_TOO_SLOW)
-        return bool(self.behind)
+        max_backlog = self.limits.max_backlog
+        return any(len(conn.outbuf) > max_backlog and now - conn.drained_at < STALL_S
+                   for conn in self.behind)
 
     def _too_slow(self, conn, now):
         """Behind, and either took nothing for STALL_S or behind for max_lag."""
@@ -3906,6 +3929,8 @@ class ChatServer:
         has caught up, all of it: so the --max-lag clock is not reset by a
         reader that trickles just under the threshold and back.
         """
+        self.backlog += len(conn.outbuf) - conn.counted_backlog
+        conn.counted_backlog = len(conn.outbuf)
         over = len(conn.outbuf) > self.limits.max_sendq
         if conn.behind_since is None:
             if over and conn.room is not None:
@@ -4085,6 +4110,8 @@ class ChatServer:
         conn.phase = CLOSED
         conn.events = 0
         conn.outbuf.clear()
+        self.backlog -= conn.counted_backlog
+        conn.counted_backlog = 0
         self.conns.discard(conn)
         self.dirty.discard(conn)
         self.behind.discard(conn)
@@ -7310,7 +7337,8 @@ def build_parser():
     for limit in LIMITS:
         server.add_argument("--" + limit.name.replace("_", "-"), type=number_type(limit),
                             default=limit.default, metavar=limit.unit,
-                            help=limit.help + " (default %(default)s)")
+                            help=limit.help + (" (default %(default)s)"
+                                               if limit.default is not None else ""))
     server.add_argument("--db", default=DB_FILE, metavar="FILE",
                         help="the SQLite file that keeps history, rooms, topics, bans, "
                              "accounts and their waiting messages "
@@ -7550,7 +7578,11 @@ def read_secret(path, env_name, what):
 
 def run_server(args):
     raise_open_files_limit()
-    limits = Limits(**{limit.name: getattr(args, limit.name) for limit in LIMITS})
+    try:
+        limits = Limits(**{limit.name: getattr(args, limit.name) for limit in LIMITS})
+    except ValueError as exc:
+        sys.stderr.write("chat.py: %s\n" % exc)
+        return 2
     tls_context = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):

@@ -1971,8 +1971,11 @@ class LimitTest(ServerTestCase):
 
         def read_all(peer):
             try:
-                got = peer.wait_for("<alice> %d %s" % (lines - 1, payload))
-                transcripts[peer] = got + peer.sync()
+                got = peer.wait_for("<alice> %d %s" % (lines - 1, payload)) + peer.sync()
+                if "*** slow left (too slow)" not in got:  # (a second after it stopped)
+                    got += peer.wait_for("*** slow left (too slow)") + [
+                        "*** slow left (too slow)"]
+                transcripts[peer] = got
             except AssertionError as exc:
                 transcripts[peer] = exc
         readers = [threading.Thread(target=read_all, args=(peer,)) for peer in (alice, bob)]
@@ -2025,10 +2028,11 @@ class LimitTest(ServerTestCase):
         for peer in (alice, bob, carol):
             self.assertEqual(got.get(peer), expected)
 
-    def flood_and_read(self, sender, readers, lines, payload, laggards=()):
+    def flood_and_read(self, sender, readers, lines, payload, laggards=(), then=None):
         """Send lines from sender while each reader reads at the pace its
         function sets; return {peer: the lines it got, or the AssertionError}.
-        The laggards stop reading once the others have everything."""
+        The laggards stop reading once the others have everything; the others
+        then read on until the line then (an eviction that may come later)."""
         expected_last = "<alice> %d %s" % (lines - 1, payload)
         got = {}
         done = threading.Event()
@@ -2043,6 +2047,8 @@ class LimitTest(ServerTestCase):
                     lines_read.append(line)
                     if line == expected_last:
                         lines_read.extend(peer.sync())
+                        if then is not None and then not in lines_read:
+                            lines_read.extend(peer.wait_for(then) + [then])
                         break
                     pace()
             except AssertionError as exc:
@@ -2072,7 +2078,7 @@ class LimitTest(ServerTestCase):
                 time.sleep(pause)  # the reader's own rhythm, not a synchronisation
         return pace
 
-    def test_a_reader_that_reads_in_bursts_is_waited_for_and_a_stopped_one_evicted(self):
+    def test_a_reader_that_reads_in_bursts_keeps_up_and_a_stopped_one_is_evicted(self):
         self.start_server(rate=0, max_sendq=32768)
         alice, fast, quick = self.join_all("alice", "fast", "quick")
         bursty = self.join("bursty", rcvbuf=4096)
@@ -2083,7 +2089,8 @@ class LimitTest(ServerTestCase):
         started = time.monotonic()
         got = self.flood_and_read(alice, {
             alice: lambda: None, fast: lambda: None, quick: lambda: None,
-            bursty: self.in_bursts(4000, 0.4)}, lines, payload)
+            bursty: self.in_bursts(4000, 0.4)}, lines, payload,
+            then="*** stopped left (too slow)")
         expected = ["<alice> %d %s" % (i, payload) for i in range(lines)]
         for peer in (alice, fast, quick, bursty):
             self.assertIsInstance(got.get(peer), list, got.get(peer))
@@ -2093,7 +2100,7 @@ class LimitTest(ServerTestCase):
         self.assertLess(time.monotonic() - started, TIMEOUT * 2)
         stopped.expect_closed()
 
-    def test_a_trickling_reader_holds_the_room_at_most_max_lag(self):
+    def test_a_trickling_reader_holds_nobody_and_goes_after_max_lag_behind(self):
         self.start_server(rate=0, max_sendq=16384, max_lag=1.0)
         alice, bob = self.join_all("alice", "bob")
         trickle = self.join("trickle", rcvbuf=4096)
@@ -2102,12 +2109,73 @@ class LimitTest(ServerTestCase):
         lines, payload = 12000, "t" * 100
         got = self.flood_and_read(alice, {
             alice: lambda: None, bob: lambda: None,
-            trickle: self.in_bursts(5, 0.05)}, lines, payload, laggards=[trickle])
+            trickle: self.in_bursts(5, 0.05)}, lines, payload, laggards=[trickle],
+            then="*** trickle left (too slow)")
         expected = ["<alice> %d %s" % (i, payload) for i in range(lines)]
         for peer in (alice, bob):
             self.assertIsInstance(got.get(peer), list, got.get(peer))
             self.assertEqual([line for line in got[peer] if line.startswith("<")], expected)
             self.assertIn("*** trickle left (too slow)", got[peer])
+
+    def test_a_stopped_reader_holds_nobody(self):
+        # v3: its lines wait in its backlog; it is evicted a second after it
+        # stopped, by which time the room has long had everything.
+        server = self.start_server(rate=0, max_sendq=16384)
+        alice, bob = self.join_all("alice", "bob")
+        stopped = self.join("stopped", rcvbuf=4096)  # and it never reads again
+        bob.wait_for("*** stopped joined (3 online)")
+        lines, payload = 12000, "s" * 100  # 1.3 MB: past its kernel buffers too
+        held = []
+
+        def watch():  # does input ever wait for it?
+            while len(held) < 1 and stopped.sock.fileno() != -1 and not done:
+                if server.throttled:
+                    held.append(True)
+                time.sleep(0.0005)  # sampling the loop's state, not a synchronisation
+        done = False
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        got = self.flood_and_read(alice, {alice: lambda: None, bob: lambda: None}, lines,
+                                  payload, then="*** stopped left (too slow)")
+        done = True
+        watcher.join(TIMEOUT)
+        self.assertEqual(held, [])
+        for peer in (alice, bob):
+            self.assertIsInstance(got.get(peer), list, got.get(peer))
+            self.assertEqual([line for line in got[peer] if line.startswith("<")],
+                             ["<alice> %d %s" % (i, payload) for i in range(lines)])
+
+    def test_own_replies_never_hold_anyone_else(self):
+        server = self.start_server(rate=0, max_sendq=16384)
+        alice = self.join("alice")
+        mallory = self.connect(rcvbuf=4096)
+        mallory.send_raw(b"mallory\n" + b"/help\n" * 5000)  # and never reads
+        alice.wait_for("*** mallory joined (2 online)")
+        deadline = time.monotonic() + TIMEOUT
+        while not server.behind:  # until its own replies put it behind
+            self.assertLess(time.monotonic(), deadline, "mallory never fell behind")
+            time.sleep(0.001)  # polling the loop's state, bounded by the deadline
+        alice.send_line("/ping innocent")
+        skipped = alice.wait_for("*** pong innocent")
+        self.assertNotIn("*** mallory left (too slow)", skipped)  # answered while it lags
+
+    def test_all_backlogs_together_stay_within_max_output(self):
+        server = self.start_server(rate=0, max_sendq=16384, max_backlog=65536,
+                                   max_output=131072)
+        alice = self.join("alice")
+        for number in range(4):  # four readers that stopped: 4 x 64 KiB > max_output
+            self.join("stopped%d" % number, rcvbuf=4096)
+        alice.sync()
+        lines, payload = 8000, "o" * 100
+        alice.send_raw(b"".join(b"%d %s\n" % (i, payload.encode()) for i in range(lines)))
+        biggest = 0
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline and len(server.conns) > 1:
+            biggest = max(biggest, server.backlog)
+            time.sleep(0.0005)  # sampling the server's memory, not a synchronisation
+        self.assertLessEqual(biggest, 131072 + 65536)  # max_output and one pass
+        got = alice.wait_for("<alice> %d %s" % (lines - 1, payload))  # alice got it all
+        self.assertEqual(len([line for line in got if line.startswith("<")]), lines - 1)
 
     def test_a_client_that_asks_more_than_it_reads_is_bounded_by_its_own_backlog(self):
         server = self.start_server(rate=0, max_sendq=16384)
