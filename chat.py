@@ -6406,6 +6406,7 @@ BENCH_OBSERVERS = 3           # clients that parse every line they receive
 BENCH_RECV_BYTES = 1 << 18
 BENCH_SEND_CHUNK = 1 << 16    # flood senders build lines in chunks of this much
 BENCH_CONCURRENCY = 100       # connects in flight (connected, not yet registered)
+BENCH_EVICTION_WAIT_S = 3.0   # after the run: how long a stopped reader's eviction is awaited
 BENCH_STALL_S = 15.0          # a phase with no progress this long has failed
 BENCH_SERVER_START_S = 10.0
 BENCH_PROGRESS_S = 1.0
@@ -6527,6 +6528,7 @@ class Bench:
             messages_started = time.monotonic()
             self._loop(self._messages_done)
             finished = time.monotonic()
+            self._await_evictions()
         finally:
             self._progress(force=True, end=True)
         self._collect(started, registered_at, messages_started, finished)
@@ -6748,7 +6750,7 @@ class Bench:
         if self.phase == "drain":  # the pong, or (several servers) the line after the joins
             client.drained = client.drained or any(self.pong in line for line in lines)
             return
-        if self.phase != "messages":
+        if self.phase not in ("messages", "evictions"):
             return
         tag = self.tag.encode(ENCODING)
         for line in lines:
@@ -6890,6 +6892,18 @@ class Bench:
             self.last_progress = time.monotonic()
         more = client.outbuf or (not self.args.rate and client.seq < self.args.messages)
         self._watch(client, selectors.EVENT_READ | (selectors.EVENT_WRITE if more else 0))
+
+    def _await_evictions(self):
+        """A reader that stopped is evicted a second after it stopped taking
+        anything, which may be after the run (it holds nobody meanwhile): wait
+        for that, a little, so that the report can say it."""
+        stopped = [c for c in self.clients if c.slow and not self.args.slow_read]
+        deadline = time.monotonic() + BENCH_EVICTION_WAIT_S
+        self.phase = "evictions"
+        while stopped and time.monotonic() < deadline and not all(
+                c.nick in self.evicted or c.state == "closed" for c in stopped):
+            for key, mask in self.selector.select(0.05):
+                self._on_event(key.data, mask)
 
     def _messages_done(self):
         if any(c.seq < self.args.messages or c.outbuf for c in self.clients
