@@ -221,6 +221,17 @@ class Limits:
         self.pass_budget = min(PASS_BROADCAST_BYTES, self.max_sendq // 4)
 
 
+# The worker lanes: what must not hold the loop, in three threads, so that
+# costly work of one kind never queues the others behind it: a flood of
+# /search (a scan of a long history) delays no /history and no login, and a
+# hundred logins (scrypt) delay no /history. Each connection has at most one
+# job in flight (its input waits for the answer), so within a lane the
+# connections take turns.
+LANE_READS = "reads"       # /history, and reconnecting to Redis
+LANE_SECRETS = "secrets"   # password hashes: /login, /register, /password...
+LANE_SEARCH = "search"     # /search, and keeping its index
+
+
 # Secrets come from a file or the environment, never from the command line,
 # which other local users can read in `ps`.
 PASSWORD_ENV = "CHAT_PASSWORD"
@@ -1455,6 +1466,18 @@ class StoreError(Exception):
     """The database can't be used: said in one line."""
 
 
+NOT_ALL_ASCII = "*[^\x01-\x7f]*"  # GLOB: text with a character past ASCII
+
+
+def add_fold_function(db):
+    """fold(text) in SQL: str.casefold, as the search index holds text
+    (so that STRASSE finds Straße, through the index as without it)."""
+    try:
+        db.create_function("fold", 1, str.casefold, deterministic=True)
+    except sqlite3.NotSupportedError:  # an SQLite before 3.8.3
+        db.create_function("fold", 1, str.casefold)
+
+
 class SQLiteStore:
     """What the chat keeps beyond one connection, in one SQLite file (or
     `:memory:`): every message and action, the rooms with their spelling and
@@ -1467,7 +1490,8 @@ class SQLiteStore:
     been relayed is in the file, even if the process is killed right after.
     """
 
-    SCHEMA_VERSION = 3  # 1: rooms, messages, bans; 2: the search index; 3: accounts
+    SCHEMA_VERSION = 4  # 1: rooms, messages, bans; 2: the search index; 3: accounts;
+    #                     4: the index holds case-folded text (made again from version 2 or 3)
     SCHEMA = (
         "CREATE TABLE IF NOT EXISTS rooms (key TEXT PRIMARY KEY, name TEXT NOT NULL,"
         " topic TEXT, topic_nick TEXT)",
@@ -1511,6 +1535,7 @@ class SQLiteStore:
         self.write_s = 0.0
         try:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            add_fold_function(self.db)
             if exclusive:
                 self._lock()
             self._open()
@@ -1564,6 +1589,9 @@ class SQLiteStore:
                 raise StoreError("its table %s is not chat.py's (columns %s): another "
                                  "program's database? Give chat.py its own --db"
                                  % (table, ", ".join(found)))
+        if 2 <= version < 4:  # an index of text as it was said: made again, folded
+            db.execute("DROP TABLE IF EXISTS search")
+            db.execute("UPDATE meta SET value = 0 WHERE key = 'indexed_upto'")
         self.indexed = self.path != ":memory:" and self._make_search_index()
         db.execute("PRAGMA user_version=%d" % self.SCHEMA_VERSION)
         newest = db.execute("SELECT MAX(id) FROM messages").fetchone()[0] or 0
@@ -1617,6 +1645,7 @@ class SQLiteStore:
             view.db = sqlite3.connect(uri, uri=True, isolation_level=None,
                                       check_same_thread=False)
             view.db.execute("PRAGMA busy_timeout=%d" % (BUSY_TIMEOUT_S * 1000))
+            add_fold_function(view.db)
             local[name] = view
         return local[name]
 
@@ -1699,7 +1728,7 @@ class SQLiteStore:
                    " WHERE room = ? ORDER BY id DESC LIMIT 1 OFFSET ?)")
             if self.indexed:  # out of the index first: it needs their text to forget them
                 self.db.execute(
-                    "INSERT INTO search (search, rowid, text) SELECT 'delete', id, text "
+                    "INSERT INTO search (search, rowid, text) SELECT 'delete', id, fold(text) "
                     + old + " AND id <= (SELECT value FROM meta WHERE key = 'indexed_upto')",
                     (room, room, self.keep))
             self.db.execute("DELETE " + old, (room, room, self.keep))
@@ -1745,17 +1774,21 @@ class SQLiteStore:
         """Newest first, row by row: the messages with ids above after."""
         query = ("SELECT id, time, nick, kind, text FROM messages WHERE room = ? AND id > ?%s"
                  " ORDER BY id DESC")
-        if needle.isascii():  # LIKE ignores ASCII case itself: the database filters
+        if needle.isascii():
+            # LIKE ignores ASCII case itself: the database filters the rows
+            # that are all ASCII. One with any other character is left to
+            # _matching: folded, it may match (Straße holds "strasse").
             pattern = "%" + re.sub(r"([%_\\])", r"\\\1", needle) + "%"
-            rows = self.db.execute(query % " AND text LIKE ? ESCAPE '\\'",
-                                   (room, after, pattern))
+            rows = self.db.execute(
+                query % " AND (text LIKE ? ESCAPE '\\' OR text GLOB ?)",
+                (room, after, pattern, NOT_ALL_ASCII))
         else:
             rows = self.db.execute(query % "", (room, after))
         return self._matching(rows, needle, count)
 
     def _indexed(self, room, text, needle, upto, count):
         """Newest first, through the index: the messages with ids up to upto."""
-        phrase = '"%s"' % text.replace('"', '""')
+        phrase = '"%s"' % needle.replace('"', '""')  # as indexed: case-folded
         ids = self.db.execute("SELECT rowid FROM search WHERE search MATCH ? AND rowid <= ?"
                               " ORDER BY rowid DESC", (phrase, upto))
         rows = (self.db.execute("SELECT id, time, nick, kind, text FROM messages"
@@ -1783,7 +1816,8 @@ class SQLiteStore:
             rows = db.execute("SELECT id, text FROM messages WHERE id > ? ORDER BY id LIMIT ?",
                               (upto, most)).fetchall()
             if rows:
-                db.executemany("INSERT INTO search (rowid, text) VALUES (?, ?)", rows)
+                db.executemany("INSERT INTO search (rowid, text) VALUES (?, ?)",
+                               [(row_id, text.casefold()) for row_id, text in rows])
                 db.execute("UPDATE meta SET value = ? WHERE key = 'indexed_upto'",
                            (rows[-1][0],))
             db.execute("COMMIT")
@@ -2014,10 +2048,10 @@ class Chat:
                             always=True)
                 more = False
             if more:
-                self.io.off_loop(None, self.store.index_some, indexed)
+                self.io.off_loop(None, self.store.index_some, indexed, LANE_SEARCH)
             else:
                 self.indexing = False
-        self.io.off_loop(None, self.store.index_some, indexed)
+        self.io.off_loop(None, self.store.index_some, indexed, LANE_SEARCH)
 
     def registration_expired(self, conn):
         self.io.send(conn, error("registration timed out"))
@@ -2518,7 +2552,7 @@ class Chat:
         self._read_history(conn, lambda store: store.after(room.key, after, HISTORY_MAX),
                            answer)
 
-    def _read_history(self, conn, read, answer):
+    def _read_history(self, conn, read, answer, lane=LANE_READS):
         """Read what is stored (all that was relayed: committed first), off
         the loop where the store can (a file: a long history can take a
         while), and answer conn with it."""
@@ -2534,7 +2568,7 @@ class Chat:
                                          % describe_error(result)))
             else:
                 answer(result)
-        self.io.off_loop(conn, lambda: read(reader()), answered)
+        self.io.off_loop(conn, lambda: read(reader()), answered, lane)
 
     def _cmd_search(self, conn, arg):
         if not arg:
@@ -2550,7 +2584,7 @@ class Chat:
                     "history_search", messages=plural(len(rows), "message"),
                     room=room.name, text=arg), rows)
         self._read_history(conn, lambda store: store.search(room.key, arg, SEARCH_RESULTS),
-                           answer)
+                           answer, LANE_SEARCH)
 
     def _cmd_help(self, conn, arg):
         lines = list(HELP)
@@ -2600,7 +2634,7 @@ class Chat:
                 self.io.log("%s registered an account" % nick)
                 self.io.send(conn, notice(ACCOUNT_MADE.format(nick=nick)))
                 self._op_if_listed(conn)
-            self.io.off_loop(conn, lambda: hash_password(arg), hashed)
+            self.io.off_loop(conn, lambda: hash_password(arg), hashed, LANE_SECRETS)
 
     def _cmd_login(self, conn, arg):
         parts = arg.split(None, 1)
@@ -2635,7 +2669,7 @@ class Chat:
                 then()
             else:
                 self._wrong_password(conn, WRONG_LOGIN if login else WRONG_PASSWORD)
-        self.io.off_loop(conn, check, checked)
+        self.io.off_loop(conn, check, checked, LANE_SECRETS)
 
     def _decoy_hash(self):
         """A hash to check a password against when there is no account, so
@@ -2778,7 +2812,7 @@ class Chat:
                         self.io.send(conn, notice(PASSWORD_CHANGED))
                     else:
                         self.io.send(conn, error("the password was not changed"))
-                self.io.off_loop(conn, lambda: hash_password(new), hashed)
+                self.io.off_loop(conn, lambda: hash_password(new), hashed, LANE_SECRETS)
             self._check_account(conn, self._account(key), parts[0], change)
 
     def _cmd_unregister(self, conn, arg):
@@ -3056,15 +3090,15 @@ class FanOut:
 
 
 class Worker:
-    """One thread for what must not hold the loop (reading a long history):
-    it runs work in order, and wakes the loop when each is done."""
+    """One thread for one lane of what must not hold the loop: it runs its
+    work in order, and wakes the loop when each is done."""
 
-    def __init__(self, wake, at_exit=None):
+    def __init__(self, wake, at_exit=None, name="worker"):
         self.wake = wake
         self.at_exit = at_exit             # run in the thread as it ends
         self.jobs = queue.Queue()
         self.results = queue.Queue()
-        self.thread = threading.Thread(target=self._run, name="worker", daemon=True)
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
     def submit(self, work, done, conn):
@@ -3148,7 +3182,7 @@ class ChatServer:
         self.cancelled_timers = 0          # entries in timers whose function is None
         self.spare_fd = None               # given up to accept-and-refuse at EMFILE
         self.wake_r = self.wake_w = None
-        self.worker = None                 # runs what must not hold the loop
+        self.workers = {}                  # lane -> its Worker, made when first needed
         self.stopping = False
 
     # -- lifecycle --
@@ -3238,8 +3272,8 @@ class ChatServer:
                 pass
         except BlockingIOError:
             pass  # drained
-        if self.worker is not None:
-            for done, conn, result in self.worker.finished():
+        for worker in list(self.workers.values()):
+            for done, conn, result in worker.finished():
                 self._answered(done, conn, result)
 
     def _answered(self, done, conn, result):
@@ -3304,8 +3338,8 @@ class ChatServer:
             pass  # drained, or the peer is gone: either way, done
 
     def _close_everything(self):
-        if self.worker is not None:
-            self.worker.stop()
+        for worker in self.workers.values():
+            worker.stop()
         if self.network is not None:
             self.network.close()
         self.chat.close()
@@ -3539,16 +3573,23 @@ class ChatServer:
                 link.events = events
                 self.selector.modify(link.sock, events, link.on_ready)
 
-    def off_loop(self, conn, work, done):
-        """Run work() in the worker thread, then done(its result) in the loop;
-        conn's input (if conn is not None) waits meanwhile, so that its
-        answers stay in order."""
-        if self.worker is None:
-            self.worker = Worker(self.wake, at_exit=self.chat.store.close_reader)
+    @property
+    def worker(self):
+        """The reads lane's worker (None before it is first needed)."""
+        return self.workers.get(LANE_READS)
+
+    def off_loop(self, conn, work, done, lane=LANE_READS):
+        """Run work() in the lane's worker thread, then done(its result) in
+        the loop; conn's input (if conn is not None) waits meanwhile, so that
+        its answers stay in order."""
+        worker = self.workers.get(lane)
+        if worker is None:
+            worker = self.workers[lane] = Worker(
+                self.wake, at_exit=self.chat.store.close_reader, name="worker-" + lane)
         if conn is not None:
             conn.waiting = True
             self._watch(conn)
-        self.worker.submit(work, done, conn)
+        worker.submit(work, done, conn)
 
     def pause_input(self, conn):
         """Stop handling conn's input until resume_input(conn)."""
@@ -4331,7 +4372,7 @@ class RedisNetwork:
         self.script = None
         self.last = "0-0"                  # the feed entry read last
         self.commands = self.feed = None   # the two RedisLinks, once started
-        self.history = None                # the worker thread's BlockingRedis
+        self.history = threading.local()   # each worker thread's RedisHistory
         self.seq = 0                       # this server's entries, numbered
         self.elsewhere = {}                # nick key -> [nick, room key, server, op]
         self.recents = {}                  # room key -> deque of its last messages
@@ -4684,10 +4725,12 @@ class RedisNetwork:
         return [(user[0], user[3]) for user in self.elsewhere.values() if user[1] == room_key]
 
     def reader(self):
-        """The worker thread's connection, for history (made when first needed)."""
-        if self.history is None:
-            self.history = RedisHistory(self.address)
-        return self.history
+        """The calling worker thread's connection, for history and searches
+        (one per thread: the lanes run at once; made when first needed)."""
+        history = getattr(self.history, "reader", None)
+        if history is None:
+            history = self.history.reader = RedisHistory(self.address)
+        return history
 
 
 class RedisStore:

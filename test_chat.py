@@ -1194,6 +1194,39 @@ class BansTest(ServerTestCase):
         al.expect("!!! operators only")
 
 
+class FairWorkTest(ServerTestCase):
+    """Costly work of one kind never queues the others behind it."""
+
+    def test_searches_that_take_long_hold_no_history_and_no_login(self):
+        folder = tempfile.mkdtemp(prefix="chat-fair-", dir=WORK_DIR)
+        store = chat.SQLiteStore(os.path.join(folder, "chat.db"))
+        store.add_account("alice", "alice", chat.hash_password("correct horse"))
+        released = threading.Event()
+        self.addCleanup(released.set)
+        search = chat.SQLiteStore.search
+
+        def slow_search(store, room, text, count):  # in a worker: a scan of a long history
+            released.wait(TIMEOUT)
+            return search(store, room, text, count)
+        patcher = mock.patch.object(chat.SQLiteStore, "search", slow_search)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        self.start_server(store=store, rate=0)
+        searchers = [self.join("s%d" % number) for number in range(5)]
+        for peer in searchers:
+            peer.send_line("/search ä")
+        innocent = self.join("innocent")
+        innocent.send_line("said")
+        innocent.send_line("/history 5")
+        innocent.wait_for("*** end of history")  # while every search still waits
+        login = self.greeted()
+        login.send_line("/login alice correct horse")
+        login.wait_for("*** alice joined (7 online)")
+        released.set()
+        for peer in searchers:
+            peer.wait_for('*** no messages in #lobby match "ä"')
+
+
 class AccountTest(ServerTestCase):
     """PROTOCOL.md, "v2: Accounts" and "v2: Offline messages"."""
 
@@ -1635,7 +1668,7 @@ class StoreTest(unittest.TestCase):
         proc.terminate()
         self.assertEqual(proc.wait(TIMEOUT), 0)
         with contextlib.closing(sqlite3.connect(self.db)) as db:
-            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 3)
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 4)
             self.assertEqual(db.execute("SELECT nick, kind, text FROM messages").fetchall(),
                              [("alice", "message", "kept")])
 
@@ -1746,6 +1779,25 @@ class StoreTest(unittest.TestCase):
                           "école number 31", "école number 32"])
         self.assertEqual(len(store.reader().search("#lobby", "number 1", 20)), 11)
         self.assertEqual(store.reader().search("#lobby", "zebra", 20), [])
+
+    def test_a_search_finds_the_same_whether_the_index_has_caught_up_or_not(self):
+        store = chat.SQLiteStore(self.db, keep=0)
+        self.addCleanup(store.close)
+        self.addCleanup(store.close_reader)
+        if not store.indexed:
+            self.skipTest("this SQLite has no FTS5 trigram tokenizer")
+        store.append("#lobby", "a", "message", "die Straße ist lang", 0.0)
+        store.append("#lobby", "a", "message", "ΣΊΣΥΦΟΣ rolls", 0.0)
+        store.flush()
+        for caught_up in (False, True):
+            if caught_up:
+                while store.index_some():
+                    pass
+            for needle, want in (("STRASSE", "die Straße ist lang"),
+                                 ("straße", "die Straße ist lang"),
+                                 ("σίσυφος", "ΣΊΣΥΦΟΣ rolls")):
+                found = store.reader().search("#lobby", needle, 5)
+                self.assertEqual([row[4] for row in found], [want], (needle, caught_up))
 
     def test_trimming_takes_messages_out_of_the_index_too(self):
         store = chat.SQLiteStore(self.db, keep=5)
