@@ -2080,7 +2080,7 @@ class Chat:
             self.io.broadcast(room, format_line("left", nick=conn.nick, reason=reason)
                               .having(room=room.name))
             self.io.log("%s left (%s)" % (conn.nick, reason))
-        self._forget_if_empty(room)
+        self.forget_if_empty(room)
 
     # -- lines by phase --
 
@@ -2206,9 +2206,14 @@ class Chat:
             if conn.phase == MEMBER and conn.room is room:
                 self.io.enter(room, conn)
                 self.io.send(conn, line)
-                self._welcome(conn, room)
-                self.io.resume_input(conn)
+                self.network.when_watched(room.key, lambda: self._welcomed(conn, room))
+
         self.io.then(arrived)
+
+    def _welcomed(self, conn, room):
+        if conn.phase == MEMBER and conn.room is room:
+            self._welcome(conn, room)
+            self.io.resume_input(conn)
 
     def _nick_problem(self, nick, conn=None):
         """Return why nick can't be taken (by conn, if renaming), or None."""
@@ -2387,8 +2392,7 @@ class Chat:
             topic, topic_nick = self.network.topics.get(key, (None, None))
             room = self.rooms[key] = Room(self.network.names.get(key, name), topic, topic_nick,
                                           replay=self.replay)
-            room.recent = self.network.recents.setdefault(
-                key, collections.deque(maxlen=self.replay))
+            room.recent = self.network.watch(key)
         if room is None:
             stored = self.store.room(key)
             if stored is None:
@@ -2399,10 +2403,12 @@ class Chat:
             room = self.rooms[key] = Room(*stored, recent=recent, replay=self.replay)
         return room
 
-    def _forget_if_empty(self, room):
+    def forget_if_empty(self, room):
         """A room nobody is in need not be kept in memory (the store keeps it)."""
         if not room.members and room is not self.lobby:
             self.rooms.pop(room.key, None)
+            if self.network is not None:
+                self.network.unwatch(room.key)
 
     def _store_answer(self, write, *args):
         """_store() for a write whose answer matters (False on failure)."""
@@ -2473,7 +2479,7 @@ class Chat:
         self.io.broadcast(old, format_line("left", nick=conn.nick,
                                            reason=LEFT_WENT_TO.format(room=room.name))
                           .having(room=old.name))
-        self._forget_if_empty(old)
+        self.forget_if_empty(old)
         here = len(room.members) + 1
         if self.network is not None:
             self.network.place(conn.key, conn.nick, room.key, conn.op)
@@ -3430,6 +3436,8 @@ class ChatServer:
             self.dirty.add(conn)
         self.behind.discard(conn)
         conn.behind_since = None
+        if not room.members:  # (several servers: the leave waited behind the feed)
+            self.chat.forget_if_empty(room)
 
     def close(self, conn, delay=0.0):
         """Stop handling conn's input; close it once its output is written,
@@ -4375,7 +4383,8 @@ class RedisNetwork:
         self.history = threading.local()   # each worker thread's RedisHistory
         self.seq = 0                       # this server's entries, numbered
         self.elsewhere = {}                # nick key -> [nick, room key, server, op]
-        self.recents = {}                  # room key -> deque of its last messages
+        self.recents = {}                  # room key -> its last messages (rooms watched here)
+        self.loading = {}                  # room key -> (heard meanwhile, waiting, its deque)
         self.topics = {}                   # room key -> (text, nick)
         self.names = {}                    # room key -> its name
         self.down = False                  # Redis is away: coming back
@@ -4409,10 +4418,13 @@ class RedisNetwork:
             for key, value in _pairs(redis.call("HGETALL", REDIS_TOPICS)).items():
                 topic = json.loads(value)
                 self.topics[key] = (topic["text"], topic["nick"])
-            for key in self.names:
-                rows = history_rows(redis.call("XREVRANGE", REDIS_HISTORY + key, "+", "-",
-                                               "COUNT", self.replay)) if self.replay else []
-                self.recents[key] = collections.deque(reversed(rows), maxlen=self.replay)
+            # The lobby's last messages now (the chat starts with it); any other
+            # room's when it gets a member here (watch()): memory follows the
+            # people online, not the rooms that ever were.
+            lobby = nick_key(LOBBY)
+            rows = history_rows(redis.call("XREVRANGE", REDIS_HISTORY + lobby, "+", "-",
+                                           "COUNT", self.replay)) if self.replay else []
+            self.recents[lobby] = collections.deque(reversed(rows), maxlen=self.replay)
         except (OSError, ValueError, KeyError) as exc:
             raise RedisError("Redis at %s: %s" % (self.address.where, describe_error(exc)))
         finally:
@@ -4687,9 +4699,12 @@ class RedisNetwork:
             self.names[room] = entry["m"]  # its spelling, for /rooms
         if kind in ("message", "action"):
             self.newest_id = max(self.newest_id, entry["id"])
-            recent = self.recents.setdefault(room, collections.deque(maxlen=self.replay))
-            recent.append((entry["id"], entry["x"].get("when", 0), fields["nick"], kind,
-                           fields["text"]))
+            item = (entry["id"], entry["x"].get("when", 0), fields["nick"], kind,
+                    fields["text"])
+            if room in self.loading:
+                self.loading[room][0].append(item)  # merged with what is being read
+            elif room in self.recents:
+                self.recents[room].append(item)
         elif kind in ("topic_set", "topic_cleared"):
             self.topics[room] = (fields.get("text"), fields["nick"])
         if kind in ("joined", "joined_room"):
@@ -4719,6 +4734,50 @@ class RedisNetwork:
             if user is not None and (user[2] == entry["o"]
                                      or fields.get("reason") == LEFT_SERVER_LOST):
                 del self.elsewhere[nick_key(fields["nick"])]
+
+    def watch(self, key):
+        """A room gets a member here: from now on its last messages are kept
+        (read from its history in Redis, then from the feed); return the
+        deque that holds them."""
+        recent = self.recents.get(key)
+        if recent is not None:
+            return recent
+        recent = self.recents[key] = collections.deque(maxlen=self.replay)
+        if not self.replay or self.down or self.commands is None:
+            return recent
+        self.loading[key] = ([], [], recent)
+
+        def read(reply):
+            heard, waiting, deque = self.loading.get(key, (None, None, None))
+            if deque is not recent:
+                return  # forgotten and watched again meanwhile: that read's answer counts
+            del self.loading[key]
+            rows = [] if isinstance(reply, RedisError) else history_rows(reply)[::-1]
+            recent.extend(rows)
+            newest = rows[-1][0] if rows else 0
+            recent.extend(item for item in heard if item[0] > newest)
+            for callback in waiting:
+                callback()
+        self.commands.call(read, "XREVRANGE", REDIS_HISTORY + key, "+", "-",
+                           "COUNT", self.replay)
+        return recent
+
+    def when_watched(self, key, callback):
+        """callback() once the room's last messages are read (at once if they
+        are). Its read went to Redis before the join line that calls this
+        came back through the feed, so its answer is already here, or very
+        nearly: read what the commands link has, first."""
+        if key in self.loading and self.commands is not None and self.commands.alive:
+            self.commands.on_ready()
+        if key in self.loading:
+            self.loading[key][1].append(callback)
+        else:
+            callback()
+
+    def unwatch(self, key):
+        """No member here any more: its last messages are not kept."""
+        self.recents.pop(key, None)
+        self.loading.pop(key, None)
 
     def in_room(self, room_key):
         """The other servers' users in a room: [(nick, op)]."""

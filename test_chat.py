@@ -4683,6 +4683,35 @@ class RedisOutageTest(RedisCase):
         self.assertNotIn("*** bob left (server lost)",
                          alice.wait_for("*** 2 in #lobby: alice, bob"))
 
+    def test_memory_follows_the_rooms_with_members_here_not_every_room(self):
+        url = self.start_redis()
+        alice = Peer(self.serve_on_redis(url, rate=0))
+        self.addCleanup(alice.close)
+        first = self.server
+        alice.send_line("alice")
+        alice.wait_for("*** alice joined (1 online)")
+        for number in range(30):  # rooms used once, then left
+            alice.send_line("/join #r%d" % number)
+            alice.send_line("said in r%d" % number)
+            alice.wait_for("<alice> said in r%d" % number)
+        alice.send_line("/join #lobby")
+        alice.wait_for("*** alice joined #lobby (1 here)")
+        alice.sync()
+        self.assertEqual(sorted(first.network.recents), ["#lobby"])
+        self.assertEqual(sorted(first.chat.rooms), ["#lobby"])
+        bob = Peer(self.serve_on_redis(url, rate=0))  # a server started later
+        self.addCleanup(bob.close)
+        self.assertEqual(sorted(self.server.network.recents), ["#lobby"])
+        bob.send_line("bob")
+        bob.wait_for("*** bob joined (2 online)")
+        bob.send_line("/join #r7")  # its last messages are read when it is entered
+        bob.expect("*** bob joined #r7 (1 here)", "*** the last 1 message in #r7 (times in UTC):")
+        self.assertRegex(bob.read_line(), "^" + STAMP + "<alice> said in r7$")
+        alice.send_line("/join #r7")
+        bob.wait_for("*** alice joined #r7 (2 here)")
+        alice.send_line("live")
+        bob.expect("<alice> live")
+
     def test_the_first_history_read_after_an_outage_succeeds(self):
         self.quick_outages()
         port = free_port()
