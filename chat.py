@@ -1088,6 +1088,23 @@ def raise_open_files_limit():
         pass  # keep the limit we have: fewer clients fit, nothing breaks
 
 
+SIOCOUTQ = 0x5411   # Linux: the bytes of a socket's send queue not yet acknowledged
+SO_NWRITE = 0x1024  # macOS: the same, as a socket option
+
+
+def kernel_unsent(sock):
+    """Bytes the kernel still holds for sock (sent to the peer or not, not
+    acknowledged), or None where the system can't say."""
+    try:
+        if sys.platform.startswith("linux") and fcntl is not None:
+            return struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0\0\0\0"))[0]
+        if sys.platform == "darwin":
+            return sock.getsockopt(socket.SOL_SOCKET, SO_NWRITE)
+    except (OSError, ValueError, struct.error):
+        pass
+    return None
+
+
 def set_keepalive(sock):
     """Turn on TCP keepalive, with the idle time shortened where it can be set."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -1405,7 +1422,7 @@ class Connection:
                  "behind_since", "waiting", "events", "drained_at", "tls", "handshake_wait",
                  "close_at", "op", "muted", "op_attempts", "account", "login_failures", "json",
                  "timers", "peer_done", "sent_total", "on_written", "counted_backlog",
-                 "__weakref__")
+                 "kernel_unsent", "__weakref__")
 
     def __init__(self, sock, addr, limits, now):
         self.sock = sock
@@ -1433,6 +1450,7 @@ class Connection:
         self.peer_done = False             # the peer sent its last byte (it may still read)
         self.sent_total = 0                # bytes that have left through the socket
         self.counted_backlog = 0           # len(outbuf) in the server's backlog total
+        self.kernel_unsent = None          # behind: bytes the kernel held at our last look
         self.on_written = []               # (sent_total to reach, action): see when_written
         self.op = False                    # an operator
         self.muted = False                 # its lines reach no one
@@ -3951,9 +3969,23 @@ class ChatServer:
                    for conn in self.behind)
 
     def _too_slow(self, conn, now):
-        """Behind, and either took nothing for STALL_S or behind for max_lag."""
-        return (now - conn.drained_at >= STALL_S
-                or now - conn.behind_since >= self.limits.max_lag)
+        """Behind, and either took nothing for STALL_S or behind for max_lag.
+
+        "Took nothing" is judged by the kernel where it can say: a socket
+        whose send buffer is full is reported writable only once a third of
+        it is free, which at 250 KB/s can take a second, while the reader
+        reads all along (the bytes the kernel still holds go down)."""
+        if now - conn.behind_since >= self.limits.max_lag:
+            return True
+        if now - conn.drained_at < STALL_S:
+            return False
+        unsent = kernel_unsent(conn.sock)
+        if unsent is not None and conn.kernel_unsent is not None and (
+                unsent < conn.kernel_unsent):
+            conn.kernel_unsent = unsent  # it took some: still reading
+            conn.drained_at = now
+            return False
+        return True
 
     def _hold(self, conn):
         """Stop reading conn until the members behind have caught up."""
@@ -3984,6 +4016,7 @@ class ChatServer:
         if conn.behind_since is None:
             if over and conn.room is not None:
                 conn.behind_since = time.monotonic()
+                conn.kernel_unsent = kernel_unsent(conn.sock)
                 self.behind.add(conn)
         elif not conn.outbuf:
             conn.behind_since = None
@@ -4071,6 +4104,8 @@ class ChatServer:
                 del conn.outbuf[:sent]
                 conn.drained_at = time.monotonic()
                 conn.sent_total += sent
+                if conn.behind_since is not None:
+                    conn.kernel_unsent = kernel_unsent(conn.sock)
                 if conn.on_written:
                     self._written(conn)
                 self._note_backlog(conn)

@@ -2229,6 +2229,38 @@ class LimitTest(ServerTestCase):
         got = alice.wait_for("<alice> %d %s" % (lines - 1, payload))  # alice got it all
         self.assertEqual(len([line for line in got if line.startswith("<")]), lines - 1)
 
+    def test_a_reader_the_kernel_sees_reading_is_not_taken_for_stopped(self):
+        # A full send buffer is reported writable only once a third of it is
+        # free: at 250 KB/s that can be a second without a send, while the
+        # reader reads all along. The kernel's own count says it does.
+        with socket.socket() as probe:
+            if chat.kernel_unsent(probe) is None:
+                self.skipTest("this system does not say what a socket still holds")
+        server = self.start_server(rate=0)
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        ours = socket.create_connection(listener.getsockname())
+        self.addCleanup(ours.close)
+        theirs, _ = listener.accept()
+        self.addCleanup(theirs.close)
+        ours.setblocking(False)
+        try:
+            while True:
+                ours.send(b"x" * 65536)
+        except BlockingIOError:
+            pass  # the kernel holds all it will
+        conn = chat.Connection(ours, ("127.0.0.1", 1), chat.Limits(), time.monotonic())
+        now = time.monotonic()
+        conn.behind_since, conn.drained_at = now - 1.5, now - 1.5  # no send for 1.5 s
+        conn.kernel_unsent = chat.kernel_unsent(ours)
+        self.assertTrue(server._too_slow(conn, now))  # nothing taken meanwhile: stopped
+        theirs.recv(65536)  # the reader takes some
+        deadline = time.monotonic() + TIMEOUT
+        while chat.kernel_unsent(ours) >= conn.kernel_unsent:  # acknowledged
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.001)  # waiting on the kernel's count, bounded
+        self.assertFalse(server._too_slow(conn, time.monotonic()))  # still reading
+
     def test_a_client_that_asks_more_than_it_reads_is_bounded_by_its_own_backlog(self):
         server = self.start_server(rate=0, max_sendq=16384)
         alice = self.join("alice")
