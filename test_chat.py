@@ -1677,7 +1677,7 @@ class StoreTest(unittest.TestCase):
         self.talk(port, "alice", "before term")
         proc.terminate()
         self.assertEqual(proc.wait(TIMEOUT), 0)
-        proc, port = self.start("--db", self.db)
+        proc, port = self.start("--db", self.db, "--rate", "0")
         self.talk(port, "alice", *["before kill %d" % i for i in range(50)])
         proc.kill()
         proc.wait(TIMEOUT)
