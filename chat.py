@@ -2182,7 +2182,7 @@ class Chat:
             self._registered(conn, nick, then)
             return
 
-        def claimed(taken):  # several servers: the nick is claimed in Redis first
+        def claimed(taken, online):  # several servers: the nick is claimed in Redis first
             self.io.resume_input(conn)
             if conn.phase not in (NICKNAME, PASSWORD):
                 if taken is False:
@@ -2192,16 +2192,20 @@ class Chat:
             elif taken:
                 self.io.send(conn, error("nickname %s is taken" % nick))
             else:
-                self._registered(conn, nick, then)
+                self._registered(conn, nick, then, online)
         self.io.pause_input(conn)
         self.network.claim(nick_key(nick), nick, self.lobby.key, claimed, force)
 
-    def _registered(self, conn, nick, then=None):
+    def _registered(self, conn, nick, then=None, online=None):
+        """online: how many Redis counted with the claim (several servers),
+        not our copy of who is where, which can lag the feed: someone who
+        joined on another server a moment ago may not be in it yet."""
         conn.nick, conn.key, conn.phase = nick, nick_key(nick), MEMBER
         self.members[conn.key] = conn
         self.io.log("%s joined from %s" % (nick, conn.name))
         conn.name = nick
-        self._arrive(conn, self.lobby, format_line("joined", nick=nick, count=self.online())
+        count = self.online() if online is None else online
+        self._arrive(conn, self.lobby, format_line("joined", nick=nick, count=count)
                      .having(room=self.lobby.name))
         if then is not None:
             then()
@@ -2362,7 +2366,7 @@ class Chat:
             self._rename(conn, arg)
             return
 
-        def claimed(taken):
+        def claimed(taken, online):
             self.io.resume_input(conn)
             if conn.phase != MEMBER:
                 if taken is False:
@@ -4249,6 +4253,19 @@ end
 return 0
 """
 
+# KEYS: the presence hash; ARGV: a nick key, its value, "force" (a login takes
+# the nick even if someone has it). 0 if someone has it; else how many hold a
+# nick now, this one included: what its join line says is online, counted here
+# because each server's copy of presence follows the feed, and may lag it.
+CLAIM_SCRIPT = """
+if ARGV[3] == 'force' then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+elseif redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  return 0
+end
+return redis.call('HLEN', KEYS[1])
+"""
+
 # KEYS: a mailbox; ARGV: its limit, the message. 1 if kept, 0 if it is full.
 MAIL_SCRIPT = """
 if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
@@ -4496,6 +4513,7 @@ class RedisNetwork:
         self.lost_script = _text(redis.call("SCRIPT", "LOAD", LOST_SCRIPT))
         self.mail_script = _text(redis.call("SCRIPT", "LOAD", MAIL_SCRIPT))
         self.release_script = _text(redis.call("SCRIPT", "LOAD", RELEASE_SCRIPT))
+        self.claim_script = _text(redis.call("SCRIPT", "LOAD", CLAIM_SCRIPT))
         self.raise_ids_script = _text(redis.call("SCRIPT", "LOAD", RAISE_IDS_SCRIPT))
 
     # -- accounts, mailboxes and bans: in Redis, read from copies the feed keeps current --
@@ -4682,12 +4700,17 @@ class RedisNetwork:
 
     def claim(self, key, nick, room_key, answer, force=False):
         """Take nick for one of ours, unless someone anywhere has it (force:
-        a login, which takes it anyway): answer(taken?), or answer(None)
-        when Redis could not say."""
+        a login, which takes it anyway): answer(taken?, how many are online
+        with it), or answer(None, None) when Redis could not say."""
         value = json.dumps({"nick": nick, "room": room_key, "server": self.server_id})
-        self.commands.call(lambda reply: answer(
-            None if isinstance(reply, RedisError) else (reply != 1 and not force)),
-            "HSET" if force else "HSETNX", REDIS_PRESENCE, key, value)
+
+        def claimed(reply):
+            if isinstance(reply, RedisError):
+                answer(None, None)
+            else:
+                answer(reply == 0, reply)
+        self.commands.call(claimed, "EVALSHA", self.claim_script, 1, REDIS_PRESENCE, key,
+                           value, "force" if force else "")
 
     def place(self, key, nick, room_key, op=False):
         """One of ours is in room_key now (or renamed to nick, or an operator)."""
