@@ -7055,9 +7055,10 @@ class Bench:
 
     def _await_evictions(self):
         """A reader that stopped is evicted a second after it stopped taking
-        anything, which may be after the run (it holds nobody meanwhile): wait
-        for that, a little, so that the report can say it."""
-        stopped = [c for c in self.clients if c.slow and not self.args.slow_read]
+        anything, and one too slow after --max-lag behind, which may be after
+        the run (it holds nobody meanwhile): wait for that, a little, so that
+        the report can say it."""
+        stopped = [c for c in self.clients if c.slow]  # (--slow-read: past --max-lag)
         deadline = time.monotonic() + BENCH_EVICTION_WAIT_S
         self.phase = "evictions"
         while stopped and time.monotonic() < deadline and not all(
