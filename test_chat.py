@@ -3631,14 +3631,14 @@ class TerminalClientTest(TerminalCase):
         self.type(b"al\r")
         self.bob.wait_for("*** al joined (2 online)")
         self.wait_until_reading()
-        lines = ["pasted line %d" % i for i in range(30)]
+        lines = ["pasted line %d" % i for i in range(16)]
         self.type("".join(line + "\r" for line in lines).encode())
         try:
             for line in lines:
                 self.bob.wait_for("<al> " + line)
         except AssertionError as exc:
             raise AssertionError("%s; the terminal shows: %r" % (exc, self.drain_screen()))
-        self.read_until(b"<al> pasted line 29\r\n")
+        self.read_until(b"<al> pasted line 15\r\n")
         shown = self.rendered()
         # Each line once, as the server's echo on its own row (the typed ones
         # are taken off the screen when sent, as irssi does).
