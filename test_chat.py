@@ -4496,12 +4496,17 @@ class SeveralServersTest(RedisCase):
             self.assertEqual(bob.wait_for("*** alice joined (2 online)")[-1:],
                              ["*** alice left (logged in elsewhere)"])
 
-    def test_an_operator_keeps_its_at_sign_on_the_other_servers(self):
-        op_file = write_file(self, "op.txt", "sekrit\n")
-        proc, port = self.start_chat(self.url, "--op-password-file", op_file)
+    def operator_on_a_third_server(self):
+        """A server with operators on the same Redis, and "op" opped there."""
+        _, port = self.start_chat(self.url, "--op-password-file",
+                                  write_file(self, "op.txt", "sekrit\n"))
         op = self.peer(port, "op")
         op.send_line("/op sekrit")
         op.wait_for("*** op is now an operator")
+        return op
+
+    def test_an_operator_keeps_its_at_sign_on_the_other_servers(self):
+        op = self.operator_on_a_third_server()
         bob = self.peer(self.port_b, "bob")
         bob.send_line("/join #rust")
         bob.wait_for("*** bob joined #rust (1 here)")
@@ -4532,11 +4537,7 @@ class SeveralServersTest(RedisCase):
         self.assertEqual(run_chat("account", "list", "--redis", self.url)[1], "")
 
     def test_an_operator_acts_on_a_user_of_another_server(self):
-        op_file = write_file(self, "op.txt", "sekrit\n")
-        proc, port = self.start_chat(self.url, "--op-password-file", op_file)
-        op = self.peer(port, "op")
-        op.send_line("/op sekrit")
-        op.wait_for("*** op is now an operator")
+        op = self.operator_on_a_third_server()
         bob = self.peer(self.port_b, "bob")
         op.wait_for("*** bob joined (2 online)")
         op.send_line("/mute bob")
