@@ -24,10 +24,10 @@ The file, top to bottom:
                    (text and JSON back to a Line, for the client)
     Plumbing       logging, selector bookkeeping, socket and TLS helpers
     Chat           Connection (with its phase), Room, SQLiteStore, Chat: what
-                   a line means; it reaches the loop only through ChatServer's
-                   send/broadcast/enter/leave/close/log/call_later/off_loop
+                   a line means; it reaches the loop only through the
+                   interface ChatServer's docstring lists
     Server loop    FanOut (each room's broadcasts, in one order), Worker (a
-                   thread for what must not hold the loop) and ChatServer
+                   thread per lane of what must not hold the loop), ChatServer
                    (accept, TLS, read, write, slow readers, timers, shutdown)
     Several servers  RedisLink, RedisNetwork, RedisHistory: --redis, one
                    chat of several servers through one Redis stream
@@ -1397,9 +1397,8 @@ class BlockingRedis:
 # --- Chat ---------------------------------------------------------------------
 # What a line means and who gets which line: registration, commands, nicks,
 # operators, bans, rooms and their history. No sockets: the chat reaches the
-# loop only through the narrow interface the loop gives it (send, broadcast,
-# enter, leave, close, log, call_later, off_loop: see ChatServer), so tests
-# can drive it in-process.
+# loop only through the narrow interface the loop gives it (see ChatServer's
+# docstring), so tests can drive it in-process.
 
 # A connection's phase, in the order it goes through them. The line handler
 # is chosen by phase (Chat.LINE_HANDLERS): a phase can't disagree with a flag.
@@ -3166,7 +3165,8 @@ class ChatServer:
 
     Called from outside: bind(), start(), serve_forever(), shutdown().
     Called by the Chat (its whole view of the loop): send(), broadcast(),
-    enter(), leave(), close(), log(), call_later(), off_loop().
+    then(), enter(), leave(), rekey(), close(), when_written(), log(),
+    call_later(), off_loop(), pause_input(), resume_input().
     Everything else is the loop's own: accepting, TLS, reading, writing,
     back-pressure and slow readers, timers, and the two ways out: close()
     (the chat's: write what is owed, then close) and _drop() (the peer is
