@@ -242,6 +242,7 @@ REDIS_PASSWORD_ENV = "CHAT_REDIS_PASSWORD"
 CLIENT_CONNECT_TIMEOUT_S = 10.0
 CLIENT_QUIT_WAIT_S = 10.0     # after /quit, wait this long for the server to close
 CLIENT_GREETING_WAIT_S = 3.0  # a server silent this long is said to be so
+CLIENT_FORMAT_WAIT_S = 2.0    # /format json unanswered this long: the server speaks text
 CLIENT_ANSWER_WAIT_S = 10.0   # piped: a nickname unanswered this long ends the client
 CLIENT_MAX_OUTBUF = 65536     # stop taking typed lines while this much is unsent
 RECONNECT_FIRST_S = 1.0       # --reconnect: the first pause, doubled each time...
@@ -5375,6 +5376,7 @@ class ClientSession:
         self.answer_deadline = None        # piped: the nickname's answer is due
         # JSON mode: the client asks for it, and shows each object as its text line.
         self.format_asked = False          # /format json sent, not answered yet
+        self.format_deadline = None        # ...and typing waits for the answer until then
         self.json_now = False              # ...and answered in JSON, on this connection
         self.hidden_history = 0            # /history 1 answers (the newest id) not to show
         self.to_self = False               # a private message to ourselves: its echo is next
@@ -5426,6 +5428,8 @@ class ClientSession:
         if self.format_asked and text.startswith(ERROR) and error_code(
                 text[len(ERROR):]) in NO_JSON_CODES:
             self.format_asked = False  # a server without JSON mode: text lines it is
+            if self.wants_line():
+                self.io.ask("line")
             return
         self._server_text(text)
 
@@ -5484,6 +5488,8 @@ class ClientSession:
         if self.registered and self.resume is None:
             self.hidden_history += 1
             self.io.send(b"/history 1\n")
+        if self.wants_line():
+            self.io.ask("line")  # typing waited for the answer
 
     def _live_line(self, obj, kind):
         topic_asked = False
@@ -5742,11 +5748,17 @@ class ClientSession:
     def wants_line(self):
         """Whether the next typed line may be asked for (the output waiting
         for the server permitting)."""
-        return self.registered and not self.quitting and not self.joining
+        # Not while /format json awaits its answer: a line typed meanwhile
+        # (a /join) would be answered between it and the hidden /history 1
+        # that follows it, and that answer taken for the hidden one.
+        return (self.registered and not self.quitting and not self.joining
+                and not self.format_asked)
 
     def next_deadline(self):
         deadlines = [when for when in (self.quit_deadline, self.answer_deadline,
-                                       self.catch_up_retry_at) if when is not None]
+                                       self.catch_up_retry_at,
+                                       self.format_deadline if self.format_asked else None)
+                     if when is not None]
         if self.online and not self.heard_server and self.silence_deadline:
             deadlines.append(self.silence_deadline)
         return min(deadlines) if deadlines else None
@@ -5754,6 +5766,11 @@ class ClientSession:
     def check_deadlines(self, now):
         if self.catch_up_retry_at is not None and now >= self.catch_up_retry_at:
             self._retry_catch_up()
+        if self.format_asked and self.format_deadline is not None and (
+                now >= self.format_deadline):
+            self.format_asked = False  # a server that never answers it: text, and typing
+            if self.wants_line():
+                self.io.ask("line")
         if self.quit_deadline is not None and now >= self.quit_deadline:
             self.io.finish(0)  # the server never closed: leave anyway
         elif self.answer_deadline is not None and now >= self.answer_deadline:
@@ -5883,12 +5900,14 @@ class ClientSession:
         self._show_server_line(text)
         if not (self.format_asked or self.json_now or self.json_pipe):
             self.format_asked = True
+            self.format_deadline = time.monotonic() + CLIENT_FORMAT_WAIT_S
             self.io.send(b"/format json\n")
         if self.interactive:
             self._learn_the_room()
         if self.reconnecting:
             self._back_in()
-        self.io.ask("line")
+        if self.wants_line():
+            self.io.ask("line")  # (else once /format json is answered)
 
     def _learn_the_room(self):
         """Ask, without showing the answers, who is here (for Tab) and which

@@ -3022,10 +3022,29 @@ class ClientSessionTest(unittest.TestCase):
         # In text until registered; then JSON, and the setup questions.
         self.assertEqual(shell.sent, b"/pass s3cret\nal\n/format json\n/who\n/rooms\n/help\n/ping "
                          + chat.SETUP_TOKEN.encode() + b"\n")
+        self.assertEqual(shell.asked[-1], "nick")  # typing waits for /format json's answer
+        session.server_line(json.dumps({"type": "notice", "text": "format: json"}))
         self.assertEqual(shell.asked[-1], "line")
         self.assertEqual(shell.shown, ["*** welcome to chat.py (1 online)",
                                        "*** choose a nickname: 1-24 letters, digits, _ or -",
                                        "*** al joined (2 online)"])
+
+    def test_a_line_typed_at_once_after_joining_waits_for_json_mode(self):
+        # /join typed before /format json was answered was itself answered
+        # between it and the hidden /history 1: the join's replay was hidden
+        # and the /history 1 answer shown instead.
+        session, shell = self.session(nick="al")
+        session.connected()
+        session.server_line("*** al joined (2 online)")
+        self.assertNotIn("line", shell.asked)
+        session.server_line(json.dumps({"type": "notice", "text": "format: json"}))
+        self.assertTrue(shell.sent.endswith(b"/history 1\n"))
+        self.assertEqual(shell.asked[-1], "line")  # now: after the hidden question
+        session, shell = self.session(nick="al")  # a server that never answers it
+        session.connected()
+        session.server_line("*** al joined (2 online)")
+        session.check_deadlines(session.next_deadline())
+        self.assertEqual(shell.asked[-1], "line")
 
     def test_the_answers_to_its_own_questions_are_not_shown(self):
         session, shell = self.session(nick="al", interactive=True)
