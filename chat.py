@@ -743,12 +743,18 @@ IAC, SB, SE, WILL, WONT, DO, DONT = 0xFF, 0xFA, 0xF0, 0xFB, 0xFC, 0xFD, 0xFE
 # inside "Ü") and throws away all it receives until that is answered.
 TIMING_MARK = 0x06
 WONT_TIMING_MARK = bytes([IAC, WONT, TIMING_MARK])
+# ...and it sends that byte as a command: GNU telnet takes 0x83, 0x8F, 0x9A
+# and 0x9C for Ctrl-C, -O, -Z and -\ with the high bit set, so "Ü" (C3 9C)
+# arrives as C3, IAC BRK. Such a command right after a byte past ASCII (in
+# the middle of a UTF-8 character) is put back as the byte it replaced.
+TELNET_MANGLED = {0xF4: 0x83, 0xF5: 0x8F, 0xED: 0x9A, 0xF3: 0x9C}  # IP, AO, SUSP, BRK
 LF, CR = 0x0A, 0x0D
 TELNET_DATA, TELNET_IAC, TELNET_OPTION, TELNET_SUB, TELNET_SUB_IAC = range(5)
 # A subnegotiation ends at IAC SE or after this many bytes following its
 # IAC SB, so a stray IAC SB can't swallow the rest of a connection.
 TELNET_MAX_SUB_BYTES = 512
-TELNET_START = (TELNET_DATA, 0)   # (state, the option's verb or the subnegotiation's bytes)
+TELNET_START = (TELNET_DATA, 0, False)  # (state, the option's verb or the
+                                        # subnegotiation's bytes, last data byte past ASCII)
 
 
 def strip_telnet(data, state=TELNET_START, answers=None):
@@ -758,9 +764,9 @@ def strip_telnet(data, state=TELNET_START, answers=None):
     command may be split across reads, down to one byte per read. What the
     peer must be answered (WONT TIMING-MARK) is added to answers.
     """
-    mode, sub_bytes = state
+    mode, sub_bytes, high = state
     if mode == TELNET_DATA and IAC not in data:
-        return data, state  # the common case: no telnet at all
+        return data, (mode, sub_bytes, bool(data) and data[-1] >= 0x80 or (not data and high))
     out = bytearray()
     for byte in data:
         if mode == TELNET_DATA:
@@ -768,6 +774,7 @@ def strip_telnet(data, state=TELNET_START, answers=None):
                 mode = TELNET_IAC
             else:
                 out.append(byte)
+                high = byte >= 0x80
         elif mode == TELNET_IAC:
             if WILL <= byte <= DONT:
                 mode, sub_bytes = TELNET_OPTION, byte  # the verb, until its option comes
@@ -776,6 +783,9 @@ def strip_telnet(data, state=TELNET_START, answers=None):
             else:
                 if byte == LF:  # a lone IAC must not swallow the line end
                     out.append(byte)
+                    high = False
+                elif high and byte in TELNET_MANGLED:  # inside a UTF-8 character
+                    out.append(TELNET_MANGLED[byte])  # (high stays: a 3-byte one goes on)
                 mode = TELNET_DATA
         elif mode == TELNET_OPTION:
             if sub_bytes == DO and byte == TIMING_MARK and answers is not None:
@@ -789,7 +799,7 @@ def strip_telnet(data, state=TELNET_START, answers=None):
                 mode = TELNET_DATA  # too long to be one: the rest is data
             else:
                 mode = TELNET_SUB_IAC if byte == IAC and mode == TELNET_SUB else TELNET_SUB
-    return bytes(out), (mode, sub_bytes)
+    return bytes(out), (mode, sub_bytes, high)
 
 
 TOO_LONG = object()  # what LineReader.pop_line() returns for a refused line

@@ -928,11 +928,16 @@ class TelnetUserTest(ServerTestCase):
         self.start_server()
         al, bob = self.join("al"), self.join("bob")
         al.wait_for("*** bob joined (2 online)")
-        al.send_raw(b"Gr\xc3\x9c\xff\xfd\x06\xc3\x9f dich\r\n")
-        reply = al.sock.recv(3)
-        self.assertEqual(reply, b"\xff\xfc\x06")  # WONT TIMING-MARK, at once
-        bob.wait_for("<al> GrÜß dich")
-        al.wait_for("<al> GrÜß dich")
+        # What GNU telnet (Debian's) sends for "Über Ü": 0x9C as IAC BRK, then
+        # DO TIMING-MARK; and for "у я Ú ă" likewise with IP, AO, SUSP.
+        al.send_raw(b"\xc3\xff\xf3\xff\xfd\x06ber \xc3\xff\xf3\xff\xfd\x06\r\n")
+        reply = al.sock.recv(6)
+        self.assertEqual(reply, b"\xff\xfc\x06" * 2)  # WONT TIMING-MARK, at once
+        bob.wait_for("<al> Über Ü")
+        al.wait_for("<al> Über Ü")
+        al.send_raw(b"\xd1\xff\xf4\xff\xfd\x06 \xd1\xff\xf5\xff\xfd\x06 \xc3\xff\xed"
+                    b"\xff\xfd\x06 \xc4\xff\xf4\xff\xfd\x06 \xe3\xff\xf4\xff\xf4\r\n")
+        bob.wait_for("<al> у я Ú ă ッ")  # (ッ is E3 83 83: both 0x83 sent as IAC IP)
 
 
 class RoomTest(ServerTestCase):
