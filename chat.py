@@ -5423,8 +5423,8 @@ class ClientSession:
             self._send_password()
         if self.nick and (not self.login or self.account_password is not None):
             self._send_nick()
-        elif self.nick and self.interactive:
-            self.io.ask("account")  # its password, then /login
+        # (--login without its password: asked for once the server has
+        # greeted, so that the prompt is not mixed with the greeting)
 
     def server_line(self, text):
         self.heard_server = True
@@ -5817,7 +5817,7 @@ class ClientSession:
         if self.needs_password and self.password is None and self.interactive:
             self.io.ask("secret")
         elif self._awaiting_account_password():
-            pass  # asked for on connecting: typed() sends /login NICK PASSWORD
+            self.io.ask("account")  # typed() sends /login NICK PASSWORD
         elif self.nick and not self.nick_sent:
             self._send_nick()
         else:
@@ -5856,7 +5856,7 @@ class ClientSession:
             if not self.nick_sent:
                 self._ask_for_registration()  # the nickname, now
         elif kind == "notice" and is_nick_question(fields["text"]):
-            if not self.nick_sent:
+            if not self.nick_sent and not self._awaiting_account_password():
                 self._show_server_line(text)  # the user is about to answer it
             self._greeted()
         elif kind == "error":

@@ -3069,6 +3069,7 @@ class ClientSessionTest(unittest.TestCase):
                      "choose a nickname: 1-24 letters, digits, _ or -"]:
             session.server_line("*** " + text)
         self.assertEqual((shell.asked, shell.sent), (["account"], b""))  # not the bare nick
+        self.assertEqual(shell.shown, ["*** welcome to chat.py (1 online)"])  # asked after it
         session.typed("account", "correct horse")
         self.assertEqual(shell.sent, b"/login al correct horse\n")
         session.server_line("!!! " + chat.WRONG_LOGIN)  # mistyped: asked again, nick kept
