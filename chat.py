@@ -7763,6 +7763,17 @@ def bench_flags_problem(args):
     return None
 
 
+def check_utf8(text, what):
+    """Raise ValueError if text from the command line or the environment is
+    not valid UTF-8 (Python keeps such bytes as lone surrogates, which fail
+    only later, when the text is sent)."""
+    if text is not None:
+        try:
+            text.encode(ENCODING)
+        except UnicodeEncodeError:
+            raise ValueError("%s is not valid UTF-8" % what) from None
+
+
 def read_secret(path, env_name, what):
     """Return a password from the file at path (its first line), else from
     the environment variable, else None. Raises ValueError saying what is wrong."""
@@ -7776,7 +7787,8 @@ def read_secret(path, env_name, what):
         if not secret:
             raise ValueError("the %s file %s is empty" % (what, path))
         return secret
-    secret = os.environ.get(env_name, "").strip()
+    secret = os.environ.get(env_name, "").strip() if env_name else ""
+    check_utf8(secret, "the %s in %s" % (what, env_name))
     return secret or None
 
 
@@ -7799,6 +7811,7 @@ def run_server(args):
                              % (args.tls_cert, args.tls_key, describe_error(exc)))
             return 2
     try:
+        check_utf8(args.host, "--host")
         password = read_secret(args.password_file, PASSWORD_ENV, "password")
         op_password = read_secret(args.op_password_file, OP_PASSWORD_ENV, "operator password")
     except ValueError as exc:
@@ -8029,6 +8042,8 @@ def run_client(args):
             sys.stderr.write("chat.py: cannot use %s: %s\n" % (args.cafile, describe_error(exc)))
             return 1
     try:
+        check_utf8(args.name, "--name")
+        check_utf8(args.host, "--host")
         password = read_secret(args.password_file, PASSWORD_ENV, "password")
         account_password = read_secret(args.account_password_file, ACCOUNT_PASSWORD_ENV,
                                        "account password")

@@ -4083,6 +4083,22 @@ class CommandLineTest(unittest.TestCase):
         chat.bench_flags_problem(args)
         self.assertEqual(args.senders, 10)
 
+    def test_bytes_that_are_not_utf8_in_flags_or_the_environment_are_one_line(self):
+        for args, env in (([b"client", b"--port", b"9", b"--name", b"ren\xe9"], {}),
+                          ([b"client", b"--host", b"h\xff", b"--name", b"x"], {}),
+                          ([b"server", b"--port", b"0"], {b"CHAT_PASSWORD": b"a\xff"}),
+                          ([b"client", b"--port", b"9", b"--name", b"zed"],
+                           {b"CHAT_ACCOUNT_PASSWORD": b"a\xffbcdefgh"})):
+            environ = dict(os.environb)
+            environ.update(env)
+            proc = subprocess.run([sys.executable.encode(), CHAT_PY.encode()] + args,
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, env=environ, timeout=TIMEOUT,
+                                  cwd=WORK_DIR)
+            err = proc.stderr.decode("utf-8", "replace")
+            self.assertIn(proc.returncode, (1, 2), (args, err))
+            self.assertRegex(err, r"^chat.py: .* is not valid UTF-8\n$", args)
+
     def test_an_old_python_is_told_in_one_line(self):
         olds = glob.glob(os.path.expanduser("~/.pyenv/versions/3.[67].*/bin/python3"))
         if not olds:
