@@ -7953,6 +7953,9 @@ def open_accounts(args):
         address.password = read_secret(args.redis_password_file, REDIS_PASSWORD_ENV,
                                        "Redis password") or address.password
         return RedisAccounts(address)
+    if not os.path.exists(args.db):  # the wrong folder: a new empty file no server reads
+        raise ValueError("there is no database %s: give the server's with --db (chat.py "
+                         "account makes none)" % args.db)
     return SQLiteAccounts(args.db)
 
 

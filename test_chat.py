@@ -1432,6 +1432,10 @@ class AccountCommandTest(unittest.TestCase):
     def test_add_list_password_delete_and_a_server_that_uses_them(self):
         db = os.path.join(tempfile.mkdtemp(prefix="chat-accounts-", dir=WORK_DIR), "chat.db")
         self.addCleanup(shutil.rmtree, os.path.dirname(db), True)
+        code, out, err = run_chat("account", "list", "--db", db)  # no server made it yet
+        self.assertEqual((code, err), (1, "chat.py: there is no database %s: give the server's "
+                                          "with --db (chat.py account makes none)\n" % db))
+        chat.SQLiteStore(db).close()  # as a server would have
         code, out, err = run_chat("account", "add", "boss", "--db", db, "--password-file", "-",
                                   stdin=b"correct horse\n")
         self.assertEqual((code, out, err), (0, "boss is an account now: /login boss PASSWORD\n",
