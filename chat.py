@@ -138,13 +138,13 @@ EXEMPT_ADDRESSES = frozenset({"127.0.0.1", "::1"})
 
 RECV_BYTES = 65536            # large reads: fewer system calls under load
 PASS_BROADCAST_BYTES = 65536  # broadcast per loop pass before reads wait a pass
-# Slow readers (PROTOCOL.md, "v2: Slow readers"). A member more than
-# --max-sendq behind holds the room: no input is read (TCP slows the senders)
-# until it has caught up (its backlog all sent), so a reader that keeps
-# reading is never evicted because a burst outran it. One that took nothing
-# for STALL_S has stopped reading and is evicted; one still behind after
-# --max-lag seconds reads too slowly to catch up and is evicted too. So a
-# reader must take --max-sendq within --max-lag (51 KB/s by default).
+# Slow readers (docs/protocol.md, "Slow readers"). A member more than
+# --max-sendq behind holds nobody: its lines wait in its backlog. Input waits
+# (TCP slows the senders) only while a member that still reads is past
+# --max-backlog, or all backlogs together are past --max-output. One behind
+# that took nothing for STALL_S (by the kernel's count too) has stopped
+# reading and is evicted; one still behind after --max-lag seconds reads too
+# slowly to catch up and is evicted too.
 STALL_S = 1.0
 HELD_RECHECK_S = 0.05         # while someone is behind, judge at least this often
 # The kernel's send buffer per client (Linux doubles it). Left alone, Linux
@@ -428,7 +428,7 @@ def format_line(kind, **fields):
     return Line(FORMATS[kind].format(**fields), kind, fields)
 
 
-# JSON mode (PROTOCOL.md, "v2: JSON mode"): every error has a code, found
+# JSON mode (docs/protocol.md, "JSON mode"): every error has a code, found
 # from its text here, in one place.
 ERROR_CODES = tuple((re.compile(pattern), code) for pattern, code in (
     (r"^usage: ", "usage"),
@@ -2644,7 +2644,7 @@ class Chat:
         self.disconnected(conn, arg or LEFT_QUIT)
         self.io.close(conn)
 
-    # -- accounts (PROTOCOL.md, "v2: Accounts") --
+    # -- accounts (docs/protocol.md, "Accounts") --
 
     def _cmd_register(self, conn, arg):
         if not arg:

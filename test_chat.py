@@ -349,7 +349,7 @@ class TelnetTest(unittest.TestCase):
 
 
     def test_do_timing_mark_is_answered_wont_and_nothing_else_is(self):
-        # telnet after the 0x9C of "Ü": deaf until answered (PROTOCOL.md v3: Corrections)
+        # telnet after the 0x9C of "Ü": deaf until answered (docs/protocol.md, "Transport")
         for chunks in ([b"\xc3\x9c\xff\xfd\x06!\n"], [bytes([b]) for b in
                                                          b"\xc3\x9c\xff\xfd\x06!\n"]):
             state, out, answers = chat.TELNET_START, b"", bytearray()
@@ -955,7 +955,7 @@ class TelnetUserTest(ServerTestCase):
 
 
 class RoomTest(ServerTestCase):
-    """PROTOCOL.md, "v2: Rooms"."""
+    """docs/protocol.md, "Rooms"."""
 
     def setUp(self):
         self.start_server(op_password="0p")
@@ -1052,7 +1052,7 @@ class RoomTest(ServerTestCase):
 
 
 class HistoryTest(ServerTestCase):
-    """PROTOCOL.md, "v2: History"."""
+    """docs/protocol.md, "History"."""
 
     def test_joining_replays_the_last_messages_then_lines_go_on(self):
         self.start_server(rate=0, replay=3)
@@ -1247,7 +1247,7 @@ class FairWorkTest(ServerTestCase):
 
 
 class AccountTest(ServerTestCase):
-    """PROTOCOL.md, "v2: Accounts" and "v2: Offline messages"."""
+    """docs/protocol.md, "Accounts" and "Offline messages"."""
 
     def setUp(self):
         self.start_server(operators=("boss",))
@@ -1392,7 +1392,7 @@ class AccountTest(ServerTestCase):
         self.assertNotIn("*** end of messages", again.sync())  # delivered ones are gone
 
     def test_a_full_mailbox(self):
-        self.assertEqual(chat.MAILBOX_MESSAGES, 100)  # PROTOCOL.md's; a smaller box below
+        self.assertEqual(chat.MAILBOX_MESSAGES, 100)  # the protocol's; a smaller box below
         patcher = mock.patch.object(chat, "MAILBOX_MESSAGES", 5)
         patcher.start()
         self.addCleanup(patcher.stop)
@@ -1491,7 +1491,7 @@ class AccountCommandTest(unittest.TestCase):
 
 
 class JsonTest(ServerTestCase):
-    """PROTOCOL.md, "v2: JSON mode"."""
+    """docs/protocol.md, "JSON mode"."""
 
     def setUp(self):
         self.start_server(op_password="0p", rate=0)
