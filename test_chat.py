@@ -4321,6 +4321,14 @@ class RedisCase(unittest.TestCase):
             network, chat.SQLiteStore(":memory:")), limits=chat.Limits(**limits))
         return self.server.address[1]
 
+    def alice_on(self, port):
+        """alice, registered on the server at port, the first one online."""
+        alice = Peer(port)
+        self.addCleanup(alice.close)
+        alice.send_line("alice")
+        alice.wait_for("*** alice joined (1 online)")
+        return alice
+
     def quick_outages(self):
         shorten(self, REDIS_ANSWER_S=0.5, REDIS_HEARTBEAT_S=0.2, REDIS_RETRY_S=0.2,
                      REDIS_RETRY_TIMEOUT_S=0.5, REDIS_READ_BLOCK_MS=200, REDIS_ALIVE_TTL_S=1)
@@ -4745,10 +4753,7 @@ class RedisOutageTest(RedisCase):
     def test_a_redis_that_stops_answering_is_unreachable_until_it_answers(self):
         self.quick_outages()
         url = self.start_redis()
-        alice = Peer(self.serve_on_redis(url))
-        self.addCleanup(alice.close)
-        alice.send_line("alice")
-        alice.wait_for("*** alice joined (1 online)")
+        alice = self.alice_on(self.serve_on_redis(url))
         self.redis_proc.send_signal(signal.SIGSTOP)  # connected, silent
         resumed = lambda: self.redis_proc.send_signal(signal.SIGCONT)
         self.addCleanup(resumed)
@@ -4827,10 +4832,7 @@ class RedisOutageTest(RedisCase):
         port = free_port()
         url = self.start_redis("--appendonly", "yes", "--appendfsync", "always", port=port)
         folder = self.redis_folder
-        alice = Peer(self.serve_on_redis(url))
-        self.addCleanup(alice.close)
-        alice.send_line("alice")
-        alice.wait_for("*** alice joined (1 online)")
+        alice = self.alice_on(self.serve_on_redis(url))
         alice.send_line("kept")
         alice.send_line("/history 1")  # the history reader is connected now
         alice.wait_for("*** end of history")
@@ -4993,10 +4995,7 @@ class RedisFaultTest(RedisCase):
     def test_scripts_flushed_from_redis_are_loaded_again(self):
         self.quick_outages()
         url = self.start_redis()
-        alice = Peer(self.serve_on_redis(url))
-        self.addCleanup(alice.close)
-        alice.send_line("alice")
-        alice.wait_for("*** alice joined (1 online)")
+        alice = self.alice_on(self.serve_on_redis(url))
         chat.BlockingRedis(chat.RedisAddress(url)).call("SCRIPT", "FLUSH")
         alice.send_line("lost?")
         alice.wait_for("!!! " + chat.NOT_SENT_NETWORK)  # told, then back with the scripts
