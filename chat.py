@@ -106,6 +106,7 @@ MAX_LAG_S = 5.0               # the longest a reader may stay behind before it i
 MAX_CLIENTS = 10000           # connections, registered or not
 MAX_PER_IP = 16               # connections from one address (0 = no limit)
 REGISTER_TIMEOUT_S = 60.0     # from connect to an accepted nickname
+MAX_JOINED_ROOMS = 20         # rooms one connection is in at once (/open)
 MAX_NICK_CHARS = 24
 DB_FILE = "chat.db"           # the store: a SQLite file in the working directory
 KEEP_MESSAGES = 100000        # messages kept per room (0: all)
@@ -198,6 +199,8 @@ LIMITS = (
           "connections from one address, loopback exempt; 0 = no limit"),
     Limit("register_timeout", float, REGISTER_TIMEOUT_S, "SECONDS", False,
           "time to choose a nickname"),
+    Limit("max_joined", int, MAX_JOINED_ROOMS, "N", False,
+          "rooms one connection may be in at once (/open)"),
 )
 
 
@@ -268,7 +271,8 @@ REDIS_ANSWER_S = 5.0          # a command unanswered this long (an XREAD: past i
 REDIS_RETRY_S = 2.0           # Redis lost: try again this often (back within 10 s)
 REDIS_RETRY_TIMEOUT_S = 3.0   # ...each try given this long
 # What needs the other servers or the store: refused while Redis is away.
-NEEDS_NETWORK = frozenset({"me", "nick", "who", "join", "rooms", "topic", "history", "search",
+NEEDS_NETWORK = frozenset({"me", "nick", "who", "join", "open", "part", "away", "rooms",
+                           "topic", "history", "search",
                            "register", "login", "password", "unregister", "ban", "unban"})
 
 
@@ -308,6 +312,11 @@ FORMATS = {
     "offline_start": NOTICE + "{messages} while you were away (times in UTC):",
     "offline_end": NOTICE + "end of messages",
     "pong": NOTICE + "pong {token}",
+    "talking_in": NOTICE + "talking in {room} now",
+    "no_room": NOTICE + "you are in no room: /join ROOM",
+    "away_set": NOTICE + "you are marked away: {text}",
+    "away_back": NOTICE + "you are back",
+    "is_away": NOTICE + "{nick} is away: {text}",
     "kicked": NOTICE + "{nick} was kicked by {op} ({reason})",
     "banned": NOTICE + "{nick} was banned by {op} ({reason})",
     "opped": NOTICE + "{nick} is now an operator",
@@ -337,6 +346,9 @@ MAILBOX_FULL = "{nick}'s mailbox is full"
 PASSWORD_REQUIRED = "password required: send /pass SECRET first"
 PASSWORD_ACCEPTED = "password accepted: choose a nickname"
 WRONG_PASSWORD = "wrong password"
+NOT_IN_ROOM = "you are not in {room}"
+IN_NO_ROOM = "you are in no room: /join ROOM"
+TOO_MANY_ROOMS = "you are in {count} rooms: /part one first"
 # Several servers (--redis): Redis away, and back.
 NETWORK_DOWN = "the chat network is unreachable: reconnecting"
 NETWORK_BACK = "the chat network is back"
@@ -346,11 +358,15 @@ HELP = (
     "/me TEXT             act: * NICK TEXT",
     "/msg NICK TEXT       a private message to NICK",
     "/nick NEW            change your nickname",
-    "/who                 who is in this room",
+    "/who [ROOM]          who is in this room (or ROOM)",
     "/join ROOM           go to ROOM (#rust), made if new",
+    "/open ROOM           be in ROOM too, and talk there (the others stay)",
+    "/part [ROOM]         leave ROOM (this room if none is named)",
+    "/msg #ROOM TEXT      say TEXT in ROOM, one of yours",
+    "/away [MESSAGE]      say you are away (/msg to you answers it); alone: back",
     "/rooms               the rooms that have people in them",
     "/topic [TEXT]        show the room's topic, or set it (- clears it)",
-    "/history [N]         the room's last N messages (20; at most 500)",
+    "/history [#ROOM] [N] the room's last N messages (20; at most 500)",
     "/search TEXT         the room's last 20 messages that contain TEXT",
     "/register PASSWORD   make your nick an account, yours alone",
     "/login NICK PASSWORD use your account (from another connection too)",
@@ -380,6 +396,7 @@ USAGE = {
     "mute": "usage: /mute NICK",
     "unmute": "usage: /unmute NICK",
     "join": "usage: /join ROOM",
+    "open": "usage: /open ROOM",
     "history": "usage: /history [N]",
     "search": "usage: /search TEXT",
     "format": "usage: /format json|text",
@@ -396,6 +413,8 @@ LEFT_QUIT = "quit"
 LEFT_CLOSED = "connection closed"
 LEFT_TOO_SLOW = "too slow"
 LEFT_WENT_TO = "went to {room}"
+LEFT_PARTED = "parted"
+AWAY_MARK = " (away)"              # after a nick in /who
 LEFT_SERVER_LOST = "server lost"   # its server stopped heartbeating (--redis)
 HISTORY_TIME = "%Y-%m-%d %H:%M"   # UTC, in a history block
 TIMES_IN_UTC = "(times in UTC)"   # in a history block's header
@@ -422,6 +441,15 @@ class Line(str):
         self.extra.update(extra)
         return self
 
+    def about_person(self, rooms):
+        """Copies of this line, one per room (a line about a person, said in
+        every room it is in: see FanOut.rendered): each knows its room, and
+        all of them the rooms it was said in."""
+        among = tuple(room.key for room in rooms)
+        extra = {name: value for name, value in self.extra.items() if name != "json"}
+        return [(room, Line(self, self.kind, self.fields).having(
+            **dict(extra, room=room.name, among=among))) for room in rooms]
+
 
 def format_line(kind, **fields):
     """Return one server line of the given kind (a Line: its text is the str)."""
@@ -446,6 +474,8 @@ ERROR_CODES = tuple((re.compile(pattern), code) for pattern, code in (
     (r"^this server has no operators", "no_operators"),
     (r"^line too long", "line_too_long"),
     (r"^invalid room name", "room_invalid"),
+    (r"^you are not in #|^you are in no room", "not_in_room"),
+    (r"^you are in \d+ rooms", "too_many_rooms"),
     (r"^a password needs at least", "password_too_short"),
     (r"mailbox is full$", "mailbox_full"),
     (r"^you are banned", "banned"),
@@ -494,9 +524,21 @@ def _json_history(fields, extra):
 
 
 def _json_who(fields, extra):
-    nicks = fields["nicks"].split(", ") if fields["nicks"] else []
-    return {"type": "who", "room": fields["room"], "nicks": [n.lstrip("@") for n in nicks],
-            "operators": [n[1:] for n in nicks if n.startswith("@")]}
+    members = extra["members"]   # [(nick, op, away)], in the text line's order
+    return {"type": "who", "room": fields["room"], "nicks": [m[0] for m in members],
+            "operators": [m[0] for m in members if m[1]],
+            "away": [m[0] for m in members if m[2]]}
+
+
+def _json_notice(kind, **named):
+    """A notice, with the fields a program wants from it (JSON name=field;
+    a field the line lacks is null)."""
+    def make(fields, extra):
+        obj = {"type": "notice", "text": FORMATS[kind].format(**fields)[len(NOTICE):]}
+        obj.update((name, fields.get(field)) for name, field in named.items())
+        return obj
+    make.notice_kind = kind
+    return make
 
 
 def _json_rooms(fields, extra):
@@ -544,6 +586,11 @@ JSON_OBJECTS = {
     "topic_cleared": lambda f, x: {"type": "topic", "room": x.get("room"), "text": None,
                                    "nick": f["nick"]},
     "pong": lambda f, x: {"type": "pong", "token": f["token"]},
+    "talking_in": _json_notice("talking_in", room="room"),
+    "no_room": _json_notice("no_room", room="room"),
+    "away_set": _json_notice("away_set", away="text"),
+    "away_back": _json_notice("away_back", away="text"),
+    "is_away": _json_notice("is_away", nick="nick", away="text"),
     "kicked": _json_moderation("kicked"),
     "banned": _json_moderation("banned"),
     "muted": _json_moderation("muted"),
@@ -662,8 +709,9 @@ def _moderation_from_json(obj, me):
 
 
 def _who_from_json(obj, me):
-    operators = set(obj["operators"])
-    nicks = ["@" + nick if nick in operators else nick for nick in obj["nicks"]]
+    operators, away = set(obj["operators"]), set(obj.get("away", ()))
+    nicks = [("@" if nick in operators else "") + nick + (AWAY_MARK if nick in away else "")
+             for nick in obj["nicks"]]
     return format_line("who", count=len(nicks), room=obj["room"], nicks=", ".join(nicks))
 
 
@@ -690,9 +738,18 @@ LINES_FROM_JSON = {
     "muted": _moderation_from_json,
     "unmuted": _moderation_from_json,
     "opped": _moderation_from_json,
-    "notice": lambda obj, me: notice(obj["text"]),
+    "notice": lambda obj, me: _notice_from_json(obj),
     "error": lambda obj, me: error(obj["text"]),
 }
+# Notices JSON mode sends with fields of their own: known again by their text.
+JSON_NOTICES = frozenset(kind for kind, make in JSON_OBJECTS.items()
+                         if getattr(make, "notice_kind", None))
+
+
+def _notice_from_json(obj):
+    line = notice(obj["text"])
+    kind, fields = parse_server_line(line)
+    return Line(line, kind, fields) if kind in JSON_NOTICES else line
 
 
 def line_from_json(obj, me=None, topic_asked=False):
@@ -715,7 +772,7 @@ def line_from_json(obj, me=None, topic_asked=False):
 
 def help_commands(lines):
     """The commands a /help list names: the first word of each /... line."""
-    return tuple(line.split(" ", 1)[0] for line in lines if line.startswith("/"))
+    return tuple(dict.fromkeys(line.split(" ", 1)[0] for line in lines if line.startswith("/")))
 
 
 def is_nick_question(text):
@@ -1427,7 +1484,8 @@ class Connection:
     buffers, read gates, timers) and what the chat needs (phase, nick, room,
     operator state)."""
 
-    __slots__ = ("sock", "addr", "ip", "name", "phase", "nick", "key", "room", "reader",
+    __slots__ = ("sock", "addr", "ip", "name", "phase", "nick", "key", "room", "rooms",
+                 "focus", "joined", "away", "reader",
                  "outbuf", "tokens", "refilled", "paused", "held", "full", "counted",
                  "behind_since", "waiting", "events", "drained_at", "tls", "handshake_wait",
                  "close_at", "op", "muted", "op_attempts", "account", "login_failures", "json",
@@ -1442,7 +1500,12 @@ class Connection:
         self.phase = HANDSHAKE
         self.nick = None                   # set once registered
         self.key = None                    # nick_key(nick)
-        self.room = None                   # the Room it is in, once registered
+        self.room = None                   # its current room, once registered (None: none)
+        self.rooms = []                    # the Rooms it is in, in the order it entered them
+        self.away = None                   # /away MESSAGE, until it is back
+        # The loop's view, which follows the chat's in the rooms' order:
+        self.joined = []                   # the Rooms whose lines it gets (FanOut)
+        self.focus = None                  # the room whose lines are not marked #ROOM
         self.reader = LineReader(limits.max_line)
         self.outbuf = bytearray()
         # The loop's read gates: any one of them stops reading this socket.
@@ -1996,8 +2059,9 @@ class Chat:
     registration_expired, disconnected, refusal); calls the loop through io."""
 
     def __init__(self, io, limits, password=None, op_password=None, store=None,
-                 replay=REPLAY_MESSAGES, operators=(), network=None):
+                 replay=REPLAY_MESSAGES, operators=(), network=None, motd=()):
         self.io = io
+        self.motd = tuple(motd)            # --motd-file's lines, said after the greeting
         self.network = network             # a RedisNetwork: one chat with other servers
         self.limits = limits
         self.password = password           # the room's, or None
@@ -2023,6 +2087,7 @@ class Chat:
         """A connection the chat may talk to: greet it."""
         conn.phase = NICKNAME if self.password is None else PASSWORD
         greeting = [text.format(count=self.online()) for text in GREETING]
+        greeting[1:1] = self.motd
         if conn.phase == PASSWORD:
             greeting.insert(-1, PASSWORD_GREETING)  # the last line still asks for a nick
         for text in greeting:
@@ -2091,24 +2156,48 @@ class Chat:
         return len(self.members) + (len(self.network.elsewhere) if self.network else 0)
 
     def disconnected(self, conn, reason):
-        """conn's connection ended (or is ending): it leaves, and its room is
-        told why (reason None: told already)."""
-        if conn.phase != MEMBER or conn.room is None:
+        """conn's connection ended (or is ending): it leaves, and its rooms
+        are told why, each of their members once (reason None: told already)."""
+        if conn.phase != MEMBER or self.members.get(conn.key) is not conn:
             return
-        room, conn.room = conn.room, None  # out of the room; the loop closes it next
+        rooms, conn.rooms, conn.room = conn.rooms, [], None  # the loop closes it next
         del self.members[conn.key]
+        line = format_line("left", nick=conn.nick, reason=reason or "")
         if self.network is not None:
             self.network.release(conn.key)
             if self.network.down and reason is not None:  # told to the others once back
-                self.network.left_meanwhile.append((room.key, room.name, format_line(
-                    "left", nick=conn.nick, reason=reason).having(room=room.name)))
-        if room.members.get(conn.key) is conn:  # (not yet, while arriving over the network)
-            self.io.leave(room, conn)
+                self.network.left_meanwhile.extend(line.about_person(rooms))
+        for room in rooms:
+            if room.members.get(conn.key) is conn:  # (not yet, while arriving over the network)
+                self.io.leave(room, conn)
         if reason is not None:
-            self.io.broadcast(room, format_line("left", nick=conn.nick, reason=reason)
-                              .having(room=room.name))
+            self._tell_about(rooms, line)
             self.io.log("%s left (%s)" % (conn.nick, reason))
-        self.forget_if_empty(room)
+        for room in rooms:
+            self.forget_if_empty(room)
+
+    def _tell_about(self, rooms, line):
+        """A line about a person (a rename, a leave of the chat, a kick...)
+        to each of its rooms: each of their members gets it once."""
+        for room, copy in line.about_person(rooms):
+            self.io.broadcast(room, copy)
+
+    def _place(self, conn):
+        """The other servers learn where conn is now, and as whom."""
+        if self.network is not None:
+            self.network.place(conn)
+
+    def _current(self, conn):
+        """conn's current room; None (and conn told so) when it is in none."""
+        if conn.room is None:
+            self.io.send(conn, error(IN_NO_ROOM))
+        return conn.room
+
+    @staticmethod
+    def _one_of_its_rooms(conn, name):
+        """The room called name (as nicks clash) if conn is in it, else None."""
+        key = nick_key(room_name(name))
+        return next((room for room in conn.rooms if room.key == key), None)
 
     # -- lines by phase --
 
@@ -2204,7 +2293,7 @@ class Chat:
             else:
                 self._registered(conn, nick, then, online)
         self.io.pause_input(conn)
-        self.network.claim(nick_key(nick), nick, self.lobby.key, claimed, force)
+        self.network.claim(nick_key(nick), RemoteUser(nick, [self.lobby.key]), claimed, force)
 
     def _registered(self, conn, nick, then=None, online=None):
         """online: how many Redis counted with the claim (several servers),
@@ -2221,21 +2310,25 @@ class Chat:
             then()
 
     def _arrive(self, conn, room, line):
-        """conn enters room: its join line to everyone there, then the topic
-        and the replay to conn. On several servers the line goes through the
-        feed, and conn enters when it comes back: the replay is what was said
-        before it, and conn gets live what comes after, none missed or twice."""
+        """conn enters room, its current room now: its join line to everyone
+        there, then the topic and the replay to conn. On several servers the
+        line goes through the feed, and conn enters when it comes back: the
+        replay is what was said before it, and conn gets live what comes
+        after, none missed or twice."""
+        conn.rooms.append(room)
+        conn.room = room
+        self.io.focus(conn, room)
         if self.network is None:
             self.io.enter(room, conn)
             self.io.broadcast(room, line)
             self._welcome(conn, room)
             return
-        conn.room = room
+        self._place(conn)
         self.io.pause_input(conn)
         self.io.broadcast(room, line)
 
         def arrived():  # (entered first: it is owed none of what the room had before)
-            if conn.phase == MEMBER and conn.room is room:
+            if conn.phase == MEMBER and room in conn.rooms:
                 self.io.enter(room, conn)
                 self.io.send(conn, line)
                 self.network.when_watched(room.key, lambda: self._welcomed(conn, room))
@@ -2243,7 +2336,7 @@ class Chat:
         self.io.then(arrived)
 
     def _welcomed(self, conn, room):
-        if conn.phase == MEMBER and conn.room is room:
+        if conn.phase == MEMBER and room in conn.rooms:
             self._welcome(conn, room)
             self.io.resume_input(conn)
 
@@ -2281,11 +2374,13 @@ class Chat:
             self.io.send(conn, error("you are muted"))
         return not conn.muted
 
-    def _say(self, conn, kind, text):
-        """A message or an action: to conn's room, and into its history."""
-        if not self._allowed_to_speak(conn):
+    def _say(self, conn, kind, text, room=None):
+        """A message or an action: to room (conn's current room if None),
+        and into its history."""
+        room = room or self._current(conn)
+        if room is None or not self._allowed_to_speak(conn):
             return
-        room, now = conn.room, time.time()
+        now = time.time()
         if self.network is not None:  # stored, and given its id, with the feed's entry
             self.io.broadcast(room, format_line(kind, nick=conn.nick, text=text).having(
                 room=room.name, when=now))
@@ -2308,14 +2403,20 @@ class Chat:
             self.io.send(conn, error(USAGE["msg"]))
             return
         target_nick, text = parts
+        if target_nick.startswith("#"):  # /msg #ROOM: said in one of its rooms
+            room = self._one_of_its_rooms(conn, target_nick)
+            if room is None:
+                self.io.send(conn, error(NOT_IN_ROOM.format(room=room_name(target_nick))))
+            else:
+                self._say(conn, "message", text, room)
+            return
         target = self.members.get(nick_key(target_nick))
         elsewhere = self.network.elsewhere.get(nick_key(target_nick)) if self.network else None
         if target is None and elsewhere is not None:
             if self._allowed_to_speak(conn):  # through the feed, to its server
                 self.network.publish("", "", format_line("private", nick=conn.nick, text=text)
-                                     .having(to=elsewhere[0]))
-                self.io.send(conn, format_line("private_echo", nick=elsewhere[0], text=text)
-                             .having(**{"from": conn.nick}))
+                                     .having(to=elsewhere.nick))
+                self._private_echo(conn, elsewhere.nick, text, elsewhere.away)
             return
         if target is None:
             self._mail(conn, target_nick, text)
@@ -2324,8 +2425,15 @@ class Chat:
             return
         self.io.send(target, format_line("private", nick=conn.nick, text=text).having(
             to=target.nick))
-        self.io.send(conn, format_line("private_echo", nick=target.nick, text=text).having(
+        self._private_echo(conn, target.nick, text, target.away)
+
+    def _private_echo(self, conn, nick, text, away=None):
+        """What the sender of a private message sees: the echo, and whether
+        the one it went to is away."""
+        self.io.send(conn, format_line("private_echo", nick=nick, text=text).having(
             **{"from": conn.nick}))
+        if away is not None:
+            self.io.send(conn, format_line("is_away", nick=nick, text=away))
 
     def _mail(self, conn, target_nick, text):
         """A private message to someone offline: kept if they have an account."""
@@ -2388,30 +2496,45 @@ class Chat:
             else:
                 self._rename(conn, arg)
         self.io.pause_input(conn)
-        self.network.claim(nick_key(arg), arg, conn.room.key, claimed)
+        self.network.claim(nick_key(arg), RemoteUser(arg, [room.key for room in conn.rooms]),
+                           claimed)
 
     def _rename(self, conn, arg):
-        """conn is now arg: its room is told."""
-        old, room = conn.nick, conn.room
+        """conn is now arg: its rooms are told."""
+        old, old_key = conn.nick, conn.key
         if self.network is not None:  # claimed already (or an account's): where it is now
             self.network.release(conn.key)
-            self.network.place(nick_key(arg), arg, room.key, conn.op)
         del self.members[conn.key]
-        old_key = conn.key
         conn.nick, conn.key, conn.name = arg, nick_key(arg), arg
         self.members[conn.key] = conn
-        self.io.rekey(room, conn, old_key)  # now, not in order: queued actions use conn.key
+        self._place(conn)
+        for room in conn.rooms:
+            self.io.rekey(room, conn, old_key)  # now, not in order: queued actions use conn.key
         self.io.log("%s is now known as %s" % (old, arg))
-        self.io.broadcast(room, format_line("renamed", old=old, new=arg).having(room=room.name))
+        self._tell_about(conn.rooms, format_line("renamed", old=old, new=arg))
 
     def _cmd_who(self, conn, arg):
-        here = [(m.nick, m.op) for m in conn.room.members.values()]
+        if arg:
+            name = room_name(arg)
+            problem = room_problem(name)
+            if problem:
+                self.io.send(conn, error(problem))
+                return
+            room = self.rooms.get(nick_key(name))
+            if room is None:  # nobody is in it here (maybe elsewhere)
+                room = Room(self._known_name(name))
+        else:
+            room = self._current(conn)
+            if room is None:
+                return
+        here = [(m.nick, m.op, m.away is not None) for m in room.members.values()]
         if self.network is not None:
-            here += self.network.in_room(conn.room.key)
-        nicks = ["@" + nick if op else nick for nick, op in sorted(
-            here, key=lambda member: nick_key(member[0]))]
-        self.io.send(conn, format_line("who", count=len(nicks), room=conn.room.name,
-                                       nicks=", ".join(nicks)))
+            here += self.network.in_room(room.key)
+        here.sort(key=lambda member: nick_key(member[0]))
+        nicks = [("@" if op else "") + nick + (AWAY_MARK if away else "")
+                 for nick, op, away in here]
+        line = format_line("who", count=len(nicks), room=room.name, nicks=", ".join(nicks))
+        self.io.send(conn, Line(line.rstrip(), "who", line.fields).having(members=here))
 
     # -- rooms, topics, history --
 
@@ -2434,6 +2557,17 @@ class Chat:
             recent = self.store.recent(key, self.replay) if self.replay else ()
             room = self.rooms[key] = Room(*stored, recent=recent, replay=self.replay)
         return room
+
+    def _known_name(self, name):
+        """A room's name as it was first given (name, for a new room)."""
+        key = nick_key(name)
+        if self.network is not None:
+            return self.network.names.get(key, name)
+        try:
+            stored = self.store.room(key)
+        except (StoreError, sqlite3.Error):
+            stored = None
+        return stored[0] if stored else name
 
     def forget_if_empty(self, room):
         """A room nobody is in need not be kept in memory (the store keeps it)."""
@@ -2477,14 +2611,14 @@ class Chat:
             self.io.send(conn, format_line("topic", room=room.name, text=room.topic,
                                            nick=room.topic_nick))
         if room.recent:
-            self._history_block(conn, format_line(
+            self._history_block(conn, room, format_line(
                 "history_last", messages=plural(len(room.recent), "message"), room=room.name),
                 room.recent)
 
-    def _history_block(self, conn, header, rows):
+    def _history_block(self, conn, room, header, rows):
         """A header, the messages, the end (in JSON: the messages, marked as
         history, and history_end with their count)."""
-        room = conn.room.name
+        room = room.name
         self.io.send(conn, header)
         for message_id, when, nick, kind, text in rows:
             self.io.send(conn, format_line(
@@ -2493,28 +2627,96 @@ class Chat:
                     id=message_id, room=room, nick=nick, kind=kind, text=text, when=when))
         self.io.send(conn, format_line("history_end").having(room=room, count=len(rows)))
 
-    def _cmd_join(self, conn, arg):
+    def _room_named(self, conn, arg, command):
+        """The name of the room arg names (#rust, or rust), or None after
+        telling conn why not."""
         if not arg:
-            self.io.send(conn, error(USAGE["join"]))
-            return
+            self.io.send(conn, error(USAGE[command]))
+            return None
         name = room_name(arg)
         problem = room_problem(name)
         if problem:
             self.io.send(conn, error(problem))
+            return None
+        return name
+
+    def _cmd_join(self, conn, arg):
+        """Leave the current room for another (v2's one room at a time)."""
+        name = self._room_named(conn, arg, "join")
+        if name is None:
             return
         old = conn.room
-        if nick_key(name) == old.key:
+        if old is not None and nick_key(name) == old.key:
             self.io.send(conn, error("you are already in %s" % old.name))
             return
-        room = self._room(name)
-        self.io.leave(old, conn)
-        self.io.broadcast(old, format_line("left", nick=conn.nick,
-                                           reason=LEFT_WENT_TO.format(room=room.name))
-                          .having(room=old.name))
-        self.forget_if_empty(old)
+        other = self._one_of_its_rooms(conn, name)
+        room = other or self._room(name)
+        if old is not None:
+            self._leave_room(conn, old, LEFT_WENT_TO.format(room=room.name))
+        if other is not None:  # in it already: it only becomes current
+            self._talk_in(conn, other)
+        else:
+            self._enter(conn, room)
+
+    def _cmd_open(self, conn, arg):
+        """Enter a room and stay in the others; it becomes current."""
+        name = self._room_named(conn, arg, "open")
+        if name is None:
+            return
+        room = self._one_of_its_rooms(conn, name)
+        if room is not None:
+            self._talk_in(conn, room)
+        elif len(conn.rooms) >= self.limits.max_joined:
+            self.io.send(conn, error(TOO_MANY_ROOMS.format(count=len(conn.rooms))))
+        else:
+            self._enter(conn, self._room(name))
+
+    def _cmd_part(self, conn, arg):
+        """Leave a room (the current one if none is named)."""
+        if arg:
+            room = self._one_of_its_rooms(conn, arg)
+            if room is None:
+                self.io.send(conn, error(NOT_IN_ROOM.format(room=room_name(arg))))
+                return
+        else:
+            room = self._current(conn)
+            if room is None:
+                return
+        self._leave_room(conn, room, LEFT_PARTED)
+        if conn.room is None:
+            self._place(conn)
+            self.io.focus(conn, None)
+            self.io.send(conn, format_line("no_room"))
+        else:
+            self._talk_in(conn, conn.room)
+
+    def _talk_in(self, conn, room):
+        """room, one of conn's, is its current room now: conn is told."""
+        conn.room = room
+        self._place(conn)
+        self.io.focus(conn, room)
+        self.io.send(conn, format_line("talking_in", room=room.name))
+
+    def _leave_room(self, conn, room, reason):
+        """conn leaves one room, whose members are told why (conn too, when
+        it parted); the current room becomes the one entered most recently."""
+        if reason == LEFT_PARTED:  # said before it leaves: it sees its own part
+            self.io.broadcast(room, format_line("left", nick=conn.nick, reason=reason)
+                              .having(room=room.name))
+            self.io.leave(room, conn)
+        else:
+            self.io.leave(room, conn)
+            self.io.broadcast(room, format_line("left", nick=conn.nick, reason=reason)
+                              .having(room=room.name))
+        conn.rooms.remove(room)
+        if conn.room is room:
+            conn.room = conn.rooms[-1] if conn.rooms else None
+        self.forget_if_empty(room)
+
+    def _enter(self, conn, room):
+        """conn enters a room it is not in; it becomes current."""
         here = len(room.members) + 1
         if self.network is not None:
-            self.network.place(conn.key, conn.nick, room.key, conn.op)
             here += len(self.network.in_room(room.key))
         self._arrive(conn, room, format_line("joined_room", nick=conn.nick, room=room.name,
                                              count=here))
@@ -2524,14 +2726,17 @@ class Chat:
                   if room.members}
         if self.network is not None:
             for user in self.network.elsewhere.values():
-                counts.setdefault(user[1], [self.network.names.get(user[1], user[1]), 0])[1] += 1
+                for key in user.rooms:
+                    counts.setdefault(key, [self.network.names.get(key, key), 0])[1] += 1
         rooms = sorted(counts.items(), key=lambda item: (-item[1][1], item[0]))
         self.io.send(conn, format_line(
             "rooms", count=self.online(), rooms=plural(len(rooms), "room"),
             list=", ".join("%s (%d)" % (name, count) for _, (name, count) in rooms)))
 
     def _cmd_topic(self, conn, arg):
-        room = conn.room
+        room = self._current(conn)
+        if room is None:
+            return
         if not arg:
             if room.topic is None:
                 self.io.send(conn, format_line("no_topic", room=room.name))
@@ -2554,37 +2759,48 @@ class Chat:
                             room.topic_nick)
 
     def _cmd_history(self, conn, arg):
-        if arg.split(None, 1)[0].lower() == "after" if arg else False:
-            self._history_after(conn, arg.split(None, 1)[1:])
+        """/history [#ROOM] [N], /history [#ROOM] after ID."""
+        words = arg.split()
+        if words and words[0].startswith("#"):  # one of its rooms, current or not
+            room = self._one_of_its_rooms(conn, words[0])
+            if room is None:
+                self.io.send(conn, error(NOT_IN_ROOM.format(room=room_name(words[0]))))
+                return
+            words = words[1:]
+        else:
+            room = self._current(conn)
+            if room is None:
+                return
+        if words and words[0].lower() == "after":
+            self._history_after(conn, room, words[1:])
             return
-        count = HISTORY_DEFAULT if not arg else decimal_number(arg, HISTORY_MAX)
+        count = HISTORY_DEFAULT if not words else (
+            decimal_number(words[0], HISTORY_MAX) if len(words) == 1 else None)
         if count is None or not 1 <= count <= HISTORY_MAX:
             self.io.send(conn, error(USAGE["history"]))
             return
-        room = conn.room
 
         def answer(rows):
             if not rows:
                 self.io.send(conn, format_line("no_history", room=room.name))
             else:
-                self._history_block(conn, format_line(
+                self._history_block(conn, room, format_line(
                     "history_last", messages=plural(len(rows), "message"), room=room.name),
                     rows)
         self._read_history(conn, lambda store: store.recent(room.key, count), answer)
 
-    def _history_after(self, conn, rest):
+    def _history_after(self, conn, room, rest):
         """/history after ID: the oldest HISTORY_MAX messages after ID."""
-        after = decimal_number(rest[0].strip() if rest else "", MAX_MESSAGE_ID)
+        after = decimal_number(rest[0] if len(rest) == 1 else "", MAX_MESSAGE_ID)
         if after is None:
             self.io.send(conn, error("usage: /history after ID"))
             return
-        room = conn.room
 
         def answer(rows):
             if not rows:
                 self.io.send(conn, format_line("no_history_after", room=room.name, after=after))
             else:
-                self._history_block(conn, format_line(
+                self._history_block(conn, room, format_line(
                     "history_after", messages=plural(len(rows), "message"), room=room.name,
                     after=after), rows)
         self._read_history(conn, lambda store: store.after(room.key, after, HISTORY_MAX),
@@ -2612,17 +2828,29 @@ class Chat:
         if not arg:
             self.io.send(conn, error(USAGE["search"]))
             return
-        room = conn.room
+        room = self._current(conn)
+        if room is None:
+            return
 
         def answer(rows):
             if not rows:
                 self.io.send(conn, format_line("no_match", room=room.name, text=arg))
             else:
-                self._history_block(conn, format_line(
+                self._history_block(conn, room, format_line(
                     "history_search", messages=plural(len(rows), "message"),
                     room=room.name, text=arg), rows)
         self._read_history(conn, lambda store: store.search(room.key, arg, SEARCH_RESULTS),
                            answer, LANE_SEARCH)
+
+    def _cmd_away(self, conn, arg):
+        conn.away = arg or None
+        self._place(conn)
+        if self.network is not None:
+            self.network.tell("away", key=conn.key, away=conn.away)
+        if conn.away is None:
+            self.io.send(conn, format_line("away_back", text=None))
+        else:
+            self.io.send(conn, format_line("away_set", text=arg))
 
     def _cmd_help(self, conn, arg):
         lines = list(HELP)
@@ -2762,10 +2990,9 @@ class Chat:
         if self.network is not None and key in self.network.elsewhere:
             # Said here, not by its server, which may be dead (and then is
             # never announced lost: the nick is ours in Redis now).
-            old_nick, room_key = self.network.elsewhere.pop(key)[:2]
-            room_name = self.network.names.get(room_key, room_key)
-            self.network.publish(room_key, room_name, format_line(
-                "left", nick=old_nick, reason=LEFT_ELSEWHERE).having(room=room_name))
+            user = self.network.elsewhere.pop(key)
+            self.network.say_about(user, format_line("left", nick=user.nick,
+                                                     reason=LEFT_ELSEWHERE))
             self.network.tell("takeover", key=key)
             if conn.phase != MEMBER:
                 conn.account = key
@@ -2791,15 +3018,18 @@ class Chat:
             self._register(conn, nick, then=welcome_back)
 
     def _now_operator(self, conn):
+        """conn is an operator: its rooms are told (itself, in none)."""
         conn.op = True
-        if self.network is not None:  # for /who on a server started later
-            self.network.place(conn.key, conn.nick, conn.room.key, True)
+        self._place(conn)  # for /who on a server started later
+        line = format_line("opped", nick=conn.nick)
+        if conn.rooms:
+            self._tell_about(conn.rooms, line)
+        else:
+            self.io.send(conn, line)
 
     def _op_if_listed(self, conn):
         if conn.account in self.operators and not conn.op:
             self._now_operator(conn)
-            self.io.broadcast(conn.room, format_line("opped", nick=conn.nick)
-                              .having(room=conn.room.name))
 
     def _deliver_mail(self, conn):
         mailbox = self.network if self.network is not None else self.store
@@ -2883,10 +3113,8 @@ class Chat:
         if conn.phase != MEMBER or conn.op:
             return
         if secrets_match(arg, self.op_password):
-            self._now_operator(conn)
             self.io.log("%s is now an operator" % conn.nick)
-            self.io.broadcast(conn.room, format_line("opped", nick=conn.nick)
-                              .having(room=conn.room.name))
+            self._now_operator(conn)
         else:
             conn.op_attempts += 1
             self.guesses.wrong(conn.ip)
@@ -2921,12 +3149,12 @@ class Chat:
         return target, reason
 
     def _moderate(self, conn, target, line):
-        """A moderation line goes to target's room, and to the operator who
-        acted if the operator is in another room (conn None: on another server)."""
-        line.having(room=target.room.name)
-        self.io.broadcast(target.room, line)
-        if conn is not None and conn.room is not target.room:
-            self.io.send(conn, line)
+        """A moderation line goes to target's rooms (each member once), and
+        to the operator who acted if it is in none of them (conn None: on
+        another server)."""
+        self._tell_about(target.rooms, line)
+        if conn is not None and not set(conn.rooms) & set(target.rooms):
+            self.io.send(conn, line.having(room=target.room.name if target.room else None))
 
     def asked_elsewhere(self, kind, fields):
         """Another server asks: let go of a nick logged in to there, or
@@ -3027,6 +3255,9 @@ class Chat:
         "quit": _cmd_quit,
         "join": _cmd_join,
         "rooms": _cmd_rooms,
+        "open": _cmd_open,
+        "part": _cmd_part,
+        "away": _cmd_away,
         "topic": _cmd_topic,
         "history": _cmd_history,
         "search": _cmd_search,
@@ -3064,11 +3295,17 @@ class FanOut:
     """The pass's broadcasts, per room, and the one rule of their order:
     every member of a room gets the room's lines in the order they were
     accepted; one who entered during the pass gets only what came after; one
-    who leaves gets what was queued before."""
+    who leaves gets what was queued before.
+
+    What a member gets of a line depends on it (rendered()): text or JSON, a
+    text line of a room that is not its current one marked `#ROOM `, a line
+    about a person that is in several of its rooms taken from one of them
+    only. A pass is encoded once per rendering that members share, not once
+    per member."""
 
     def __init__(self):
-        self.pending = {}                  # room -> this pass's broadcasts (bytearray)
-        self.lines = {}                    # room -> [(offset in pending, Line)], for JSON
+        self.pending = {}                  # room -> this pass's broadcasts (text, bytearray)
+        self.lines = {}                    # room -> [(offset in pending, Line)]
         self.late = {}                     # room -> {conn: offset in pending at entry}
         self.size = 0                      # bytes pending, every room
 
@@ -3079,25 +3316,27 @@ class FanOut:
         self.size += len(data)
 
     def owed(self, room, offset, conn):
-        """What conn gets of room's pending lines from offset on: their text,
-        or for a connection in JSON mode their JSON objects."""
-        if not conn.json:
-            return bytes(self.pending.get(room, b"")[offset:])
-        return b"".join(json_bytes(line) for start, line in self.lines.get(room, ())
+        """What conn gets of room's pending lines from offset on."""
+        if not conn.json and conn.focus is room and len(conn.joined) <= 1:
+            return bytes(self.pending.get(room, b"")[offset:])  # as said: most often
+        return b"".join(rendered(room, line, conn) for start, line in self.lines.get(room, ())
                         if start >= offset)
 
     def enter(self, room, conn):
         room.members[conn.key] = conn
-        conn.room = room
+        conn.joined.append(room)
         pending = self.pending.get(room)
         if pending:  # it missed this pass's earlier lines: it was not in the room yet
             self.late.setdefault(room, {})[conn] = len(pending)
 
     def leave(self, room, conn):
         """Take conn out of room; return the bytes it is owed of this pass."""
+        owed = self.owed(room, self.late.get(room, {}).pop(conn, 0), conn)
         if room.members.get(conn.key) is conn:  # (its nick may be someone else's by now)
             del room.members[conn.key]
-        return self.owed(room, self.late.get(room, {}).pop(conn, 0), conn)
+        if room in conn.joined:
+            conn.joined.remove(room)
+        return owed
 
     def rekey(self, room, conn, old_key):
         """conn, a member of room, was renamed: it is found by its new key.
@@ -3120,11 +3359,54 @@ class FanOut:
         return self.owed(room, offset, conn)
 
     def take(self, room):
-        """Return (room's pending bytes, {latecomer: offset}, the lines for
-        JSON) and forget them."""
+        """Return (a Pass of room's pending lines, {latecomer: offset}) and
+        forget them."""
         data = bytes(self.pending.pop(room, b""))
         self.size -= len(data)
-        return data, self.late.pop(room, {}), self.lines.pop(room, [])
+        return Pass(room, data, self.lines.pop(room, [])), self.late.pop(room, {})
+
+
+def rendered(room, line, conn):
+    """The bytes conn gets for line, one of room's broadcasts."""
+    among = line.extra.get("among")
+    if among is not None and len(conn.joined) > 1:  # about a person: from one room only,
+        keys = {joined.key for joined in conn.joined}  # the first they share
+        if next((key for key in among if key in keys), room.key) != room.key:
+            return b""
+    if conn.json:
+        return json_bytes(line)
+    if among is None and conn.focus is not room:
+        return encode_line(room.name + " " + line)
+    return encode_line(line)
+
+
+class Pass:
+    """One room's broadcasts of one loop pass, in each rendering members
+    share (made when first needed): text as said, text marked with the
+    room's name, JSON."""
+
+    __slots__ = ("room", "data", "lines", "about_person", "renderings")
+
+    def __init__(self, room, data, lines):
+        self.room = room
+        self.data = data
+        self.lines = lines
+        self.about_person = any("among" in line.extra for _, line in lines)
+        self.renderings = {}
+
+    def for_member(self, conn, offset):
+        """What conn gets of it, from offset on (a latecomer)."""
+        if offset or (self.about_person and len(conn.joined) > 1):
+            return b"".join(rendered(self.room, line, conn) for start, line in self.lines
+                            if start >= offset)  # its own: rare
+        if not conn.json and conn.focus is self.room:
+            return self.data
+        shared = "json" if conn.json else "marked"
+        chunk = self.renderings.get(shared)
+        if chunk is None:
+            chunk = self.renderings[shared] = b"".join(
+                rendered(self.room, line, conn) for _, line in self.lines)
+        return chunk
 
 
 class Worker:
@@ -3176,7 +3458,7 @@ class ChatServer:
 
     Called from outside: bind(), start(), serve_forever(), shutdown().
     Called by the Chat (its whole view of the loop): send(), broadcast(),
-    then(), enter(), leave(), rekey(), close(), when_written(), log(),
+    then(), enter(), leave(), rekey(), focus(), close(), when_written(), log(),
     call_later(), off_loop(), pause_input(), resume_input().
     Everything else is the loop's own: accepting, TLS, reading, writing,
     back-pressure and slow readers, timers, and the two ways out: close()
@@ -3187,7 +3469,7 @@ class ChatServer:
     def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT, limits=None,
                  log=log_to_stderr, verbose=True, tls_context=None, password=None,
                  op_password=None, store=None, replay=REPLAY_MESSAGES, operators=(),
-                 network=None):
+                 network=None, motd=()):
         self.host = host
         self.port = port
         self.limits = limits or Limits()
@@ -3195,7 +3477,7 @@ class ChatServer:
         self.logger = log                  # None: silent
         self.verbose = verbose             # False (-q): no per-client lines
         self.chat = Chat(self, self.limits, password, op_password, store, replay, operators,
-                         network)
+                         network, motd)
         self.fanout = FanOut()
         # Several servers: a room's lines go out through Redis and are delivered
         # when they come back. What the chat does meanwhile waits in sequence,
@@ -3417,11 +3699,28 @@ class ChatServer:
     def _send_now(self, conn, text):
         if conn.phase == CLOSED:
             return
-        if conn.room is not None and conn.room in self.fanout.pending:
-            self.chat.commit()  # nothing reaches a socket before it is stored
-            conn.outbuf += self.fanout.catch_up(conn.room, conn)  # the room's order kept
+        self._catch_up(conn)
         conn.outbuf += json_bytes(text) if conn.json else encode_line(text)
         self.dirty.add(conn)
+
+    def _catch_up(self, conn):
+        """Give conn the pass's lines of its rooms so far (before a line to
+        it alone, or before its current room changes): each room's order kept."""
+        for room in conn.joined:
+            if room in self.fanout.pending:
+                self.chat.commit()  # nothing reaches a socket before it is stored
+                conn.outbuf += self.fanout.catch_up(room, conn)
+
+    def focus(self, conn, room):
+        """conn's current room is now room: lines of its other rooms are
+        marked with their room's name from here on (text mode)."""
+        self._in_order(self._focus_now, conn, room)
+
+    def _focus_now(self, conn, room):
+        if conn.phase != CLOSED and conn.focus is not room:
+            self._catch_up(conn)
+            conn.focus = room
+            self.dirty.add(conn)
 
     def broadcast(self, room, text):
         """Queue a line for every member of room, in the one order all of them
@@ -4029,7 +4328,7 @@ class ChatServer:
         conn.counted_backlog = len(conn.outbuf)
         over = len(conn.outbuf) > self.limits.max_sendq
         if conn.behind_since is None:
-            if over and conn.room is not None:
+            if over and conn.joined:
                 conn.behind_since = time.monotonic()
                 conn.kernel_unsent = kernel_unsent(conn.sock)
                 self.behind.add(conn)
@@ -4050,17 +4349,16 @@ class ChatServer:
         Otherwise, or for what a send leaves, they are appended to outbuf.
         """
         self.chat.commit()  # nothing reaches a socket before it is stored
-        data, late, lines = self.fanout.take(room)
-        if not data:
+        this_pass, late = self.fanout.take(room)
+        if not this_pass.data:
             return
         failed = []
         for conn in room.members.values():
             if conn.phase == CLOSED:
                 continue  # closed while its leave waits behind the feed (several servers)
-            chunk = data[late[conn]:] if late and conn in late else data
-            if conn.json:  # the same lines, as JSON objects
-                offset = late.get(conn, 0) if late else 0
-                chunk = b"".join(json_bytes(line) for start, line in lines if start >= offset)
+            chunk = this_pass.for_member(conn, late.get(conn, 0) if late else 0)
+            if not chunk:
+                continue
             if (write and not conn.outbuf and not conn.tls
                     and not conn.events & selectors.EVENT_WRITE):
                 try:
@@ -4199,7 +4497,7 @@ class ChatServer:
         """Close the socket and forget everything about conn."""
         if conn.phase == CLOSED:
             return
-        if conn.room is not None:  # the room must not keep a closed socket
+        if conn.phase == MEMBER:  # its rooms must not keep a closed socket
             self.chat.disconnected(conn, None)
         self._uncount(conn)
         if conn.events:
@@ -4229,7 +4527,7 @@ class ChatServer:
 
 REDIS_FEED = REDIS_PREFIX + "feed"            # every room's lines, in one order
 REDIS_IDS = REDIS_PREFIX + "ids"              # the last message id given
-REDIS_PRESENCE = REDIS_PREFIX + "presence"    # nick key -> {nick, room, server}
+REDIS_PRESENCE = REDIS_PREFIX + "presence"    # nick key -> a RemoteUser, as JSON
 REDIS_ROOMS = REDIS_PREFIX + "rooms"          # room key -> its name
 REDIS_TOPICS = REDIS_PREFIX + "topics"        # room key -> {text, nick}
 REDIS_HISTORY = REDIS_PREFIX + "room:"        # + room key: its messages, id-0 each
@@ -4240,7 +4538,8 @@ REDIS_BANS = REDIS_PREFIX + "bans"            # address -> the nick banned
 REDIS_MAIL = REDIS_PREFIX + "mail:"           # + account key: its waiting messages
 # Feed entries for the servers, not a room: a changed account or ban (every
 # server's copy), a moderation or a login that the target's server carries out.
-CONTROL_KINDS = frozenset({"account", "ban", "moderate", "takeover"})
+# (And "away": a user's /away, for every server's copy of who is online.)
+CONTROL_KINDS = frozenset({"account", "ban", "moderate", "takeover", "away"})
 
 # KEYS: the presence hash; ARGV: a nick key, a server. The nick is freed only
 # if that server holds it (a login elsewhere may have taken it over).
@@ -4324,6 +4623,32 @@ def _text(value):
 def _pairs(flat):
     """A Redis reply [k1, v1, k2, v2...] as a dict of str."""
     return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat or ()), 2)}
+
+
+class RemoteUser:
+    """Someone online in the chat, as every server knows them: kept whole in
+    Redis (presence) and in each server's copy, so that a change of one part
+    (a room, /away, operator) loses none of the others."""
+
+    __slots__ = ("nick", "rooms", "server", "op", "away")
+
+    def __init__(self, nick, rooms, server=None, op=False, away=None):
+        self.nick = nick
+        self.rooms = list(rooms)           # room keys, in the order entered
+        self.server = server               # the id of the server it is connected to
+        self.op = op
+        self.away = away                   # its /away message, or None
+
+    def to_json(self):
+        return json.dumps({"nick": self.nick, "rooms": self.rooms, "server": self.server,
+                           "op": self.op, "away": self.away}, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text):
+        user = json.loads(text)
+        rooms = user.get("rooms", [user["room"]] if user.get("room") else [])  # (before v3)
+        return cls(user["nick"], rooms, user["server"], user.get("op", False),
+                   user.get("away"))
 
 
 class RedisLink:
@@ -4445,7 +4770,7 @@ class RedisNetwork:
         self.commands = self.feed = None   # the two RedisLinks, once started
         self.history = threading.local()   # each worker thread's RedisHistory
         self.seq = 0                       # this server's entries, numbered
-        self.elsewhere = {}                # nick key -> [nick, room key, server, op]
+        self.elsewhere = {}                # nick key -> RemoteUser, the other servers' users
         self.recents = {}                  # room key -> its last messages (rooms watched here)
         self.loading = {}                  # room key -> (heard meanwhile, waiting, its deque)
         self.topics = {}                   # room key -> (text, nick)
@@ -4473,9 +4798,7 @@ class RedisNetwork:
             last = redis.call("XREVRANGE", REDIS_FEED, "+", "-", "COUNT", 1)
             self.last = _text(last[0][0]) if last else "0-0"
             for key, value in _pairs(redis.call("HGETALL", REDIS_PRESENCE)).items():
-                user = json.loads(value)
-                self.elsewhere[key] = [user["nick"], user["room"], user["server"],
-                                       user.get("op", False)]
+                self.elsewhere[key] = RemoteUser.from_json(value)
             redis.call("HSETNX", REDIS_ROOMS, nick_key(LOBBY), LOBBY)
             self.names = _pairs(redis.call("HGETALL", REDIS_ROOMS))
             for key, value in _pairs(redis.call("HGETALL", REDIS_TOPICS)).items():
@@ -4595,11 +4918,10 @@ class RedisNetwork:
         self.commands.call(self._ids_checked, "EVALSHA", self.raise_ids_script, 1, REDIS_IDS,
                            self.newest_id)  # first: before anything of ours gets an id
         for conn in members:
-            if conn.room is not None:
-                self.place(conn.key, conn.nick, conn.room.key, conn.op)
+            self.place(conn)
         left, self.left_meanwhile = self.left_meanwhile, []
-        for room_key, room_name, line in left:
-            self.commands.call(None, *self._publish_command(room_key, room_name, line))
+        for room, line in left:
+            self.commands.call(None, *self._publish_command(room.key, room.name, line))
             self.release(nick_key(line.fields["nick"]))
 
     def _ids_checked(self, raised):
@@ -4657,9 +4979,9 @@ class RedisNetwork:
     def goodbye(self, members):
         """At shutdown (the loop is over: this may block): our users leave
         the rooms of the other servers, and their nicks are free."""
-        commands = [self._publish_command(conn.room.key, conn.room.name, format_line(
-            "left", nick=conn.nick, reason=SHUTDOWN_NOTICE).having(room=conn.room.name))
-            for conn in members if conn.room is not None]
+        commands = [self._publish_command(room.key, room.name, line)
+                    for conn in members for room, line in format_line(
+                        "left", nick=conn.nick, reason=SHUTDOWN_NOTICE).about_person(conn.rooms)]
         commands += [("HDEL", REDIS_PRESENCE, conn.key) for conn in members]
         commands += [("SREM", REDIS_SERVERS, self.server_id),
                      ("DEL", REDIS_ALIVE + self.server_id)]
@@ -4698,22 +5020,28 @@ class RedisNetwork:
             if isinstance(presence, RedisError):
                 return
             for key, value in _pairs(presence).items():
-                user = json.loads(value)
-                if user["server"] not in lost:
+                user = RemoteUser.from_json(value)
+                if user.server not in lost:
                     continue
-                room_name = self.names.get(user["room"], user["room"])
-                self.commands.call(None, *self._publish_command(
-                    user["room"], room_name, format_line(
-                        "left", nick=user["nick"], reason=LEFT_SERVER_LOST).having(
-                            room=room_name)))
+                self.say_about(user, format_line("left", nick=user.nick,
+                                                 reason=LEFT_SERVER_LOST))
                 self.commands.call(None, "HDEL", REDIS_PRESENCE, key)
         self.commands.call(announce, "HGETALL", REDIS_PRESENCE)
 
-    def claim(self, key, nick, room_key, answer, force=False):
-        """Take nick for one of ours, unless someone anywhere has it (force:
-        a login, which takes it anyway): answer(taken?, how many are online
-        with it), or answer(None, None) when Redis could not say."""
-        value = json.dumps({"nick": nick, "room": room_key, "server": self.server_id})
+    def say_about(self, user, line):
+        """A line about another server's user (a RemoteUser) to each of its
+        rooms, its members each getting it once."""
+        rooms = [Room(self.names.get(key, key)) for key in user.rooms]
+        for room, copy in line.about_person(rooms):
+            self.commands.call(None, *self._publish_command(room.key, room.name, copy))
+
+    def claim(self, key, user, answer, force=False):
+        """Take user's nick (a RemoteUser) for one of ours, unless someone
+        anywhere has it (force: a login, which takes it anyway):
+        answer(taken?, how many are online with it), or answer(None, None)
+        when Redis could not say."""
+        user.server = self.server_id
+        value = user.to_json()
 
         def claimed(reply):
             if isinstance(reply, RedisError):
@@ -4723,11 +5051,12 @@ class RedisNetwork:
         self.commands.call(claimed, "EVALSHA", self.claim_script, 1, REDIS_PRESENCE, key,
                            value, "force" if force else "")
 
-    def place(self, key, nick, room_key, op=False):
-        """One of ours is in room_key now (or renamed to nick, or an operator)."""
-        value = json.dumps({"nick": nick, "room": room_key, "server": self.server_id,
-                            "op": op})
-        self.commands.call(None, "HSET", REDIS_PRESENCE, key, value)
+    def place(self, conn):
+        """One of ours, as it is now (its rooms, nick, operator, away)."""
+        if conn.key is not None:
+            value = RemoteUser(conn.nick, [room.key for room in conn.rooms], self.server_id,
+                               conn.op, conn.away).to_json()
+            self.commands.call(None, "HSET", REDIS_PRESENCE, conn.key, value)
 
     def release(self, key):
         """Free a nick of ours (unless a login on another server took it over)."""
@@ -4763,6 +5092,8 @@ class RedisNetwork:
         if kind in CONTROL_KINDS:
             if kind in ("account", "ban") and entry["o"] != self.server_id:
                 self._changed(kind, fields["key"], fields)
+            elif kind == "away" and fields["key"] in self.elsewhere:
+                self.elsewhere[fields["key"]].away = fields["away"]
             return
         if room and room not in self.names:
             self.names[room] = entry["m"]  # its spelling, for /rooms
@@ -4776,33 +5107,43 @@ class RedisNetwork:
                 self.recents[room].append(item)
         elif kind in ("topic_set", "topic_cleared"):
             self.topics[room] = (fields.get("text"), fields["nick"])
+        self._heard_of_user(kind, fields, room, entry["o"])
+
+    def _heard_of_user(self, kind, fields, room, server):
+        """Keep the copy of the other servers' users current from a line of
+        the feed (said by server)."""
         if kind in ("joined", "joined_room"):
-            if entry["o"] != self.server_id:  # (ours are Chat.members)
-                key = nick_key(fields["nick"])
-                moved = self.elsewhere.get(key)  # (from another room: an operator still)
-                op = bool(moved and moved[2] == entry["o"] and moved[3])
-                self.elsewhere[key] = [fields["nick"], room, entry["o"], op]
+            if server == self.server_id:
+                return  # (ours are Chat.members)
+            key = nick_key(fields["nick"])
+            user = self.elsewhere.get(key)
+            if user is None or user.server != server:  # new (or a login took it over)
+                user = self.elsewhere[key] = RemoteUser(fields["nick"], [], server)
+            if room not in user.rooms:
+                user.rooms.append(room)
         elif kind == "renamed":
             user = self.elsewhere.pop(nick_key(fields["old"]), None)
-            if user is not None:
-                user[0] = fields["new"]
+            if user is not None:  # (said in each of its rooms: the first moves it)
+                user.nick = fields["new"]
                 self.elsewhere[nick_key(fields["new"])] = user
-        elif kind == "left" and fields["reason"].startswith(LEFT_WENT_TO.format(room="")):
+        elif kind == "left" and self._leaves_one_room(fields["reason"]):
             user = self.elsewhere.get(nick_key(fields["nick"]))
-            if user is not None:  # where it went: its join line there comes next
-                name = fields["reason"][len(LEFT_WENT_TO.format(room="")):]
-                user[1] = nick_key(name)
-                self.names.setdefault(user[1], name)
+            if user is not None and room in user.rooms:
+                user.rooms.remove(room)
         elif kind == "opped" and nick_key(fields["nick"]) in self.elsewhere:
-            self.elsewhere[nick_key(fields["nick"])][3] = True
-        elif kind in ("kicked", "banned") or (kind == "left" and not fields["reason"].startswith(
-                LEFT_WENT_TO.format(room=""))):
+            self.elsewhere[nick_key(fields["nick"])].op = True
+        elif kind in ("kicked", "banned", "left"):
             user = self.elsewhere.get(nick_key(fields["nick"]))
             # Said by the user's own server (or of a lost one): a login
             # elsewhere may have taken the nick over in between.
-            if user is not None and (user[2] == entry["o"]
+            if user is not None and (user.server == server
                                      or fields.get("reason") == LEFT_SERVER_LOST):
                 del self.elsewhere[nick_key(fields["nick"])]
+
+    @staticmethod
+    def _leaves_one_room(reason):
+        """Whether a leave is of one room (/part, /join), not of the chat."""
+        return reason == LEFT_PARTED or reason.startswith(LEFT_WENT_TO.format(room=""))
 
     def watch(self, key):
         """A room gets a member here: from now on its last messages are kept
@@ -4849,8 +5190,9 @@ class RedisNetwork:
         self.loading.pop(key, None)
 
     def in_room(self, room_key):
-        """The other servers' users in a room: [(nick, op)]."""
-        return [(user[0], user[3]) for user in self.elsewhere.values() if user[1] == room_key]
+        """The other servers' users in a room: [(nick, op, away?)]."""
+        return [(user.nick, user.op, user.away is not None)
+                for user in self.elsewhere.values() if room_key in user.rooms]
 
     def reader(self):
         """The calling worker thread's connection, for history and searches
@@ -7571,6 +7913,9 @@ def build_parser():
                              "variable %s)" % OP_PASSWORD_ENV)
     server.add_argument("--operators", type=nick_list, default=(), metavar="NICK,NICK",
                         help="accounts that are operators whenever they are logged in")
+    server.add_argument("--motd-file", metavar="FILE",
+                        help="the message of the day: its lines are said to each "
+                             "connection after the greeting")
     server.add_argument("-q", "--quiet", action="store_true",
                         help="log only start, stop and errors")
 
@@ -7792,6 +8137,18 @@ def read_secret(path, env_name, what):
     return secret or None
 
 
+def read_motd(path):
+    """--motd-file's lines, as notices say them (cleaned: no escape sequences
+    reach a terminal). Raises OSError, or ValueError for a file not UTF-8."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode(ENCODING)
+    except UnicodeDecodeError:
+        raise ValueError("it is not UTF-8 text")
+    return [clean_text(line).rstrip() for line in text.splitlines()]
+
+
 def run_server(args):
     raise_open_files_limit()
     try:
@@ -7817,6 +8174,14 @@ def run_server(args):
     except ValueError as exc:
         sys.stderr.write("chat.py: %s\n" % exc)
         return 2
+    motd = ()
+    if args.motd_file is not None:
+        try:
+            motd = read_motd(args.motd_file)
+        except (OSError, ValueError) as exc:
+            sys.stderr.write("chat.py: cannot read the message of the day %s: %s\n"
+                             % (args.motd_file, describe_error(exc)))
+            return 1
     network = None
     if args.redis:
         try:
@@ -7842,7 +8207,7 @@ def run_server(args):
     server = ChatServer(args.host, args.port, limits, verbose=not args.quiet,
                         tls_context=tls_context, password=password, op_password=op_password,
                         store=store, replay=args.replay, operators=args.operators,
-                        network=network)
+                        network=network, motd=motd)
     try:
         server.bind()
     except OSError as exc:  # socket.gaierror is one too: a bad host

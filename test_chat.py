@@ -480,8 +480,16 @@ class JsonToTextTest(unittest.TestCase):
             f("joined_room", nick="bob", room="#rust", count=1),
             f("left", nick="bob", reason="went to #rust").having(room="#lobby"),
             f("renamed", old="bob", new="rob").having(room="#lobby"),
-            f("who", count=2, room="#lobby", nicks="@al, bob"),
-            f("who", count=0, room="#empty", nicks=""),
+            f("who", count=2, room="#lobby", nicks="@al, bob").having(
+                members=[("al", True, False), ("bob", False, False)]),
+            f("who", count=3, room="#lobby", nicks="@al (away), bob, cy (away)").having(
+                members=[("al", True, True), ("bob", False, False), ("cy", False, True)]),
+            f("who", count=0, room="#empty", nicks="").having(members=[]),
+            f("talking_in", room="#rust"),
+            f("no_room"),
+            f("away_set", text="lunch, back at 2"),
+            f("away_back"),
+            f("is_away", nick="bob", text="lunch"),
             f("rooms", count=3, rooms="2 rooms", list="#lobby (2), #rust (1)"),
             f("topic_set", nick="bob", text="rust!").having(room="#rust"),
             f("topic_cleared", nick="bob").having(room="#rust"),
@@ -636,6 +644,9 @@ class FakeLoop:
 
     def rekey(self, room, conn, old_key):
         self.fanout.rekey(room, conn, old_key)
+
+    def focus(self, conn, room):
+        conn.focus = room
 
     def when_written(self, conn, action):
         action()
@@ -1539,7 +1550,8 @@ class JsonTest(ServerTestCase):
                                             "text": "back"})
         alice.send_line("/who")
         self.assertEqual(self.read(alice), {"type": "who", "room": "#lobby",
-                                            "nicks": ["alice", "bob"], "operators": []})
+                                            "nicks": ["alice", "bob"], "operators": [],
+                                            "away": []})
         alice.send_line("/rooms")
         self.assertEqual(self.read(alice), {"type": "rooms", "count": 2,
                                             "rooms": [{"name": "#lobby", "count": 2}]})
@@ -3728,8 +3740,8 @@ class TerminalClientTest(TerminalCase):
         self.type(b"hi\r")
         self.bob.expect("*al* hi")
         self.wait_until_reading()
-        self.type(b"/o\tX\r")  # this server has no operators: /o completes to nothing
-        self.read_until(b"!!! unknown command /ox (try /help)")
+        self.type(b"/ba\tX\r")  # no operators here: /ba is not completed to /ban
+        self.read_until(b"!!! unknown command /bax (try /help)")
         self.assertNotIn(b"online:", self.screen)  # the silent /who was not shown
 
 
@@ -3743,9 +3755,9 @@ class TerminalOperatorTest(TerminalCase):
         self.read_until(b"*** al joined (2 online)\r\n#lobby> ")
         self.bob.wait_for("*** al joined (2 online)")
         self.client_sync()
-        self.type(b"/o\t")
-        self.read_until(b"/op ")
-        self.type(b"0p\r")
+        self.type(b"/op\t\t")  # two candidates now: the second Tab lists them
+        self.read_until(b"/op     /open")
+        self.type(b" 0p\r")
         self.read_until(b"*** al is now an operator")
         self.assertFalse([row for row in self.rendered() if "0p" in row], self.rendered())
         self.wait_until_reading()
