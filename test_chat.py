@@ -252,7 +252,7 @@ class ServerTestCase(unittest.TestCase):
     peer_options = {}  # passed to every Peer (tls=...)
 
     def start_server(self, tls=False, password=None, op_password=None, replay=None,
-                     store=None, operators=(), **limits):
+                     store=None, operators=(), motd=(), **limits):
         context = None
         if tls:
             context, _ = chat.server_tls_context(write_file(self, "cert.pem", TEST_CERT),
@@ -262,7 +262,7 @@ class ServerTestCase(unittest.TestCase):
         options = {"replay": replay} if replay is not None else {}
         server = serve_in_thread(self, limits=chat.Limits(**limits), tls_context=context,
                                  password=password, op_password=op_password, store=store,
-                                 operators=operators, **options)
+                                 operators=operators, motd=motd, **options)
         self.server = server
         self.port = server.address[1]
         return server
@@ -2019,6 +2019,415 @@ class GuaranteeTest(ServerTestCase):
         self.assertEqual(lines[0], "*** carol joined (2 online)")
         alice.wait_for("*** carol joined (2 online)")
 
+
+
+# --- Version 3: several rooms at once, away, the message of the day ---------------
+
+class SeveralRoomsRules:
+    """docs/protocol.md, "Several rooms at once" and "Away": every rule, in
+    text and JSON. Run on one server (SeveralRoomsTest) and across two on a
+    real Redis (SeveralRoomsRedisTest): alice and carol on the first,
+    bob and dan on the last."""
+
+    HOME = {"alice": 0, "carol": 0, "bob": -1, "dan": -1}
+
+    def start_servers(self, **limits):
+        """Start the servers; return their ports."""
+        raise NotImplementedError
+
+    def setUp(self):
+        self.ports = self.start_servers(max_joined=3, rate=0)
+        self.online = []
+
+    def person(self, nick, json_mode=False):
+        """nick, registered on its server; everyone before it has seen it join."""
+        peer = Peer(self.ports[self.HOME.get(nick, 0)])
+        self.addCleanup(peer.close)
+        if json_mode:
+            peer.send_line("/format json")
+            while not peer.read_line().startswith('{"type": "notice", "text": "format: json"'):
+                pass  # (the greeting came as text)
+        peer.send_line(nick)
+        self.online.append(peer)
+        joined = "*** %s joined (%d online)" % (nick, len(self.online))
+        if json_mode:
+            while self.read_json(peer).get("type") != "joined":
+                pass
+        else:
+            peer.wait_for(joined)
+        for earlier in self.online[:-1]:
+            if getattr(earlier, "json_mode", False):
+                while self.read_json(earlier) != {"type": "joined", "nick": nick,
+                                                  "room": "#lobby", "count": len(self.online)}:
+                    pass
+            else:  # (marked #lobby if that is not its current room)
+                while not earlier.read_line().endswith(joined):
+                    pass
+        peer.json_mode = json_mode
+        return peer
+
+    @staticmethod
+    def read_json(peer):
+        obj = json.loads(peer.read_line())
+        obj.pop("time")
+        return obj
+
+    @staticmethod
+    def wait_for_each(peer, *lines):
+        """Skip lines until each of these has come, in any order (between
+        rooms there is none); return the others."""
+        waiting, others = list(lines), []
+        while waiting:
+            got = peer.read_line()
+            if got in waiting:
+                waiting.remove(got)
+            else:
+                others.append(got)
+        return others
+
+    def until_answered(self, peer, command, answer):
+        """Ask until the answer is this one (another server hears of a
+        change through Redis a moment after the server it was made on)."""
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            peer.send_line(command)
+            got = peer.read_line()
+            if got == answer:
+                return
+            self.assertLess(time.monotonic(), deadline, "%r: still %r" % (command, got))
+            time.sleep(0.02)  # asking again, bounded by the deadline
+
+    def opened(self, peer, nick, room, here, *others):
+        """peer (nick) opens room, where others are: all see its join line."""
+        peer.send_line("/open " + room)
+        line = "*** %s joined %s (%d here)" % (nick, room, here)
+        peer.wait_for(line)
+        for other in others:
+            other.wait_for(line)
+
+    def test_open_enters_a_room_and_stays_in_the_others(self):
+        alice, bob = self.person("alice"), self.person("bob")
+        self.opened(bob, "bob", "#rust", 1)
+        alice.send_line("hi lobby")
+        alice.expect("<alice> hi lobby")
+        bob.expect("#lobby <alice> hi lobby")  # still in the lobby, not its current room
+        self.opened(alice, "alice", "#rust", 2, bob)
+        alice.send_line("hi rust")
+        alice.expect("<alice> hi rust")
+        bob.expect("<alice> hi rust")
+        bob.send_line("/open lobby")  # in it already: it only becomes current
+        bob.expect("*** talking in #lobby now")
+        alice.send_line("again")
+        alice.expect("<alice> again")
+        bob.expect("#rust <alice> again")
+        bob.send_line("/open #rust")
+        bob.expect("*** talking in #rust now")
+        alice.send_line("/open #lobby")
+        alice.expect("*** talking in #lobby now")
+        alice.send_line("/me waves")
+        alice.expect("* alice waves")
+        bob.expect("#lobby * alice waves")
+        bob.send_line("/open")
+        bob.expect("!!! usage: /open ROOM")
+        bob.send_line("/open #no spaces")
+        self.assertTrue(bob.read_line().startswith("!!! invalid room name: #no spaces"))
+
+    def test_the_first_spelling_of_a_room_stays(self):
+        alice, bob = self.person("alice"), self.person("bob")
+        self.opened(bob, "bob", "#Rust", 1)
+        self.opened(alice, "alice", "#Rust", 2, bob)
+        alice.send_line("/open #RUST")
+        alice.expect("*** talking in #Rust now")
+
+    def test_open_gives_the_topic_and_the_history_as_join_does(self):
+        alice, bob = self.person("alice"), self.person("bob")
+        self.opened(bob, "bob", "#rust", 1)
+        bob.send_line("/topic ownership")
+        bob.expect("*** bob set the topic: ownership")
+        bob.send_line("borrow")
+        bob.expect("<bob> borrow")
+        alice.send_line("/open #rust")
+        alice.expect("*** alice joined #rust (2 here)",
+                     "*** topic of #rust: ownership (set by bob)",
+                     "*** the last 1 message in #rust (times in UTC):")
+        self.assertRegex(alice.read_line(), r"^\[\d{4}-\d\d-\d\d \d\d:\d\d\] <bob> borrow$")
+        alice.expect("*** end of history")
+        bob.expect("*** alice joined #rust (2 here)")
+
+    def test_max_joined_rooms(self):
+        alice = self.person("alice")
+        self.opened(alice, "alice", "#a", 1)
+        self.opened(alice, "alice", "#b", 1)
+        alice.send_line("/open #c")
+        alice.expect("!!! you are in 3 rooms: /part one first")
+        alice.send_line("/open #a")  # one of its own: not refused
+        alice.expect("*** talking in #a now")
+        alice.send_line("/join #c")  # /join leaves one for another
+        alice.expect("*** alice joined #c (1 here)")
+        alice.send_line("/rooms")
+        alice.expect("*** 1 online in 3 rooms: #b (1), #c (1), #lobby (1)")
+
+    def test_part_leaves_one_room_and_the_last_entered_is_current(self):
+        alice, bob = self.person("alice"), self.person("bob")
+        self.opened(bob, "bob", "#go", 1)
+        self.opened(alice, "alice", "#rust", 1)
+        self.opened(alice, "alice", "#go", 2, bob)
+        alice.send_line("/part")  # the current room, #go
+        alice.expect("*** alice left (parted)", "*** talking in #rust now")
+        bob.expect("*** alice left (parted)")
+        alice.send_line("/part #lobby")  # not the current room: marked
+        alice.expect("#lobby *** alice left (parted)", "*** talking in #rust now")
+        bob.expect("#lobby *** alice left (parted)")
+        alice.send_line("/part #lobby")
+        alice.expect("!!! you are not in #lobby")
+        alice.send_line("/part rust")
+        alice.expect("*** alice left (parted)", "*** you are in no room: /join ROOM")
+        for line in ("hello?", "/me waits", "/topic", "/who", "/history", "/search x", "/part"):
+            alice.send_line(line)
+            alice.expect("!!! you are in no room: /join ROOM")
+        alice.send_line("/msg bob still here")  # private messages need no room
+        alice.expect("-> *bob* still here")
+        bob.expect("*alice* still here")
+        alice.send_line("/rooms")
+        alice.expect("*** 2 online in 2 rooms: #go (1), #lobby (1)")
+        alice.send_line("/join go")  # in no room: /join just enters
+        alice.expect("*** alice joined #go (2 here)")
+        bob.expect("*** alice joined #go (2 here)")
+
+    def test_join_keeps_its_v2_meaning(self):
+        alice, bob, carol = self.person("alice"), self.person("bob"), self.person("carol")
+        self.opened(bob, "bob", "#rust", 1)
+        self.opened(alice, "alice", "#rust", 2, bob)
+        alice.send_line("/join #go")  # leaves #rust (current), stays in the lobby
+        alice.expect("*** alice joined #go (1 here)")
+        bob.expect("*** alice left (went to #go)")
+        carol.send_line("still lobby")
+        carol.expect("<carol> still lobby")
+        alice.expect("#lobby <carol> still lobby")
+        bob.expect("#lobby <carol> still lobby")
+        alice.send_line("/join #lobby")  # one of its rooms: it only becomes current
+        alice.expect("*** talking in #lobby now")  # (and it left #go, where nobody was)
+        alice.send_line("/who #go")
+        alice.expect("*** 0 in #go:")
+        carol.send_line("/join #lobby")
+        carol.expect("!!! you are already in #lobby")
+
+    def test_msg_to_a_room_says_it_there(self):
+        alice, bob = self.person("alice"), self.person("bob")
+        self.opened(alice, "alice", "#rust", 1)
+        alice.send_line("/msg #lobby from rust")
+        alice.expect("#lobby <alice> from rust")
+        bob.expect("<alice> from rust")
+        alice.send_line("/msg #go hi")
+        alice.expect("!!! you are not in #go")
+        alice.send_line("/msg lobby hi")  # without #: a nick
+        alice.expect("!!! no such user: lobby")
+
+    def test_history_of_any_of_its_rooms(self):
+        alice, bob = self.person("alice"), self.person("bob")
+        bob.send_line("one")
+        bob.expect("<bob> one")
+        alice.wait_for("<bob> one")
+        self.opened(alice, "alice", "#rust", 1)
+        alice.send_line("/history #lobby 1")
+        alice.expect("*** the last 1 message in #lobby (times in UTC):")
+        self.assertTrue(alice.read_line().endswith("<bob> one"))
+        alice.expect("*** end of history")
+        alice.send_line("/history #lobby after 999999")
+        alice.expect("*** no messages in #lobby after 999999")
+        alice.send_line("/history #rust")
+        alice.expect("*** no messages in #rust yet")
+        alice.send_line("/history")
+        alice.expect("*** no messages in #rust yet")
+        alice.send_line("/history #go")
+        alice.expect("!!! you are not in #go")
+        alice.send_line("/history #lobby x")
+        alice.expect("!!! usage: /history [N]")
+        alice.send_line("/history #lobby after x")
+        alice.expect("!!! usage: /history after ID")
+
+    def test_a_line_about_a_person_reaches_each_connection_once(self):
+        alice, bob, carol = self.person("alice"), self.person("bob"), self.person("carol")
+        for peer, nick, here in ((alice, "alice", 1), (bob, "bob", 2), (carol, "carol", 3)):
+            self.opened(peer, nick, "#rust", here, *[p for p in (alice, bob) if p is not peer
+                                                     and here > 1][:here - 1])
+        alice.send_line("/nick al")
+        alice.expect("*** alice is now known as al")  # once, unmarked
+        alice.send_line("/msg #lobby mark")  # after the rename in both rooms' order
+        alice.send_line("/msg #rust mark")
+        for peer in (bob, carol, alice):
+            seen = self.wait_for_each(peer, "#lobby <al> mark", "<al> mark")
+            self.assertEqual(seen, [] if peer is alice else ["*** alice is now known as al"])
+        alice.send_line("/quit bye")
+        carol.expect("*** al left (bye)")  # carol shares both rooms with al: once
+        carol.send_line("/msg #lobby mark2")
+        carol.send_line("/msg #rust mark2")
+        seen = self.wait_for_each(bob, "#lobby <carol> mark2", "<carol> mark2")
+        self.assertEqual(seen, ["*** al left (bye)"])
+
+    def test_who_and_rooms_work_for_any_room_and_count_people(self):
+        alice, bob = self.person("alice"), self.person("bob")
+        self.opened(bob, "bob", "#rust", 1)
+        self.opened(alice, "alice", "#go", 1)
+        alice.send_line("/who #rust")
+        alice.expect("*** 1 in #rust: bob")
+        alice.send_line("/who rust")
+        alice.expect("*** 1 in #rust: bob")
+        alice.send_line("/who")
+        alice.expect("*** 1 in #go: alice")
+        alice.send_line("/who #nobody")
+        alice.expect("*** 0 in #nobody:")
+        alice.send_line("/who #no way")
+        self.assertTrue(alice.read_line().startswith("!!! invalid room name"))
+        alice.send_line("/rooms")
+        alice.expect("*** 2 online in 3 rooms: #lobby (2), #go (1), #rust (1)")
+        carol = self.person("carol")
+        carol.send_line("/rooms")
+        carol.expect("*** 3 online in 3 rooms: #lobby (3), #go (1), #rust (1)")
+
+    def test_json_objects_carry_their_room(self):
+        alice = self.person("alice")
+        bob = self.person("bob", json_mode=True)
+        bob.send_line("/open #rust")
+        self.assertEqual(self.read_json(bob), {"type": "joined", "nick": "bob", "room": "#rust",
+                                               "count": 1})
+        alice.send_line("in the lobby")
+        alice.expect("<alice> in the lobby")
+        obj = self.read_json(bob)
+        self.assertEqual((obj["type"], obj["room"], obj["text"]),
+                         ("message", "#lobby", "in the lobby"))
+        bob.send_line("/open #lobby")
+        self.assertEqual(self.read_json(bob), {"type": "notice", "text": "talking in #lobby now",
+                                               "room": "#lobby"})
+        bob.send_line("/open #a")
+        self.read_json(bob)
+        bob.send_line("/open #b")
+        self.assertEqual(self.read_json(bob), {"type": "error", "code": "too_many_rooms",
+                                               "text": "you are in 3 rooms: /part one first"})
+        bob.send_line("/part #nope")
+        self.assertEqual(self.read_json(bob), {"type": "error", "code": "not_in_room",
+                                               "text": "you are not in #nope"})
+        bob.send_line("/part #a")
+        self.assertEqual(self.read_json(bob), {"type": "left", "nick": "bob", "room": "#a",
+                                               "reason": "parted"})
+        self.assertEqual(self.read_json(bob), {"type": "notice", "text": "talking in #rust now",
+                                               "room": "#rust"})
+        alice.send_line("/nick al")  # about a person: once, in a room they share
+        alice.expect("*** alice is now known as al")
+        alice.send_line("/msg bob mark")
+        self.assertEqual(self.read_json(bob), {"type": "renamed", "old": "alice", "new": "al",
+                                               "room": "#lobby"})
+        self.assertEqual(self.read_json(bob)["type"], "private")
+        bob.send_line("/part #lobby")
+        self.read_json(bob)
+        self.read_json(bob)
+        bob.send_line("/part")
+        self.assertEqual(self.read_json(bob), {"type": "left", "nick": "bob", "room": "#rust",
+                                               "reason": "parted"})
+        self.assertEqual(self.read_json(bob), {"type": "notice", "room": None,
+                                               "text": "you are in no room: /join ROOM"})
+        bob.send_line("hello")
+        self.assertEqual(self.read_json(bob), {"type": "error", "code": "not_in_room",
+                                               "text": "you are in no room: /join ROOM"})
+
+    def test_away(self):
+        alice, bob = self.person("alice"), self.person("bob")
+        alice.send_line("/away lunch, back at 2")
+        alice.expect("*** you are marked away: lunch, back at 2")
+        alice.send_line("/who")
+        alice.expect("*** 2 in #lobby: alice (away), bob")
+        self.until_answered(bob, "/who", "*** 2 in #lobby: alice (away), bob")
+        bob.send_line("/msg alice are you there?")
+        bob.expect("-> *alice* are you there?", "*** alice is away: lunch, back at 2")
+        alice.expect("*bob* are you there?")
+        bob.send_line("/who")
+        bob.expect("*** 2 in #lobby: alice (away), bob")
+        alice.send_line("/away")
+        alice.expect("*** you are back")
+        alice.send_line("/who")
+        alice.expect("*** 2 in #lobby: alice, bob")
+        self.until_answered(bob, "/who", "*** 2 in #lobby: alice, bob")
+        bob.send_line("/msg alice now?")
+        bob.expect("-> *alice* now?")
+        alice.expect("*bob* now?")
+        self.assertEqual(bob.sync(), [])
+
+    def test_away_in_json_and_it_ends_with_the_connection(self):
+        alice = self.person("alice")
+        bob = self.person("bob", json_mode=True)
+        alice.send_line("/away gone fishing")
+        alice.expect("*** you are marked away: gone fishing")
+        alice.send_line("/who")
+        alice.expect("*** 2 in #lobby: alice (away), bob")
+        bob.send_line("/format text")
+        bob.expect("*** format: text")
+        self.until_answered(bob, "/who", "*** 2 in #lobby: alice (away), bob")
+        bob.send_line("/format json")
+        self.assertEqual(self.read_json(bob), {"type": "notice", "text": "format: json"})
+        bob.send_line("/who")
+        self.assertEqual(self.read_json(bob), {"type": "who", "room": "#lobby",
+                                               "nicks": ["alice", "bob"], "operators": [],
+                                               "away": ["alice"]})
+        bob.send_line("/msg alice hi")
+        self.assertEqual(self.read_json(bob)["type"], "private")
+        self.assertEqual(self.read_json(bob), {"type": "notice", "nick": "alice",
+                                               "away": "gone fishing",
+                                               "text": "alice is away: gone fishing"})
+        bob.send_line("/away brb")
+        self.assertEqual(self.read_json(bob), {"type": "notice", "away": "brb",
+                                               "text": "you are marked away: brb"})
+        bob.send_line("/away")
+        self.assertEqual(self.read_json(bob), {"type": "notice", "away": None,
+                                               "text": "you are back"})
+        alice.send_line("/quit")
+        self.assertEqual(self.read_json(bob)["type"], "left")
+        self.online.remove(alice)
+        again = Peer(self.ports[0])
+        self.addCleanup(again.close)
+        again.send_line("alice")
+        again.wait_for("*** alice joined (2 online)")
+        again.send_line("/who")
+        again.wait_for("*** 2 in #lobby: alice, bob")
+
+
+class SeveralRoomsTest(SeveralRoomsRules, ServerTestCase):
+
+    def start_servers(self, **limits):
+        self.start_server(**limits)
+        return [self.port]
+
+
+class MotdTest(ServerTestCase):
+    """docs/protocol.md, "Away, and the message of the day": --motd-file."""
+
+    def test_the_motd_follows_the_greeting_before_the_nickname_prompt(self):
+        self.start_server(motd=["Be kind.", "Rules: /help"])
+        peer = self.connect()
+        peer.expect("*** welcome to chat.py (0 online)", "*** Be kind.", "*** Rules: /help",
+                    "*** choose a nickname: 1-24 letters, digits, _ or -")
+
+    def test_with_a_room_password_the_password_line_comes_last_but_one(self):
+        self.start_server(motd=["Be kind."], password="pw")
+        peer = self.connect()
+        peer.expect("*** welcome to chat.py (0 online)", "*** Be kind.",
+                    "*** " + chat.PASSWORD_GREETING,
+                    "*** choose a nickname: 1-24 letters, digits, _ or -")
+
+    def test_the_file_is_read_at_start_cleaned_and_a_missing_one_is_exit_1(self):
+        path = write_file(self, "motd.txt", "Welcome \x1b[31mred\x1b[0m\n\nsee you\n")
+        self.assertEqual(chat.read_motd(path), ["Welcome [31mred[0m", "", "see you"])
+        code, out, err = run_chat("server", "--port", "0", "--db", ":memory:",
+                                  "--motd-file", path + ".missing")
+        self.assertEqual(code, 1)
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertIn("motd.txt.missing", err)
+        self.assertNotIn("Traceback", err)
+        with open(path, "wb") as f:
+            f.write(b"caf\xe9\n")
+        code, out, err = run_chat("server", "--port", "0", "--db", ":memory:",
+                                  "--motd-file", path)
+        self.assertEqual((code, err.count("\n")), (1, 1), err)
+        self.assertIn("not UTF-8", err)
 
 # --- Server: limits ---------------------------------------------------------------
 
@@ -4703,6 +5112,15 @@ class SeveralServersTest(RedisCase):
         again.send_line("/who")
         again.wait_for("*** 2 in #lobby: alice, bob")
 
+
+
+class SeveralRoomsRedisTest(SeveralRoomsRules, RedisCase):
+    """The rules of several rooms and /away across two servers on one Redis:
+    alice and carol on one, bob and dan on the other."""
+
+    def start_servers(self, **limits):
+        url = self.start_redis()
+        return [self.serve_on_redis(url, **limits), self.serve_on_redis(url, **limits)]
 
 
 class LostServerTest(RedisCase):
