@@ -765,6 +765,8 @@ def line_from_json(obj, me=None, topic_asked=False):
         if obj.get("history") and kind in ("message", "action"):
             line = format_line("history", time=_history_time(obj["time"]), line=line).having(
                 id=obj.get("id"), room=obj.get("room"))
+        elif isinstance(obj.get("room"), str) and isinstance(line, Line):
+            line.having(room=obj["room"])  # whose line it is (several rooms at once)
         return line
     except (KeyError, TypeError, ValueError):
         return None  # history_end (the caller's), an unknown type, a field missing
@@ -5300,6 +5302,7 @@ class RedisHistory:
 # and the server's. Stdin is never selected on, so the loop works on Windows.
 
 PROMPT = "{room}> "             # the room you are in: #lobby>
+NO_ROOM = "(no room)"         # ...in the prompt, after /part of the last one
 NICK_PROMPT = "nickname: "
 PASSWORD_PROMPT = "room password: "
 ACCOUNT_PROMPT = "password for {nick}: "
@@ -5318,6 +5321,7 @@ STYLES = {
     "mention": "1;7",     # bold reverse: your nick in someone's line
     "own": "1",           # bold: your own nick
     "time": "2",
+    "room": "36",         # cyan: the room of a line not of the current room
 }
 # Typed commands the client handles itself; the rest go to the server.
 CLIENT_HELP = (
@@ -5334,8 +5338,15 @@ SETUP_TOKEN = "chat.py-client-setup"
 HELP_TOKEN = "chat.py-client-help"
 JOIN_TOKEN = "chat.py-client-join"
 RESUME_TOKEN = "chat.py-client-resume"   # back after a reconnect: the replays are over
+NEWEST_TOKEN = "chat.py-client-newest"   # in a new room: the next block is the newest id
 NOT_CONNECTED_YET = "not connected: that goes once reconnected"
 CAUGHT_UP = "{messages} in {room} while you were away (times in UTC):"
+# JSON types that are a room's lines (the others are about a person, or ours).
+ROOM_LINE_TYPES = frozenset({"message", "action", "joined", "left", "topic"})
+# Typed commands whose answer moves us (the prompt waits for it).
+MOVING_COMMANDS = ("/join", "/open", "/part")
+# Commands followed by a room's name (Tab completes rooms there).
+ROOM_COMMANDS = ("/join", "/open", "/part", "/who", "/history")
 CATCH_UP_FAILED = "what was said in {room} while you were away can't be shown: {reason}"
 # The server's answer to the /format json the client starts with.
 FORMAT_JSON_ANSWER = "format: json"
@@ -5411,18 +5422,21 @@ def track_nicks(nicks, text):
         nicks[nick_key(fields["new"])] = fields["new"]
     elif kind == "who":
         nicks.clear()
-        for nick in fields["nicks"].split(", "):
+        for nick in filter(None, fields["nicks"].split(", ")):
             nick = nick.lstrip("@")
+            if nick.endswith(AWAY_MARK):
+                nick = nick[:-len(AWAY_MARK)]
             nicks[nick_key(nick)] = nick
 
 
 def completions(word, before, nicks, commands=CLIENT_COMMANDS + SERVER_COMMANDS, rooms=()):
     """Return what Tab may turn word into: a command if it is the line's first
-    word and starts with /, a room after /join, else a nick (case ignored).
-    before is what the line holds before word."""
+    word and starts with /, a room after /join (/open, /part...) or for a
+    word that starts with #, else a nick (case ignored). before is what the
+    line holds before word."""
     if not before.strip() and word.startswith("/"):
         return sorted(c for c in commands if c.startswith(word.lower()))
-    if before.strip().lower() == "/join":
+    if before.strip().lower() in ROOM_COMMANDS or word.startswith("#"):
         folded = room_name(word).casefold()
         return sorted((r for r in rooms if r.casefold().startswith(folded)), key=str.casefold)
     folded = word.casefold()
@@ -5691,7 +5705,8 @@ class ClientSession:
         self.reconnect = reconnect         # come back after a lost connection
         self.nicks = {}                    # who is in the room, for Tab: key -> nick
         self.commands = CLIENT_COMMANDS + SERVER_COMMANDS  # for Tab; /help tells the rest
-        self.room = LOBBY                  # the room we are in (the prompt shows it)
+        self.room = LOBBY                  # our current room (the prompt shows it), or None
+        self.joined = [LOBBY]              # the rooms we are in, in the order entered
         self.rooms = {LOBBY}               # rooms heard of, for Tab after /join
         self.last_private = None           # who sent the last private message (/reply)
         self.online = False                # a connection is open
@@ -5707,9 +5722,9 @@ class ClientSession:
         self.quitting = False              # /quit sent: the server's close is expected
         self.pending_account = None        # a typed /login or /register awaiting its answer
         self.quit_deadline = None
-        self.last_id = None                # the newest message id seen in self.room
+        self.last_ids = {}                 # room -> the newest message id seen there
         self.speaks_json = False           # the server answered /format json in JSON
-        self.resume = None                 # (room, last id) to come back to, reconnecting
+        self.resume = None                 # (rooms, current, last ids) to come back to
         self._new_connection_state()
 
     def _new_connection_state(self):
@@ -5738,10 +5753,13 @@ class ClientSession:
         self.block = []                    # a history block's items, until history_end
         self.mail = []                     # offline messages, until something else comes
         self.resuming = False              # back in: replays are dropped until RESUME_TOKEN
-        self.catching_up = False           # /history after LAST_ID asked: live lines wait
+        self.catching_up = False           # /history #ROOM after ID asked: live lines wait
+        self.to_catch_up = []              # ...(room, last id) for each room, in turn
         self.catch_up_refusals = 0         # ...answered by an error so often
         self.catch_up_retry_at = None      # ...and asked again at this time
         self.held = []                     # ...here
+        self.moves = []                    # typed /join, /open, /part not answered yet:
+                                           # (command, the current room when typed)
 
     # -- events from ChatClient --
 
@@ -5861,13 +5879,27 @@ class ClientSession:
             self.to_self = not self.to_self
             if self.to_self:
                 line = format_line("private", nick=obj["from"], text=obj["text"])
+        if line is not None and self._of_another_room(obj, kind):
+            line.having(marked=obj["room"])  # shown as text mode would: "#rust <bob> hi"
         return [line]
 
+    def _of_another_room(self, obj, kind):
+        """Whether an object is a line of a room that is not our current one
+        (a line about a person, such as a rename, is of none)."""
+        room = obj.get("room")
+        if not isinstance(room, str) or room == self.room or kind not in ROOM_LINE_TYPES:
+            return False
+        if kind == "joined" and nick_key(obj.get("nick", "")) == nick_key(self.nick or ""):
+            return False  # ours: that room is current from here on
+        reason = obj.get("reason")
+        return kind != "left" or reason == LEFT_PARTED or (
+            isinstance(reason, str) and reason.startswith(LEFT_WENT_TO.format(room="")))
+
     def _saw_id(self, obj):
-        message_id = obj.get("id")
-        if obj.get("room") == self.room and isinstance(message_id, int) and (
-                self.last_id is None or message_id > self.last_id):
-            self.last_id = message_id
+        message_id, room = obj.get("id"), obj.get("room")
+        if isinstance(room, str) and isinstance(message_id, int) and (
+                message_id > self.last_ids.get(room, 0)):
+            self.last_ids[room] = message_id
 
     def _mail_block(self):
         """The offline messages gathered, as the text block that holds them."""
@@ -5889,6 +5921,8 @@ class ClientSession:
             self.hidden_history -= 1
             for message_id, line in items:
                 self._saw_id(dict(room=obj.get("room"), id=message_id))
+            if isinstance(obj.get("room"), str):  # empty when we came: all of it is new
+                self.last_ids.setdefault(obj["room"], 0)
             return []
         room, ask, self.history_ask = obj.get("room", self.room), self.history_ask, None
         for message_id, line in items:
@@ -5909,44 +5943,62 @@ class ClientSession:
     # -- coming back after a reconnect: what was missed, once, in order --
 
     def _resume(self):
-        """Registered again: back to the room we were in; the replays that
-        come are dropped, and what was said since the last id we saw is
-        asked for once they are over (RESUME_TOKEN)."""
-        room, last_id = self.resume
+        """Registered again (in the lobby): back into each room we were in,
+        the current one last; the replays that come are dropped, and what
+        was said in each since the last id we saw there is asked for once
+        they are over (RESUME_TOKEN)."""
+        rooms, current, last_ids = self.resume
         self.resuming = True
-        self.io.send((encode_line("/join " + room) if room != LOBBY else b"")
-                     + encode_line("/ping " + RESUME_TOKEN))
+        commands = [encode_line("/open " + room) for room in rooms if room != LOBBY]
+        if LOBBY not in rooms:
+            commands.append(encode_line("/part " + LOBBY))
+        if current is not None and rooms and current != rooms[-1]:
+            commands.append(encode_line("/open " + current))
+        self.io.send(b"".join(commands) + encode_line("/ping " + RESUME_TOKEN))
 
     def _resumed(self):
-        """The replays are over: ask for what was missed (or, having seen
-        no id, there is nothing to ask after); return the lines to show."""
+        """The replays are over: ask for what was missed in each room (one
+        with no id seen has nothing to ask after); return the lines to show."""
         self.resuming = False
-        room, last_id = self.resume
-        if room == self.room and last_id is not None:
-            self.last_id = last_id
-            self.catching_up = True
-            self.io.send(encode_line("/history after %d" % last_id))
-            return []
-        return self._caught_up([])
+        rooms, current, last_ids = self.resume
+        self.last_ids.update(last_ids)
+        self.to_catch_up = [(room, last_ids[room]) for room in rooms if room in last_ids]
+        return self._next_catch_up()
+
+    def _next_catch_up(self):
+        """Ask about the next room, or end the catch-up."""
+        if not self.to_catch_up:
+            return self._end_catch_up()
+        self.catching_up = True
+        self.catch_up_refusals = 0
+        self._ask_catch_up()
+        return []
+
+    def _ask_catch_up(self):
+        room, last_id = self.to_catch_up[0]
+        named = "" if room == self.room else room + " "  # (as a v2 server understands it)
+        self.io.send(encode_line("/history %safter %d" % (named, self.last_ids.get(
+            room, last_id))))
 
     def _caught_up(self, items):
-        """A page of /history after: show what was not seen; ask for the
-        next page if it was full; else the lines that waited, then what was
-        typed while away."""
-        room = self.room
+        """A page of /history #ROOM after: show what was not seen; ask for the
+        next page if it was full; else the next room, and at last the lines
+        that waited, then what was typed while away."""
+        room = self.to_catch_up[0][0]
         lines = []
         for message_id, line in items:
-            if self.last_id is None or message_id > self.last_id:
+            if message_id > self.last_ids.get(room, 0):
                 lines.append(line)
-                self.last_id = message_id
+                self.last_ids[room] = message_id
         if lines:
             lines = ([format_line("notice", text=CAUGHT_UP.format(
                 messages=plural(len(lines), "message"), room=room))]
                      + lines + [format_line("history_end")])
         if len(items) >= HISTORY_MAX:
-            self.io.send(encode_line("/history after %d" % self.last_id))
+            self._ask_catch_up()
             return lines
-        return lines + self._end_catch_up()
+        self.to_catch_up.pop(0)
+        return lines + self._next_catch_up()
 
     def _catch_up_refused(self, obj):
         """/history after was answered with an error (the history can't be
@@ -5956,25 +6008,24 @@ class ClientSession:
         if self.catch_up_refusals < CATCH_UP_TRIES:
             self.catch_up_retry_at = time.monotonic() + CATCH_UP_RETRY_S
             return []
+        room = self.to_catch_up.pop(0)[0]
         return [format_line("notice", text=CATCH_UP_FAILED.format(
-            room=self.room, reason=obj.get("text", "refused")))] + self._end_catch_up()
+            room=room, reason=obj.get("text", "refused")))] + self._next_catch_up()
 
     def _retry_catch_up(self):
         self.catch_up_retry_at = None
-        if self.online and self.catching_up:
-            self.io.send(encode_line("/history after %d" % self.last_id))
+        if self.online and self.catching_up and self.to_catch_up:
+            self._ask_catch_up()
 
     def _end_catch_up(self):
         """Caught up (or given up): the live lines that waited, then what
         was typed while away."""
-        room = self.room
         lines = []
         self.catching_up = False
         self.catch_up_retry_at = None
         held, self.held = self.held, []
         for obj in held:
-            if obj.get("room") == room and (self.last_id is None
-                                            or obj.get("id", 0) > self.last_id):
+            if obj.get("id", 0) > self.last_ids.get(obj.get("room"), 0):
                 lines += self._live_line(obj, obj["type"])
         self.resume = None
         if self.unsent:
@@ -6248,7 +6299,8 @@ class ClientSession:
         self.answer_deadline = None
         self.nick = nick
         self.room = LOBBY
-        self.last_id = None
+        self.joined = [LOBBY]
+        self.last_ids = {}
         self._show_server_line(text)
         if not (self.format_asked or self.json_now or self.json_pipe):
             self.format_asked = True
@@ -6275,8 +6327,8 @@ class ClientSession:
     def _lose_connection(self):
         self.io.disconnect()
         self.online = False
-        if self.registered and self.resume is None:
-            self.resume = (self.room, self.last_id)  # where to come back to
+        if self.registered and self.resume is None:  # where to come back to
+            self.resume = (list(self.joined), self.room, dict(self.last_ids))
         self.registered = False
 
     def _schedule_reconnect(self, why):
@@ -6292,11 +6344,11 @@ class ClientSession:
         self.reconnecting = False
         self.backoff = RECONNECT_FIRST_S
         self.notice("reconnected")
-        if self.resume is not None and self.json_now and self.resume[1] is not None:
+        if self.resume is not None and self.json_now:
             self._resume()  # what was typed meanwhile goes once caught up
             return
-        if self.resume is not None and self.resume[0] != LOBBY:
-            self.io.send(encode_line("/join " + self.resume[0]))  # its replay says the rest
+        if self.resume is not None and self.resume[1] not in (LOBBY, None):
+            self.io.send(encode_line("/join " + self.resume[1]))  # its replay says the rest
         self.resume = None
         if self.unsent:
             self.io.send(bytes(self.unsent))
@@ -6323,6 +6375,13 @@ class ClientSession:
             for line in self._resumed():
                 self._server_text(line)
             return True
+        if kind == "pong" and fields["token"] == NEWEST_TOKEN:
+            self.hidden_history += 1
+            return True
+        if self.resuming and (kind == "talking_in" or (
+                kind == "left" and fields["nick"] == self.nick)):
+            self._note_moves(kind, fields, getattr(text, "extra", {}).get("room"))
+            return True  # going back into our rooms: not news to the user
         if kind == "pong" and fields["token"] == SETUP_TOKEN:
             self.setup = False
             return True
@@ -6341,9 +6400,15 @@ class ClientSession:
         return False
 
     def _moved_to(self, room):
-        """In another room now: the room's people are learnt afresh."""
+        """In another room now (and current): its people are learnt afresh,
+        and its newest id (what a reconnect asks what was said after)."""
+        if room not in self.joined:
+            self.joined.append(room)
         self.room = room
-        self.last_id = None
+        if self.json_now and not self.resuming:
+            # After the replay that may follow the join line (the pong
+            # says it is over): the room's newest message, not shown.
+            self.io.send(encode_line("/ping " + NEWEST_TOKEN) + b"/history 1\n")
         self.nicks.clear()
         self.nicks[nick_key(self.nick)] = self.nick
         if self.interactive:
@@ -6359,8 +6424,26 @@ class ClientSession:
         elif kind == "left" and fields["reason"].startswith(LEFT_WENT_TO.format(room="")):
             self.rooms.add(fields["reason"][len(LEFT_WENT_TO.format(room="")):])
 
+    def _note_moves(self, kind, fields, room):
+        """Our own moves between rooms, from the server's answers: the rooms
+        we are in, and which is current (room: the line's, if known)."""
+        own_join = kind == "joined_room" and fields["nick"] == self.nick
+        if self.moves and (own_join or kind in ("talking_in", "no_room", "error")):
+            command, before = self.moves.pop(0)  # the answer to the oldest typed move
+            now = fields["room"] if kind != "no_room" and kind != "error" else None
+            if command == "/join" and now and before in self.joined and before != now:
+                self.joined.remove(before)  # /join left it (only its others are told)
+        if kind == "talking_in":
+            self.room = fields["room"]
+        elif kind == "no_room":
+            self.room = None
+        elif kind == "left" and fields["nick"] == self.nick and room in self.joined and (
+                fields["reason"] == LEFT_PARTED
+                or fields["reason"].startswith(LEFT_WENT_TO.format(room=""))):
+            self.joined.remove(room)
+
     def prompt(self):
-        return PROMPT.format(room=self.room)
+        return PROMPT.format(room=self.room or NO_ROOM)
 
     def _offer(self, commands):
         """Tab offers these server commands too."""
@@ -6381,6 +6464,7 @@ class ClientSession:
             self.nick = fields["new"]  # renamed: mentions follow the new nick
         elif kind == "joined_room" and fields["nick"] == self.nick:
             self._moved_to(fields["room"])
+        self._note_moves(kind, fields, getattr(text, "extra", {}).get("room"))
         self._note_rooms(kind, fields)
         if kind in ("history", "history_last", "history_search", "history_after",
                     "offline_start", "notice"):
@@ -6389,6 +6473,9 @@ class ClientSession:
             shown = styled(STYLES["private"], text) if self.color else text  # while away
         else:
             shown = render_line(text, self.nick if self.registered else None, self.color)
+        marked = getattr(text, "extra", {}).get("marked")
+        if marked:  # a line of another of our rooms
+            shown = (styled(STYLES["room"], marked) if self.color else marked) + " " + shown
         if self.bell and self.registered and wants_bell(text, self.nick):
             shown += BELL
         self.show(shown, dated)
@@ -6431,9 +6518,11 @@ class ClientSession:
         if word in ("/login", "/register"):
             self._note_account(text)
         self._note_question(word, arg.strip())
-        if word == "/join" and self.interactive:
+        if word in MOVING_COMMANDS:
             # The next line is asked for once the server has answered, so that
-            # its prompt names the room we are then in.
+            # its prompt names the room we are then in, and what the client
+            # asks about the room it entered is asked while it is current.
+            self.moves.append((word, self.room))
             self.joining += 1
             return encode_line(text) + encode_line("/ping " + JOIN_TOKEN)
         return encode_line(text)

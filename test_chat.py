@@ -3191,6 +3191,50 @@ class ClientResumeTest(ServerTestCase):
         self.assertRegex("\n".join(out), r"\*\*\* [34] messages in #rust while you were away ")
 
 
+class ClientRoomsTest(ServerTestCase):
+    """The bundled client in several rooms: lines of the others marked with
+    their room, and --reconnect back in every room, each caught up."""
+
+    def setUp(self):
+        self.start_server(op_password="sekrit")
+
+    def test_reconnect_rejoins_every_room_and_catches_each_up(self):
+        bob = self.join("bob")
+        bob.send_line("/op sekrit")
+        bob.send_line("/open #rust")
+        bob.wait_for("*** bob joined #rust (1 here)")
+        alice = start_process(self, [sys.executable, CHAT_PY, "client", "--name", "alice",
+                                     "--port", str(self.port), "--reconnect"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+        read_until(alice, "*** alice joined (2 online)")
+        bob.wait_for("#lobby *** alice joined (2 online)")
+        alice.stdin.write(b"/open #rust\n/open #go\n")
+        alice.stdin.flush()
+        bob.wait_for("*** alice joined #rust (2 here)")
+        read_until(alice, "*** alice joined #go (1 here)")
+        bob.send_line("/msg #lobby lobby live")
+        read_until(alice, "#lobby <bob> lobby live")
+        bob.send_line("/kick alice")
+        bob.wait_for("*** alice was kicked by bob (no reason given)")
+        bob.send_line("/msg #lobby lobby away")
+        bob.send_line("rust away")
+        bob.wait_for("<bob> rust away")
+        out = read_until(alice, "*** reconnected")
+        bob.wait_for("*** alice joined #rust (2 here)")  # back in each room it was in
+        out += read_until(alice, "<bob> rust away")
+        bob.send_line("/who #go")
+        bob.wait_for("*** 1 in #go: alice")
+        bob.send_line("rust back")
+        out += read_until(alice, "#rust <bob> rust back")  # #go is current again
+        alice.stdin.close()
+        alice.wait(TIMEOUT)
+        text = "\n".join(out)
+        self.assertRegex(text, r"\*\*\* 1 message in #lobby while you were away ")
+        self.assertRegex(text, r"\*\*\* 1 message in #rust while you were away ")
+        self.assertEqual(len(re.findall("lobby away", text)), 1, out)
+
+
 class ClientAccountTest(ServerTestCase):
     """The bundled client logs in to its account, again after a reconnect,
     and shows the messages that waited."""
@@ -3521,7 +3565,7 @@ class ClientSessionTest(unittest.TestCase):
         session.server_line(json.dumps({"type": "message", "id": 5, "room": "#lobby",
                                         "nick": "bob", "text": "seen"}))
         session.server_closed()
-        self.assertEqual(session.resume, ("#lobby", 5))
+        self.assertEqual(session.resume, (["#lobby"], "#lobby", {"#lobby": 5}))
         session.connected()
         session.server_line(json.dumps({"type": "notice", "text": "format: json"}))
         session.server_line(json.dumps({"type": "joined", "nick": "al", "room": "#lobby",
@@ -3545,6 +3589,83 @@ class ClientSessionTest(unittest.TestCase):
         session.server_line(json.dumps({"type": "message", "id": 9, "room": "#lobby",
                                         "nick": "bob", "text": "live again"}))
         self.assertEqual(shell.shown[-1], "<bob> live again")
+
+    def test_several_rooms_lines_of_the_others_are_marked_and_the_prompt_follows(self):
+        session, shell = self.registered_in_json()
+        obj = lambda **fields: session.server_line(json.dumps(fields))
+        session.typed("line", "/open #rust")
+        obj(type="joined", nick="al", room="#rust", count=1)
+        self.assertEqual((session.prompt(), session.joined), ("#rust> ", ["#lobby", "#rust"]))
+        obj(type="message", id=3, room="#lobby", nick="bob", text="hi")
+        obj(type="message", id=4, room="#rust", nick="cy", text="borrow")
+        obj(type="renamed", old="bob", new="rob", room="#lobby")  # about a person: unmarked
+        obj(type="left", nick="dan", room="#lobby", reason="parted")
+        self.assertEqual(shell.shown, ["*** al joined #rust (1 here)", "#lobby <bob> hi",
+                                       "<cy> borrow", "*** bob is now known as rob",
+                                       "#lobby *** dan left (parted)"])
+        self.assertEqual(session.last_ids, {"#lobby": 3, "#rust": 4})
+        session.typed("line", "/open #lobby")
+        obj(type="notice", text="talking in #lobby now", room="#lobby")
+        self.assertEqual(session.prompt(), "#lobby> ")
+        session.typed("line", "/part")
+        obj(type="left", nick="al", room="#lobby", reason="parted")
+        obj(type="notice", text="talking in #rust now", room="#rust")
+        self.assertEqual((session.prompt(), session.joined), ("#rust> ", ["#rust"]))
+        session.typed("line", "/join #go")  # leaves #rust: only its others are told
+        obj(type="joined", nick="al", room="#go", count=1)
+        self.assertEqual((session.prompt(), session.joined), ("#go> ", ["#go"]))
+        session.typed("line", "/part")
+        obj(type="left", nick="al", room="#go", reason="parted")
+        obj(type="notice", text="you are in no room: /join ROOM", room=None)
+        self.assertEqual((session.prompt(), session.joined), ("(no room)> ", []))
+
+    def test_reconnecting_it_goes_back_to_every_room_and_catches_each_up(self):
+        session, shell = self.registered_in_json(reconnect=True)
+        obj = lambda **fields: session.server_line(json.dumps(fields))
+        session.typed("line", "/open #rust")
+        obj(type="joined", nick="al", room="#rust", count=1)
+        obj(type="message", id=4, room="#rust", nick="cy", text="seen")
+        obj(type="message", id=5, room="#lobby", nick="bob", text="seen")
+        session.typed("line", "/open #lobby")
+        obj(type="notice", text="talking in #lobby now", room="#lobby")
+        session.server_closed()
+        shell.sent = b""
+        session.connected()
+        obj(type="notice", text="format: json")
+        obj(type="joined", nick="al", room="#lobby", count=2)
+        self.assertTrue(shell.sent.endswith(
+            b"/open #rust\n/open #lobby\n/ping " + chat.RESUME_TOKEN.encode() + b"\n"),
+            shell.sent)
+        obj(type="joined", nick="al", room="#rust", count=2)
+        obj(type="notice", text="talking in #lobby now", room="#lobby")
+        obj(type="message", id=9, room="#rust", nick="cy", text="live, held")
+        obj(type="pong", token=chat.RESUME_TOKEN)
+        self.assertTrue(shell.sent.endswith(b"/history after 5\n"), shell.sent)  # current
+        obj(type="message", id=6, room="#lobby", nick="bob", text="missed", history=True,
+            time="2026-12-01T14:03:05.123Z")
+        obj(type="history_end", room="#lobby", count=1)
+        self.assertTrue(shell.sent.endswith(b"/history #rust after 4\n"), shell.sent)
+        obj(type="message", id=8, room="#rust", nick="cy", text="missed too", history=True,
+            time="2026-12-01T14:03:05.123Z")
+        obj(type="history_end", room="#rust", count=1)
+        shown = [re.sub(r"^\[[^]]*\] ", "", line) for line in shell.shown]
+        self.assertEqual(shown[-7:], [
+            "*** 1 message in #lobby while you were away (local times):", "<bob> missed",
+            "*** end of history",
+            "*** 1 message in #rust while you were away (local times):", "<cy> missed too",
+            "*** end of history", "#rust <cy> live, held"])
+        self.assertEqual((session.prompt(), session.joined), ("#lobby> ", ["#lobby", "#rust"]))
+
+    def test_tab_completes_the_new_commands_and_rooms_after_them(self):
+        nicks = {"bob": "bob"}
+        self.assertEqual(chat.completions("/op", "", nicks), ["/open"])
+        self.assertEqual(chat.completions("/pa", "", nicks), ["/part", "/password"])
+        self.assertEqual(chat.completions("/aw", "", nicks), ["/away"])
+        for command in ("/open", "/part", "/join", "/who", "/history"):
+            self.assertEqual(chat.completions("ru", command + " ", nicks,
+                                              rooms={"#rust", "#ruby", "#go"}),
+                             ["#ruby", "#rust"])
+        self.assertEqual(chat.completions("#g", "/msg ", nicks, rooms={"#go"}), ["#go"])
 
     def test_history_lines_keep_their_own_time_and_reply_answers_offline_messages(self):
         session, shell = self.registered_in_json(timestamps=True)
