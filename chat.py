@@ -618,6 +618,50 @@ def json_bytes(line):
     return cached
 
 
+class TextCodec:
+    """How a connection speaks: what a line it sent asks for, and the bytes
+    each line the chat makes becomes for it. Text lines, as nc and telnet
+    users see them. Codecs hold no state of their own (a connection's
+    framing is its reader's): one of each serves every connection, and the
+    fan-out encodes a pass once per codec, not once per member."""
+
+    name = "text"
+
+    @staticmethod
+    def command(line):
+        """(command, argument) for a line (bytes) a client sent, or None for
+        a blank one: (None, TEXT) is a message."""
+        text = decode_line(line)
+        return parse_line(text) if text.strip() else None
+
+    @staticmethod
+    def encode(line):
+        return encode_line(line)
+
+    @staticmethod
+    def encode_marked(line, room):
+        """A room's line for a connection whose current room is another."""
+        return encode_line(room.name + " " + line)
+
+
+class JsonCodec(TextCodec):
+    """JSON mode (/format json): one object per line; commands stay text."""
+
+    name = "json"
+
+    @staticmethod
+    def encode(line):
+        return json_bytes(line)
+
+    @staticmethod
+    def encode_marked(line, room):
+        return json_bytes(line)  # its object names its room
+
+
+TEXT_CODEC, JSON_CODEC = TextCodec(), JsonCodec()
+CODECS = {codec.name: codec for codec in (TEXT_CODEC, JSON_CODEC)}  # for /format
+
+
 # What each field of a line may hold: nicks are letters, digits, _ and -;
 # text, reasons, nick lists and tokens anything.
 FIELD_PATTERNS = {"nick": r"[\w-]+", "old": r"[\w-]+", "new": r"[\w-]+", "op": r"[\w-]+",
@@ -1490,7 +1534,7 @@ class Connection:
                  "focus", "joined", "away", "reader",
                  "outbuf", "tokens", "refilled", "paused", "held", "full", "counted",
                  "behind_since", "waiting", "events", "drained_at", "tls", "handshake_wait",
-                 "close_at", "op", "muted", "op_attempts", "account", "login_failures", "json",
+                 "close_at", "op", "muted", "op_attempts", "account", "login_failures", "codec",
                  "timers", "peer_done", "sent_total", "on_written", "counted_backlog",
                  "kernel_unsent", "__weakref__")
 
@@ -1532,7 +1576,7 @@ class Connection:
         self.op_attempts = 0               # wrong /op passwords so far
         self.account = None                # the key of the account it is logged in to
         self.login_failures = 0            # wrong account passwords so far
-        self.json = False                  # JSON mode: it gets JSON objects, not text lines
+        self.codec = TEXT_CODEC            # how it speaks: text lines, or JSON (/format)
         self.counted = False               # in the max-clients and per-IP counts
         self.events = 0                    # what the selector watches for it
         self.timers = []                   # its pending timers, cancelled when it closes
@@ -2097,20 +2141,21 @@ class Chat:
 
     def handle_line(self, conn, line):
         """Handle one line (bytes) from conn, as its phase says."""
-        text = decode_line(line)
-        if text.strip():
-            command, arg = parse_line(text)
+        asked = conn.codec.command(line)
+        if asked is not None:
+            command, arg = asked
             if command == "format" and conn.phase != CLOSING:
                 self._cmd_format(conn, arg)  # at any time, registered or not
             else:
                 self.LINE_HANDLERS[conn.phase](self, conn, command, arg)
 
     def _cmd_format(self, conn, arg):
-        if arg.lower() not in ("json", "text"):
+        codec = CODECS.get(arg.lower())
+        if codec is None:
             self.io.send(conn, error(USAGE["format"]))
             return
-        conn.json = arg.lower() == "json"
-        self.io.send(conn, notice("format: " + arg.lower()))
+        conn.codec = codec
+        self.io.send(conn, notice("format: " + codec.name))
 
     def commit(self):
         """Store what was said; the loop calls this before it writes any of
@@ -3319,7 +3364,7 @@ class FanOut:
 
     def owed(self, room, offset, conn):
         """What conn gets of room's pending lines from offset on."""
-        if not conn.json and conn.focus is room and len(conn.joined) <= 1:
+        if conn.codec is TEXT_CODEC and conn.focus is room and len(conn.joined) <= 1:
             return bytes(self.pending.get(room, b"")[offset:])  # as said: most often
         return b"".join(rendered(room, line, conn) for start, line in self.lines.get(room, ())
                         if start >= offset)
@@ -3375,17 +3420,15 @@ def rendered(room, line, conn):
         keys = {joined.key for joined in conn.joined}  # the first they share
         if next((key for key in among if key in keys), room.key) != room.key:
             return b""
-    if conn.json:
-        return json_bytes(line)
     if among is None and conn.focus is not room:
-        return encode_line(room.name + " " + line)
-    return encode_line(line)
+        return conn.codec.encode_marked(line, room)
+    return conn.codec.encode(line)
 
 
 class Pass:
     """One room's broadcasts of one loop pass, in each rendering members
-    share (made when first needed): text as said, text marked with the
-    room's name, JSON."""
+    share (made when first needed): per codec, as said and marked with the
+    room's name (text as said is the bytes already made)."""
 
     __slots__ = ("room", "data", "lines", "about_person", "renderings")
 
@@ -3401,9 +3444,10 @@ class Pass:
         if offset or (self.about_person and len(conn.joined) > 1):
             return b"".join(rendered(self.room, line, conn) for start, line in self.lines
                             if start >= offset)  # its own: rare
-        if not conn.json and conn.focus is self.room:
+        current = conn.focus is self.room
+        if current and conn.codec is TEXT_CODEC:
             return self.data
-        shared = "json" if conn.json else "marked"
+        shared = (conn.codec, current)
         chunk = self.renderings.get(shared)
         if chunk is None:
             chunk = self.renderings[shared] = b"".join(
@@ -3634,7 +3678,7 @@ class ChatServer:
         line = notice(SHUTDOWN_NOTICE)
         for conn in self.conns:
             if conn.phase not in (CLOSING, CLOSED) and not conn.handshake_wait:
-                conn.outbuf += json_bytes(line) if conn.json else encode_line(line)
+                conn.outbuf += conn.codec.encode(line)
                 self.dirty.add(conn)
         deadline = time.monotonic() + SHUTDOWN_FLUSH_S
         while True:
@@ -3702,7 +3746,7 @@ class ChatServer:
         if conn.phase == CLOSED:
             return
         self._catch_up(conn)
-        conn.outbuf += json_bytes(text) if conn.json else encode_line(text)
+        conn.outbuf += conn.codec.encode(text)
         self.dirty.add(conn)
 
     def _catch_up(self, conn):
@@ -7057,7 +7101,7 @@ class BenchClient:
 
     __slots__ = ("index", "nick", "room", "sock", "sender", "slow", "bursty", "observer",
                  "state", "inbuf", "rank", "lines", "messages", "tail", "outbuf", "seq",
-                 "next_send", "next_read", "events", "order", "drained")
+                 "next_send", "next_read", "events", "order", "drained", "json")
 
     def __init__(self, index, sender, slow, bursty, observer, room=LOBBY):
         self.index = index
@@ -7081,6 +7125,7 @@ class BenchClient:
         self.events = 0
         self.order = []            # observers: (sender, seq) of each message seen
         self.drained = False       # has had the answer to its ping after registering
+        self.json = False          # --json-share: in JSON mode once registered
 
 
 class Bench:
@@ -7105,11 +7150,17 @@ class Bench:
                                     steady <= i < readers, i in observers,
                                     BENCH_ROOM % (i % args.rooms) if args.rooms > 1 else LOBBY)
                         for i in range(count)]
+        for client in self.clients:  # --json-share: spread evenly (0.5: every other one)
+            client.json = int((client.index + 1) * args.json_share) > int(
+                client.index * args.json_share)
         self.tag = "bench-%06x" % random.randrange(1 << 24)
-        self.marker = ("> %s " % self.tag).encode(ENCODING)  # in each of its lines
+        # In each of its messages, as text and as JSON mode sends them.
+        self.markers = {False: ("> %s " % self.tag).encode(ENCODING),
+                        True: ('"text": "%s ' % self.tag).encode(ENCODING)}
         # After registering, each client pings; its pong says everything sent
         # to it before (the joins) has arrived.
-        self.pong = format_line("pong", token=self.tag).encode(ENCODING)
+        self.pongs = {False: format_line("pong", token=self.tag).encode(ENCODING),
+                      True: ('"type": "pong", "token": "%s"' % self.tag).encode(ENCODING)}
         senders = collections.Counter(c.room for c in self.clients if c.sender)
         self.expected = {room: senders[room] * args.messages for room in
                          {c.room for c in self.clients}}  # messages each member gets
@@ -7289,6 +7340,8 @@ class Bench:
                     kind == "joined_room" and fields["nick"] == client.nick):
                 client.rank = int(fields["count"])
                 client.state = "in"
+                if client.json:
+                    client.sock.sendall(b"/format json\n")  # what comes after: JSON
                 self.in_flight -= 1
                 self.registered += 1
                 rest = b"\n".join(lines[i + 1:] + [client.inbuf])
@@ -7311,11 +7364,12 @@ class Bench:
     def _count(self, client, size):
         """Count what a counting client read into recv_buffer: lines, and the
         run's own messages (by their tag, which a read may split)."""
-        buffer, marker = self.recv_buffer, self.marker
+        buffer, marker = self.recv_buffer, self.markers[client.json]
         client.lines += buffer.count(b"\n", 0, size)
         if self.phase == "drain":
-            edge = len(self.pong) - 1
-            client.drained = client.drained or self.pong in client.tail + buffer[:size]
+            pong = self.pongs[client.json]
+            edge = len(pong) - 1
+            client.drained = client.drained or pong in client.tail + buffer[:size]
             client.tail = bytes((client.tail + buffer[max(0, size - edge):size])[-edge:])
             return
         if self.phase != "messages":
@@ -7368,12 +7422,15 @@ class Bench:
         client.inbuf = lines.pop()
         client.lines += len(lines)
         if self.phase == "drain":  # the pong, or (several servers) the line after the joins
-            client.drained = client.drained or any(self.pong in line for line in lines)
+            pong = self.pongs[client.json]
+            client.drained = client.drained or any(pong in line for line in lines)
             return
         if self.phase not in ("messages", "evictions"):
             return
         tag = self.tag.encode(ENCODING)
         for line in lines:
+            if client.json:
+                line = self._json_as_text(line)
             if line.startswith(MESSAGE_OPENING):
                 fields = line.split(b" ", 5)
                 try:
@@ -7387,6 +7444,19 @@ class Bench:
                 self.latencies.append(now - sent)
             elif line.startswith(NOTICE.encode()) and line.endswith(LEFT_TOO_SLOW_SUFFIX):
                 self.evicted.add(line[len(NOTICE):].split(b" ", 1)[0].decode(ENCODING))
+
+    @staticmethod
+    def _json_as_text(line):
+        """An observer in JSON mode: its messages and leaves as text lines."""
+        if not line.startswith((b'{"type": "message"', b'{"type": "left"')):
+            return b""
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            return b""
+        if obj["type"] == "left":
+            return encode_line(format_line("left", nick=obj["nick"], reason=obj["reason"]))[:-1]
+        return encode_line(format_line("message", nick=obj["nick"], text=obj["text"]))[:-1]
 
     def _closed(self, client):
         if client.state == "registering":
@@ -7413,7 +7483,8 @@ class Bench:
         but a message does. Every client is in once its own join came back
         through the chat's one order, so a line said now comes after every
         join, everywhere: one client in each room says it."""
-        self.pong = ("> drained %s" % self.tag).encode(ENCODING)
+        self.pongs = {False: ("> drained %s" % self.tag).encode(ENCODING),
+                      True: ('"text": "drained %s"' % self.tag).encode(ENCODING)}
         for room in {c.room for c in self.clients}:
             speaker = next(c for c in self.clients if c.room == room and not c.slow)
             speaker.sock.sendall(encode_line("drained " + self.tag))
@@ -7427,7 +7498,7 @@ class Bench:
         if self.args.rooms > 1 or len(self.addresses) > 1:
             return all(c.drained for c in readers)
         last = max(c.rank for c in self.clients)
-        return all(c.lines >= last - c.rank for c in readers)
+        return all(c.lines >= last - c.rank + c.json for c in readers)  # (+ format: json)
 
     # -- phase 2: the messages --
 
@@ -7589,6 +7660,7 @@ class Bench:
                           if observers else None,
             "observers": len(observers),
             "rooms": args.rooms,
+            "json_clients": sum(c.json for c in self.clients),
             "history_size": args.history,
             "slow": args.slow,
             "slow_read": args.slow_read,
@@ -7826,7 +7898,8 @@ def format_bench_table(result):
             result["messages"], result["mode"],
             result["slow"], "reading %d B/s" % result["slow_read"] if result["slow_read"]
             else "never reading", result["bursty"], "lines padded to %d bytes" % result["size"]
-            if result["size"] else "short lines")),
+            if result["size"] else "short lines")
+         + (", %d in JSON mode" % result["json_clients"] if result.get("json_clients") else "")),
         ("clients registered", "%d / %d" % (result["registered"], result["clients"])),
         ("registrations/s", "%.0f  (%.2f s)" % (result["registrations_per_s"],
                                                 result["register_s"])),
@@ -7923,6 +7996,13 @@ def non_negative_float(text):
     if value < 0:
         raise argparse.ArgumentTypeError("expected a number, 0 or more, not %s" % text)
     return value
+
+
+def share_argument(text):
+    share = number_argument(float, text, "a share")
+    if not 0 <= share <= 1:
+        raise argparse.ArgumentTypeError("a share is from 0 to 1, not %s" % text)
+    return share
 
 
 def positive_float(text):
@@ -8108,6 +8188,9 @@ def build_parser():
                                                "(default %(default)s)")
     bench.add_argument("--size", type=non_negative_int, default=0, metavar="B",
                        help="pad each message to B bytes (default: no padding)")
+    bench.add_argument("--json-share", type=share_argument, default=0.0, metavar="F",
+                       help="this share of the clients (0 to 1; 0.5: every other one) "
+                            "switch to JSON mode after registering (default 0)")
     bench.add_argument("--rooms", type=positive_int, default=1, metavar="K",
                        help="spread the clients, senders too, over K rooms (client i in "
                             "#bench{i mod K}); 1 = all in #lobby (default %(default)s)")
