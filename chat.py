@@ -387,23 +387,23 @@ HELP_OPERATORS = (
     "/unmute NICK         undo /mute",
 )
 USAGE = {
-    "me": "usage: /me TEXT",
-    "msg": "usage: /msg NICK TEXT",
-    "nick": "usage: /nick NEW",
-    "kick": "usage: /kick NICK [REASON]",
-    "ban": "usage: /ban NICK [REASON]",
-    "unban": "usage: /unban ADDRESS",
-    "mute": "usage: /mute NICK",
-    "unmute": "usage: /unmute NICK",
-    "join": "usage: /join ROOM",
-    "open": "usage: /open ROOM",
-    "history": "usage: /history [N]",
-    "search": "usage: /search TEXT",
-    "format": "usage: /format json|text",
-    "register": "usage: /register PASSWORD",
-    "login": "usage: /login NICK PASSWORD",
-    "password": "usage: /password OLD NEW",
-    "unregister": "usage: /unregister PASSWORD",
+    "me": "/me TEXT",
+    "msg": "/msg NICK TEXT",
+    "nick": "/nick NEW",
+    "kick": "/kick NICK [REASON]",
+    "ban": "/ban NICK [REASON]",
+    "unban": "/unban ADDRESS",
+    "mute": "/mute NICK",
+    "unmute": "/unmute NICK",
+    "join": "/join ROOM",
+    "open": "/open ROOM",
+    "history": "/history [N]",
+    "search": "/search TEXT",
+    "format": "/format json|text",
+    "register": "/register PASSWORD",
+    "login": "/login NICK PASSWORD",
+    "password": "/password OLD NEW",
+    "unregister": "/unregister PASSWORD",
 }
 NO_REASON = "no reason given"
 TOO_MANY_GUESSES = "too many wrong passwords from your address: try again in a minute"
@@ -456,46 +456,86 @@ def format_line(kind, **fields):
     return Line(FORMATS[kind].format(**fields), kind, fields)
 
 
-# JSON mode (docs/protocol.md, "JSON mode"): every error has a code, found
-# from its text here, in one place.
-ERROR_CODES = tuple((re.compile(pattern), code) for pattern, code in (
-    (r"^usage: ", "usage"),
-    (r"^unknown command ", "unknown_command"),
-    (r"^choose a nickname first", "not_registered"),
-    (r"^password required", "password_required"),
-    (r"^wrong |^too many wrong ", "wrong_password"),
-    (r"^nickname too long|^invalid nickname", "nick_invalid"),
-    (r"^nickname .* is taken$|^nickname .* is kept for ", "nick_taken"),
-    (r" is registered: /login ", "nick_registered"),
-    (r"already", "already"),
-    (r"^no such user", "no_such_user"),
-    (r"^you are muted", "muted"),
-    (r"^operators only|^you can't ban yourself", "operators_only"),
-    (r"^this server has no operators", "no_operators"),
-    (r"^line too long", "line_too_long"),
-    (r"^invalid room name", "room_invalid"),
-    (r"^you are not in #|^you are in no room", "not_in_room"),
-    (r"^you are in \d+ rooms", "too_many_rooms"),
-    (r"^a password needs at least", "password_too_short"),
-    (r"mailbox is full$", "mailbox_full"),
-    (r"^you are banned", "banned"),
-    (r"^server full", "server_full"),
-    (r"^too many connections", "too_many_connections"),
-    (r"^registration timed out", "registration_timeout"),
-    (r"^you logged in elsewhere", "logged_in_elsewhere"),
-))
-ERROR_CODE_ELSE = "not_sent"   # a message not stored, a history not read, ...
+# Every error the server sends, by name: its JSON code (docs/protocol.md,
+# "JSON mode") and its text. error(name, **fields) makes one; a rewording
+# here changes no code.
+ERRORS = {
+    "usage": ("usage", "usage: {form}"),              # USAGE[command]
+    "unknown_command": ("unknown_command", "unknown command /{command} (try /help)"),
+    "not_registered": ("not_registered", "choose a nickname first"),
+    "password_required": ("password_required", PASSWORD_REQUIRED),
+    "wrong_password": ("wrong_password", WRONG_PASSWORD),
+    "wrong_login": ("wrong_password", WRONG_LOGIN),
+    "wrong_op_password": ("wrong_password", "wrong operator password"),
+    "too_many_op_passwords": ("wrong_password", "too many wrong operator passwords"),
+    "too_many_guesses": ("wrong_password", TOO_MANY_GUESSES),
+    "nick_too_long": ("nick_invalid", "nickname too long (max {max} characters)"),
+    "nick_characters": ("nick_invalid",
+                        "invalid nickname {nick}: use letters, digits, _ and - (not first)"),
+    "nick_scripts": ("nick_invalid",
+                     "invalid nickname {nick}: it mixes Latin, Greek or Cyrillic letters"),
+    "nick_taken": ("nick_taken", "nickname {nick} is taken"),
+    "nick_kept": ("nick_taken", OPERATOR_NICK_KEPT),
+    "nick_registered": ("nick_registered", NICK_REGISTERED),
+    "already_nick": ("already", "you are already {nick}"),
+    "already_in_room": ("already", "you are already in {room}"),
+    "already_logged_in": ("already", "you are logged in to {nick} already"),
+    "already_muted": ("already", "{nick} is muted already"),
+    "already_unmuted": ("already", "{nick} is not muted already"),
+    "no_such_user": ("no_such_user", "no such user: {nick}"),
+    "muted": ("muted", "you are muted"),
+    "operators_only": ("operators_only", "operators only"),
+    "ban_yourself": ("operators_only", "you can't ban yourself"),
+    "no_operators": ("no_operators", "this server has no operators"),
+    "line_too_long": ("line_too_long", "line too long (max {max} bytes)"),
+    "room_invalid": ("room_invalid",
+                     "invalid room name: {room} (# and 1-{max} letters, digits, _ or -)"),
+    "password_too_short": ("password_too_short", PASSWORD_TOO_SHORT),
+    "mailbox_full": ("mailbox_full", MAILBOX_FULL),
+    "banned": ("banned", "you are banned"),
+    "server_full": ("server_full", "server full"),
+    "too_many_connections": ("too_many_connections", "too many connections from your address"),
+    "registration_timeout": ("registration_timeout", "registration timed out"),
+    "logged_in_elsewhere": ("logged_in_elsewhere", LOGGED_IN_ELSEWHERE),
+    "not_in_room": ("not_in_room", NOT_IN_ROOM),
+    "in_no_room": ("not_in_room", IN_NO_ROOM),
+    "too_many_rooms": ("too_many_rooms", TOO_MANY_ROOMS),
+    "not_logged_in": ("not_logged_in", "you are not logged in to an account"),
+    "not_banned": ("not_banned", "{address} is not banned"),
+    # Something failed: a store, a hash, the chat network.
+    "network_down": ("not_sent", NOT_SENT_NETWORK),
+    "message_not_stored": ("not_sent", "your message was not stored ({why})"),
+    "change_not_stored": ("not_sent", NOT_STORED),
+    "history_unreadable": ("not_sent", "the history can't be read now ({why})"),
+    "account_not_made": ("not_sent", "{nick} was not registered"),
+    "account_not_stored": ("not_sent", "{nick} was not registered ({why})"),
+    "password_not_changed": ("not_sent", "the password was not changed"),
+}
+ERROR_CODE_ELSE = "not_sent"   # an error whose text matches none of the above
+
+
+def _error_patterns():
+    """Each error's text as a pattern, to find the code of a text line's error."""
+    patterns = []
+    for code, template in ERRORS.values():
+        out = ""
+        for literal, field, _, _ in string.Formatter().parse(template):
+            out += re.escape(literal) + (".*" if field is not None else "")
+        patterns.append((re.compile(out + r"\Z", re.DOTALL), code))
+    return patterns
+
+
+def error_code(text):
+    """The JSON code of an error's text (a client reading a text line)."""
+    for pattern, code in ERROR_PATTERNS:
+        if pattern.match(text):
+            return code
+    return ERROR_CODE_ELSE
+
 
 # Header lines a JSON block does without: its items say "history", then history_end.
 JSON_SILENT = frozenset({"history_last", "history_search", "history_after", "offline_start",
                          "offline_end"})
-
-
-def error_code(text):
-    for pattern, code in ERROR_CODES:
-        if pattern.search(text):
-            return code
-    return ERROR_CODE_ELSE
 
 
 def json_time(when):
@@ -603,7 +643,8 @@ JSON_OBJECTS = {
     "no_match": lambda f, x: {"type": "history_end", "room": f["room"], "count": 0},
     "no_history_after": lambda f, x: {"type": "history_end", "room": f["room"], "count": 0},
     "notice": lambda f, x: {"type": "notice", "text": f["text"]},
-    "error": lambda f, x: {"type": "error", "text": f["text"], "code": error_code(f["text"])},
+    "error": lambda f, x: {"type": "error", "text": f["text"],
+                           "code": x.get("code") or error_code(f["text"])},
 }
 
 
@@ -783,7 +824,7 @@ LINES_FROM_JSON = {
     "unmuted": _moderation_from_json,
     "opped": _moderation_from_json,
     "notice": lambda obj, me: _notice_from_json(obj),
-    "error": lambda obj, me: error(obj["text"]),
+    "error": lambda obj, me: error_line(obj["text"]),
 }
 # Notices JSON mode sends with fields of their own: known again by their text.
 JSON_NOTICES = frozenset(kind for kind, make in JSON_OBJECTS.items()
@@ -836,8 +877,22 @@ def notice(text):
     return format_line("notice", text=text)
 
 
-def error(text):
+def error(name, **fields):
+    """The error line called name in ERRORS, with its code for JSON mode."""
+    code, template = ERRORS[name]
+    return format_line("error", text=template.format(**fields)).having(code=code)
+
+
+def error_line(text):
+    """An error line from its text alone (the client's own, or one read)."""
     return format_line("error", text=text)
+
+
+def usage(command):
+    return error("usage", form=USAGE[command])
+
+
+ERROR_PATTERNS = _error_patterns()
 
 
 # Telnet: IAC (0xFF) starts a command. States of the filter below.
@@ -1016,18 +1071,17 @@ def nick_key(nick):
 
 
 def nick_problem(nick):
-    """Return why nick is not a valid nickname, or None if it is."""
+    """Return why nick is not a valid nickname (an error line), or None if it is."""
     if not nick:
-        return "usage: /nick NEW"
+        return usage("nick")
     if len(nick) > MAX_NICK_CHARS:
-        return "nickname too long (max %d characters)" % MAX_NICK_CHARS
+        return error("nick_too_long", max=MAX_NICK_CHARS)
     if nick.startswith("-") or any(
             not (ch.isalnum() or ch in "_-") or ch in HANGUL_FILLERS for ch in nick):
-        return ("invalid nickname %s: use letters, digits, _ and -"
-                " (not first)" % nick)
+        return error("nick_characters", nick=nick)
     scripts = {unicodedata.name(ch, "").split(" ")[0] for ch in nick if ch.isalpha()}
     if len(scripts & CONFUSABLE_SCRIPTS) > 1:
-        return "invalid nickname %s: it mixes Latin, Greek or Cyrillic letters" % nick
+        return error("nick_scripts", nick=nick)
     return None
 
 
@@ -1041,12 +1095,11 @@ def room_name(text):
 
 
 def room_problem(name):
-    """Return why name is not a valid room name, or None if it is."""
+    """Return why name is not a valid room name (an error line), or None if it is."""
     body = name[len(ROOM_PREFIX):]
     if (not name.startswith(ROOM_PREFIX) or not 1 <= len(body) <= MAX_ROOM_CHARS
             or any(not (ch.isalnum() or ch in "_-") for ch in body)):
-        return ("invalid room name: %s (# and 1-%d letters, digits, _ or -)"
-                % (name, MAX_ROOM_CHARS))
+        return error("room_invalid", room=name, max=MAX_ROOM_CHARS)
     return None
 
 
@@ -2126,8 +2179,8 @@ class Chat:
     # -- called by the loop --
 
     def refusal(self, conn):
-        """Return why a new connection may not stay, or None."""
-        return "you are banned" if self.store.is_banned(conn.ip) else None
+        """Return why a new connection may not stay (an error line), or None."""
+        return error("banned") if self.store.is_banned(conn.ip) else None
 
     def connected(self, conn):
         """A connection the chat may talk to: greet it."""
@@ -2152,7 +2205,7 @@ class Chat:
     def _cmd_format(self, conn, arg):
         codec = CODECS.get(arg.lower())
         if codec is None:
-            self.io.send(conn, error(USAGE["format"]))
+            self.io.send(conn, usage("format"))
             return
         conn.codec = codec
         self.io.send(conn, notice("format: " + codec.name))
@@ -2173,7 +2226,7 @@ class Chat:
         for row in failed:
             conn = senders.get(row[0])
             if conn is not None and conn.phase != CLOSED:
-                self.io.send(conn, error("your message was not stored (%s)" % self.store.failure))
+                self.io.send(conn, error("message_not_stored", why=self.store.failure))
 
     def close(self):
         self.commit()
@@ -2194,7 +2247,7 @@ class Chat:
         self.io.off_loop(None, self.store.index_some, indexed, LANE_SEARCH)
 
     def registration_expired(self, conn):
-        self.io.send(conn, error("registration timed out"))
+        self.io.send(conn, error("registration_timeout"))
         self.io.log("%s: registration timed out" % conn.name)
         self.io.close(conn)
 
@@ -2237,7 +2290,7 @@ class Chat:
     def _current(self, conn):
         """conn's current room; None (and conn told so) when it is in none."""
         if conn.room is None:
-            self.io.send(conn, error(IN_NO_ROOM))
+            self.io.send(conn, error("in_no_room"))
         return conn.room
 
     @staticmethod
@@ -2255,7 +2308,7 @@ class Chat:
         elif command == "pass":
             self._check_password(conn, arg)
         else:
-            self.io.send(conn, error(PASSWORD_REQUIRED))
+            self.io.send(conn, error("password_required"))
 
     def _nickname_line(self, conn, command, arg):
         """A nickname (a line, or /nick); /quit is allowed."""
@@ -2265,7 +2318,7 @@ class Chat:
             self.io.send(conn, notice("no password needed now: choose a nickname"))
         elif self.network is not None and self.network.down and command in (
                 None, "nick", "login"):
-            self.io.send(conn, error(NOT_SENT_NETWORK))
+            self.io.send(conn, error("network_down"))
         elif command is None:
             self._register(conn, arg.strip())
         elif command == "nick":
@@ -2273,20 +2326,20 @@ class Chat:
         elif command == "login":
             self._cmd_login(conn, arg)
         else:
-            self.io.send(conn, error("choose a nickname first"))
+            self.io.send(conn, error("not_registered"))
 
     def _member_line(self, conn, command, arg):
         """A message to the room, or a command."""
         if self.network is not None and self.network.down and self._needs_network(
                 command, arg):
-            self.io.send(conn, error(NOT_SENT_NETWORK))
+            self.io.send(conn, error("network_down"))
             return
         if command is None:
             self._say(conn, "message", arg)
             return
         handler = self.COMMANDS.get(command)
         if handler is None:
-            self.io.send(conn, error("unknown command /%s (try /help)" % command))
+            self.io.send(conn, error("unknown_command", command=command))
         else:
             handler(self, conn, arg)
 
@@ -2314,7 +2367,7 @@ class Chat:
             return
         self.io.log("%s: wrong password" % conn.name)
         self.guesses.wrong(conn.ip)
-        self.io.send(conn, error(WRONG_PASSWORD))
+        self.io.send(conn, error("wrong_password"))
         self.io.close(conn, delay=WRONG_PASSWORD_DELAY_S)  # a guess costs a second
 
     def _register(self, conn, nick, then=None, force=False):
@@ -2322,7 +2375,7 @@ class Chat:
         taking the nick over from another server."""
         problem = nick_problem(nick) if force else self._nick_problem(nick, conn)
         if problem:
-            self.io.send(conn, error(problem))
+            self.io.send(conn, problem)
             return
         if self.network is None:
             self._registered(conn, nick, then)
@@ -2334,9 +2387,9 @@ class Chat:
                 if taken is False:
                     self.network.release(nick_key(nick))  # gone meanwhile
             elif taken is None:
-                self.io.send(conn, error(NOT_SENT_NETWORK))
+                self.io.send(conn, error("network_down"))
             elif taken:
-                self.io.send(conn, error("nickname %s is taken" % nick))
+                self.io.send(conn, error("nick_taken", nick=nick))
             else:
                 self._registered(conn, nick, then, online)
         self.io.pause_input(conn)
@@ -2396,13 +2449,13 @@ class Chat:
         if conn is None or conn.account != key:  # an account's owner, online or not: /login
             account = self._account(key)
             if account is not None:
-                return NICK_REGISTERED.format(nick=account[0])
+                return error("nick_registered", nick=account[0])
             if key in self.operators:  # --operators NICK before its account is made:
-                return OPERATOR_NICK_KEPT.format(nick=nick)  # whoever took it would be one
+                return error("nick_kept", nick=nick)  # whoever took it would be one
         holder = self.members.get(key)
         if (holder is not None and holder is not conn) or (
                 self.network is not None and key in self.network.elsewhere):
-            return "nickname %s is taken" % nick
+            return error("nick_taken", nick=nick)
         return None
 
     def _account(self, key):
@@ -2418,7 +2471,7 @@ class Chat:
     def _allowed_to_speak(self, conn):
         """A muted member's lines reach no one; it is told so."""
         if conn.muted:
-            self.io.send(conn, error("you are muted"))
+            self.io.send(conn, error("muted"))
         return not conn.muted
 
     def _say(self, conn, kind, text, room=None):
@@ -2440,20 +2493,20 @@ class Chat:
 
     def _cmd_me(self, conn, arg):
         if not arg:
-            self.io.send(conn, error(USAGE["me"]))
+            self.io.send(conn, usage("me"))
         else:
             self._say(conn, "action", arg)
 
     def _cmd_msg(self, conn, arg):
         parts = arg.split(None, 1)
         if len(parts) < 2:
-            self.io.send(conn, error(USAGE["msg"]))
+            self.io.send(conn, usage("msg"))
             return
         target_nick, text = parts
         if target_nick.startswith("#"):  # /msg #ROOM: said in one of its rooms
             room = self._one_of_its_rooms(conn, target_nick)
             if room is None:
-                self.io.send(conn, error(NOT_IN_ROOM.format(room=room_name(target_nick))))
+                self.io.send(conn, error("not_in_room", room=room_name(target_nick)))
             else:
                 self._say(conn, "message", text, room)
             return
@@ -2487,7 +2540,7 @@ class Chat:
         key = nick_key(target_nick)
         account = self._account(key)
         if account is None:
-            self.io.send(conn, error("no such user: %s" % target_nick))
+            self.io.send(conn, error("no_such_user", nick=target_nick))
             return
         if not self._allowed_to_speak(conn):
             return
@@ -2495,9 +2548,9 @@ class Chat:
 
         def answer(kept):
             if kept is None:
-                self.io.send(conn, error(NOT_SENT_NETWORK))
+                self.io.send(conn, error("network_down"))
             elif not kept:
-                self.io.send(conn, error(MAILBOX_FULL.format(nick=nick)))
+                self.io.send(conn, error("mailbox_full", nick=nick))
             else:
                 self.io.send(conn, format_line("private_echo", nick=nick, text=text).having(
                     **{"from": conn.nick}))
@@ -2510,22 +2563,22 @@ class Chat:
         try:
             kept = self.store.mail(key, conn.nick, text, time.time())
         except StoreError as exc:
-            self.io.send(conn, error("your message was not stored (%s)" % exc))
+            self.io.send(conn, error("message_not_stored", why=exc))
             return
         answer(kept)
 
     def _cmd_nick(self, conn, arg):
         if not arg:
-            self.io.send(conn, error(USAGE["nick"]))
+            self.io.send(conn, usage("nick"))
             return
         if arg == conn.nick:
-            self.io.send(conn, error("you are already %s" % arg))
+            self.io.send(conn, error("already_nick", nick=arg))
             return
         if not self._allowed_to_speak(conn):
             return  # a rename is seen by everyone: muted means that too
         problem = self._nick_problem(arg, conn)
         if problem:
-            self.io.send(conn, error(problem))
+            self.io.send(conn, problem)
             return
         if self.network is None or nick_key(arg) == conn.key:
             self._rename(conn, arg)
@@ -2537,9 +2590,9 @@ class Chat:
                 if taken is False:
                     self.network.release(nick_key(arg))
             elif taken is None:
-                self.io.send(conn, error(NOT_SENT_NETWORK))
+                self.io.send(conn, error("network_down"))
             elif taken:
-                self.io.send(conn, error("nickname %s is taken" % arg))
+                self.io.send(conn, error("nick_taken", nick=arg))
             else:
                 self._rename(conn, arg)
         self.io.pause_input(conn)
@@ -2565,7 +2618,7 @@ class Chat:
             name = room_name(arg)
             problem = room_problem(name)
             if problem:
-                self.io.send(conn, error(problem))
+                self.io.send(conn, problem)
                 return
             room = self.rooms.get(nick_key(name))
             if room is None:  # nobody is in it here (maybe elsewhere)
@@ -2649,7 +2702,7 @@ class Chat:
             return True
         except StoreError as exc:
             self.io.log("database error: %s" % exc, always=True)
-            self.io.send(conn, error(NOT_STORED.format(what=what, why=exc)))
+            self.io.send(conn, error("change_not_stored", what=what, why=exc))
             return False
 
     def _welcome(self, conn, room):
@@ -2678,12 +2731,12 @@ class Chat:
         """The name of the room arg names (#rust, or rust), or None after
         telling conn why not."""
         if not arg:
-            self.io.send(conn, error(USAGE[command]))
+            self.io.send(conn, usage(command))
             return None
         name = room_name(arg)
         problem = room_problem(name)
         if problem:
-            self.io.send(conn, error(problem))
+            self.io.send(conn, problem)
             return None
         return name
 
@@ -2694,7 +2747,7 @@ class Chat:
             return
         old = conn.room
         if old is not None and nick_key(name) == old.key:
-            self.io.send(conn, error("you are already in %s" % old.name))
+            self.io.send(conn, error("already_in_room", room=old.name))
             return
         other = self._one_of_its_rooms(conn, name)
         room = other or self._room(name)
@@ -2714,7 +2767,7 @@ class Chat:
         if room is not None:
             self._talk_in(conn, room)
         elif len(conn.rooms) >= self.limits.max_joined:
-            self.io.send(conn, error(TOO_MANY_ROOMS.format(count=len(conn.rooms))))
+            self.io.send(conn, error("too_many_rooms", count=len(conn.rooms)))
         else:
             self._enter(conn, self._room(name))
 
@@ -2723,7 +2776,7 @@ class Chat:
         if arg:
             room = self._one_of_its_rooms(conn, arg)
             if room is None:
-                self.io.send(conn, error(NOT_IN_ROOM.format(room=room_name(arg))))
+                self.io.send(conn, error("not_in_room", room=room_name(arg)))
                 return
         else:
             room = self._current(conn)
@@ -2811,7 +2864,7 @@ class Chat:
         if words and words[0].startswith("#"):  # one of its rooms, current or not
             room = self._one_of_its_rooms(conn, words[0])
             if room is None:
-                self.io.send(conn, error(NOT_IN_ROOM.format(room=room_name(words[0]))))
+                self.io.send(conn, error("not_in_room", room=room_name(words[0])))
                 return
             words = words[1:]
         else:
@@ -2824,7 +2877,7 @@ class Chat:
         count = HISTORY_DEFAULT if not words else (
             decimal_number(words[0], HISTORY_MAX) if len(words) == 1 else None)
         if count is None or not 1 <= count <= HISTORY_MAX:
-            self.io.send(conn, error(USAGE["history"]))
+            self.io.send(conn, usage("history"))
             return
 
         def answer(rows):
@@ -2840,7 +2893,7 @@ class Chat:
         """/history after ID: the oldest HISTORY_MAX messages after ID."""
         after = decimal_number(rest[0] if len(rest) == 1 else "", MAX_MESSAGE_ID)
         if after is None:
-            self.io.send(conn, error("usage: /history after ID"))
+            self.io.send(conn, error("usage", form="/history after ID"))
             return
 
         def answer(rows):
@@ -2865,15 +2918,14 @@ class Chat:
 
         def answered(result):
             if isinstance(result, Exception):
-                self.io.send(conn, error("the history can't be read now (%s)"
-                                         % describe_error(result)))
+                self.io.send(conn, error("history_unreadable", why=describe_error(result)))
             else:
                 answer(result)
         self.io.off_loop(conn, lambda: read(reader()), answered, lane)
 
     def _cmd_search(self, conn, arg):
         if not arg:
-            self.io.send(conn, error(USAGE["search"]))
+            self.io.send(conn, usage("search"))
             return
         room = self._current(conn)
         if room is None:
@@ -2923,25 +2975,25 @@ class Chat:
 
     def _cmd_register(self, conn, arg):
         if not arg:
-            self.io.send(conn, error(USAGE["register"]))
+            self.io.send(conn, usage("register"))
         elif conn.account == conn.key:
-            self.io.send(conn, error("you are logged in to %s already" % conn.nick))
+            self.io.send(conn, error("already_logged_in", nick=conn.nick))
         elif len(arg) < MIN_PASSWORD_CHARS:
-            self.io.send(conn, error(PASSWORD_TOO_SHORT))
+            self.io.send(conn, error("password_too_short"))
         else:
             nick, key = conn.nick, conn.key
 
             def hashed(password_hash):
                 if isinstance(password_hash, Exception) or conn.key != key:
-                    self.io.send(conn, error("%s was not registered" % nick))
+                    self.io.send(conn, error("account_not_made", nick=nick))
                     return
                 try:
                     made = self.store.add_account(key, nick, password_hash)
                 except StoreError as exc:
-                    self.io.send(conn, error("%s was not registered (%s)" % (nick, exc)))
+                    self.io.send(conn, error("account_not_stored", nick=nick, why=exc))
                     return
                 if not made:
-                    self.io.send(conn, error(NICK_REGISTERED.format(nick=nick)))
+                    self.io.send(conn, error("nick_registered", nick=nick))
                     return
                 conn.account = key
                 self.io.log("%s registered an account" % nick)
@@ -2952,11 +3004,11 @@ class Chat:
     def _cmd_login(self, conn, arg):
         parts = arg.split(None, 1)
         if len(parts) < 2:
-            self.io.send(conn, error(USAGE["login"]))
+            self.io.send(conn, usage("login"))
             return
         key = nick_key(parts[0])
         if conn.account == key and conn.key == key:
-            self.io.send(conn, error("you are logged in to %s already" % conn.nick))
+            self.io.send(conn, error("already_logged_in", nick=conn.nick))
             return
         account = self._account(key)
         self._check_account(conn, account, parts[1],
@@ -2981,7 +3033,7 @@ class Chat:
                     nick_key(account[0])) == account:
                 then()
             else:
-                self._wrong_password(conn, WRONG_LOGIN if login else WRONG_PASSWORD)
+                self._wrong_password(conn, "wrong_login" if login else "wrong_password")
         self.io.off_loop(conn, check, checked, LANE_SECRETS)
 
     def _decoy_hash(self):
@@ -2999,7 +3051,7 @@ class Chat:
         def in_turn(conn=conn):
             if self.guesses.spent(conn.ip):  # (its guesses before this one, all wrong)
                 self.io.log("%s: too many wrong passwords from %s" % (conn.name, conn.ip))
-                self.io.send(conn, error(TOO_MANY_GUESSES))
+                self.io.send(conn, error("too_many_guesses"))
             else:
                 check()
         if conn.phase in (CLOSING, CLOSED):
@@ -3015,7 +3067,7 @@ class Chat:
             in_turn(conn)
         self.io.call_later(delay, later, conn)
 
-    def _wrong_password(self, conn, text):
+    def _wrong_password(self, conn, name):
         """A second later (the room goes on): the answer; the third closes."""
         conn.login_failures += 1
         self.guesses.wrong(conn.ip)
@@ -3023,7 +3075,7 @@ class Chat:
         self.io.pause_input(conn)
 
         def answer(conn):
-            self.io.send(conn, error(text))
+            self.io.send(conn, error(name))
             if conn.login_failures >= MAX_LOGIN_ATTEMPTS:
                 self.disconnected(conn, LEFT_CLOSED)
                 self.io.close(conn)
@@ -3049,7 +3101,7 @@ class Chat:
                 return
         old = self.members.get(key)
         if old is not None and old is not conn:
-            self.io.send(old, error(LOGGED_IN_ELSEWHERE))
+            self.io.send(old, error("logged_in_elsewhere"))
             self.disconnected(old, LEFT_ELSEWHERE)
             self.io.close(old)
         conn.account = key
@@ -3111,30 +3163,30 @@ class Chat:
     def _cmd_password(self, conn, arg):
         parts = arg.split()
         if len(parts) != 2:
-            self.io.send(conn, error(USAGE["password"]))
+            self.io.send(conn, usage("password"))
         elif conn.account is None:
-            self.io.send(conn, error("you are not logged in to an account"))
+            self.io.send(conn, error("not_logged_in"))
         elif len(parts[1]) < MIN_PASSWORD_CHARS:
-            self.io.send(conn, error(PASSWORD_TOO_SHORT))
+            self.io.send(conn, error("password_too_short"))
         else:
             key, new = conn.account, parts[1]
 
             def change():
                 def hashed(password_hash):
                     if isinstance(password_hash, Exception):
-                        self.io.send(conn, error("the password was not changed"))
+                        self.io.send(conn, error("password_not_changed"))
                     elif self._store(self.store.set_password, key, password_hash):
                         self.io.send(conn, notice(PASSWORD_CHANGED))
                     else:
-                        self.io.send(conn, error("the password was not changed"))
+                        self.io.send(conn, error("password_not_changed"))
                 self.io.off_loop(conn, lambda: hash_password(new), hashed, LANE_SECRETS)
             self._check_account(conn, self._account(key), parts[0], change)
 
     def _cmd_unregister(self, conn, arg):
         if not arg:
-            self.io.send(conn, error(USAGE["unregister"]))
+            self.io.send(conn, usage("unregister"))
         elif conn.account is None:
-            self.io.send(conn, error("you are not logged in to an account"))
+            self.io.send(conn, error("not_logged_in"))
         else:
             key = conn.account
             account = self._account(key)
@@ -3150,7 +3202,7 @@ class Chat:
 
     def _cmd_op(self, conn, arg):
         if self.op_password is None:
-            self.io.send(conn, error("this server has no operators"))
+            self.io.send(conn, error("no_operators"))
         elif conn.op:
             self.io.send(conn, notice("you are an operator already"))
         else:
@@ -3166,9 +3218,9 @@ class Chat:
             conn.op_attempts += 1
             self.guesses.wrong(conn.ip)
             self.io.log("%s: wrong operator password" % conn.nick)
-            self.io.send(conn, error("wrong operator password"))
+            self.io.send(conn, error("wrong_op_password"))
             if conn.op_attempts >= MAX_OP_ATTEMPTS:
-                self.io.send(conn, error("too many wrong operator passwords"))
+                self.io.send(conn, error("too_many_op_passwords"))
                 self.disconnected(conn, LEFT_CLOSED)
                 self.io.close(conn)
 
@@ -3176,11 +3228,11 @@ class Chat:
         """For an operator command: return (target member, rest of arg), or
         (None, None) after telling conn why not."""
         if not conn.op:
-            self.io.send(conn, error("operators only"))
+            self.io.send(conn, error("operators_only"))
             return None, None
         parts = arg.split(None, 1)
         if not parts:
-            self.io.send(conn, error(USAGE[command]))
+            self.io.send(conn, usage(command))
             return None, None
         target = self.members.get(nick_key(parts[0]))
         reason = parts[1] if len(parts) > 1 else ""
@@ -3191,7 +3243,7 @@ class Chat:
                               by=conn.nick, ip=conn.ip, reason=reason)
             return None, None
         if target is None:
-            self.io.send(conn, error("no such user: %s" % parts[0]))
+            self.io.send(conn, error("no_such_user", nick=parts[0]))
             return None, None
         return target, reason
 
@@ -3210,7 +3262,7 @@ class Chat:
         if target is None or target.phase != MEMBER:
             return
         if kind == "takeover":  # (its room was told by the server it logged in to)
-            self.io.send(target, error(LOGGED_IN_ELSEWHERE))
+            self.io.send(target, error("logged_in_elsewhere"))
             self.disconnected(target, None)
             self.io.close(target)
             return
@@ -3244,7 +3296,7 @@ class Chat:
     def _cmd_ban(self, conn, arg):
         target, reason = self._operator_target(conn, "ban", arg)
         if target is conn:  # it would lock out the operator's own address
-            self.io.send(conn, error("you can't ban yourself"))
+            self.io.send(conn, error("ban_yourself"))
         elif target is not None:
             self.io.log("%s banned %s (%s)" % (conn.nick, target.nick, target.ip))
             self._remove(conn, target, format_line("banned", nick=target.nick, op=conn.nick,
@@ -3253,18 +3305,18 @@ class Chat:
 
     def _cmd_unban(self, conn, arg):
         if not conn.op:
-            self.io.send(conn, error("operators only"))
+            self.io.send(conn, error("operators_only"))
         elif not arg:
-            self.io.send(conn, error(USAGE["unban"]))
+            self.io.send(conn, usage("unban"))
         elif not self._store_answer(self.store.remove_ban, arg):
-            self.io.send(conn, error("%s is not banned" % arg))
+            self.io.send(conn, error("not_banned", address=arg))
         else:
             self.io.log("%s unbanned %s" % (conn.nick, arg))
             self.io.send(conn, notice("%s is no longer banned" % arg))
 
     def _cmd_bans(self, conn, arg):
         if not conn.op:  # before the store is read: a non-operator costs it nothing
-            self.io.send(conn, error("operators only"))
+            self.io.send(conn, error("operators_only"))
             return
         bans = self.store.bans()
         if not bans:
@@ -3284,8 +3336,8 @@ class Chat:
         if target is None:
             return
         if target.muted == muted:
-            self.io.send(conn, error("%s is %s already" % (target.nick,
-                                                           "muted" if muted else "not muted")))
+            self.io.send(conn, error("already_muted" if muted else "already_unmuted",
+                                     nick=target.nick))
             return
         target.muted = muted
         self.io.log("%s %sd %s" % (conn.nick, command, target.nick))
@@ -3789,7 +3841,7 @@ class ChatServer:
         Redis went away first): its sender is told, once."""
         sender = self.unconfirmed.pop(number, None)
         if sender is not None:
-            self._send_now(sender, error(NOT_SENT_NETWORK))
+            self._send_now(sender, error("network_down"))
 
     def then(self, action):
         """Call action() once the lines broadcast so far are delivered."""
@@ -4064,8 +4116,8 @@ class ChatServer:
         self._watch(conn)
         refusal = self.chat.refusal(conn) or self._refusal(conn)
         if refusal:
-            self.log("%s refused: %s" % (conn.name, refusal))
-            self.send(conn, error(refusal))
+            self.log("%s refused: %s" % (conn.name, refusal.fields["text"]))
+            self.send(conn, refusal)
             self.close(conn)
             return
         self._count(conn)
@@ -4109,10 +4161,10 @@ class ChatServer:
         """Return why a new connection can't stay by the loop's limits, or None."""
         limits = self.limits
         if self.counted >= limits.max_clients:
-            return "server full"
+            return error("server_full")
         if (limits.max_per_ip and conn.ip not in EXEMPT_ADDRESSES
                 and self.per_ip.get(conn.ip, 0) >= limits.max_per_ip):
-            return "too many connections from your address"
+            return error("too_many_connections")
         return None
 
     def _open_spare_fd(self):
@@ -4133,7 +4185,7 @@ class ChatServer:
             try:
                 sock, addr = self.listener.accept()
                 try:
-                    sock.send(encode_line(error("server full")))
+                    sock.send(encode_line(error("server_full")))
                 except OSError:
                     pass  # refused either way
                 sock.close()
@@ -4269,7 +4321,7 @@ class ChatServer:
             if line is None:
                 return
             if line is TOO_LONG:
-                self.send(conn, error("line too long (max %d bytes)" % self.limits.max_line))
+                self.send(conn, error("line_too_long", max=self.limits.max_line))
                 continue
             if rate:
                 conn.tokens -= 1 + len(line) // BYTES_PER_EXTRA_TOKEN
@@ -6549,9 +6601,9 @@ class ClientSession:
             return b""
         if word == "/reply":
             if not arg.strip():
-                self.show(render_line(error("usage: /reply TEXT"), color=self.color))
+                self.show(render_line(error_line("usage: /reply TEXT"), color=self.color))
             elif self.last_private is None:
-                self.show(render_line(error("no private message to reply to"),
+                self.show(render_line(error_line("no private message to reply to"),
                                       color=self.color))
             else:
                 return encode_line("/msg %s %s" % (self.last_private, arg.strip()))
@@ -7815,7 +7867,7 @@ def time_logins(host, port, count, timeout):
             started = time.monotonic()
             for sock in socks:
                 sock.sendall(encode_line("/login acct not-the-password"))
-            wrong = encode_line(error(WRONG_LOGIN))
+            wrong = encode_line(error("wrong_login"))
             for sock in socks:
                 data = b""
                 while wrong not in data:
@@ -8025,7 +8077,7 @@ def nick_list(text):
     for nick in nicks:
         problem = nick_problem(nick)
         if problem:
-            raise argparse.ArgumentTypeError(problem)
+            raise argparse.ArgumentTypeError(problem.fields["text"])
     return tuple(nicks)
 
 
@@ -8520,7 +8572,7 @@ def run_account(args):
     if args.action != "list" and not args.name:
         args.parser.error("%s needs the account's NAME" % args.action)
     if args.action == "add" and nick_problem(args.name):
-        sys.stderr.write("chat.py: %s\n" % nick_problem(args.name))
+        sys.stderr.write("chat.py: %s\n" % nick_problem(args.name).fields["text"])
         return 2
     try:
         accounts = open_accounts(args)

@@ -500,7 +500,7 @@ class JsonToTextTest(unittest.TestCase):
             f("unmuted", nick="bob", op="al").having(room="#lobby"),
             f("opped", nick="al").having(room="#lobby"),
             chat.notice("welcome to chat.py (1 online)"),
-            chat.error("nickname bob is taken"),
+            chat.error("nick_taken", nick="bob"),
             f("history", time="2026-12-01 14:03",
               line=f("message", nick="bob", text="old")).having(
                   id=9, room="#lobby", nick="bob", kind="message", text="old", when=self.WHEN),
@@ -513,6 +513,17 @@ class JsonToTextTest(unittest.TestCase):
                 back = self.round_trip(line)
                 self.assertEqual(str(back), str(line))
                 self.assertEqual(back.kind, line.kind)  # known, not parsed again
+
+    def test_every_error_is_made_by_name_and_its_code_is_known_from_its_text(self):
+        for name, (code, template) in chat.ERRORS.items():
+            fields = {field: "x1" for _, field, _, _ in string.Formatter().parse(template)
+                      if field}
+            line = chat.error(name, **fields)
+            with self.subTest(name=name):
+                self.assertTrue(line.startswith("!!! "))
+                self.assertEqual(json.loads(chat.json_bytes(line))["code"], code)
+                self.assertEqual(chat.error_code(line[len("!!! "):]), code)  # a text line's
+        self.assertEqual(chat.error_code("something else went wrong"), "not_sent")
 
     def test_a_topic_is_the_standing_one_when_asked_for_and_a_change_when_not(self):
         asked = chat.format_line("topic", room="#rust", text="rust!", nick="bob")
@@ -714,7 +725,7 @@ class ChatInProcessTest(unittest.TestCase):
         self.assertEqual(self.say(alice, "/ban robert"),
                          ["*** Robert was banned by alice (no reason given)"])
         self.assertEqual(self.chat.store.bans(), [("127.0.0.1", "Robert")])
-        self.assertEqual(self.chat.refusal(self.connect()), "you are banned")
+        self.assertEqual(self.chat.refusal(self.connect()), "!!! you are banned")
         self.assertEqual(self.say(alice, "/who"), ["*** 1 in #lobby: @alice"])
 
 
