@@ -270,10 +270,7 @@ REDIS_ANSWER_S = 5.0          # a command unanswered this long (an XREAD: past i
                               # BLOCK): Redis is taken to be lost
 REDIS_RETRY_S = 2.0           # Redis lost: try again this often (back within 10 s)
 REDIS_RETRY_TIMEOUT_S = 3.0   # ...each try given this long
-# What needs the other servers or the store: refused while Redis is away.
-NEEDS_NETWORK = frozenset({"me", "nick", "who", "join", "open", "part", "away", "rooms",
-                           "topic", "history", "search",
-                           "register", "login", "password", "unregister", "ban", "unban"})
+
 
 
 # --- Protocol -----------------------------------------------------------------
@@ -353,58 +350,91 @@ TOO_MANY_ROOMS = "you are in {count} rooms: /part one first"
 NETWORK_DOWN = "the chat network is unreachable: reconnecting"
 NETWORK_BACK = "the chat network is back"
 NOT_SENT_NETWORK = "not sent: the chat network is unreachable"
-HELP = (
-    "TEXT                 say TEXT to everyone (//TEXT says /TEXT)",
-    "/me TEXT             act: * NICK TEXT",
-    "/msg NICK TEXT       a private message to NICK",
-    "/nick NEW            change your nickname",
-    "/who [ROOM]          who is in this room (or ROOM)",
-    "/join ROOM           go to ROOM (#rust), made if new",
-    "/open ROOM           be in ROOM too, and talk there (the others stay)",
-    "/part [ROOM]         leave ROOM (this room if none is named)",
-    "/msg #ROOM TEXT      say TEXT in ROOM, one of yours",
-    "/away [MESSAGE]      say you are away (/msg to you answers it); alone: back",
-    "/rooms               the rooms that have people in them",
-    "/topic [TEXT]        show the room's topic, or set it (- clears it)",
-    "/history [#ROOM] [N] the room's last N messages (20; at most 500)",
-    "/search TEXT         the room's last 20 messages that contain TEXT",
-    "/register PASSWORD   make your nick an account, yours alone",
-    "/login NICK PASSWORD use your account (from another connection too)",
-    "/password OLD NEW    change your account's password",
-    "/unregister PASSWORD delete your account",
-    "/ping [TOKEN]        answered with: pong TOKEN",
-    "/format json|text    JSON objects, one a line, for programs; or text",
-    "/help                this list",
-    "/quit [REASON]       leave",
+
+
+class Command(collections.namedtuple("Command", "name usage help who network")):
+    """One command of a registered client: its name; its usage (the form
+    that `!!! usage: ...` names, or None); its /help lines (form, what it
+    does); who may use it (MEMBERS, OPERATORS, or TO_BECOME_OPERATOR, for
+    /op: offered where the server has operators, until one is); whether it
+    needs the other servers or the store (refused while Redis is away).
+    Its handler is the Chat's _cmd_NAME."""
+
+
+MEMBERS, OPERATORS, TO_BECOME_OPERATOR = "members", "operators", "to become one"
+
+# Every command, in the order /help lists them. Adding one is a row here, a
+# _cmd_ method of Chat, and the FORMATS and ERRORS of its answers.
+COMMAND_TABLE = (
+    Command("me", "/me TEXT", (("/me TEXT", "act: * NICK TEXT"),), MEMBERS, True),
+    Command("msg", "/msg NICK TEXT", (("/msg NICK TEXT", "a private message to NICK"),),
+            MEMBERS, False),  # (needs the network for a nick of another server: see Chat)
+    Command("nick", "/nick NEW", (("/nick NEW", "change your nickname"),), MEMBERS, True),
+    Command("who", None, (("/who [ROOM]", "who is in this room (or ROOM)"),), MEMBERS, True),
+    Command("join", "/join ROOM", (("/join ROOM", "go to ROOM (#rust), made if new"),),
+            MEMBERS, True),
+    Command("open", "/open ROOM",
+            (("/open ROOM", "be in ROOM too, and talk there (the others stay)"),
+             ("/msg #ROOM TEXT", "say TEXT in ROOM, one of yours")), MEMBERS, True),
+    Command("part", None, (("/part [ROOM]", "leave ROOM (this room if none is named)"),),
+            MEMBERS, True),
+    Command("away", None,
+            (("/away [MESSAGE]", "say you are away (/msg to you answers it); alone: back"),),
+            MEMBERS, True),
+    Command("rooms", None, (("/rooms", "the rooms that have people in them"),), MEMBERS, True),
+    Command("topic", None,
+            (("/topic [TEXT]", "show the room's topic, or set it (- clears it)"),),
+            MEMBERS, True),
+    Command("history", "/history [N]",
+            (("/history [#ROOM] [N]", "the room's last N messages (20; at most 500)"),),
+            MEMBERS, True),
+    Command("search", "/search TEXT",
+            (("/search TEXT", "the room's last 20 messages that contain TEXT"),), MEMBERS, True),
+    Command("register", "/register PASSWORD",
+            (("/register PASSWORD", "make your nick an account, yours alone"),), MEMBERS, True),
+    Command("login", "/login NICK PASSWORD",
+            (("/login NICK PASSWORD", "use your account (from another connection too)"),),
+            MEMBERS, True),
+    Command("password", "/password OLD NEW",
+            (("/password OLD NEW", "change your account's password"),), MEMBERS, True),
+    Command("unregister", "/unregister PASSWORD",
+            (("/unregister PASSWORD", "delete your account"),), MEMBERS, True),
+    Command("ping", None, (("/ping [TOKEN]", "answered with: pong TOKEN"),), MEMBERS, False),
+    Command("format", "/format json|text",
+            (("/format json|text", "JSON objects, one a line, for programs; or text"),),
+            MEMBERS, False),
+    Command("help", None, (("/help", "this list"),), MEMBERS, False),
+    Command("quit", None, (("/quit [REASON]", "leave"),), MEMBERS, False),
+    Command("pass", None, (), MEMBERS, False),  # (before registering; after: a notice)
+    Command("op", None, (("/op SECRET", "become an operator"),), TO_BECOME_OPERATOR, False),
+    Command("kick", "/kick NICK [REASON]", (("/kick NICK [REASON]", "disconnect NICK"),),
+            OPERATORS, False),
+    Command("ban", "/ban NICK [REASON]",
+            (("/ban NICK [REASON]", "disconnect NICK and refuse its address"),),
+            OPERATORS, True),
+    Command("unban", "/unban ADDRESS", (("/unban ADDRESS", "accept that address again"),),
+            OPERATORS, True),
+    Command("bans", None, (("/bans", "the banned addresses"),), OPERATORS, False),
+    Command("mute", "/mute NICK", (("/mute NICK", "NICK's lines reach no one"),),
+            OPERATORS, False),
+    Command("unmute", "/unmute NICK", (("/unmute NICK", "undo /mute"),), OPERATORS, False),
 )
-HELP_OP = "/op SECRET           become an operator"
-HELP_OPERATORS = (
-    "/kick NICK [REASON]  disconnect NICK",
-    "/ban NICK [REASON]   disconnect NICK and refuse its address",
-    "/unban ADDRESS       accept that address again",
-    "/bans                the banned addresses",
-    "/mute NICK           NICK's lines reach no one",
-    "/unmute NICK         undo /mute",
-)
-USAGE = {
-    "me": "/me TEXT",
-    "msg": "/msg NICK TEXT",
-    "nick": "/nick NEW",
-    "kick": "/kick NICK [REASON]",
-    "ban": "/ban NICK [REASON]",
-    "unban": "/unban ADDRESS",
-    "mute": "/mute NICK",
-    "unmute": "/unmute NICK",
-    "join": "/join ROOM",
-    "open": "/open ROOM",
-    "history": "/history [N]",
-    "search": "/search TEXT",
-    "format": "/format json|text",
-    "register": "/register PASSWORD",
-    "login": "/login NICK PASSWORD",
-    "password": "/password OLD NEW",
-    "unregister": "/unregister PASSWORD",
-}
+COMMANDS = {command.name: command for command in COMMAND_TABLE}
+USAGE = {command.name: command.usage for command in COMMAND_TABLE if command.usage}
+
+
+def help_lines(who):
+    """The /help lines of the commands for these users (a HELP_COLUMN wide form each)."""
+    lines = ["TEXT" + " " * (HELP_COLUMN - 4) + "say TEXT to everyone (//TEXT says /TEXT)"
+             ] if who == MEMBERS else []
+    return tuple(lines + [form.ljust(HELP_COLUMN) + text for command in COMMAND_TABLE
+                          if command.who == who for form, text in command.help])
+
+
+HELP_COLUMN = 21
+HELP = help_lines(MEMBERS)
+HELP_OP = help_lines(TO_BECOME_OPERATOR)[0]
+HELP_OPERATORS = help_lines(OPERATORS)
 NO_REASON = "no reason given"
 TOO_MANY_GUESSES = "too many wrong passwords from your address: try again in a minute"
 NOT_STORED = "the {what} was not stored ({why}): it is gone at the next restart"
@@ -2337,18 +2367,20 @@ class Chat:
         if command is None:
             self._say(conn, "message", arg)
             return
-        handler = self.COMMANDS.get(command)
-        if handler is None:
+        known = COMMANDS.get(command)
+        if known is None:
             self.io.send(conn, error("unknown_command", command=command))
+        elif known.who == OPERATORS and not conn.op:  # (before the store is read: a
+            self.io.send(conn, error("operators_only"))  # non-operator costs it nothing)
         else:
-            handler(self, conn, arg)
+            getattr(self, "_cmd_" + command)(conn, arg)
 
     def _needs_network(self, command, arg):
         """Whether a member's line needs the other servers (or the store):
         everything but commands about this connection and /msg to one of ours."""
         if command == "msg":
             return nick_key(arg.split(" ", 1)[0]) not in self.members
-        return command is None or command in NEEDS_NETWORK
+        return command is None or (command in COMMANDS and COMMANDS[command].network)
 
     def _closing_line(self, conn, command, arg):
         """Its last lines are on their way: what it says now is dropped."""
@@ -3226,10 +3258,8 @@ class Chat:
 
     def _operator_target(self, conn, command, arg):
         """For an operator command: return (target member, rest of arg), or
-        (None, None) after telling conn why not."""
-        if not conn.op:
-            self.io.send(conn, error("operators_only"))
-            return None, None
+        (None, None) after telling conn why not. (Only operators get here:
+        see COMMAND_TABLE.)"""
         parts = arg.split(None, 1)
         if not parts:
             self.io.send(conn, usage(command))
@@ -3304,9 +3334,7 @@ class Chat:
             self._store_or_tell(conn, "ban", self.store.add_ban, target.ip, target.nick)
 
     def _cmd_unban(self, conn, arg):
-        if not conn.op:
-            self.io.send(conn, error("operators_only"))
-        elif not arg:
+        if not arg:
             self.io.send(conn, usage("unban"))
         elif not self._store_answer(self.store.remove_ban, arg):
             self.io.send(conn, error("not_banned", address=arg))
@@ -3315,9 +3343,6 @@ class Chat:
             self.io.send(conn, notice("%s is no longer banned" % arg))
 
     def _cmd_bans(self, conn, arg):
-        if not conn.op:  # before the store is read: a non-operator costs it nothing
-            self.io.send(conn, error("operators_only"))
-            return
         bans = self.store.bans()
         if not bans:
             self.io.send(conn, notice("no address is banned"))
@@ -3343,37 +3368,6 @@ class Chat:
         self.io.log("%s %sd %s" % (conn.nick, command, target.nick))
         self._moderate(conn, target, format_line("muted" if muted else "unmuted",
                                                  nick=target.nick, op=conn.nick))
-
-    COMMANDS = {
-        "me": _cmd_me,
-        "msg": _cmd_msg,
-        "nick": _cmd_nick,
-        "who": _cmd_who,
-        "help": _cmd_help,
-        "ping": _cmd_ping,
-        "quit": _cmd_quit,
-        "join": _cmd_join,
-        "rooms": _cmd_rooms,
-        "open": _cmd_open,
-        "part": _cmd_part,
-        "away": _cmd_away,
-        "topic": _cmd_topic,
-        "history": _cmd_history,
-        "search": _cmd_search,
-        "format": _cmd_format,   # handled before the phase's handler: any time
-        "register": _cmd_register,
-        "login": _cmd_login,
-        "password": _cmd_password,
-        "unregister": _cmd_unregister,
-        "pass": _cmd_pass,
-        "op": _cmd_op,
-        "kick": _cmd_kick,
-        "ban": _cmd_ban,
-        "unban": _cmd_unban,
-        "bans": _cmd_bans,
-        "mute": _cmd_mute,
-        "unmute": _cmd_unmute,
-    }
 
     LINE_HANDLERS = {
         PASSWORD: _password_line,

@@ -627,7 +627,9 @@ class ClientDisplayTest(unittest.TestCase):
 
     def test_the_clients_commands_come_from_the_servers_help(self):
         self.assertEqual(set(chat.SERVER_COMMANDS + chat.OPERATOR_COMMANDS + ("/op",)),
-                         {"/" + name for name in chat.Chat.COMMANDS if name != "pass"})
+                         {"/" + name for name in chat.COMMANDS if name != "pass"})
+        for name in chat.COMMANDS:  # each row of the table has its handler
+            self.assertTrue(callable(getattr(chat.Chat, "_cmd_" + name, None)), name)
 
 
 # --- Chat: in-process, no sockets ------------------------------------------------
