@@ -3544,6 +3544,36 @@ class Worker:
             self.wake()
 
 
+class Listener:
+    """One address the server accepts connections on: whether they speak
+    TLS, and the codec a new connection starts with (a web or IRC listener
+    is one more of these)."""
+
+    __slots__ = ("host", "port", "tls_context", "codec", "sock", "address")
+
+    def __init__(self, host, port, tls_context=None, codec=TEXT_CODEC):
+        self.host = host
+        self.port = port
+        self.tls_context = tls_context     # None: plain TCP
+        self.codec = codec
+        self.sock = None
+        self.address = None                # (host, port) actually bound
+
+    def bind(self):
+        """Create the listening socket; `::` listens on IPv4 too where it can.
+        Raises OSError (socket.gaierror: a bad host)."""
+        infos = socket.getaddrinfo(self.host or None, self.port, socket.AF_UNSPEC,
+                                   socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+        family, _, _, _, sockaddr = infos[0]
+        dualstack = (family == socket.AF_INET6 and sockaddr[0] == "::"
+                     and socket.has_dualstack_ipv6())
+        sock = socket.create_server(sockaddr, family=family, backlog=LISTEN_BACKLOG,
+                                    dualstack_ipv6=dualstack)
+        sock.setblocking(False)
+        self.sock = sock
+        self.address = sock.getsockname()[:2]
+
+
 class ChatServer:
     """The server: a selectors loop that owns the sockets, and a Chat that
     owns the meaning of lines.
@@ -3561,11 +3591,10 @@ class ChatServer:
     def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT, limits=None,
                  log=log_to_stderr, verbose=True, tls_context=None, password=None,
                  op_password=None, store=None, replay=REPLAY_MESSAGES, operators=(),
-                 network=None, motd=()):
-        self.host = host
-        self.port = port
+                 network=None, motd=(), listeners=()):
         self.limits = limits or Limits()
-        self.tls_context = tls_context     # None: plain TCP
+        # The chat's own port first (its address is the server's), then any others.
+        self.listeners = [Listener(host, port, tls_context)] + list(listeners)
         self.logger = log                  # None: silent
         self.verbose = verbose             # False (-q): no per-client lines
         self.chat = Chat(self, self.limits, password, op_password, store, replay, operators,
@@ -3579,8 +3608,7 @@ class ChatServer:
         self.inserting = None              # while a waiting action runs: what it queues
         self.unconfirmed = {}              # our messages not back from the feed: number -> sender
         self.selector = None
-        self.listener = None
-        self.address = None                # (host, port) actually bound
+        self.address = None                # (host, port) the first listener bound
         self.conns = set()                 # every open socket but the listener
         self.per_ip = {}                   # ip -> connections counted
         self.counted = 0                   # connections counted, all addresses
@@ -3601,17 +3629,26 @@ class ChatServer:
     # -- lifecycle --
 
     def bind(self):
-        """Create the listening socket. Raises OSError (socket.gaierror: a bad host)."""
-        if self.listener is None:
-            self.listener = self._listen()
-            self.address = self.listener.getsockname()[:2]
+        """Create the listening sockets. Raises OSError (socket.gaierror: a
+        bad host), having closed those it made."""
+        try:
+            for listener in self.listeners:
+                if listener.sock is None:
+                    listener.bind()
+        except OSError:
+            for listener in self.listeners:
+                if listener.sock is not None:
+                    listener.sock.close()
+                    listener.sock = None
+            raise
+        self.address = self.listeners[0].address
 
     def start(self):
         """Bind (unless bind() did) and listen; return the (host, port) bound.
         Raises OSError."""
         self.bind()
         self.selector = selectors.DefaultSelector()
-        self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
+        self._accept_on_every_listener()
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
@@ -3623,20 +3660,15 @@ class ChatServer:
             self.network.read_feed(self._from_feed)
             self._heartbeat()
         self._open_spare_fd()
-        self.log("listening on %s" % format_address(self.address), always=True)
+        for listener in self.listeners:
+            self.log("listening on %s%s" % (format_address(listener.address), "" if (
+                listener.codec is TEXT_CODEC) else " (%s)" % listener.codec.name), always=True)
         return self.address
 
-    def _listen(self):
-        """Create the listening socket; `::` listens on IPv4 too where it can."""
-        infos = socket.getaddrinfo(self.host or None, self.port, socket.AF_UNSPEC,
-                                   socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
-        family, _, _, _, sockaddr = infos[0]
-        dualstack = (family == socket.AF_INET6 and sockaddr[0] == "::"
-                     and socket.has_dualstack_ipv6())
-        sock = socket.create_server(sockaddr, family=family, backlog=LISTEN_BACKLOG,
-                                    dualstack_ipv6=dualstack)
-        sock.setblocking(False)
-        return sock
+    def _accept_on_every_listener(self):
+        for listener in self.listeners:
+            self.selector.register(listener.sock, selectors.EVENT_READ,
+                                   lambda listener=listener: self._accept(listener))
 
     def serve_forever(self):
         """Run the loop until shutdown(); then say goodbye, flush, close."""
@@ -3758,7 +3790,7 @@ class ChatServer:
         self.chat.close()
         for conn in list(self.conns):
             self._forget(conn)
-        for sock in (self.listener, self.wake_r, self.wake_w):
+        for sock in [listener.sock for listener in self.listeners] + [self.wake_r, self.wake_w]:
             if sock is not None:
                 sock.close()
         if self.spare_fd is not None:
@@ -4075,24 +4107,24 @@ class ChatServer:
 
     # -- accepting --
 
-    def _accept(self):
+    def _accept(self, listener):
         """Accept waiting connections, a batch at a time."""
         for _ in range(ACCEPTS_PER_PASS):
             try:
-                sock, addr = self.listener.accept()
+                sock, addr = listener.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionAbortedError:
                 continue  # the peer gave up while waiting: nothing to do
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self._refuse_without_descriptors()
+                    self._refuse_without_descriptors(listener)
                 else:
                     self.log("accept failed: %s" % exc, always=True)
                 return
-            self._admit(sock, addr)
+            self._admit(sock, addr, listener)
 
-    def _admit(self, sock, addr):
+    def _admit(self, sock, addr, listener):
         """Set up a new connection: refuse it past a limit, else hand it to the chat."""
         try:
             sock.setblocking(False)
@@ -4104,8 +4136,9 @@ class ChatServer:
             sock.close()
             return
         conn = Connection(sock, addr, self.limits, time.monotonic())
-        if self.tls_context is not None:
-            self._start_tls(conn)
+        conn.codec = listener.codec
+        if listener.tls_context is not None:
+            self._start_tls(conn, listener.tls_context)
         self.conns.add(conn)
         self._watch(conn)
         refusal = self.chat.refusal(conn) or self._refusal(conn)
@@ -4120,14 +4153,14 @@ class ChatServer:
         if not conn.handshake_wait:
             self.chat.connected(conn)
 
-    def _start_tls(self, conn):
+    def _start_tls(self, conn, context):
         """Wrap the socket; the handshake runs in the loop like any other I/O.
 
         A refusal queued before it completes waits in outbuf. The
         registration timeout bounds it.
         """
-        conn.sock = self.tls_context.wrap_socket(conn.sock, server_side=True,
-                                                 do_handshake_on_connect=False)
+        conn.sock = context.wrap_socket(conn.sock, server_side=True,
+                                        do_handshake_on_connect=False)
         conn.tls = True
         conn.handshake_wait = selectors.EVENT_READ  # the client speaks first
 
@@ -4167,7 +4200,7 @@ class ChatServer:
         except OSError:
             self.spare_fd = None
 
-    def _refuse_without_descriptors(self):
+    def _refuse_without_descriptors(self, listener):
         """Out of descriptors: free the spare to accept one peer and refuse it.
 
         Without this the listener stays readable and the loop would spin on
@@ -4177,9 +4210,9 @@ class ChatServer:
             os.close(self.spare_fd)
             self.spare_fd = None
             try:
-                sock, addr = self.listener.accept()
+                sock, addr = listener.sock.accept()
                 try:
-                    sock.send(encode_line(error("server_full")))
+                    sock.send(listener.codec.encode(error("server_full")))
                 except OSError:
                     pass  # refused either way
                 sock.close()
@@ -4188,13 +4221,14 @@ class ChatServer:
                 pass  # nobody waiting after all, or no descriptor even now
             self._open_spare_fd()
         if self.spare_fd is None:
-            self.selector.unregister(self.listener)
+            for every in self.listeners:
+                self.selector.unregister(every.sock)
             self.call_later(ACCEPT_PAUSE_S, self._resume_accepting)
 
     def _resume_accepting(self):
         if self.spare_fd is None:
             self._open_spare_fd()
-        self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
+        self._accept_on_every_listener()
 
     def _expire_registration(self, conn):
         if conn.phase == HANDSHAKE:

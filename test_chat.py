@@ -2410,6 +2410,35 @@ class SeveralRoomsTest(SeveralRoomsRules, ServerTestCase):
         return [self.port]
 
 
+class ListenerTest(ServerTestCase):
+    """The server accepts on a list of listeners, each with the codec its
+    connections start with: one chat on all of them."""
+
+    def test_a_second_listener_whose_connections_start_in_json(self):
+        extra = chat.Listener("127.0.0.1", 0, codec=chat.JSON_CODEC)
+        server = serve_in_thread(self, listeners=[extra])
+        self.port = server.address[1]
+        self.assertNotEqual(extra.address[1], self.port)
+        alice = self.join("alice")
+        bot = Peer(extra.address[1])
+        self.addCleanup(bot.close)
+        greeting = json.loads(bot.read_line())
+        self.assertEqual((greeting["type"], greeting["text"]),
+                         ("notice", "welcome to chat.py (1 online)"))
+        # (the nickname question follows, as JSON)
+        self.assertEqual(json.loads(bot.read_line())["type"], "notice")
+        bot.send_line("bot")
+        self.assertEqual(json.loads(bot.read_line())["type"], "joined")
+        alice.expect("*** bot joined (2 online)")
+        alice.send_line("hello bot")
+        alice.expect("<alice> hello bot")
+        said = json.loads(bot.read_line())
+        self.assertEqual((said["type"], said["nick"], said["text"]), ("message", "alice",
+                                                                      "hello bot"))
+        bot.send_line("/format text")  # a codec like any other: /format changes it
+        bot.expect("*** format: text")
+
+
 class MotdTest(ServerTestCase):
     """docs/protocol.md, "Away, and the message of the day": --motd-file."""
 
