@@ -2183,6 +2183,115 @@ class GuessLimit:
             del self.by_ip[ip]
 
 
+class LocalNetwork:
+    """The network, for a chat of one server: what Chat asks of the other
+    servers (RedisNetwork, with --redis) has a plain answer here. Nobody is
+    elsewhere, a free nick is claimed at once, a room and its history come
+    from the store, and every answer comes before the call returns."""
+
+    down = False                           # (it can't go away)
+
+    def __init__(self, store, replay=REPLAY_MESSAGES, log=log_to_stderr):
+        self.store = store
+        self.replay = replay
+        self.log = log                     # for a store that fails
+        self.elsewhere = {}                # the other servers' users: none
+
+    # -- who is where --
+
+    def claim(self, key, user, answer, force=False):
+        answer(False, None)  # free here (Chat checked) is free
+
+    def release(self, key):
+        pass
+
+    def place(self, conn):
+        pass
+
+    def in_room(self, room_key):
+        return []
+
+    def room_counts(self):
+        return {}
+
+    def tell(self, kind, **fields):
+        pass
+
+    def take_over(self, key):
+        """A login takes key over from another server: never here."""
+        return False
+
+    def moderate_elsewhere(self, key, **fields):
+        """An operator acts on a user of another server: never here."""
+        return False
+
+    # -- rooms and their history --
+
+    def open_room(self, key, name, before_reading):
+        """The Room for key, from the store (made there if new);
+        before_reading() first stores what this pass said."""
+        try:
+            stored = self.store.room(key)
+            if stored is None:
+                self.store.add_room(key, name)
+        except (StoreError, sqlite3.Error) as exc:
+            self.log("database error: %s" % describe_error(exc))
+            stored = None
+        before_reading()  # its history must include what this pass said
+        recent = self.store.recent(key, self.replay) if self.replay else ()
+        return Room(*(stored or (name, None, None)), recent=recent, replay=self.replay)
+
+    def known_name(self, key, name):
+        """A room's name as first given (name for a new one)."""
+        try:
+            stored = self.store.room(key)
+        except (StoreError, sqlite3.Error):
+            stored = None
+        return stored[0] if stored else name
+
+    def when_watched(self, key, callback):
+        callback()  # its last messages were read with it
+
+    def unwatch(self, key):
+        pass
+
+    def keep_topic(self, key, text, nick):
+        pass  # (the chat stores it)
+
+    def stamp(self, room, kind, nick, text, when):
+        """Store a message now; return its id (several servers: the feed
+        gives it, and this returns None)."""
+        message_id = self.store.append(room.key, nick, kind, text, when)
+        room.recent.append((message_id, when, nick, kind, text))
+        return message_id
+
+    def history_reader(self):
+        """What reads history off the loop (None: read it on the loop)."""
+        return self.store.reader if self.store.reads_apart else None
+
+    # -- mailboxes --
+
+    def mail(self, key, sender, text, when, answer):
+        """Keep a private message for an account: answer(kept?), or the
+        StoreError that kept it from being stored."""
+        try:
+            kept = self.store.mail(key, sender, text, when)
+        except StoreError as exc:
+            kept = exc
+        answer(kept)
+
+    def read_mail(self, key, answer):
+        try:
+            rows = self.store.read_mail(key)
+        except (StoreError, sqlite3.Error) as exc:
+            self.log("database error: %s" % describe_error(exc))
+            rows = []
+        answer(rows)
+
+    def drop_mail(self, key, rows):
+        self.store.drop_mail(key, rows)
+
+
 class Chat:
     """The chat's rules. Called by the loop (connected, handle_line,
     registration_expired, disconnected, refusal); calls the loop through io."""
@@ -2191,11 +2300,13 @@ class Chat:
                  replay=REPLAY_MESSAGES, operators=(), network=None, motd=()):
         self.io = io
         self.motd = tuple(motd)            # --motd-file's lines, said after the greeting
-        self.network = network             # a RedisNetwork: one chat with other servers
         self.limits = limits
         self.password = password           # the room's, or None
         self.op_password = op_password     # for /op, or None: no operators
         self.store = store if store is not None else SQLiteStore(":memory:")
+        # The other servers: a RedisNetwork, or (one server) a LocalNetwork.
+        self.network = network or LocalNetwork(
+            self.store, replay, lambda text: io.log(text, always=True))
         self.replay = replay               # messages replayed on joining a room
         self.operators = {nick_key(nick) for nick in operators}  # accounts that are operators
         self.decoy = None                  # see _decoy_hash()
@@ -2283,7 +2394,7 @@ class Chat:
 
     def online(self):
         """How many are registered, on every server of the chat."""
-        return len(self.members) + (len(self.network.elsewhere) if self.network else 0)
+        return len(self.members) + len(self.network.elsewhere)
 
     def disconnected(self, conn, reason):
         """conn's connection ended (or is ending): it leaves, and its rooms
@@ -2293,10 +2404,9 @@ class Chat:
         rooms, conn.rooms, conn.room = conn.rooms, [], None  # the loop closes it next
         del self.members[conn.key]
         line = format_line("left", nick=conn.nick, reason=reason or "")
-        if self.network is not None:
-            self.network.release(conn.key)
-            if self.network.down and reason is not None:  # told to the others once back
-                self.network.left_meanwhile.extend(line.about_person(rooms))
+        self.network.release(conn.key)
+        if self.network.down and reason is not None:  # told to the others once back
+            self.network.left_meanwhile.extend(line.about_person(rooms))
         for room in rooms:
             if room.members.get(conn.key) is conn:  # (not yet, while arriving over the network)
                 self.io.leave(room, conn)
@@ -2314,8 +2424,7 @@ class Chat:
 
     def _place(self, conn):
         """The other servers learn where conn is now, and as whom."""
-        if self.network is not None:
-            self.network.place(conn)
+        self.network.place(conn)
 
     def _current(self, conn):
         """conn's current room; None (and conn told so) when it is in none."""
@@ -2346,8 +2455,7 @@ class Chat:
             self.io.close(conn)
         elif command == "pass":
             self.io.send(conn, notice("no password needed now: choose a nickname"))
-        elif self.network is not None and self.network.down and command in (
-                None, "nick", "login"):
+        elif self.network.down and command in (None, "nick", "login"):
             self.io.send(conn, error("network_down"))
         elif command is None:
             self._register(conn, arg.strip())
@@ -2360,8 +2468,7 @@ class Chat:
 
     def _member_line(self, conn, command, arg):
         """A message to the room, or a command."""
-        if self.network is not None and self.network.down and self._needs_network(
-                command, arg):
+        if self.network.down and self._needs_network(command, arg):
             self.io.send(conn, error("network_down"))
             return
         if command is None:
@@ -2409,9 +2516,6 @@ class Chat:
         if problem:
             self.io.send(conn, problem)
             return
-        if self.network is None:
-            self._registered(conn, nick, then)
-            return
 
         def claimed(taken, online):  # several servers: the nick is claimed in Redis first
             self.io.resume_input(conn)
@@ -2450,11 +2554,6 @@ class Chat:
         conn.rooms.append(room)
         conn.room = room
         self.io.focus(conn, room)
-        if self.network is None:
-            self.io.enter(room, conn)
-            self.io.broadcast(room, line)
-            self._welcome(conn, room)
-            return
         self._place(conn)
         self.io.pause_input(conn)
         self.io.broadcast(room, line)
@@ -2485,8 +2584,7 @@ class Chat:
             if key in self.operators:  # --operators NICK before its account is made:
                 return error("nick_kept", nick=nick)  # whoever took it would be one
         holder = self.members.get(key)
-        if (holder is not None and holder is not conn) or (
-                self.network is not None and key in self.network.elsewhere):
+        if (holder is not None and holder is not conn) or key in self.network.elsewhere:
             return error("nick_taken", nick=nick)
         return None
 
@@ -2513,15 +2611,12 @@ class Chat:
         if room is None or not self._allowed_to_speak(conn):
             return
         now = time.time()
-        if self.network is not None:  # stored, and given its id, with the feed's entry
-            self.io.broadcast(room, format_line(kind, nick=conn.nick, text=text).having(
-                room=room.name, when=now))
-            return
-        message_id = self.store.append(room.key, conn.nick, kind, text, now)
-        self.senders[message_id] = conn
-        room.recent.append((message_id, now, conn.nick, kind, text))
-        self.io.broadcast(room, format_line(kind, nick=conn.nick, text=text).having(
-            id=message_id, room=room.name, when=now))
+        line = format_line(kind, nick=conn.nick, text=text).having(room=room.name, when=now)
+        message_id = self.network.stamp(room, kind, conn.nick, text, now)
+        if message_id is not None:  # (several servers: given with the feed's entry)
+            self.senders[message_id] = conn  # told if it is not stored after all
+            line.having(id=message_id)
+        self.io.broadcast(room, line)
 
     def _cmd_me(self, conn, arg):
         if not arg:
@@ -2543,7 +2638,7 @@ class Chat:
                 self._say(conn, "message", text, room)
             return
         target = self.members.get(nick_key(target_nick))
-        elsewhere = self.network.elsewhere.get(nick_key(target_nick)) if self.network else None
+        elsewhere = self.network.elsewhere.get(nick_key(target_nick))
         if target is None and elsewhere is not None:
             if self._allowed_to_speak(conn):  # through the feed, to its server
                 self.network.publish("", "", format_line("private", nick=conn.nick, text=text)
@@ -2579,25 +2674,19 @@ class Chat:
         nick = account[0]
 
         def answer(kept):
+            self.io.resume_input(conn)
             if kept is None:
                 self.io.send(conn, error("network_down"))
+            elif isinstance(kept, Exception):
+                self.io.send(conn, error("message_not_stored", why=kept))
             elif not kept:
                 self.io.send(conn, error("mailbox_full", nick=nick))
             else:
                 self.io.send(conn, format_line("private_echo", nick=nick, text=text).having(
                     **{"from": conn.nick}))
                 self.io.send(conn, notice(OFFLINE_KEPT.format(nick=nick)))
-        if self.network is not None:  # in Redis: the answer comes back to the loop
-            self.io.pause_input(conn)
-            self.network.mail(key, conn.nick, text, time.time(), lambda kept: (
-                self.io.resume_input(conn), answer(kept)))
-            return
-        try:
-            kept = self.store.mail(key, conn.nick, text, time.time())
-        except StoreError as exc:
-            self.io.send(conn, error("message_not_stored", why=exc))
-            return
-        answer(kept)
+        self.io.pause_input(conn)  # (several servers: the answer comes back to the loop)
+        self.network.mail(key, conn.nick, text, time.time(), answer)
 
     def _cmd_nick(self, conn, arg):
         if not arg:
@@ -2612,7 +2701,7 @@ class Chat:
         if problem:
             self.io.send(conn, problem)
             return
-        if self.network is None or nick_key(arg) == conn.key:
+        if nick_key(arg) == conn.key:  # its own, in another case
             self._rename(conn, arg)
             return
 
@@ -2634,8 +2723,7 @@ class Chat:
     def _rename(self, conn, arg):
         """conn is now arg: its rooms are told."""
         old, old_key = conn.nick, conn.key
-        if self.network is not None:  # claimed already (or an account's): where it is now
-            self.network.release(conn.key)
+        self.network.release(conn.key)  # (the new one is claimed already, or an account's)
         del self.members[conn.key]
         conn.nick, conn.key, conn.name = arg, nick_key(arg), arg
         self.members[conn.key] = conn
@@ -2660,8 +2748,7 @@ class Chat:
             if room is None:
                 return
         here = [(m.nick, m.op, m.away is not None) for m in room.members.values()]
-        if self.network is not None:
-            here += self.network.in_room(room.key)
+        here += self.network.in_room(room.key)
         here.sort(key=lambda member: nick_key(member[0]))
         nicks = [("@" if op else "") + nick + (AWAY_MARK if away else "")
                  for nick, op, away in here]
@@ -2674,39 +2761,19 @@ class Chat:
         """The Room called name (as nicks clash), from memory, the store, or new."""
         key = nick_key(name)
         room = self.rooms.get(key)
-        if room is None and self.network is not None:  # what the feed has told us of it
-            self.network.remember_room(key, name)
-            topic, topic_nick = self.network.topics.get(key, (None, None))
-            room = self.rooms[key] = Room(self.network.names.get(key, name), topic, topic_nick,
-                                          replay=self.replay)
-            room.recent = self.network.watch(key)
         if room is None:
-            stored = self.store.room(key)
-            if stored is None:
-                self._store(self.store.add_room, key, name)
-                stored = (name, None, None)
-            self.commit()  # its history must include what this pass said
-            recent = self.store.recent(key, self.replay) if self.replay else ()
-            room = self.rooms[key] = Room(*stored, recent=recent, replay=self.replay)
+            room = self.rooms[key] = self.network.open_room(key, name, self.commit)
         return room
 
     def _known_name(self, name):
         """A room's name as it was first given (name, for a new room)."""
-        key = nick_key(name)
-        if self.network is not None:
-            return self.network.names.get(key, name)
-        try:
-            stored = self.store.room(key)
-        except (StoreError, sqlite3.Error):
-            stored = None
-        return stored[0] if stored else name
+        return self.network.known_name(nick_key(name), name)
 
     def forget_if_empty(self, room):
         """A room nobody is in need not be kept in memory (the store keeps it)."""
         if not room.members and room is not self.lobby:
             self.rooms.pop(room.key, None)
-            if self.network is not None:
-                self.network.unwatch(room.key)
+            self.network.unwatch(room.key)
 
     def _store_answer(self, write, *args):
         """_store() for a write whose answer matters (False on failure)."""
@@ -2847,19 +2914,15 @@ class Chat:
 
     def _enter(self, conn, room):
         """conn enters a room it is not in; it becomes current."""
-        here = len(room.members) + 1
-        if self.network is not None:
-            here += len(self.network.in_room(room.key))
+        here = len(room.members) + 1 + len(self.network.in_room(room.key))
         self._arrive(conn, room, format_line("joined_room", nick=conn.nick, room=room.name,
                                              count=here))
 
     def _cmd_rooms(self, conn, arg):
         counts = {room.key: [room.name, len(room.members)] for room in self.rooms.values()
                   if room.members}
-        if self.network is not None:
-            for user in self.network.elsewhere.values():
-                for key in user.rooms:
-                    counts.setdefault(key, [self.network.names.get(key, key), 0])[1] += 1
+        for key, (name, count) in self.network.room_counts().items():
+            counts.setdefault(key, [name, 0])[1] += count
         rooms = sorted(counts.items(), key=lambda item: (-item[1][1], item[0]))
         self.io.send(conn, format_line(
             "rooms", count=self.online(), rooms=plural(len(rooms), "room"),
@@ -2884,8 +2947,7 @@ class Chat:
         else:
             room.topic, room.topic_nick = arg, conn.nick
             line = format_line("topic_set", nick=conn.nick, text=arg)
-        if self.network is not None:
-            self.network.keep_topic(room.key, room.topic, room.topic_nick)
+        self.network.keep_topic(room.key, room.topic, room.topic_nick)
         self.io.broadcast(room, line.having(room=room.name))
         self._store_or_tell(conn, "topic", self.store.set_topic, room.key, room.topic,
                             room.topic_nick)
@@ -2943,10 +3005,10 @@ class Chat:
         the loop where the store can (a file: a long history can take a
         while), and answer conn with it."""
         self.commit()
-        if self.network is None and not self.store.reads_apart:
+        reader = self.network.history_reader()
+        if reader is None:  # (one server whose store reads as fast here)
             answer(read(self.store))
             return
-        reader = self.network.reader if self.network is not None else self.store.reader
 
         def answered(result):
             if isinstance(result, Exception):
@@ -2976,8 +3038,7 @@ class Chat:
     def _cmd_away(self, conn, arg):
         conn.away = arg or None
         self._place(conn)
-        if self.network is not None:
-            self.network.tell("away", key=conn.key, away=conn.away)
+        self.network.tell("away", key=conn.key, away=conn.away)
         if conn.away is None:
             self.io.send(conn, format_line("away_back", text=None))
         else:
@@ -3118,13 +3179,7 @@ class Chat:
     def _logged_in(self, conn, key, nick):
         """Right password: conn becomes nick, taking it from another connection
         (on another server: that server is told to let it go)."""
-        if self.network is not None and key in self.network.elsewhere:
-            # Said here, not by its server, which may be dead (and then is
-            # never announced lost: the nick is ours in Redis now).
-            user = self.network.elsewhere.pop(key)
-            self.network.say_about(user, format_line("left", nick=user.nick,
-                                                     reason=LEFT_ELSEWHERE))
-            self.network.tell("takeover", key=key)
+        if self.network.take_over(key):  # from another server
             if conn.phase != MEMBER:
                 conn.account = key
                 self.io.log("%s logged in (taking the nick over from another server)" % nick)
@@ -3163,19 +3218,9 @@ class Chat:
             self._now_operator(conn)
 
     def _deliver_mail(self, conn):
-        mailbox = self.network if self.network is not None else self.store
-        if self.network is not None:  # in Redis: the answer comes back to the loop
-            self.network.read_mail(conn.account, lambda rows: self._mail_block(
-                conn, rows, mailbox))
-            return
-        try:
-            rows = self.store.read_mail(conn.account)
-        except (StoreError, sqlite3.Error) as exc:
-            self.io.log("database error: %s" % describe_error(exc), always=True)
-            return
-        self._mail_block(conn, rows, mailbox)
+        self.network.read_mail(conn.account, lambda rows: self._mail_block(conn, rows))
 
-    def _mail_block(self, conn, rows, mailbox):
+    def _mail_block(self, conn, rows):
         """The messages that waited for conn, as one block (none: nothing).
         They are deleted once written to its socket: a connection that goes
         (evicted as too slow, say) before that leaves them waiting."""
@@ -3190,7 +3235,7 @@ class Chat:
                 line=format_line("private", nick=sender, text=text)).having(
                     offline=True, to=conn.nick, text=text, when=when, **{"from": sender}))
         self.io.send(conn, format_line("offline_end"))
-        self.io.when_written(conn, lambda: self._store(mailbox.drop_mail, account, rows))
+        self.io.when_written(conn, lambda: self._store(self.network.drop_mail, account, rows))
 
     def _cmd_password(self, conn, arg):
         parts = arg.split()
@@ -3266,12 +3311,9 @@ class Chat:
             return None, None
         target = self.members.get(nick_key(parts[0]))
         reason = parts[1] if len(parts) > 1 else ""
-        if target is None and self.network is not None and (
-                nick_key(parts[0]) in self.network.elsewhere):
-            # On another server: that server acts (and tells the target's room).
-            self.network.tell("moderate", key=nick_key(parts[0]), command=command,
-                              by=conn.nick, ip=conn.ip, reason=reason)
-            return None, None
+        if target is None and self.network.moderate_elsewhere(
+                nick_key(parts[0]), command=command, by=conn.nick, ip=conn.ip, reason=reason):
+            return None, None  # on another server: that server acts, and tells its rooms
         if target is None:
             self.io.send(conn, error("no_such_user", nick=parts[0]))
             return None, None
@@ -5154,6 +5196,26 @@ class RedisNetwork:
                 self.commands.call(None, "HDEL", REDIS_PRESENCE, key)
         self.commands.call(announce, "HGETALL", REDIS_PRESENCE)
 
+    def take_over(self, key):
+        """A login here takes key's nick from another server, if it is
+        there: its rooms are told here (its server may be dead, and then
+        never announces it lost: the nick is ours in Redis now), and its
+        server lets it go. Return whether it was."""
+        user = self.elsewhere.pop(key, None)
+        if user is None:
+            return False
+        self.say_about(user, format_line("left", nick=user.nick, reason=LEFT_ELSEWHERE))
+        self.tell("takeover", key=key)
+        return True
+
+    def moderate_elsewhere(self, key, **fields):
+        """An operator here acts on a user of another server: that server
+        carries it out. Return whether the user is elsewhere."""
+        if key not in self.elsewhere:
+            return False
+        self.tell("moderate", key=key, **fields)
+        return True
+
     def say_about(self, user, line):
         """A line about another server's user (a RemoteUser) to each of its
         rooms, its members each getting it once."""
@@ -5314,6 +5376,32 @@ class RedisNetwork:
         """No member here any more: its last messages are not kept."""
         self.recents.pop(key, None)
         self.loading.pop(key, None)
+
+    def room_counts(self):
+        """{room key: [its name, how many of the other servers' users are in it]}."""
+        counts = {}
+        for user in self.elsewhere.values():
+            for key in user.rooms:
+                counts.setdefault(key, [self.names.get(key, key), 0])[1] += 1
+        return counts
+
+    def open_room(self, key, name, before_reading):
+        """The Room for key, from what the feed has told us of it; its last
+        messages kept from now on (see watch())."""
+        self.remember_room(key, name)
+        topic, topic_nick = self.topics.get(key, (None, None))
+        room = Room(self.names.get(key, name), topic, topic_nick, replay=self.replay)
+        room.recent = self.watch(key)
+        return room
+
+    def known_name(self, key, name):
+        return self.names.get(key, name)
+
+    def stamp(self, room, kind, nick, text, when):
+        return None  # stored, and given its id, with the feed's entry
+
+    def history_reader(self):
+        return self.reader
 
     def in_room(self, room_key):
         """The other servers' users in a room: [(nick, op, away?)]."""

@@ -635,7 +635,8 @@ class ClientDisplayTest(unittest.TestCase):
 # --- Chat: in-process, no sockets ------------------------------------------------
 
 class FakeLoop:
-    """What the Chat sees of the server loop, recording what it is asked to do."""
+    """What the Chat sees of the server loop (every method of the interface
+    ChatServer's docstring lists), recording what it is asked to do."""
 
     def __init__(self):
         self.fanout = chat.FanOut()
@@ -660,6 +661,22 @@ class FakeLoop:
 
     def focus(self, conn, room):
         conn.focus = room
+
+    def then(self, action):
+        action()
+
+    def off_loop(self, conn, work, done, lane=None):
+        try:
+            result = work()
+        except Exception as exc:  # as the worker thread hands it back
+            result = exc
+        done(result)
+
+    def pause_input(self, conn):
+        pass
+
+    def resume_input(self, conn):
+        pass
 
     def when_written(self, conn, action):
         action()
