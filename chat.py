@@ -11,7 +11,9 @@ LF. The first line a connection sends is its nickname. After that a line is
 a message to everyone, or a command: /me, /msg, /nick, /who, /help, /ping,
 /quit. The server sends `<NICK> ` messages, `* NICK ` actions, `*NICK* `
 private messages, `-> *NICK* ` echoes of your own, `*** ` notices and `!!! `
-errors. Every broadcast reaches everyone in one and the same order.
+errors. Every broadcast reaches everyone in one and the same order. A
+connection can be in several rooms (/open, /part); lines of a room that is
+not its current one come marked with the room's name.
 
 A room can speak TLS (--tls-cert/--tls-key), need a password (/pass before the
 nickname) and have operators (/op, then /kick, /ban, /mute and the rest).
@@ -20,19 +22,28 @@ The file, top to bottom:
     Settings       every default and limit, with its unit; LIMITS and Limits
     Protocol       framing, telnet, cleaning text, nick and room rules,
                    FORMATS (every line the server sends, as a Line that also
-                   knows its JSON form), parse_server_line and line_from_json
-                   (text and JSON back to a Line, for the client)
+                   knows its JSON form), ERRORS (every error, by name, with its
+                   code), COMMAND_TABLE (every command), the codecs (text,
+                   JSON: a Line to bytes, a client's line to a command),
+                   parse_server_line and line_from_json (text and JSON back
+                   to a Line, for the client)
     Plumbing       logging, selector bookkeeping, socket and TLS helpers
-    Chat           Connection (with its phase), Room, SQLiteStore, Chat: what
-                   a line means; it reaches the loop only through the
-                   interface ChatServer's docstring lists
-    Server loop    FanOut (each room's broadcasts, in one order), Worker (a
-                   thread per lane of what must not hold the loop), ChatServer
-                   (accept, TLS, read, write, slow readers, timers, shutdown)
+    Chat           Connection (with its phase, rooms and codec), Room,
+                   SQLiteStore, LocalNetwork, Chat (with its parts
+                   RoomCommands, AccountCommands, OperatorCommands): what a
+                   line means; it reaches the loop only through the interface
+                   ChatServer's docstring lists, and the other servers only
+                   through its network
+    Server loop    FanOut and Pass (each room's broadcasts, in one order,
+                   rendered once per codec), Worker (a thread per lane of what
+                   must not hold the loop), Listener, ChatServer (with its
+                   parts Acceptor, Reading, NetworkFeed: accept, TLS, read,
+                   write, slow readers, timers, the feed, shutdown)
     Several servers  RedisLink, RedisNetwork, RedisHistory: --redis, one
                    chat of several servers through one Redis stream
-    Client         ClientSession (its decisions) and ChatClient (sockets, the
-                   keyboard thread, the terminal)
+    Client         ClientSession (its decisions; parts ClientJson,
+                   ClientReconnect, ClientRegistration) and ChatClient
+                   (sockets, the keyboard thread, the terminal)
     Bench          `chat.py bench`, a load generator that reuses Protocol
     Command line   build_parser(), the run_* functions, main()
 """
@@ -2292,9 +2303,684 @@ class LocalNetwork:
         self.store.drop_mail(key, rows)
 
 
-class Chat:
+class RoomCommands:
+    """Part of Chat: rooms and their history. A member is in rooms (0 to
+    --max-joined), one of them current; /join, /open and /part move it,
+    /who, /rooms, /topic, /history and /search read them (docs/protocol.md,
+    "Rooms" and "Several rooms at once")."""
+
+    def _cmd_who(self, conn, arg):
+        if arg:
+            name = room_name(arg)
+            problem = room_problem(name)
+            if problem:
+                self.io.send(conn, problem)
+                return
+            room = self.rooms.get(nick_key(name))
+            if room is None:  # nobody is in it here (maybe elsewhere)
+                room = Room(self._known_name(name))
+        else:
+            room = self._current(conn)
+            if room is None:
+                return
+        here = [(m.nick, m.op, m.away is not None) for m in room.members.values()]
+        here += self.network.in_room(room.key)
+        here.sort(key=lambda member: nick_key(member[0]))
+        nicks = [("@" if op else "") + nick + (AWAY_MARK if away else "")
+                 for nick, op, away in here]
+        line = format_line("who", count=len(nicks), room=room.name, nicks=", ".join(nicks))
+        self.io.send(conn, Line(line.rstrip(), "who", line.fields).having(members=here))
+
+    # -- rooms, topics, history --
+
+    def _room(self, name):
+        """The Room called name (as nicks clash), from memory, the store, or new."""
+        key = nick_key(name)
+        room = self.rooms.get(key)
+        if room is None:
+            room = self.rooms[key] = self.network.open_room(key, name, self.commit)
+        return room
+
+    def _known_name(self, name):
+        """A room's name as it was first given (name, for a new room)."""
+        return self.network.known_name(nick_key(name), name)
+
+    def forget_if_empty(self, room):
+        """A room nobody is in need not be kept in memory (the store keeps it)."""
+        if not room.members and room is not self.lobby:
+            self.rooms.pop(room.key, None)
+            self.network.unwatch(room.key)
+
+    def _welcome(self, conn, room):
+        """Just in room: its topic, then its last messages."""
+        if room.topic is not None:
+            self.io.send(conn, format_line("topic", room=room.name, text=room.topic,
+                                           nick=room.topic_nick))
+        if room.recent:
+            self._history_block(conn, room, format_line(
+                "history_last", messages=plural(len(room.recent), "message"), room=room.name),
+                room.recent)
+
+    def _history_block(self, conn, room, header, rows):
+        """A header, the messages, the end (in JSON: the messages, marked as
+        history, and history_end with their count)."""
+        room = room.name
+        self.io.send(conn, header)
+        for message_id, when, nick, kind, text in rows:
+            self.io.send(conn, format_line(
+                "history", time=time.strftime(HISTORY_TIME, time.gmtime(when)),
+                line=format_line(kind, nick=nick, text=text)).having(
+                    id=message_id, room=room, nick=nick, kind=kind, text=text, when=when))
+        self.io.send(conn, format_line("history_end").having(room=room, count=len(rows)))
+
+    def _room_named(self, conn, arg, command):
+        """The name of the room arg names (#rust, or rust), or None after
+        telling conn why not."""
+        if not arg:
+            self.io.send(conn, usage(command))
+            return None
+        name = room_name(arg)
+        problem = room_problem(name)
+        if problem:
+            self.io.send(conn, problem)
+            return None
+        return name
+
+    def _cmd_join(self, conn, arg):
+        """Leave the current room for another (v2's one room at a time)."""
+        name = self._room_named(conn, arg, "join")
+        if name is None:
+            return
+        old = conn.room
+        if old is not None and nick_key(name) == old.key:
+            self.io.send(conn, error("already_in_room", room=old.name))
+            return
+        other = self._one_of_its_rooms(conn, name)
+        room = other or self._room(name)
+        if old is not None:
+            self._leave_room(conn, old, LEFT_WENT_TO.format(room=room.name))
+        if other is not None:  # in it already: it only becomes current
+            self._talk_in(conn, other)
+        else:
+            self._enter(conn, room)
+
+    def _cmd_open(self, conn, arg):
+        """Enter a room and stay in the others; it becomes current."""
+        name = self._room_named(conn, arg, "open")
+        if name is None:
+            return
+        room = self._one_of_its_rooms(conn, name)
+        if room is not None:
+            self._talk_in(conn, room)
+        elif len(conn.rooms) >= self.limits.max_joined:
+            self.io.send(conn, error("too_many_rooms", count=len(conn.rooms)))
+        else:
+            self._enter(conn, self._room(name))
+
+    def _cmd_part(self, conn, arg):
+        """Leave a room (the current one if none is named)."""
+        if arg:
+            room = self._one_of_its_rooms(conn, arg)
+            if room is None:
+                self.io.send(conn, error("not_in_room", room=room_name(arg)))
+                return
+        else:
+            room = self._current(conn)
+            if room is None:
+                return
+        self._leave_room(conn, room, LEFT_PARTED)
+        if conn.room is None:
+            self._place(conn)
+            self.io.focus(conn, None)
+            self.io.send(conn, format_line("no_room"))
+        else:
+            self._talk_in(conn, conn.room)
+
+    def _talk_in(self, conn, room):
+        """room, one of conn's, is its current room now: conn is told."""
+        conn.room = room
+        self._place(conn)
+        self.io.focus(conn, room)
+        self.io.send(conn, format_line("talking_in", room=room.name))
+
+    def _leave_room(self, conn, room, reason):
+        """conn leaves one room, whose members are told why (conn too, when
+        it parted); the current room becomes the one entered most recently."""
+        if reason == LEFT_PARTED:  # said before it leaves: it sees its own part
+            self.io.broadcast(room, format_line("left", nick=conn.nick, reason=reason)
+                              .having(room=room.name))
+            self.io.leave(room, conn)
+        else:
+            self.io.leave(room, conn)
+            self.io.broadcast(room, format_line("left", nick=conn.nick, reason=reason)
+                              .having(room=room.name))
+        conn.rooms.remove(room)
+        if conn.room is room:
+            conn.room = conn.rooms[-1] if conn.rooms else None
+        self.forget_if_empty(room)
+
+    def _enter(self, conn, room):
+        """conn enters a room it is not in; it becomes current."""
+        here = len(room.members) + 1 + len(self.network.in_room(room.key))
+        self._arrive(conn, room, format_line("joined_room", nick=conn.nick, room=room.name,
+                                             count=here))
+
+    def _cmd_rooms(self, conn, arg):
+        counts = {room.key: [room.name, len(room.members)] for room in self.rooms.values()
+                  if room.members}
+        for key, (name, count) in self.network.room_counts().items():
+            counts.setdefault(key, [name, 0])[1] += count
+        rooms = sorted(counts.items(), key=lambda item: (-item[1][1], item[0]))
+        self.io.send(conn, format_line(
+            "rooms", count=self.online(), rooms=plural(len(rooms), "room"),
+            list=", ".join("%s (%d)" % (name, count) for _, (name, count) in rooms)))
+
+    def _cmd_topic(self, conn, arg):
+        room = self._current(conn)
+        if room is None:
+            return
+        if not arg:
+            if room.topic is None:
+                self.io.send(conn, format_line("no_topic", room=room.name))
+            else:
+                self.io.send(conn, format_line("topic", room=room.name, text=room.topic,
+                                               nick=room.topic_nick))
+            return
+        if not self._allowed_to_speak(conn):
+            return
+        if arg == "-":
+            room.topic = room.topic_nick = None
+            line = format_line("topic_cleared", nick=conn.nick)
+        else:
+            room.topic, room.topic_nick = arg, conn.nick
+            line = format_line("topic_set", nick=conn.nick, text=arg)
+        self.network.keep_topic(room.key, room.topic, room.topic_nick)
+        self.io.broadcast(room, line.having(room=room.name))
+        self._store_or_tell(conn, "topic", self.store.set_topic, room.key, room.topic,
+                            room.topic_nick)
+
+    def _cmd_history(self, conn, arg):
+        """/history [#ROOM] [N], /history [#ROOM] after ID."""
+        words = arg.split()
+        if words and words[0].startswith("#"):  # one of its rooms, current or not
+            room = self._one_of_its_rooms(conn, words[0])
+            if room is None:
+                self.io.send(conn, error("not_in_room", room=room_name(words[0])))
+                return
+            words = words[1:]
+        else:
+            room = self._current(conn)
+            if room is None:
+                return
+        if words and words[0].lower() == "after":
+            self._history_after(conn, room, words[1:])
+            return
+        count = HISTORY_DEFAULT if not words else (
+            decimal_number(words[0], HISTORY_MAX) if len(words) == 1 else None)
+        if count is None or not 1 <= count <= HISTORY_MAX:
+            self.io.send(conn, usage("history"))
+            return
+
+        def answer(rows):
+            if not rows:
+                self.io.send(conn, format_line("no_history", room=room.name))
+            else:
+                self._history_block(conn, room, format_line(
+                    "history_last", messages=plural(len(rows), "message"), room=room.name),
+                    rows)
+        self._read_history(conn, lambda store: store.recent(room.key, count), answer)
+
+    def _history_after(self, conn, room, rest):
+        """/history after ID: the oldest HISTORY_MAX messages after ID."""
+        after = decimal_number(rest[0] if len(rest) == 1 else "", MAX_MESSAGE_ID)
+        if after is None:
+            self.io.send(conn, error("usage", form="/history after ID"))
+            return
+
+        def answer(rows):
+            if not rows:
+                self.io.send(conn, format_line("no_history_after", room=room.name, after=after))
+            else:
+                self._history_block(conn, room, format_line(
+                    "history_after", messages=plural(len(rows), "message"), room=room.name,
+                    after=after), rows)
+        self._read_history(conn, lambda store: store.after(room.key, after, HISTORY_MAX),
+                           answer)
+
+    def _read_history(self, conn, read, answer, lane=LANE_READS):
+        """Read what is stored (all that was relayed: committed first), off
+        the loop where the store can (a file: a long history can take a
+        while), and answer conn with it."""
+        self.commit()
+        reader = self.network.history_reader()
+        if reader is None:  # (one server whose store reads as fast here)
+            answer(read(self.store))
+            return
+
+        def answered(result):
+            if isinstance(result, Exception):
+                self.io.send(conn, error("history_unreadable", why=describe_error(result)))
+            else:
+                answer(result)
+        self.io.off_loop(conn, lambda: read(reader()), answered, lane)
+
+    def _cmd_search(self, conn, arg):
+        if not arg:
+            self.io.send(conn, usage("search"))
+            return
+        room = self._current(conn)
+        if room is None:
+            return
+
+        def answer(rows):
+            if not rows:
+                self.io.send(conn, format_line("no_match", room=room.name, text=arg))
+            else:
+                self._history_block(conn, room, format_line(
+                    "history_search", messages=plural(len(rows), "message"),
+                    room=room.name, text=arg), rows)
+        self._read_history(conn, lambda store: store.search(room.key, arg, SEARCH_RESULTS),
+                           answer, LANE_SEARCH)
+
+
+class AccountCommands:
+    """Part of Chat: accounts and the mailboxes of offline messages, and
+    the pacing of every guess at a secret (docs/protocol.md, "Accounts")."""
+
+    def _account(self, key):
+        """(nick, hash) of an account, or None; a store that fails is logged."""
+        try:
+            return self.store.account(key)
+        except sqlite3.Error as exc:
+            self.io.log("database error: %s" % describe_error(exc), always=True)
+            return None
+
+    def _mail(self, conn, target_nick, text):
+        """A private message to someone offline: kept if they have an account."""
+        key = nick_key(target_nick)
+        account = self._account(key)
+        if account is None:
+            self.io.send(conn, error("no_such_user", nick=target_nick))
+            return
+        if not self._allowed_to_speak(conn):
+            return
+        nick = account[0]
+
+        def answer(kept):
+            self.io.resume_input(conn)
+            if kept is None:
+                self.io.send(conn, error("network_down"))
+            elif isinstance(kept, Exception):
+                self.io.send(conn, error("message_not_stored", why=kept))
+            elif not kept:
+                self.io.send(conn, error("mailbox_full", nick=nick))
+            else:
+                self.io.send(conn, format_line("private_echo", nick=nick, text=text).having(
+                    **{"from": conn.nick}))
+                self.io.send(conn, notice(OFFLINE_KEPT.format(nick=nick)))
+        self.io.pause_input(conn)  # (several servers: the answer comes back to the loop)
+        self.network.mail(key, conn.nick, text, time.time(), answer)
+
+    # -- accounts (docs/protocol.md, "Accounts") --
+
+    def _cmd_register(self, conn, arg):
+        if not arg:
+            self.io.send(conn, usage("register"))
+        elif conn.account == conn.key:
+            self.io.send(conn, error("already_logged_in", nick=conn.nick))
+        elif len(arg) < MIN_PASSWORD_CHARS:
+            self.io.send(conn, error("password_too_short"))
+        else:
+            nick, key = conn.nick, conn.key
+
+            def hashed(password_hash):
+                if isinstance(password_hash, Exception) or conn.key != key:
+                    self.io.send(conn, error("account_not_made", nick=nick))
+                    return
+                try:
+                    made = self.store.add_account(key, nick, password_hash)
+                except StoreError as exc:
+                    self.io.send(conn, error("account_not_stored", nick=nick, why=exc))
+                    return
+                if not made:
+                    self.io.send(conn, error("nick_registered", nick=nick))
+                    return
+                conn.account = key
+                self.io.log("%s registered an account" % nick)
+                self.io.send(conn, notice(ACCOUNT_MADE.format(nick=nick)))
+                self._op_if_listed(conn)
+            self.io.off_loop(conn, lambda: hash_password(arg), hashed, LANE_SECRETS)
+
+    def _cmd_login(self, conn, arg):
+        parts = arg.split(None, 1)
+        if len(parts) < 2:
+            self.io.send(conn, usage("login"))
+            return
+        key = nick_key(parts[0])
+        if conn.account == key and conn.key == key:
+            self.io.send(conn, error("already_logged_in", nick=conn.nick))
+            return
+        account = self._account(key)
+        self._check_account(conn, account, parts[1],
+                            lambda: self._logged_in(conn, key, account[0]), login=True)
+
+    def _check_account(self, conn, account, password, then, login=False):
+        """Check password against account (None: no such account) off the
+        loop, in the address's turn; then() if right, else the wrong-password
+        answer a second later."""
+        self._paced(conn, lambda: self._check_account_now(conn, account, password, then,
+                                                          login))
+
+    def _check_account_now(self, conn, account, password, then, login):
+        def check():  # in the worker thread
+            return password_matches(password, account[1] if account is not None
+                                    else self._decoy_hash())
+
+        def checked(right):
+            # The account as it is now: /unregister or /password may have
+            # changed it while the password was checked against what it was.
+            if right is True and account is not None and self._account(
+                    nick_key(account[0])) == account:
+                then()
+            else:
+                self._wrong_password(conn, "wrong_login" if login else "wrong_password")
+        self.io.off_loop(conn, check, checked, LANE_SECRETS)
+
+    def _decoy_hash(self):
+        """A hash to check a password against when there is no account, so
+        that a wrong nick costs the same time as a wrong password (made once,
+        in the worker thread)."""
+        if self.decoy is None:
+            self.decoy = hash_password(os.urandom(SALT_BYTES).hex())
+        return self.decoy
+
+    def _paced(self, conn, check):
+        """A guess at a secret: check() in its address's turn (at most one a
+        second), or refused unchecked past the address's wrong guesses for
+        the minute. Its input waits meanwhile, so its answers stay in order."""
+        def in_turn(conn=conn):
+            if self.guesses.spent(conn.ip):  # (its guesses before this one, all wrong)
+                self.io.log("%s: too many wrong passwords from %s" % (conn.name, conn.ip))
+                self.io.send(conn, error("too_many_guesses"))
+            else:
+                check()
+        if conn.phase in (CLOSING, CLOSED):
+            return
+        delay = self.guesses.turn(conn.ip)
+        if delay <= 0:
+            in_turn()
+            return
+        self.io.pause_input(conn)
+
+        def later(conn):
+            self.io.resume_input(conn)
+            in_turn(conn)
+        self.io.call_later(delay, later, conn)
+
+    def _wrong_password(self, conn, name):
+        """A second later (the room goes on): the answer; the third closes."""
+        conn.login_failures += 1
+        self.guesses.wrong(conn.ip)
+        self.io.log("%s: a wrong account password" % conn.name)
+        self.io.pause_input(conn)
+
+        def answer(conn):
+            self.io.send(conn, error(name))
+            if conn.login_failures >= MAX_LOGIN_ATTEMPTS:
+                self.disconnected(conn, LEFT_CLOSED)
+                self.io.close(conn)
+            else:
+                self.io.resume_input(conn)
+        self.io.call_later(WRONG_PASSWORD_DELAY_S, answer, conn)
+
+    def _logged_in(self, conn, key, nick):
+        """Right password: conn becomes nick, taking it from another connection
+        (on another server: that server is told to let it go)."""
+        if self.network.take_over(key):  # from another server
+            if conn.phase != MEMBER:
+                conn.account = key
+                self.io.log("%s logged in (taking the nick over from another server)" % nick)
+                self._register(conn, nick, then=lambda: (self._op_if_listed(conn),
+                                                         self._deliver_mail(conn)), force=True)
+                return
+        old = self.members.get(key)
+        if old is not None and old is not conn:
+            self.io.send(old, error("logged_in_elsewhere"))
+            self.disconnected(old, LEFT_ELSEWHERE)
+            self.io.close(old)
+        conn.account = key
+        self.io.log("%s logged in" % nick)
+
+        def welcome_back():
+            self._op_if_listed(conn)
+            self._deliver_mail(conn)
+        if conn.phase == MEMBER:
+            self._rename(conn, nick)
+            welcome_back()
+        else:
+            self._register(conn, nick, then=welcome_back)
+
+    def _deliver_mail(self, conn):
+        self.network.read_mail(conn.account, lambda rows: self._mail_block(conn, rows))
+
+    def _mail_block(self, conn, rows):
+        """The messages that waited for conn, as one block (none: nothing).
+        They are deleted once written to its socket: a connection that goes
+        (evicted as too slow, say) before that leaves them waiting."""
+        if not rows or conn.phase != MEMBER:
+            return
+        account = conn.account
+        self.io.send(conn, format_line("offline_start",
+                                       messages=plural(len(rows), "message")))
+        for _, when, sender, text in rows:
+            self.io.send(conn, format_line(
+                "history", time=time.strftime(HISTORY_TIME, time.gmtime(when)),
+                line=format_line("private", nick=sender, text=text)).having(
+                    offline=True, to=conn.nick, text=text, when=when, **{"from": sender}))
+        self.io.send(conn, format_line("offline_end"))
+        self.io.when_written(conn, lambda: self._store(self.network.drop_mail, account, rows))
+
+    def _cmd_password(self, conn, arg):
+        parts = arg.split()
+        if len(parts) != 2:
+            self.io.send(conn, usage("password"))
+        elif conn.account is None:
+            self.io.send(conn, error("not_logged_in"))
+        elif len(parts[1]) < MIN_PASSWORD_CHARS:
+            self.io.send(conn, error("password_too_short"))
+        else:
+            key, new = conn.account, parts[1]
+
+            def change():
+                def hashed(password_hash):
+                    if isinstance(password_hash, Exception):
+                        self.io.send(conn, error("password_not_changed"))
+                    elif self._store(self.store.set_password, key, password_hash):
+                        self.io.send(conn, notice(PASSWORD_CHANGED))
+                    else:
+                        self.io.send(conn, error("password_not_changed"))
+                self.io.off_loop(conn, lambda: hash_password(new), hashed, LANE_SECRETS)
+            self._check_account(conn, self._account(key), parts[0], change)
+
+    def _cmd_unregister(self, conn, arg):
+        if not arg:
+            self.io.send(conn, usage("unregister"))
+        elif conn.account is None:
+            self.io.send(conn, error("not_logged_in"))
+        else:
+            key = conn.account
+            account = self._account(key)
+
+            def remove():
+                if self._store(self.store.remove_account, key):
+                    conn.account = None
+                    self.io.log("%s unregistered" % account[0])
+                    self.io.send(conn, notice(NO_LONGER_REGISTERED.format(nick=account[0])))
+            self._check_account(conn, account, arg, remove)
+
+
+class OperatorCommands:
+    """Part of Chat: operators, and what they do to other members (kick,
+    ban, mute), here or, through the network, on another server."""
+
+    def _now_operator(self, conn):
+        """conn is an operator: its rooms are told (itself, in none)."""
+        conn.op = True
+        self._place(conn)  # for /who on a server started later
+        line = format_line("opped", nick=conn.nick)
+        if conn.rooms:
+            self._tell_about(conn.rooms, line)
+        else:
+            self.io.send(conn, line)
+
+    def _op_if_listed(self, conn):
+        if conn.account in self.operators and not conn.op:
+            self._now_operator(conn)
+
+    # -- operators --
+
+    def _cmd_op(self, conn, arg):
+        if self.op_password is None:
+            self.io.send(conn, error("no_operators"))
+        elif conn.op:
+            self.io.send(conn, notice("you are an operator already"))
+        else:
+            self._paced(conn, lambda: self._check_op_password(conn, arg))
+
+    def _check_op_password(self, conn, arg):
+        if conn.phase != MEMBER or conn.op:
+            return
+        if secrets_match(arg, self.op_password):
+            self.io.log("%s is now an operator" % conn.nick)
+            self._now_operator(conn)
+        else:
+            conn.op_attempts += 1
+            self.guesses.wrong(conn.ip)
+            self.io.log("%s: wrong operator password" % conn.nick)
+            self.io.send(conn, error("wrong_op_password"))
+            if conn.op_attempts >= MAX_OP_ATTEMPTS:
+                self.io.send(conn, error("too_many_op_passwords"))
+                self.disconnected(conn, LEFT_CLOSED)
+                self.io.close(conn)
+
+    def _operator_target(self, conn, command, arg):
+        """For an operator command: return (target member, rest of arg), or
+        (None, None) after telling conn why not. (Only operators get here:
+        see COMMAND_TABLE.)"""
+        parts = arg.split(None, 1)
+        if not parts:
+            self.io.send(conn, usage(command))
+            return None, None
+        target = self.members.get(nick_key(parts[0]))
+        reason = parts[1] if len(parts) > 1 else ""
+        if target is None and self.network.moderate_elsewhere(
+                nick_key(parts[0]), command=command, by=conn.nick, ip=conn.ip, reason=reason):
+            return None, None  # on another server: that server acts, and tells its rooms
+        if target is None:
+            self.io.send(conn, error("no_such_user", nick=parts[0]))
+            return None, None
+        return target, reason
+
+    def _moderate(self, conn, target, line):
+        """A moderation line goes to target's rooms (each member once), and
+        to the operator who acted if it is in none of them (conn None: on
+        another server)."""
+        self._tell_about(target.rooms, line)
+        if conn is not None and not set(conn.rooms) & set(target.rooms):
+            self.io.send(conn, line.having(room=target.room.name if target.room else None))
+
+    def asked_elsewhere(self, kind, fields):
+        """Another server asks: let go of a nick logged in to there, or
+        moderate one of our users as its operator asked."""
+        target = self.members.get(fields["key"])
+        if target is None or target.phase != MEMBER:
+            return
+        if kind == "takeover":  # (its room was told by the server it logged in to)
+            self.io.send(target, error("logged_in_elsewhere"))
+            self.disconnected(target, None)
+            self.io.close(target)
+            return
+        by, command = fields["by"], fields["command"]
+        reason = fields.get("reason") or NO_REASON
+        self.io.log("%s (on another server) %s %s" % (by, command, target.nick))
+        if command == "kick":
+            self._remove(None, target, format_line("kicked", nick=target.nick, op=by,
+                                                   reason=reason))
+        elif command == "ban" and target.ip != fields.get("ip"):  # not the operator's own
+            self._store(self.store.add_ban, target.ip, target.nick)
+            self._remove(None, target, format_line("banned", nick=target.nick, op=by,
+                                                   reason=reason))
+        elif command in ("mute", "unmute") and target.muted != (command == "mute"):
+            target.muted = command == "mute"
+            self._moderate(None, target, format_line(command + "d", nick=target.nick, op=by))
+
+    def _remove(self, conn, target, line):
+        """Tell target's room (target included) line, then disconnect target."""
+        self._moderate(conn, target, line)
+        self.disconnected(target, None)
+        self.io.close(target)
+
+    def _cmd_kick(self, conn, arg):
+        target, reason = self._operator_target(conn, "kick", arg)
+        if target is not None:
+            self.io.log("%s kicked %s" % (conn.nick, target.nick))
+            self._remove(conn, target, format_line("kicked", nick=target.nick, op=conn.nick,
+                                             reason=reason or NO_REASON))
+
+    def _cmd_ban(self, conn, arg):
+        target, reason = self._operator_target(conn, "ban", arg)
+        if target is conn:  # it would lock out the operator's own address
+            self.io.send(conn, error("ban_yourself"))
+        elif target is not None:
+            self.io.log("%s banned %s (%s)" % (conn.nick, target.nick, target.ip))
+            self._remove(conn, target, format_line("banned", nick=target.nick, op=conn.nick,
+                                             reason=reason or NO_REASON))
+            self._store_or_tell(conn, "ban", self.store.add_ban, target.ip, target.nick)
+
+    def _cmd_unban(self, conn, arg):
+        if not arg:
+            self.io.send(conn, usage("unban"))
+        elif not self._store_answer(self.store.remove_ban, arg):
+            self.io.send(conn, error("not_banned", address=arg))
+        else:
+            self.io.log("%s unbanned %s" % (conn.nick, arg))
+            self.io.send(conn, notice("%s is no longer banned" % arg))
+
+    def _cmd_bans(self, conn, arg):
+        bans = self.store.bans()
+        if not bans:
+            self.io.send(conn, notice("no address is banned"))
+        else:
+            self.io.send(conn, notice("banned: " + ", ".join(
+                "%s (%s)" % (ip, nick) for ip, nick in bans)))
+
+    def _cmd_mute(self, conn, arg):
+        self._set_muted(conn, "mute", arg, True)
+
+    def _cmd_unmute(self, conn, arg):
+        self._set_muted(conn, "unmute", arg, False)
+
+    def _set_muted(self, conn, command, arg, muted):
+        target, _ = self._operator_target(conn, command, arg)
+        if target is None:
+            return
+        if target.muted == muted:
+            self.io.send(conn, error("already_muted" if muted else "already_unmuted",
+                                     nick=target.nick))
+            return
+        target.muted = muted
+        self.io.log("%s %sd %s" % (conn.nick, command, target.nick))
+        self._moderate(conn, target, format_line("muted" if muted else "unmuted",
+                                                 nick=target.nick, op=conn.nick))
+
+
+class Chat(RoomCommands, AccountCommands, OperatorCommands):
     """The chat's rules. Called by the loop (connected, handle_line,
-    registration_expired, disconnected, refusal); calls the loop through io."""
+    registration_expired, disconnected, refusal); calls the loop through io,
+    and the other servers through network (a LocalNetwork when there are
+    none). Three of its parts are classes of their own, above: RoomCommands,
+    AccountCommands, OperatorCommands; here are registration, the phases,
+    messages, nicks and the rest."""
 
     def __init__(self, io, limits, password=None, op_password=None, store=None,
                  replay=REPLAY_MESSAGES, operators=(), network=None, motd=()):
@@ -2588,14 +3274,6 @@ class Chat:
             return error("nick_taken", nick=nick)
         return None
 
-    def _account(self, key):
-        """(nick, hash) of an account, or None; a store that fails is logged."""
-        try:
-            return self.store.account(key)
-        except sqlite3.Error as exc:
-            self.io.log("database error: %s" % describe_error(exc), always=True)
-            return None
-
     # -- commands of members --
 
     def _allowed_to_speak(self, conn):
@@ -2662,32 +3340,6 @@ class Chat:
         if away is not None:
             self.io.send(conn, format_line("is_away", nick=nick, text=away))
 
-    def _mail(self, conn, target_nick, text):
-        """A private message to someone offline: kept if they have an account."""
-        key = nick_key(target_nick)
-        account = self._account(key)
-        if account is None:
-            self.io.send(conn, error("no_such_user", nick=target_nick))
-            return
-        if not self._allowed_to_speak(conn):
-            return
-        nick = account[0]
-
-        def answer(kept):
-            self.io.resume_input(conn)
-            if kept is None:
-                self.io.send(conn, error("network_down"))
-            elif isinstance(kept, Exception):
-                self.io.send(conn, error("message_not_stored", why=kept))
-            elif not kept:
-                self.io.send(conn, error("mailbox_full", nick=nick))
-            else:
-                self.io.send(conn, format_line("private_echo", nick=nick, text=text).having(
-                    **{"from": conn.nick}))
-                self.io.send(conn, notice(OFFLINE_KEPT.format(nick=nick)))
-        self.io.pause_input(conn)  # (several servers: the answer comes back to the loop)
-        self.network.mail(key, conn.nick, text, time.time(), answer)
-
     def _cmd_nick(self, conn, arg):
         if not arg:
             self.io.send(conn, usage("nick"))
@@ -2733,48 +3385,6 @@ class Chat:
         self.io.log("%s is now known as %s" % (old, arg))
         self._tell_about(conn.rooms, format_line("renamed", old=old, new=arg))
 
-    def _cmd_who(self, conn, arg):
-        if arg:
-            name = room_name(arg)
-            problem = room_problem(name)
-            if problem:
-                self.io.send(conn, problem)
-                return
-            room = self.rooms.get(nick_key(name))
-            if room is None:  # nobody is in it here (maybe elsewhere)
-                room = Room(self._known_name(name))
-        else:
-            room = self._current(conn)
-            if room is None:
-                return
-        here = [(m.nick, m.op, m.away is not None) for m in room.members.values()]
-        here += self.network.in_room(room.key)
-        here.sort(key=lambda member: nick_key(member[0]))
-        nicks = [("@" if op else "") + nick + (AWAY_MARK if away else "")
-                 for nick, op, away in here]
-        line = format_line("who", count=len(nicks), room=room.name, nicks=", ".join(nicks))
-        self.io.send(conn, Line(line.rstrip(), "who", line.fields).having(members=here))
-
-    # -- rooms, topics, history --
-
-    def _room(self, name):
-        """The Room called name (as nicks clash), from memory, the store, or new."""
-        key = nick_key(name)
-        room = self.rooms.get(key)
-        if room is None:
-            room = self.rooms[key] = self.network.open_room(key, name, self.commit)
-        return room
-
-    def _known_name(self, name):
-        """A room's name as it was first given (name, for a new room)."""
-        return self.network.known_name(nick_key(name), name)
-
-    def forget_if_empty(self, room):
-        """A room nobody is in need not be kept in memory (the store keeps it)."""
-        if not room.members and room is not self.lobby:
-            self.rooms.pop(room.key, None)
-            self.network.unwatch(room.key)
-
     def _store_answer(self, write, *args):
         """_store() for a write whose answer matters (False on failure)."""
         try:
@@ -2804,237 +3414,6 @@ class Chat:
             self.io.send(conn, error("change_not_stored", what=what, why=exc))
             return False
 
-    def _welcome(self, conn, room):
-        """Just in room: its topic, then its last messages."""
-        if room.topic is not None:
-            self.io.send(conn, format_line("topic", room=room.name, text=room.topic,
-                                           nick=room.topic_nick))
-        if room.recent:
-            self._history_block(conn, room, format_line(
-                "history_last", messages=plural(len(room.recent), "message"), room=room.name),
-                room.recent)
-
-    def _history_block(self, conn, room, header, rows):
-        """A header, the messages, the end (in JSON: the messages, marked as
-        history, and history_end with their count)."""
-        room = room.name
-        self.io.send(conn, header)
-        for message_id, when, nick, kind, text in rows:
-            self.io.send(conn, format_line(
-                "history", time=time.strftime(HISTORY_TIME, time.gmtime(when)),
-                line=format_line(kind, nick=nick, text=text)).having(
-                    id=message_id, room=room, nick=nick, kind=kind, text=text, when=when))
-        self.io.send(conn, format_line("history_end").having(room=room, count=len(rows)))
-
-    def _room_named(self, conn, arg, command):
-        """The name of the room arg names (#rust, or rust), or None after
-        telling conn why not."""
-        if not arg:
-            self.io.send(conn, usage(command))
-            return None
-        name = room_name(arg)
-        problem = room_problem(name)
-        if problem:
-            self.io.send(conn, problem)
-            return None
-        return name
-
-    def _cmd_join(self, conn, arg):
-        """Leave the current room for another (v2's one room at a time)."""
-        name = self._room_named(conn, arg, "join")
-        if name is None:
-            return
-        old = conn.room
-        if old is not None and nick_key(name) == old.key:
-            self.io.send(conn, error("already_in_room", room=old.name))
-            return
-        other = self._one_of_its_rooms(conn, name)
-        room = other or self._room(name)
-        if old is not None:
-            self._leave_room(conn, old, LEFT_WENT_TO.format(room=room.name))
-        if other is not None:  # in it already: it only becomes current
-            self._talk_in(conn, other)
-        else:
-            self._enter(conn, room)
-
-    def _cmd_open(self, conn, arg):
-        """Enter a room and stay in the others; it becomes current."""
-        name = self._room_named(conn, arg, "open")
-        if name is None:
-            return
-        room = self._one_of_its_rooms(conn, name)
-        if room is not None:
-            self._talk_in(conn, room)
-        elif len(conn.rooms) >= self.limits.max_joined:
-            self.io.send(conn, error("too_many_rooms", count=len(conn.rooms)))
-        else:
-            self._enter(conn, self._room(name))
-
-    def _cmd_part(self, conn, arg):
-        """Leave a room (the current one if none is named)."""
-        if arg:
-            room = self._one_of_its_rooms(conn, arg)
-            if room is None:
-                self.io.send(conn, error("not_in_room", room=room_name(arg)))
-                return
-        else:
-            room = self._current(conn)
-            if room is None:
-                return
-        self._leave_room(conn, room, LEFT_PARTED)
-        if conn.room is None:
-            self._place(conn)
-            self.io.focus(conn, None)
-            self.io.send(conn, format_line("no_room"))
-        else:
-            self._talk_in(conn, conn.room)
-
-    def _talk_in(self, conn, room):
-        """room, one of conn's, is its current room now: conn is told."""
-        conn.room = room
-        self._place(conn)
-        self.io.focus(conn, room)
-        self.io.send(conn, format_line("talking_in", room=room.name))
-
-    def _leave_room(self, conn, room, reason):
-        """conn leaves one room, whose members are told why (conn too, when
-        it parted); the current room becomes the one entered most recently."""
-        if reason == LEFT_PARTED:  # said before it leaves: it sees its own part
-            self.io.broadcast(room, format_line("left", nick=conn.nick, reason=reason)
-                              .having(room=room.name))
-            self.io.leave(room, conn)
-        else:
-            self.io.leave(room, conn)
-            self.io.broadcast(room, format_line("left", nick=conn.nick, reason=reason)
-                              .having(room=room.name))
-        conn.rooms.remove(room)
-        if conn.room is room:
-            conn.room = conn.rooms[-1] if conn.rooms else None
-        self.forget_if_empty(room)
-
-    def _enter(self, conn, room):
-        """conn enters a room it is not in; it becomes current."""
-        here = len(room.members) + 1 + len(self.network.in_room(room.key))
-        self._arrive(conn, room, format_line("joined_room", nick=conn.nick, room=room.name,
-                                             count=here))
-
-    def _cmd_rooms(self, conn, arg):
-        counts = {room.key: [room.name, len(room.members)] for room in self.rooms.values()
-                  if room.members}
-        for key, (name, count) in self.network.room_counts().items():
-            counts.setdefault(key, [name, 0])[1] += count
-        rooms = sorted(counts.items(), key=lambda item: (-item[1][1], item[0]))
-        self.io.send(conn, format_line(
-            "rooms", count=self.online(), rooms=plural(len(rooms), "room"),
-            list=", ".join("%s (%d)" % (name, count) for _, (name, count) in rooms)))
-
-    def _cmd_topic(self, conn, arg):
-        room = self._current(conn)
-        if room is None:
-            return
-        if not arg:
-            if room.topic is None:
-                self.io.send(conn, format_line("no_topic", room=room.name))
-            else:
-                self.io.send(conn, format_line("topic", room=room.name, text=room.topic,
-                                               nick=room.topic_nick))
-            return
-        if not self._allowed_to_speak(conn):
-            return
-        if arg == "-":
-            room.topic = room.topic_nick = None
-            line = format_line("topic_cleared", nick=conn.nick)
-        else:
-            room.topic, room.topic_nick = arg, conn.nick
-            line = format_line("topic_set", nick=conn.nick, text=arg)
-        self.network.keep_topic(room.key, room.topic, room.topic_nick)
-        self.io.broadcast(room, line.having(room=room.name))
-        self._store_or_tell(conn, "topic", self.store.set_topic, room.key, room.topic,
-                            room.topic_nick)
-
-    def _cmd_history(self, conn, arg):
-        """/history [#ROOM] [N], /history [#ROOM] after ID."""
-        words = arg.split()
-        if words and words[0].startswith("#"):  # one of its rooms, current or not
-            room = self._one_of_its_rooms(conn, words[0])
-            if room is None:
-                self.io.send(conn, error("not_in_room", room=room_name(words[0])))
-                return
-            words = words[1:]
-        else:
-            room = self._current(conn)
-            if room is None:
-                return
-        if words and words[0].lower() == "after":
-            self._history_after(conn, room, words[1:])
-            return
-        count = HISTORY_DEFAULT if not words else (
-            decimal_number(words[0], HISTORY_MAX) if len(words) == 1 else None)
-        if count is None or not 1 <= count <= HISTORY_MAX:
-            self.io.send(conn, usage("history"))
-            return
-
-        def answer(rows):
-            if not rows:
-                self.io.send(conn, format_line("no_history", room=room.name))
-            else:
-                self._history_block(conn, room, format_line(
-                    "history_last", messages=plural(len(rows), "message"), room=room.name),
-                    rows)
-        self._read_history(conn, lambda store: store.recent(room.key, count), answer)
-
-    def _history_after(self, conn, room, rest):
-        """/history after ID: the oldest HISTORY_MAX messages after ID."""
-        after = decimal_number(rest[0] if len(rest) == 1 else "", MAX_MESSAGE_ID)
-        if after is None:
-            self.io.send(conn, error("usage", form="/history after ID"))
-            return
-
-        def answer(rows):
-            if not rows:
-                self.io.send(conn, format_line("no_history_after", room=room.name, after=after))
-            else:
-                self._history_block(conn, room, format_line(
-                    "history_after", messages=plural(len(rows), "message"), room=room.name,
-                    after=after), rows)
-        self._read_history(conn, lambda store: store.after(room.key, after, HISTORY_MAX),
-                           answer)
-
-    def _read_history(self, conn, read, answer, lane=LANE_READS):
-        """Read what is stored (all that was relayed: committed first), off
-        the loop where the store can (a file: a long history can take a
-        while), and answer conn with it."""
-        self.commit()
-        reader = self.network.history_reader()
-        if reader is None:  # (one server whose store reads as fast here)
-            answer(read(self.store))
-            return
-
-        def answered(result):
-            if isinstance(result, Exception):
-                self.io.send(conn, error("history_unreadable", why=describe_error(result)))
-            else:
-                answer(result)
-        self.io.off_loop(conn, lambda: read(reader()), answered, lane)
-
-    def _cmd_search(self, conn, arg):
-        if not arg:
-            self.io.send(conn, usage("search"))
-            return
-        room = self._current(conn)
-        if room is None:
-            return
-
-        def answer(rows):
-            if not rows:
-                self.io.send(conn, format_line("no_match", room=room.name, text=arg))
-            else:
-                self._history_block(conn, room, format_line(
-                    "history_search", messages=plural(len(rows), "message"),
-                    room=room.name, text=arg), rows)
-        self._read_history(conn, lambda store: store.search(room.key, arg, SEARCH_RESULTS),
-                           answer, LANE_SEARCH)
-
     def _cmd_away(self, conn, arg):
         conn.away = arg or None
         self._place(conn)
@@ -3063,353 +3442,6 @@ class Chat:
     def _cmd_quit(self, conn, arg):
         self.disconnected(conn, arg or LEFT_QUIT)
         self.io.close(conn)
-
-    # -- accounts (docs/protocol.md, "Accounts") --
-
-    def _cmd_register(self, conn, arg):
-        if not arg:
-            self.io.send(conn, usage("register"))
-        elif conn.account == conn.key:
-            self.io.send(conn, error("already_logged_in", nick=conn.nick))
-        elif len(arg) < MIN_PASSWORD_CHARS:
-            self.io.send(conn, error("password_too_short"))
-        else:
-            nick, key = conn.nick, conn.key
-
-            def hashed(password_hash):
-                if isinstance(password_hash, Exception) or conn.key != key:
-                    self.io.send(conn, error("account_not_made", nick=nick))
-                    return
-                try:
-                    made = self.store.add_account(key, nick, password_hash)
-                except StoreError as exc:
-                    self.io.send(conn, error("account_not_stored", nick=nick, why=exc))
-                    return
-                if not made:
-                    self.io.send(conn, error("nick_registered", nick=nick))
-                    return
-                conn.account = key
-                self.io.log("%s registered an account" % nick)
-                self.io.send(conn, notice(ACCOUNT_MADE.format(nick=nick)))
-                self._op_if_listed(conn)
-            self.io.off_loop(conn, lambda: hash_password(arg), hashed, LANE_SECRETS)
-
-    def _cmd_login(self, conn, arg):
-        parts = arg.split(None, 1)
-        if len(parts) < 2:
-            self.io.send(conn, usage("login"))
-            return
-        key = nick_key(parts[0])
-        if conn.account == key and conn.key == key:
-            self.io.send(conn, error("already_logged_in", nick=conn.nick))
-            return
-        account = self._account(key)
-        self._check_account(conn, account, parts[1],
-                            lambda: self._logged_in(conn, key, account[0]), login=True)
-
-    def _check_account(self, conn, account, password, then, login=False):
-        """Check password against account (None: no such account) off the
-        loop, in the address's turn; then() if right, else the wrong-password
-        answer a second later."""
-        self._paced(conn, lambda: self._check_account_now(conn, account, password, then,
-                                                          login))
-
-    def _check_account_now(self, conn, account, password, then, login):
-        def check():  # in the worker thread
-            return password_matches(password, account[1] if account is not None
-                                    else self._decoy_hash())
-
-        def checked(right):
-            # The account as it is now: /unregister or /password may have
-            # changed it while the password was checked against what it was.
-            if right is True and account is not None and self._account(
-                    nick_key(account[0])) == account:
-                then()
-            else:
-                self._wrong_password(conn, "wrong_login" if login else "wrong_password")
-        self.io.off_loop(conn, check, checked, LANE_SECRETS)
-
-    def _decoy_hash(self):
-        """A hash to check a password against when there is no account, so
-        that a wrong nick costs the same time as a wrong password (made once,
-        in the worker thread)."""
-        if self.decoy is None:
-            self.decoy = hash_password(os.urandom(SALT_BYTES).hex())
-        return self.decoy
-
-    def _paced(self, conn, check):
-        """A guess at a secret: check() in its address's turn (at most one a
-        second), or refused unchecked past the address's wrong guesses for
-        the minute. Its input waits meanwhile, so its answers stay in order."""
-        def in_turn(conn=conn):
-            if self.guesses.spent(conn.ip):  # (its guesses before this one, all wrong)
-                self.io.log("%s: too many wrong passwords from %s" % (conn.name, conn.ip))
-                self.io.send(conn, error("too_many_guesses"))
-            else:
-                check()
-        if conn.phase in (CLOSING, CLOSED):
-            return
-        delay = self.guesses.turn(conn.ip)
-        if delay <= 0:
-            in_turn()
-            return
-        self.io.pause_input(conn)
-
-        def later(conn):
-            self.io.resume_input(conn)
-            in_turn(conn)
-        self.io.call_later(delay, later, conn)
-
-    def _wrong_password(self, conn, name):
-        """A second later (the room goes on): the answer; the third closes."""
-        conn.login_failures += 1
-        self.guesses.wrong(conn.ip)
-        self.io.log("%s: a wrong account password" % conn.name)
-        self.io.pause_input(conn)
-
-        def answer(conn):
-            self.io.send(conn, error(name))
-            if conn.login_failures >= MAX_LOGIN_ATTEMPTS:
-                self.disconnected(conn, LEFT_CLOSED)
-                self.io.close(conn)
-            else:
-                self.io.resume_input(conn)
-        self.io.call_later(WRONG_PASSWORD_DELAY_S, answer, conn)
-
-    def _logged_in(self, conn, key, nick):
-        """Right password: conn becomes nick, taking it from another connection
-        (on another server: that server is told to let it go)."""
-        if self.network.take_over(key):  # from another server
-            if conn.phase != MEMBER:
-                conn.account = key
-                self.io.log("%s logged in (taking the nick over from another server)" % nick)
-                self._register(conn, nick, then=lambda: (self._op_if_listed(conn),
-                                                         self._deliver_mail(conn)), force=True)
-                return
-        old = self.members.get(key)
-        if old is not None and old is not conn:
-            self.io.send(old, error("logged_in_elsewhere"))
-            self.disconnected(old, LEFT_ELSEWHERE)
-            self.io.close(old)
-        conn.account = key
-        self.io.log("%s logged in" % nick)
-
-        def welcome_back():
-            self._op_if_listed(conn)
-            self._deliver_mail(conn)
-        if conn.phase == MEMBER:
-            self._rename(conn, nick)
-            welcome_back()
-        else:
-            self._register(conn, nick, then=welcome_back)
-
-    def _now_operator(self, conn):
-        """conn is an operator: its rooms are told (itself, in none)."""
-        conn.op = True
-        self._place(conn)  # for /who on a server started later
-        line = format_line("opped", nick=conn.nick)
-        if conn.rooms:
-            self._tell_about(conn.rooms, line)
-        else:
-            self.io.send(conn, line)
-
-    def _op_if_listed(self, conn):
-        if conn.account in self.operators and not conn.op:
-            self._now_operator(conn)
-
-    def _deliver_mail(self, conn):
-        self.network.read_mail(conn.account, lambda rows: self._mail_block(conn, rows))
-
-    def _mail_block(self, conn, rows):
-        """The messages that waited for conn, as one block (none: nothing).
-        They are deleted once written to its socket: a connection that goes
-        (evicted as too slow, say) before that leaves them waiting."""
-        if not rows or conn.phase != MEMBER:
-            return
-        account = conn.account
-        self.io.send(conn, format_line("offline_start",
-                                       messages=plural(len(rows), "message")))
-        for _, when, sender, text in rows:
-            self.io.send(conn, format_line(
-                "history", time=time.strftime(HISTORY_TIME, time.gmtime(when)),
-                line=format_line("private", nick=sender, text=text)).having(
-                    offline=True, to=conn.nick, text=text, when=when, **{"from": sender}))
-        self.io.send(conn, format_line("offline_end"))
-        self.io.when_written(conn, lambda: self._store(self.network.drop_mail, account, rows))
-
-    def _cmd_password(self, conn, arg):
-        parts = arg.split()
-        if len(parts) != 2:
-            self.io.send(conn, usage("password"))
-        elif conn.account is None:
-            self.io.send(conn, error("not_logged_in"))
-        elif len(parts[1]) < MIN_PASSWORD_CHARS:
-            self.io.send(conn, error("password_too_short"))
-        else:
-            key, new = conn.account, parts[1]
-
-            def change():
-                def hashed(password_hash):
-                    if isinstance(password_hash, Exception):
-                        self.io.send(conn, error("password_not_changed"))
-                    elif self._store(self.store.set_password, key, password_hash):
-                        self.io.send(conn, notice(PASSWORD_CHANGED))
-                    else:
-                        self.io.send(conn, error("password_not_changed"))
-                self.io.off_loop(conn, lambda: hash_password(new), hashed, LANE_SECRETS)
-            self._check_account(conn, self._account(key), parts[0], change)
-
-    def _cmd_unregister(self, conn, arg):
-        if not arg:
-            self.io.send(conn, usage("unregister"))
-        elif conn.account is None:
-            self.io.send(conn, error("not_logged_in"))
-        else:
-            key = conn.account
-            account = self._account(key)
-
-            def remove():
-                if self._store(self.store.remove_account, key):
-                    conn.account = None
-                    self.io.log("%s unregistered" % account[0])
-                    self.io.send(conn, notice(NO_LONGER_REGISTERED.format(nick=account[0])))
-            self._check_account(conn, account, arg, remove)
-
-    # -- operators --
-
-    def _cmd_op(self, conn, arg):
-        if self.op_password is None:
-            self.io.send(conn, error("no_operators"))
-        elif conn.op:
-            self.io.send(conn, notice("you are an operator already"))
-        else:
-            self._paced(conn, lambda: self._check_op_password(conn, arg))
-
-    def _check_op_password(self, conn, arg):
-        if conn.phase != MEMBER or conn.op:
-            return
-        if secrets_match(arg, self.op_password):
-            self.io.log("%s is now an operator" % conn.nick)
-            self._now_operator(conn)
-        else:
-            conn.op_attempts += 1
-            self.guesses.wrong(conn.ip)
-            self.io.log("%s: wrong operator password" % conn.nick)
-            self.io.send(conn, error("wrong_op_password"))
-            if conn.op_attempts >= MAX_OP_ATTEMPTS:
-                self.io.send(conn, error("too_many_op_passwords"))
-                self.disconnected(conn, LEFT_CLOSED)
-                self.io.close(conn)
-
-    def _operator_target(self, conn, command, arg):
-        """For an operator command: return (target member, rest of arg), or
-        (None, None) after telling conn why not. (Only operators get here:
-        see COMMAND_TABLE.)"""
-        parts = arg.split(None, 1)
-        if not parts:
-            self.io.send(conn, usage(command))
-            return None, None
-        target = self.members.get(nick_key(parts[0]))
-        reason = parts[1] if len(parts) > 1 else ""
-        if target is None and self.network.moderate_elsewhere(
-                nick_key(parts[0]), command=command, by=conn.nick, ip=conn.ip, reason=reason):
-            return None, None  # on another server: that server acts, and tells its rooms
-        if target is None:
-            self.io.send(conn, error("no_such_user", nick=parts[0]))
-            return None, None
-        return target, reason
-
-    def _moderate(self, conn, target, line):
-        """A moderation line goes to target's rooms (each member once), and
-        to the operator who acted if it is in none of them (conn None: on
-        another server)."""
-        self._tell_about(target.rooms, line)
-        if conn is not None and not set(conn.rooms) & set(target.rooms):
-            self.io.send(conn, line.having(room=target.room.name if target.room else None))
-
-    def asked_elsewhere(self, kind, fields):
-        """Another server asks: let go of a nick logged in to there, or
-        moderate one of our users as its operator asked."""
-        target = self.members.get(fields["key"])
-        if target is None or target.phase != MEMBER:
-            return
-        if kind == "takeover":  # (its room was told by the server it logged in to)
-            self.io.send(target, error("logged_in_elsewhere"))
-            self.disconnected(target, None)
-            self.io.close(target)
-            return
-        by, command = fields["by"], fields["command"]
-        reason = fields.get("reason") or NO_REASON
-        self.io.log("%s (on another server) %s %s" % (by, command, target.nick))
-        if command == "kick":
-            self._remove(None, target, format_line("kicked", nick=target.nick, op=by,
-                                                   reason=reason))
-        elif command == "ban" and target.ip != fields.get("ip"):  # not the operator's own
-            self._store(self.store.add_ban, target.ip, target.nick)
-            self._remove(None, target, format_line("banned", nick=target.nick, op=by,
-                                                   reason=reason))
-        elif command in ("mute", "unmute") and target.muted != (command == "mute"):
-            target.muted = command == "mute"
-            self._moderate(None, target, format_line(command + "d", nick=target.nick, op=by))
-
-    def _remove(self, conn, target, line):
-        """Tell target's room (target included) line, then disconnect target."""
-        self._moderate(conn, target, line)
-        self.disconnected(target, None)
-        self.io.close(target)
-
-    def _cmd_kick(self, conn, arg):
-        target, reason = self._operator_target(conn, "kick", arg)
-        if target is not None:
-            self.io.log("%s kicked %s" % (conn.nick, target.nick))
-            self._remove(conn, target, format_line("kicked", nick=target.nick, op=conn.nick,
-                                             reason=reason or NO_REASON))
-
-    def _cmd_ban(self, conn, arg):
-        target, reason = self._operator_target(conn, "ban", arg)
-        if target is conn:  # it would lock out the operator's own address
-            self.io.send(conn, error("ban_yourself"))
-        elif target is not None:
-            self.io.log("%s banned %s (%s)" % (conn.nick, target.nick, target.ip))
-            self._remove(conn, target, format_line("banned", nick=target.nick, op=conn.nick,
-                                             reason=reason or NO_REASON))
-            self._store_or_tell(conn, "ban", self.store.add_ban, target.ip, target.nick)
-
-    def _cmd_unban(self, conn, arg):
-        if not arg:
-            self.io.send(conn, usage("unban"))
-        elif not self._store_answer(self.store.remove_ban, arg):
-            self.io.send(conn, error("not_banned", address=arg))
-        else:
-            self.io.log("%s unbanned %s" % (conn.nick, arg))
-            self.io.send(conn, notice("%s is no longer banned" % arg))
-
-    def _cmd_bans(self, conn, arg):
-        bans = self.store.bans()
-        if not bans:
-            self.io.send(conn, notice("no address is banned"))
-        else:
-            self.io.send(conn, notice("banned: " + ", ".join(
-                "%s (%s)" % (ip, nick) for ip, nick in bans)))
-
-    def _cmd_mute(self, conn, arg):
-        self._set_muted(conn, "mute", arg, True)
-
-    def _cmd_unmute(self, conn, arg):
-        self._set_muted(conn, "unmute", arg, False)
-
-    def _set_muted(self, conn, command, arg, muted):
-        target, _ = self._operator_target(conn, command, arg)
-        if target is None:
-            return
-        if target.muted == muted:
-            self.io.send(conn, error("already_muted" if muted else "already_unmuted",
-                                     nick=target.nick))
-            return
-        target.muted = muted
-        self.io.log("%s %sd %s" % (conn.nick, command, target.nick))
-        self._moderate(conn, target, format_line("muted" if muted else "unmuted",
-                                                 nick=target.nick, op=conn.nick))
 
     LINE_HANDLERS = {
         PASSWORD: _password_line,
@@ -3616,7 +3648,471 @@ class Listener:
         self.address = sock.getsockname()[:2]
 
 
-class ChatServer:
+class Acceptor:
+    """Part of ChatServer: accepting connections on its listeners, the TLS
+    handshake, and refusing what its limits do not allow (a full server, an
+    address with too many, no file descriptor left, registration too slow)."""
+
+    def _accept_on_every_listener(self):
+        for listener in self.listeners:
+            self.selector.register(listener.sock, selectors.EVENT_READ,
+                                   lambda listener=listener: self._accept(listener))
+
+    # -- accepting --
+
+    def _accept(self, listener):
+        """Accept waiting connections, a batch at a time."""
+        for _ in range(ACCEPTS_PER_PASS):
+            try:
+                sock, addr = listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue  # the peer gave up while waiting: nothing to do
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._refuse_without_descriptors(listener)
+                else:
+                    self.log("accept failed: %s" % exc, always=True)
+                return
+            self._admit(sock, addr, listener)
+
+    def _admit(self, sock, addr, listener):
+        """Set up a new connection: refuse it past a limit, else hand it to the chat."""
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+            set_keepalive(sock)
+        except OSError as exc:  # the peer is already gone
+            self.log("%s: %s" % (format_address(addr), exc))
+            sock.close()
+            return
+        conn = Connection(sock, addr, self.limits, time.monotonic())
+        conn.codec = listener.codec
+        if listener.tls_context is not None:
+            self._start_tls(conn, listener.tls_context)
+        self.conns.add(conn)
+        self._watch(conn)
+        refusal = self.chat.refusal(conn) or self._refusal(conn)
+        if refusal:
+            self.log("%s refused: %s" % (conn.name, refusal.fields["text"]))
+            self.send(conn, refusal)
+            self.close(conn)
+            return
+        self._count(conn)
+        self.log("%s connected" % conn.name)
+        self.call_later(self.limits.register_timeout, self._expire_registration, conn)
+        if not conn.handshake_wait:
+            self.chat.connected(conn)
+
+    def _start_tls(self, conn, context):
+        """Wrap the socket; the handshake runs in the loop like any other I/O.
+
+        A refusal queued before it completes waits in outbuf. The
+        registration timeout bounds it.
+        """
+        conn.sock = context.wrap_socket(conn.sock, server_side=True,
+                                        do_handshake_on_connect=False)
+        conn.tls = True
+        conn.handshake_wait = selectors.EVENT_READ  # the client speaks first
+
+    def _continue_handshake(self, conn):
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            conn.handshake_wait = selectors.EVENT_READ
+        except ssl.SSLWantWriteError:
+            conn.handshake_wait = selectors.EVENT_WRITE
+        except (ssl.SSLError, OSError) as exc:  # plain text, or a peer that gave up
+            self.log("%s: TLS handshake failed: %s"
+                     % (conn.name, getattr(exc, "reason", None) or exc))
+            self._drop(conn, LEFT_CLOSED)
+            return
+        else:
+            conn.handshake_wait = 0
+            self.log("%s: %s established" % (conn.name, conn.sock.version()))
+            if conn.phase == HANDSHAKE:
+                self.chat.connected(conn)
+            self.dirty.add(conn)  # what was queued meanwhile goes now
+        self._watch(conn)
+
+    def _refusal(self, conn):
+        """Return why a new connection can't stay by the loop's limits, or None."""
+        limits = self.limits
+        if self.counted >= limits.max_clients:
+            return error("server_full")
+        if (limits.max_per_ip and conn.ip not in EXEMPT_ADDRESSES
+                and self.per_ip.get(conn.ip, 0) >= limits.max_per_ip):
+            return error("too_many_connections")
+        return None
+
+    def _open_spare_fd(self):
+        try:
+            self.spare_fd = os.open(os.devnull, os.O_RDONLY)
+        except OSError:
+            self.spare_fd = None
+
+    def _refuse_without_descriptors(self, listener):
+        """Out of descriptors: free the spare to accept one peer and refuse it.
+
+        Without this the listener stays readable and the loop would spin on
+        EMFILE. With no spare to give, stop watching the listener briefly.
+        """
+        if self.spare_fd is not None:
+            os.close(self.spare_fd)
+            self.spare_fd = None
+            try:
+                sock, addr = listener.sock.accept()
+                try:
+                    sock.send(listener.codec.encode(error("server_full")))
+                except OSError:
+                    pass  # refused either way
+                sock.close()
+                self.log("%s refused: out of file descriptors" % format_address(addr))
+            except OSError:
+                pass  # nobody waiting after all, or no descriptor even now
+            self._open_spare_fd()
+        if self.spare_fd is None:
+            for every in self.listeners:
+                self.selector.unregister(every.sock)
+            self.call_later(ACCEPT_PAUSE_S, self._resume_accepting)
+
+    def _resume_accepting(self):
+        if self.spare_fd is None:
+            self._open_spare_fd()
+        self._accept_on_every_listener()
+
+    def _expire_registration(self, conn):
+        if conn.phase == HANDSHAKE:
+            self.log("%s: TLS handshake timed out" % conn.name)
+            self._forget(conn)
+        elif conn.phase in (PASSWORD, NICKNAME):
+            self.chat.registration_expired(conn)
+
+    def _count(self, conn):
+        conn.counted = True
+        self.counted += 1
+        self.per_ip[conn.ip] = self.per_ip.get(conn.ip, 0) + 1
+
+    def _uncount(self, conn):
+        """Stop counting a connection that is leaving toward the limits."""
+        if not conn.counted:
+            return
+        conn.counted = False
+        self.counted -= 1
+        count = self.per_ip.pop(conn.ip)
+        if count > 1:
+            self.per_ip[conn.ip] = count - 1
+
+
+class NetworkFeed:
+    """Part of ChatServer: several servers (--redis). A room's lines go out
+    through Redis and are delivered when they come back in the feed; what
+    the chat does meanwhile waits in order behind them (sequence). Redis
+    lost, and back."""
+
+    def _not_sent(self, number):
+        """One of our messages did not come back from the feed (refused, or
+        Redis went away first): its sender is told, once."""
+        sender = self.unconfirmed.pop(number, None)
+        if sender is not None:
+            self._send_now(sender, error("network_down"))
+
+    # -- several servers: the feed --
+
+    def _in_order(self, action, *args):
+        """Do it now, or (several servers) after our lines still on their way."""
+        waiting = self.inserting if self.inserting is not None else self.sequence
+        if waiting:
+            waiting.append((action, args))
+        else:
+            action(*args)
+
+    def _from_feed(self, entry):
+        """An entry of the feed (any server's, ours too): deliver its line to
+        our members of its room (or, a private message, to its addressee)."""
+        network = self.network
+        network.heard(entry)
+        kind, fields, room_key = entry["k"], entry["f"], entry["r"]
+        if kind in CONTROL_KINDS:
+            if entry["o"] != network.server_id and kind in ("moderate", "takeover"):
+                self.chat.asked_elsewhere(kind, fields)
+            return
+        line = format_line(kind, **fields).having(**entry["x"])
+        if entry["id"]:
+            line.having(id=entry["id"])
+        ours = entry["o"] == network.server_id
+        if not room_key:  # a private message from another server
+            target = self.chat.members.get(nick_key(entry["x"].get("to", "")))
+            if target is not None and not ours:
+                self._send_now(target, line)
+        else:
+            room = self.chat.rooms.get(room_key)
+            if room is not None and not ours and kind in ("topic_set", "topic_cleared"):
+                room.topic, room.topic_nick = network.topics[room_key]
+                if room.topic is None:
+                    room.topic_nick = None
+            if room is not None and room.members:
+                self.fanout.broadcast(room, encode_line(line), line)
+        if ours and room_key:
+            self._delivered(entry["s"])
+
+    def _delivered(self, number):
+        """One of our entries is back: what waited for it is done, in order.
+        (The sequence starts with a marker whenever it is not empty; an entry
+        of ours that nothing waited for, such as a private message, has none.)"""
+        self.unconfirmed.pop(number, None)  # delivered: its sender has its echo
+        if self.sequence and self.sequence[0] == (None, number):
+            self.sequence.popleft()
+        while self.sequence and self.sequence[0][0] is not None:
+            self._run_waiting(self.sequence.popleft())
+
+    def _run_waiting(self, item):
+        """Run a waiting action; what it queues goes before what waited after it."""
+        action, args = item
+        self.inserting = []
+        try:
+            action(*args)
+        finally:
+            queued, self.inserting = self.inserting, None
+            self.sequence.extendleft(reversed(queued))
+
+    def _heartbeat(self):
+        network = self.network
+        if not network.down:
+            now = time.monotonic()
+            if (network.commands.waited(now) > REDIS_ANSWER_S or network.feed.waited(now)
+                    > REDIS_READ_BLOCK_MS / 1000 + REDIS_ANSWER_S):
+                self._network_lost("Redis did not answer in %g s" % REDIS_ANSWER_S)
+            else:
+                network.heartbeat()
+        self.call_later(REDIS_HEARTBEAT_S, self._heartbeat)
+
+    def _network_lost(self, why):
+        """Redis went away: our users are told once, what waited for the feed
+        is done, and we try again every REDIS_RETRY_S seconds."""
+        if self.network.down:
+            return
+        self.log("the chat network is unreachable (%s): reconnecting" % why, always=True)
+        for link in (self.network.commands, self.network.feed):
+            try:
+                self.selector.unregister(link.sock)
+            except (KeyError, ValueError, OSError):
+                pass
+        self.network.lost()  # (what was unanswered is answered "not sent")
+        for number in list(self.unconfirmed):  # accepted by Redis, not back: maybe lost
+            self._not_sent(number)
+        waiting, self.sequence = self.sequence, collections.deque()
+        for action, args in waiting:
+            if action is not None:
+                self._run_waiting((action, args))
+        for conn in self.chat.members.values():
+            self._send_now(conn, notice(NETWORK_DOWN))
+        self.call_later(REDIS_RETRY_S, self._reconnect_network)
+
+    def _reconnect_network(self):
+        if self.stopping:
+            return
+        self.off_loop(None, lambda: self.network.open_sockets(REDIS_RETRY_TIMEOUT_S),
+                      self._network_answered)
+
+    def _network_answered(self, sockets):
+        if isinstance(sockets, Exception):
+            self.call_later(REDIS_RETRY_S, self._reconnect_network)
+            return
+        for link in self.network.connect(self._network_lost, sockets):
+            link.events = selectors.EVENT_READ
+            self.selector.register(link.sock, link.events, link.on_ready)
+        self.network.back(list(self.chat.members.values()))
+        self.network.read_feed(self._from_feed)  # from where it stopped
+        self.log("the chat network is back", always=True)
+        for conn in self.chat.members.values():
+            self._send_now(conn, notice(NETWORK_BACK))
+
+    def _flush_network(self):
+        for link in (self.network.commands, self.network.feed):
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if link.flush() else 0)
+            if link.alive and events != link.events:
+                link.events = events
+                self.selector.modify(link.sock, events, link.on_ready)
+
+
+class Reading:
+    """Part of ChatServer: reading, and the read gates: flood control,
+    the pass's budget, and the slow-reader rules (docs/protocol.md, "Slow
+    readers"): who is behind, when input waits, who is evicted."""
+
+    # -- reading --
+
+    def _read(self, conn):
+        """Handle lines left from an earlier pass; then read more and handle those."""
+        if conn.reader.has_line():
+            self._handle_lines(conn)
+            if conn.reader.has_line() or conn.phase == CLOSING:
+                return  # the pass's budget is spent: the rest waits
+        try:
+            data = receive_some(conn.sock, conn.tls)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
+                ssl.SSLWantWriteError):
+            return  # nothing yet (for TLS: no whole record yet)
+        except OSError as exc:
+            self._log_socket_error(conn, exc)
+            self._drop(conn, LEFT_CLOSED)
+            return
+        if not data:
+            self._peer_closed(conn)
+            return
+        if conn.phase == CLOSING:
+            return  # a closing connection's input is discarded
+        conn.reader.feed(data)
+        if conn.reader.answers:  # telnet's, out of band: before any line
+            conn.outbuf += conn.reader.answers
+            conn.reader.answers.clear()
+            self.dirty.add(conn)
+        self._handle_lines(conn)
+
+    def _handle_lines(self, conn):
+        """Hand complete lines to the chat while the read gates allow."""
+        reader = conn.reader
+        rate = self.limits.rate
+        while conn.phase not in (CLOSING, CLOSED) and not conn.waiting:
+            if self.throttled:
+                self._hold(conn)  # a member is behind: the rest when it has caught up
+                return
+            if self.fanout.size >= self.limits.pass_budget:
+                self.deferred[conn] = None  # the rest in a later pass
+                return
+            if len(conn.outbuf) > self.limits.max_sendq:
+                # Its own back-pressure: the replies it asked for are not
+                # read yet. The rest of its input waits until they are.
+                conn.full = True
+                self._watch(conn)
+                return
+            if rate and not self._take_token(conn):
+                return
+            line = reader.pop_line()
+            if line is None:
+                return
+            if line is TOO_LONG:
+                self.send(conn, error("line_too_long", max=self.limits.max_line))
+                continue
+            if rate:
+                conn.tokens -= 1 + len(line) // BYTES_PER_EXTRA_TOKEN
+            self.chat.handle_line(conn, line)
+
+    def _take_token(self, conn):
+        """Refill the bucket; if it is empty and a line waits, pause reading.
+
+        Pausing is TCP back-pressure: the peer's kernel stops sending once our
+        receive buffer fills, so a fast sender is slowed and nothing is lost.
+        """
+        now = time.monotonic()
+        limits = self.limits
+        conn.tokens = min(float(limits.burst),
+                          conn.tokens + (now - conn.refilled) * limits.rate)
+        conn.refilled = now
+        if conn.tokens >= 1 or not conn.reader.has_line():
+            return True
+        if not conn.paused:
+            conn.paused = True
+            self._watch(conn)
+            self.call_later((1 - conn.tokens) / limits.rate, self._resume_reading, conn)
+        return False
+
+    def _resume_reading(self, conn):
+        conn.paused = False
+        self._handle_lines(conn)
+        if conn.phase != CLOSED:
+            self._watch(conn)
+
+    def _read_deferred(self):
+        """First in a pass: the reads an earlier pass put off, oldest first."""
+        deferred, self.deferred = self.deferred, {}
+        for conn in deferred:
+            if conn.phase != CLOSED and not conn.paused:
+                self._on_event_guarded(conn, selectors.EVENT_READ)
+
+    # -- slow readers (docs/protocol.md, "Slow readers") --
+
+    def _input_must_wait(self):
+        """Evict the readers that stopped or stayed behind too long; then tell
+        whether input must wait: while a reader that still reads is past
+        max_backlog, or everyone's backlog together is past max_output. A
+        reader merely behind holds nobody: its lines wait in its backlog."""
+        if self.behind:
+            now = time.monotonic()
+            for conn in [conn for conn in self.behind if self._too_slow(conn, now)]:
+                self.log("%s evicted: %d bytes unsent" % (conn.name, len(conn.outbuf)))
+                self._drop(conn, LEFT_TOO_SLOW)
+        if self.backlog > self.limits.max_output:
+            return True
+        if not self.behind:
+            return False
+        now = time.monotonic()
+        max_backlog = self.limits.max_backlog
+        return any(len(conn.outbuf) > max_backlog and now - conn.drained_at < STALL_S
+                   for conn in self.behind)
+
+    def _too_slow(self, conn, now):
+        """Behind, and either took nothing for STALL_S or behind for max_lag.
+
+        "Took nothing" is judged by the kernel where it can say: a socket
+        whose send buffer is full is reported writable only once a third of
+        it is free, which at 250 KB/s can take a second, while the reader
+        reads all along (the bytes the kernel still holds go down)."""
+        if now - conn.behind_since >= self.limits.max_lag:
+            return True
+        if now - conn.drained_at < STALL_S:
+            return False
+        unsent = kernel_unsent(conn.sock)
+        if unsent is not None and conn.kernel_unsent is not None and (
+                unsent < conn.kernel_unsent):
+            conn.kernel_unsent = unsent  # it took some: still reading
+            conn.drained_at = now
+            return False
+        return True
+
+    def _hold(self, conn):
+        """Stop reading conn until the members behind have caught up."""
+        if not conn.held:
+            conn.held = True
+            self.held.append(conn)
+            self._watch(conn)
+
+    def _release_held(self):
+        held, self.held = self.held, []
+        for conn in held:
+            conn.held = False
+            if conn.phase != CLOSED:
+                self._watch(conn)
+                self.deferred[conn] = None  # lines may wait in its reader
+
+    def _note_backlog(self, conn):
+        """After conn's outbuf changed: keep self.behind current, and let
+        conn's own input go on once its backlog is back within max_sendq.
+
+        A member is behind from when its backlog passes max_sendq until it
+        has caught up, all of it: so the --max-lag clock is not reset by a
+        reader that trickles just under the threshold and back.
+        """
+        self.backlog += len(conn.outbuf) - conn.counted_backlog
+        conn.counted_backlog = len(conn.outbuf)
+        over = len(conn.outbuf) > self.limits.max_sendq
+        if conn.behind_since is None:
+            if over and conn.joined:
+                conn.behind_since = time.monotonic()
+                conn.kernel_unsent = kernel_unsent(conn.sock)
+                self.behind.add(conn)
+        elif not conn.outbuf:
+            conn.behind_since = None
+            self.behind.discard(conn)
+        if conn.full and not over:
+            conn.full = False
+            self.deferred[conn] = None  # its lines waiting in the reader, then reads
+
+
+class ChatServer(Acceptor, Reading, NetworkFeed):
     """The server: a selectors loop that owns the sockets, and a Chat that
     owns the meaning of lines.
 
@@ -3706,11 +4202,6 @@ class ChatServer:
             self.log("listening on %s%s" % (format_address(listener.address), "" if (
                 listener.codec is TEXT_CODEC) else " (%s)" % listener.codec.name), always=True)
         return self.address
-
-    def _accept_on_every_listener(self):
-        for listener in self.listeners:
-            self.selector.register(listener.sock, selectors.EVENT_READ,
-                                   lambda listener=listener: self._accept(listener))
 
     def serve_forever(self):
         """Run the loop until shutdown(); then say goodbye, flush, close."""
@@ -3904,13 +4395,6 @@ class ChatServer:
             self.unconfirmed[number] = sender
         (self.inserting if self.inserting is not None else self.sequence).append((None, number))
 
-    def _not_sent(self, number):
-        """One of our messages did not come back from the feed (refused, or
-        Redis went away first): its sender is told, once."""
-        sender = self.unconfirmed.pop(number, None)
-        if sender is not None:
-            self._send_now(sender, error("network_down"))
-
     def then(self, action):
         """Call action() once the lines broadcast so far are delivered."""
         self._in_order(action)
@@ -3960,124 +4444,6 @@ class ChatServer:
     def log(self, text, always=False):
         if self.logger is not None and (always or self.verbose):
             self.logger(text)
-
-    # -- several servers: the feed --
-
-    def _in_order(self, action, *args):
-        """Do it now, or (several servers) after our lines still on their way."""
-        waiting = self.inserting if self.inserting is not None else self.sequence
-        if waiting:
-            waiting.append((action, args))
-        else:
-            action(*args)
-
-    def _from_feed(self, entry):
-        """An entry of the feed (any server's, ours too): deliver its line to
-        our members of its room (or, a private message, to its addressee)."""
-        network = self.network
-        network.heard(entry)
-        kind, fields, room_key = entry["k"], entry["f"], entry["r"]
-        if kind in CONTROL_KINDS:
-            if entry["o"] != network.server_id and kind in ("moderate", "takeover"):
-                self.chat.asked_elsewhere(kind, fields)
-            return
-        line = format_line(kind, **fields).having(**entry["x"])
-        if entry["id"]:
-            line.having(id=entry["id"])
-        ours = entry["o"] == network.server_id
-        if not room_key:  # a private message from another server
-            target = self.chat.members.get(nick_key(entry["x"].get("to", "")))
-            if target is not None and not ours:
-                self._send_now(target, line)
-        else:
-            room = self.chat.rooms.get(room_key)
-            if room is not None and not ours and kind in ("topic_set", "topic_cleared"):
-                room.topic, room.topic_nick = network.topics[room_key]
-                if room.topic is None:
-                    room.topic_nick = None
-            if room is not None and room.members:
-                self.fanout.broadcast(room, encode_line(line), line)
-        if ours and room_key:
-            self._delivered(entry["s"])
-
-    def _delivered(self, number):
-        """One of our entries is back: what waited for it is done, in order.
-        (The sequence starts with a marker whenever it is not empty; an entry
-        of ours that nothing waited for, such as a private message, has none.)"""
-        self.unconfirmed.pop(number, None)  # delivered: its sender has its echo
-        if self.sequence and self.sequence[0] == (None, number):
-            self.sequence.popleft()
-        while self.sequence and self.sequence[0][0] is not None:
-            self._run_waiting(self.sequence.popleft())
-
-    def _run_waiting(self, item):
-        """Run a waiting action; what it queues goes before what waited after it."""
-        action, args = item
-        self.inserting = []
-        try:
-            action(*args)
-        finally:
-            queued, self.inserting = self.inserting, None
-            self.sequence.extendleft(reversed(queued))
-
-    def _heartbeat(self):
-        network = self.network
-        if not network.down:
-            now = time.monotonic()
-            if (network.commands.waited(now) > REDIS_ANSWER_S or network.feed.waited(now)
-                    > REDIS_READ_BLOCK_MS / 1000 + REDIS_ANSWER_S):
-                self._network_lost("Redis did not answer in %g s" % REDIS_ANSWER_S)
-            else:
-                network.heartbeat()
-        self.call_later(REDIS_HEARTBEAT_S, self._heartbeat)
-
-    def _network_lost(self, why):
-        """Redis went away: our users are told once, what waited for the feed
-        is done, and we try again every REDIS_RETRY_S seconds."""
-        if self.network.down:
-            return
-        self.log("the chat network is unreachable (%s): reconnecting" % why, always=True)
-        for link in (self.network.commands, self.network.feed):
-            try:
-                self.selector.unregister(link.sock)
-            except (KeyError, ValueError, OSError):
-                pass
-        self.network.lost()  # (what was unanswered is answered "not sent")
-        for number in list(self.unconfirmed):  # accepted by Redis, not back: maybe lost
-            self._not_sent(number)
-        waiting, self.sequence = self.sequence, collections.deque()
-        for action, args in waiting:
-            if action is not None:
-                self._run_waiting((action, args))
-        for conn in self.chat.members.values():
-            self._send_now(conn, notice(NETWORK_DOWN))
-        self.call_later(REDIS_RETRY_S, self._reconnect_network)
-
-    def _reconnect_network(self):
-        if self.stopping:
-            return
-        self.off_loop(None, lambda: self.network.open_sockets(REDIS_RETRY_TIMEOUT_S),
-                      self._network_answered)
-
-    def _network_answered(self, sockets):
-        if isinstance(sockets, Exception):
-            self.call_later(REDIS_RETRY_S, self._reconnect_network)
-            return
-        for link in self.network.connect(self._network_lost, sockets):
-            link.events = selectors.EVENT_READ
-            self.selector.register(link.sock, link.events, link.on_ready)
-        self.network.back(list(self.chat.members.values()))
-        self.network.read_feed(self._from_feed)  # from where it stopped
-        self.log("the chat network is back", always=True)
-        for conn in self.chat.members.values():
-            self._send_now(conn, notice(NETWORK_BACK))
-
-    def _flush_network(self):
-        for link in (self.network.commands, self.network.feed):
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if link.flush() else 0)
-            if link.alive and events != link.events:
-                link.events = events
-                self.selector.modify(link.sock, events, link.on_ready)
 
     @property
     def worker(self):
@@ -4147,153 +4513,6 @@ class ChatServer:
                 conn.timers.remove(timer)
                 function(conn)
 
-    # -- accepting --
-
-    def _accept(self, listener):
-        """Accept waiting connections, a batch at a time."""
-        for _ in range(ACCEPTS_PER_PASS):
-            try:
-                sock, addr = listener.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except ConnectionAbortedError:
-                continue  # the peer gave up while waiting: nothing to do
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self._refuse_without_descriptors(listener)
-                else:
-                    self.log("accept failed: %s" % exc, always=True)
-                return
-            self._admit(sock, addr, listener)
-
-    def _admit(self, sock, addr, listener):
-        """Set up a new connection: refuse it past a limit, else hand it to the chat."""
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
-            set_keepalive(sock)
-        except OSError as exc:  # the peer is already gone
-            self.log("%s: %s" % (format_address(addr), exc))
-            sock.close()
-            return
-        conn = Connection(sock, addr, self.limits, time.monotonic())
-        conn.codec = listener.codec
-        if listener.tls_context is not None:
-            self._start_tls(conn, listener.tls_context)
-        self.conns.add(conn)
-        self._watch(conn)
-        refusal = self.chat.refusal(conn) or self._refusal(conn)
-        if refusal:
-            self.log("%s refused: %s" % (conn.name, refusal.fields["text"]))
-            self.send(conn, refusal)
-            self.close(conn)
-            return
-        self._count(conn)
-        self.log("%s connected" % conn.name)
-        self.call_later(self.limits.register_timeout, self._expire_registration, conn)
-        if not conn.handshake_wait:
-            self.chat.connected(conn)
-
-    def _start_tls(self, conn, context):
-        """Wrap the socket; the handshake runs in the loop like any other I/O.
-
-        A refusal queued before it completes waits in outbuf. The
-        registration timeout bounds it.
-        """
-        conn.sock = context.wrap_socket(conn.sock, server_side=True,
-                                        do_handshake_on_connect=False)
-        conn.tls = True
-        conn.handshake_wait = selectors.EVENT_READ  # the client speaks first
-
-    def _continue_handshake(self, conn):
-        try:
-            conn.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            conn.handshake_wait = selectors.EVENT_READ
-        except ssl.SSLWantWriteError:
-            conn.handshake_wait = selectors.EVENT_WRITE
-        except (ssl.SSLError, OSError) as exc:  # plain text, or a peer that gave up
-            self.log("%s: TLS handshake failed: %s"
-                     % (conn.name, getattr(exc, "reason", None) or exc))
-            self._drop(conn, LEFT_CLOSED)
-            return
-        else:
-            conn.handshake_wait = 0
-            self.log("%s: %s established" % (conn.name, conn.sock.version()))
-            if conn.phase == HANDSHAKE:
-                self.chat.connected(conn)
-            self.dirty.add(conn)  # what was queued meanwhile goes now
-        self._watch(conn)
-
-    def _refusal(self, conn):
-        """Return why a new connection can't stay by the loop's limits, or None."""
-        limits = self.limits
-        if self.counted >= limits.max_clients:
-            return error("server_full")
-        if (limits.max_per_ip and conn.ip not in EXEMPT_ADDRESSES
-                and self.per_ip.get(conn.ip, 0) >= limits.max_per_ip):
-            return error("too_many_connections")
-        return None
-
-    def _open_spare_fd(self):
-        try:
-            self.spare_fd = os.open(os.devnull, os.O_RDONLY)
-        except OSError:
-            self.spare_fd = None
-
-    def _refuse_without_descriptors(self, listener):
-        """Out of descriptors: free the spare to accept one peer and refuse it.
-
-        Without this the listener stays readable and the loop would spin on
-        EMFILE. With no spare to give, stop watching the listener briefly.
-        """
-        if self.spare_fd is not None:
-            os.close(self.spare_fd)
-            self.spare_fd = None
-            try:
-                sock, addr = listener.sock.accept()
-                try:
-                    sock.send(listener.codec.encode(error("server_full")))
-                except OSError:
-                    pass  # refused either way
-                sock.close()
-                self.log("%s refused: out of file descriptors" % format_address(addr))
-            except OSError:
-                pass  # nobody waiting after all, or no descriptor even now
-            self._open_spare_fd()
-        if self.spare_fd is None:
-            for every in self.listeners:
-                self.selector.unregister(every.sock)
-            self.call_later(ACCEPT_PAUSE_S, self._resume_accepting)
-
-    def _resume_accepting(self):
-        if self.spare_fd is None:
-            self._open_spare_fd()
-        self._accept_on_every_listener()
-
-    def _expire_registration(self, conn):
-        if conn.phase == HANDSHAKE:
-            self.log("%s: TLS handshake timed out" % conn.name)
-            self._forget(conn)
-        elif conn.phase in (PASSWORD, NICKNAME):
-            self.chat.registration_expired(conn)
-
-    def _count(self, conn):
-        conn.counted = True
-        self.counted += 1
-        self.per_ip[conn.ip] = self.per_ip.get(conn.ip, 0) + 1
-
-    def _uncount(self, conn):
-        """Stop counting a connection that is leaving toward the limits."""
-        if not conn.counted:
-            return
-        conn.counted = False
-        self.counted -= 1
-        count = self.per_ip.pop(conn.ip)
-        if count > 1:
-            self.per_ip[conn.ip] = count - 1
-
     # -- the selector's view of a connection --
 
     def _watch(self, conn):
@@ -4338,174 +4557,6 @@ class ChatServer:
                 self.deferred[conn] = None  # read in a later pass, in this order
             else:
                 self._read(conn)
-
-    # -- reading --
-
-    def _read(self, conn):
-        """Handle lines left from an earlier pass; then read more and handle those."""
-        if conn.reader.has_line():
-            self._handle_lines(conn)
-            if conn.reader.has_line() or conn.phase == CLOSING:
-                return  # the pass's budget is spent: the rest waits
-        try:
-            data = receive_some(conn.sock, conn.tls)
-        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
-                ssl.SSLWantWriteError):
-            return  # nothing yet (for TLS: no whole record yet)
-        except OSError as exc:
-            self._log_socket_error(conn, exc)
-            self._drop(conn, LEFT_CLOSED)
-            return
-        if not data:
-            self._peer_closed(conn)
-            return
-        if conn.phase == CLOSING:
-            return  # a closing connection's input is discarded
-        conn.reader.feed(data)
-        if conn.reader.answers:  # telnet's, out of band: before any line
-            conn.outbuf += conn.reader.answers
-            conn.reader.answers.clear()
-            self.dirty.add(conn)
-        self._handle_lines(conn)
-
-    def _handle_lines(self, conn):
-        """Hand complete lines to the chat while the read gates allow."""
-        reader = conn.reader
-        rate = self.limits.rate
-        while conn.phase not in (CLOSING, CLOSED) and not conn.waiting:
-            if self.throttled:
-                self._hold(conn)  # a member is behind: the rest when it has caught up
-                return
-            if self.fanout.size >= self.limits.pass_budget:
-                self.deferred[conn] = None  # the rest in a later pass
-                return
-            if len(conn.outbuf) > self.limits.max_sendq:
-                # Its own back-pressure: the replies it asked for are not
-                # read yet. The rest of its input waits until they are.
-                conn.full = True
-                self._watch(conn)
-                return
-            if rate and not self._take_token(conn):
-                return
-            line = reader.pop_line()
-            if line is None:
-                return
-            if line is TOO_LONG:
-                self.send(conn, error("line_too_long", max=self.limits.max_line))
-                continue
-            if rate:
-                conn.tokens -= 1 + len(line) // BYTES_PER_EXTRA_TOKEN
-            self.chat.handle_line(conn, line)
-
-    def _take_token(self, conn):
-        """Refill the bucket; if it is empty and a line waits, pause reading.
-
-        Pausing is TCP back-pressure: the peer's kernel stops sending once our
-        receive buffer fills, so a fast sender is slowed and nothing is lost.
-        """
-        now = time.monotonic()
-        limits = self.limits
-        conn.tokens = min(float(limits.burst),
-                          conn.tokens + (now - conn.refilled) * limits.rate)
-        conn.refilled = now
-        if conn.tokens >= 1 or not conn.reader.has_line():
-            return True
-        if not conn.paused:
-            conn.paused = True
-            self._watch(conn)
-            self.call_later((1 - conn.tokens) / limits.rate, self._resume_reading, conn)
-        return False
-
-    def _resume_reading(self, conn):
-        conn.paused = False
-        self._handle_lines(conn)
-        if conn.phase != CLOSED:
-            self._watch(conn)
-
-    def _read_deferred(self):
-        """First in a pass: the reads an earlier pass put off, oldest first."""
-        deferred, self.deferred = self.deferred, {}
-        for conn in deferred:
-            if conn.phase != CLOSED and not conn.paused:
-                self._on_event_guarded(conn, selectors.EVENT_READ)
-
-    # -- slow readers (docs/protocol.md, "Slow readers") --
-
-    def _input_must_wait(self):
-        """Evict the readers that stopped or stayed behind too long; then tell
-        whether input must wait: while a reader that still reads is past
-        max_backlog, or everyone's backlog together is past max_output. A
-        reader merely behind holds nobody: its lines wait in its backlog."""
-        if self.behind:
-            now = time.monotonic()
-            for conn in [conn for conn in self.behind if self._too_slow(conn, now)]:
-                self.log("%s evicted: %d bytes unsent" % (conn.name, len(conn.outbuf)))
-                self._drop(conn, LEFT_TOO_SLOW)
-        if self.backlog > self.limits.max_output:
-            return True
-        if not self.behind:
-            return False
-        now = time.monotonic()
-        max_backlog = self.limits.max_backlog
-        return any(len(conn.outbuf) > max_backlog and now - conn.drained_at < STALL_S
-                   for conn in self.behind)
-
-    def _too_slow(self, conn, now):
-        """Behind, and either took nothing for STALL_S or behind for max_lag.
-
-        "Took nothing" is judged by the kernel where it can say: a socket
-        whose send buffer is full is reported writable only once a third of
-        it is free, which at 250 KB/s can take a second, while the reader
-        reads all along (the bytes the kernel still holds go down)."""
-        if now - conn.behind_since >= self.limits.max_lag:
-            return True
-        if now - conn.drained_at < STALL_S:
-            return False
-        unsent = kernel_unsent(conn.sock)
-        if unsent is not None and conn.kernel_unsent is not None and (
-                unsent < conn.kernel_unsent):
-            conn.kernel_unsent = unsent  # it took some: still reading
-            conn.drained_at = now
-            return False
-        return True
-
-    def _hold(self, conn):
-        """Stop reading conn until the members behind have caught up."""
-        if not conn.held:
-            conn.held = True
-            self.held.append(conn)
-            self._watch(conn)
-
-    def _release_held(self):
-        held, self.held = self.held, []
-        for conn in held:
-            conn.held = False
-            if conn.phase != CLOSED:
-                self._watch(conn)
-                self.deferred[conn] = None  # lines may wait in its reader
-
-    def _note_backlog(self, conn):
-        """After conn's outbuf changed: keep self.behind current, and let
-        conn's own input go on once its backlog is back within max_sendq.
-
-        A member is behind from when its backlog passes max_sendq until it
-        has caught up, all of it: so the --max-lag clock is not reset by a
-        reader that trickles just under the threshold and back.
-        """
-        self.backlog += len(conn.outbuf) - conn.counted_backlog
-        conn.counted_backlog = len(conn.outbuf)
-        over = len(conn.outbuf) > self.limits.max_sendq
-        if conn.behind_since is None:
-            if over and conn.joined:
-                conn.behind_since = time.monotonic()
-                conn.kernel_unsent = kernel_unsent(conn.sock)
-                self.behind.add(conn)
-        elif not conn.outbuf:
-            conn.behind_since = None
-            self.behind.discard(conn)
-        if conn.full and not over:
-            conn.full = False
-            self.deferred[conn] = None  # its lines waiting in the reader, then reads
 
     # -- writing --
 
@@ -5894,7 +5945,459 @@ class Terminal:
             pass  # a closed stdout (a pipe's reader gone) ends nothing here
 
 
-class ClientSession:
+class ClientJson:
+    """Part of ClientSession: JSON mode. The server's objects shown as the
+    text lines they stand for, blocks gathered until their end, each room's
+    newest id noted (what a reconnect asks what was said after); --json
+    passes them on as they are."""
+
+    # -- JSON mode: objects, shown as the text lines they stand for --
+
+    def _lines_from_json(self, text):
+        """The lines to show for one object, in order (none while a block,
+        the offline messages or a catch-up gathers)."""
+        try:
+            obj = clean_json(json.loads(text))
+        except ValueError:
+            return [text]
+        if not isinstance(obj, dict):
+            return [text]
+        kind = obj.get("type")
+        if self.format_asked and kind == "notice" and obj.get("text") == FORMAT_JSON_ANSWER:
+            self._json_on()
+            return []
+        offline = kind == "private" and obj.get("offline")
+        lines = [] if offline else self._mail_block()
+        if offline:
+            self.mail.append(line_from_json(obj))
+        elif obj.get("history"):
+            self.block.append((obj.get("id"), line_from_json(obj)))
+        elif kind == "history_end":
+            lines += self._history_end(obj)
+        elif kind in ("message", "action") and (self.resuming or self.catching_up):
+            self.held.append(obj)  # said after what the catch-up will show
+        elif kind == "error" and self.catching_up:
+            lines += self._catch_up_refused(obj)  # the answer to /history after
+        else:
+            lines += self._live_line(obj, kind)
+        return [line for line in lines if line is not None]
+
+    def _json_on(self):
+        """The server speaks JSON: learn the newest id of the room (which a
+        reconnect asks what was said after), unless a reconnect is on it."""
+        self.format_asked = False
+        self.json_now = self.speaks_json = True
+        if self.registered and self.resume is None:
+            self.hidden_history += 1
+            self.io.send(b"/history 1\n")
+        if self.wants_line():
+            self.io.ask("line")  # typing waited for the answer
+
+    def _live_line(self, obj, kind):
+        topic_asked = False
+        if kind == "topic":
+            topic_asked = self.just_joined or self.topic_asks > 0
+            if not self.just_joined and self.topic_asks:
+                self.topic_asks -= 1
+        else:
+            self.just_joined = kind == "joined" and (
+                not self.registered or nick_key(obj.get("nick", "")) == nick_key(self.nick))
+        if kind in ("message", "action"):
+            self._saw_id(obj)
+        line = line_from_json(obj, self.nick, topic_asked)
+        if kind == "private" and line is not None and nick_key(obj["from"]) == nick_key(
+                obj["to"]) == nick_key(self.nick):
+            # To ourselves: the server sends what we got, then the echo of what we sent.
+            self.to_self = not self.to_self
+            if self.to_self:
+                line = format_line("private", nick=obj["from"], text=obj["text"])
+        if line is not None and self._of_another_room(obj, kind):
+            line.having(marked=obj["room"])  # shown as text mode would: "#rust <bob> hi"
+        return [line]
+
+    def _of_another_room(self, obj, kind):
+        """Whether an object is a line of a room that is not our current one
+        (a line about a person, such as a rename, is of none)."""
+        room = obj.get("room")
+        if not isinstance(room, str) or room == self.room or kind not in ROOM_LINE_TYPES:
+            return False
+        if kind == "joined" and nick_key(obj.get("nick", "")) == nick_key(self.nick or ""):
+            return False  # ours: that room is current from here on
+        reason = obj.get("reason")
+        return kind != "left" or reason == LEFT_PARTED or (
+            isinstance(reason, str) and reason.startswith(LEFT_WENT_TO.format(room="")))
+
+    def _saw_id(self, obj):
+        message_id, room = obj.get("id"), obj.get("room")
+        if isinstance(room, str) and isinstance(message_id, int) and (
+                message_id > self.last_ids.get(room, 0)):
+            self.last_ids[room] = message_id
+
+    def _mail_block(self):
+        """The offline messages gathered, as the text block that holds them."""
+        if not self.mail:
+            return []
+        mail, self.mail = self.mail, []
+        return ([format_line("offline_start", messages=plural(len(mail), "message"))]
+                + mail + [format_line("offline_end")])
+
+    def _history_end(self, obj):
+        """A block is complete: its lines as text mode has them (a header,
+        the items, the end), or what a reconnect has not seen of it."""
+        items, self.block = self.block, []
+        if self.resuming:
+            return []  # a replay on coming back: the catch-up shows what was missed
+        if self.catching_up:
+            return self._caught_up(items)
+        if self.hidden_history:
+            self.hidden_history -= 1
+            for message_id, line in items:
+                self._saw_id(dict(room=obj.get("room"), id=message_id))
+            if isinstance(obj.get("room"), str):  # empty when we came: all of it is new
+                self.last_ids.setdefault(obj["room"], 0)
+            return []
+        room, ask, self.history_ask = obj.get("room", self.room), self.history_ask, None
+        for message_id, line in items:
+            self._saw_id(dict(room=room, id=message_id))
+        ask = ask or ("last", None)
+        if not items:
+            return [format_line({"last": "no_history", "search": "no_match",
+                                 "after": "no_history_after"}[ask[0]], room=room,
+                                text=ask[1], after=ask[1])]
+        messages = plural(len(items), "message")
+        header = {"last": format_line("history_last", messages=messages, room=room),
+                  "search": format_line("history_search", messages=messages, room=room,
+                                        text=ask[1]),
+                  "after": format_line("history_after", messages=messages, room=room,
+                                       after=ask[1])}[ask[0]]
+        return [header] + [line for _, line in items] + [format_line("history_end")]
+
+    def _json_line(self, text):
+        """--json: pass the server's objects on as they are (a text line sent
+        before /format json was read becomes a notice object); watch for our
+        join and for a refusal."""
+        if not text.startswith("{"):
+            kind, fields = parse_server_line(text)
+            if kind == "notice" and fields["text"] == "format: text":
+                return
+            text = json.dumps(json_object(format_line(kind, **fields) if kind in (
+                "notice", "error") else notice(text)), ensure_ascii=False)
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            return  # not from a chat.py server: nothing a program could use
+        self.io.show(text)
+        if self.registered:
+            return
+        if obj.get("type") == "joined":
+            self.registered = self.was_in = True
+            self.nick_sent = False
+            self.answer_deadline = None
+            self.nick = obj.get("nick", self.nick)
+            if self.reconnecting:
+                self.reconnecting = False
+                self.backoff = RECONNECT_FIRST_S
+                if self.unsent:
+                    self.io.send(bytes(self.unsent))
+                    self.unsent.clear()
+            self.io.ask("line")
+        elif obj.get("type") == "notice" and is_nick_question(obj.get("text", "")):
+            self._greeted()
+        elif obj.get("type") == "error" and self.nick_sent:
+            self.answer_deadline = None
+            self.io.finish(1)  # nobody to ask: the refusal is on stdout
+
+
+class ClientReconnect:
+    """Part of ClientSession: --reconnect. Back after a lost connection: into
+    every room it was in, each caught up from the last id seen there, the
+    live lines held meanwhile shown after, nothing twice, nothing missed."""
+
+    # -- coming back after a reconnect: what was missed, once, in order --
+
+    def _resume(self):
+        """Registered again (in the lobby): back into each room we were in,
+        the current one last; the replays that come are dropped, and what
+        was said in each since the last id we saw there is asked for once
+        they are over (RESUME_TOKEN)."""
+        rooms, current, last_ids = self.resume
+        self.resuming = True
+        commands = [encode_line("/open " + room) for room in rooms if room != LOBBY]
+        if LOBBY not in rooms:
+            commands.append(encode_line("/part " + LOBBY))
+        if current is not None and rooms and current != rooms[-1]:
+            commands.append(encode_line("/open " + current))
+        self.io.send(b"".join(commands) + encode_line("/ping " + RESUME_TOKEN))
+
+    def _resumed(self):
+        """The replays are over: ask for what was missed in each room (one
+        with no id seen has nothing to ask after); return the lines to show."""
+        self.resuming = False
+        rooms, current, last_ids = self.resume
+        self.last_ids.update(last_ids)
+        self.to_catch_up = [(room, last_ids[room]) for room in rooms if room in last_ids]
+        return self._next_catch_up()
+
+    def _next_catch_up(self):
+        """Ask about the next room, or end the catch-up."""
+        if not self.to_catch_up:
+            return self._end_catch_up()
+        self.catching_up = True
+        self.catch_up_refusals = 0
+        self._ask_catch_up()
+        return []
+
+    def _ask_catch_up(self):
+        room, last_id = self.to_catch_up[0]
+        named = "" if room == self.room else room + " "  # (as a v2 server understands it)
+        self.io.send(encode_line("/history %safter %d" % (named, self.last_ids.get(
+            room, last_id))))
+
+    def _caught_up(self, items):
+        """A page of /history #ROOM after: show what was not seen; ask for the
+        next page if it was full; else the next room, and at last the lines
+        that waited, then what was typed while away."""
+        room = self.to_catch_up[0][0]
+        lines = []
+        for message_id, line in items:
+            if message_id > self.last_ids.get(room, 0):
+                lines.append(line)
+                self.last_ids[room] = message_id
+        if lines:
+            lines = ([format_line("notice", text=CAUGHT_UP.format(
+                messages=plural(len(lines), "message"), room=room))]
+                     + lines + [format_line("history_end")])
+        if len(items) >= HISTORY_MAX:
+            self._ask_catch_up()
+            return lines
+        self.to_catch_up.pop(0)
+        return lines + self._next_catch_up()
+
+    def _catch_up_refused(self, obj):
+        """/history after was answered with an error (the history can't be
+        read just now): ask again a little later, a few times; then say what
+        can't be shown and go on, so the user is never left frozen."""
+        self.catch_up_refusals += 1
+        if self.catch_up_refusals < CATCH_UP_TRIES:
+            self.catch_up_retry_at = time.monotonic() + CATCH_UP_RETRY_S
+            return []
+        room = self.to_catch_up.pop(0)[0]
+        return [format_line("notice", text=CATCH_UP_FAILED.format(
+            room=room, reason=obj.get("text", "refused")))] + self._next_catch_up()
+
+    def _retry_catch_up(self):
+        self.catch_up_retry_at = None
+        if self.online and self.catching_up and self.to_catch_up:
+            self._ask_catch_up()
+
+    def _end_catch_up(self):
+        """Caught up (or given up): the live lines that waited, then what
+        was typed while away."""
+        lines = []
+        self.catching_up = False
+        self.catch_up_retry_at = None
+        held, self.held = self.held, []
+        for obj in held:
+            if obj.get("id", 0) > self.last_ids.get(obj.get("room"), 0):
+                lines += self._live_line(obj, obj["type"])
+        self.resume = None
+        if self.unsent:
+            self.io.send(bytes(self.unsent))
+            self.unsent.clear()
+        return lines
+
+    # -- --reconnect --
+
+    def _lose_connection(self):
+        self.io.disconnect()
+        self.online = False
+        if self.registered and self.resume is None:  # where to come back to
+            self.resume = (list(self.joined), self.room, dict(self.last_ids))
+        self.registered = False
+
+    def _schedule_reconnect(self, why):
+        """The next attempt, later each time; why (None: say nothing) is shown."""
+        delay = self.backoff * random.uniform(1 - RECONNECT_JITTER, 1 + RECONNECT_JITTER)
+        self.backoff = min(self.backoff * 2, RECONNECT_MAX_S)
+        self.io.reconnect_at(time.monotonic() + delay)
+        if why is not None:
+            self.notice("%s; reconnecting in %.0f s (Ctrl-C to stop)" % (why, delay))
+
+    def _back_in(self):
+        """Registered again after a reconnect: say so, send what waited."""
+        self.reconnecting = False
+        self.backoff = RECONNECT_FIRST_S
+        self.notice("reconnected")
+        if self.resume is not None and self.json_now:
+            self._resume()  # what was typed meanwhile goes once caught up
+            return
+        if self.resume is not None and self.resume[1] not in (LOBBY, None):
+            self.io.send(encode_line("/join " + self.resume[1]))  # its replay says the rest
+        self.resume = None
+        if self.unsent:
+            self.io.send(bytes(self.unsent))
+            self.unsent.clear()
+
+
+class ClientRegistration:
+    """Part of ClientSession: registering. The room's password, the nickname
+    or the account's login, asked again where a person can answer; and the
+    account to log in to again after a reconnect."""
+
+    # -- registering --
+
+    def _greeted(self):
+        """The server asked for a nickname (or said nothing for a while)."""
+        if not (self.nick_sent or self.registered):
+            self._ask_for_registration()
+
+    def _ask_for_registration(self):
+        """Ask the user for the next thing registering needs: the room's
+        password (on a terminal) before the nickname."""
+        if self.needs_password and self.password is None and self.interactive:
+            self.io.ask("secret")
+        elif self._awaiting_account_password():
+            self.io.ask("account")  # typed() sends /login NICK PASSWORD
+        elif self.nick and not self.nick_sent:
+            self._send_nick()
+        else:
+            self.io.ask("nick")
+
+    def _awaiting_account_password(self):
+        """--login at a terminal, its password not typed yet: the bare nick
+        must not go (the server would refuse it as someone's account)."""
+        return self.login and self.account_password is None and self.interactive
+
+    def _send_nick(self):
+        """The nick, or /login NICK PASSWORD when the nick is our account."""
+        self.nick_sent = True
+        if not self.interactive and not self.reconnecting:
+            self.answer_deadline = time.monotonic() + CLIENT_ANSWER_WAIT_S
+        if self.login and self.account_password is not None:
+            self.io.send(encode_line("/login %s %s" % (self.nick, self.account_password)))
+        else:
+            self.io.send(self.nick.encode(ENCODING) + b"\n")
+
+    def _send_password(self):
+        self.pass_sent = True
+        self.io.send(b"/pass " + self.password.encode(ENCODING) + b"\n")
+
+    def _unregistered_line(self, text):
+        """Before the join line: watch for the greeting, the answer to our
+        nick and the password's; show what the user needs to see."""
+        kind, fields = line_parts(text)
+        if kind == "joined":
+            self._joined(fields["nick"], text)
+        elif kind == "notice" and fields["text"] == PASSWORD_GREETING:
+            self.needs_password = True  # asked for below, or sent already
+            if self.nick_sent and self.password is None and self.interactive:
+                self.io.ask("secret")
+        elif kind == "notice" and fields["text"] == PASSWORD_ACCEPTED:
+            if not self.nick_sent:
+                self._ask_for_registration()  # the nickname, now
+        elif kind == "notice" and is_nick_question(fields["text"]):
+            if not self.nick_sent and not self._awaiting_account_password():
+                self._show_server_line(text)  # the user is about to answer it
+            self._greeted()
+        elif kind == "error":
+            self._refused(fields["text"], text)
+        else:
+            self._show_server_line(text)
+
+    def _refused(self, reason, text):
+        """An error before registering: ask again where a person can answer."""
+        if reason == PASSWORD_REQUIRED and self.interactive and not self.pass_sent:
+            self.needs_password = True  # the nick went too early: the password first
+            self.nick_sent = False
+            self._ask_for_registration()
+            return
+        if reason == PASSWORD_REQUIRED and self.pass_sent:
+            return  # the answer to a nick sent before the password: it goes again
+        if reason == WRONG_LOGIN:
+            self.pending_account = None
+        self._show_server_line(text)
+        if reason == WRONG_LOGIN and self.login and self.interactive and not self.reconnecting:
+            self.nick_sent = False
+            self.account_password = None
+            self.answer_deadline = None
+            self.io.ask("account")  # --login: the password again, the nick kept
+            return
+        self.answer_deadline = None
+        if self.reconnecting:
+            self._lose_connection()  # the old session may linger on the server: later
+            self._schedule_reconnect("could not register again")
+        elif reason == WRONG_PASSWORD and self.interactive:
+            self.password = None  # the server closes; a new connection asks again
+            self.retry_password = True
+        elif self.interactive:
+            self.nick_sent = False
+            self.nick = None  # refused: the next one is typed
+            self.io.ask("nick")
+        else:
+            self.io.finish(1)  # nobody to ask: the reason is shown
+
+    def _joined(self, nick, text):
+        """Our join line: in the room."""
+        if self.pending_account is not None and nick_key(nick) == nick_key(
+                self.pending_account[0] or nick):
+            self._account_confirmed(nick)
+        self.registered = self.was_in = True
+        self.nick_sent = False
+        self.answer_deadline = None
+        self.nick = nick
+        self.room = LOBBY
+        self.joined = [LOBBY]
+        self.last_ids = {}
+        self._show_server_line(text)
+        if not (self.format_asked or self.json_now or self.json_pipe):
+            self.format_asked = True
+            self.format_deadline = time.monotonic() + CLIENT_FORMAT_WAIT_S
+            self.io.send(b"/format json\n")
+        if self.interactive:
+            self._learn_the_room()
+        if self.reconnecting:
+            self._back_in()
+        if self.wants_line():
+            self.io.ask("line")  # (else once /format json is answered)
+
+    def _learn_the_room(self):
+        """Ask, without showing the answers, who is here (for Tab) and which
+        commands this server offers this user (no operator commands where
+        it has no operators)."""
+        self.setup = True
+        self.hidden_who += 1
+        self.hidden_rooms += 1
+        self.io.send(b"/who\n/rooms\n/help\n/ping " + SETUP_TOKEN.encode(ENCODING) + b"\n")
+
+    def _note_account(self, text):
+        """A typed /login or /register: its account is logged in to again
+        after a reconnect (the server's answer confirms it, or forgets it)."""
+        word, _, arg = text.partition(" ")
+        if word.lower() == "/login":
+            nick, _, password = arg.strip().partition(" ")
+            self.pending_account = (nick, password.strip())
+        else:
+            self.pending_account = (None, arg.strip())  # the nick we have then
+
+    def _note_account_answer(self, kind, fields):
+        if self.pending_account is None:
+            return
+        wanted = self.pending_account[0]
+        if kind == "renamed" and wanted and nick_key(fields["new"]) == nick_key(wanted):
+            self._account_confirmed(fields["new"])
+        elif kind == "notice" and fields["text"] == ACCOUNT_MADE.format(nick=self.nick):
+            self._account_confirmed(self.nick)
+        elif kind == "error" and fields["text"] in (WRONG_LOGIN, PASSWORD_TOO_SHORT):
+            self.pending_account = None
+
+    def _account_confirmed(self, nick):
+        if self.pending_account is not None:
+            self.login, self.nick = True, nick
+            self.account_password = self.pending_account[1]
+            self.pending_account = None
+
+
+class ClientSession(ClientJson, ClientReconnect, ClientRegistration):
     """The client's decisions, without sockets, threads or a terminal: what to
     send, what to show, what to ask the user, when to come back and when to
     leave. ChatClient feeds it events and does what it says through io:
@@ -6031,255 +6534,6 @@ class ClientSession:
         if not self._hidden(text):
             self._show_server_line(text)
 
-    # -- JSON mode: objects, shown as the text lines they stand for --
-
-    def _lines_from_json(self, text):
-        """The lines to show for one object, in order (none while a block,
-        the offline messages or a catch-up gathers)."""
-        try:
-            obj = clean_json(json.loads(text))
-        except ValueError:
-            return [text]
-        if not isinstance(obj, dict):
-            return [text]
-        kind = obj.get("type")
-        if self.format_asked and kind == "notice" and obj.get("text") == FORMAT_JSON_ANSWER:
-            self._json_on()
-            return []
-        offline = kind == "private" and obj.get("offline")
-        lines = [] if offline else self._mail_block()
-        if offline:
-            self.mail.append(line_from_json(obj))
-        elif obj.get("history"):
-            self.block.append((obj.get("id"), line_from_json(obj)))
-        elif kind == "history_end":
-            lines += self._history_end(obj)
-        elif kind in ("message", "action") and (self.resuming or self.catching_up):
-            self.held.append(obj)  # said after what the catch-up will show
-        elif kind == "error" and self.catching_up:
-            lines += self._catch_up_refused(obj)  # the answer to /history after
-        else:
-            lines += self._live_line(obj, kind)
-        return [line for line in lines if line is not None]
-
-    def _json_on(self):
-        """The server speaks JSON: learn the newest id of the room (which a
-        reconnect asks what was said after), unless a reconnect is on it."""
-        self.format_asked = False
-        self.json_now = self.speaks_json = True
-        if self.registered and self.resume is None:
-            self.hidden_history += 1
-            self.io.send(b"/history 1\n")
-        if self.wants_line():
-            self.io.ask("line")  # typing waited for the answer
-
-    def _live_line(self, obj, kind):
-        topic_asked = False
-        if kind == "topic":
-            topic_asked = self.just_joined or self.topic_asks > 0
-            if not self.just_joined and self.topic_asks:
-                self.topic_asks -= 1
-        else:
-            self.just_joined = kind == "joined" and (
-                not self.registered or nick_key(obj.get("nick", "")) == nick_key(self.nick))
-        if kind in ("message", "action"):
-            self._saw_id(obj)
-        line = line_from_json(obj, self.nick, topic_asked)
-        if kind == "private" and line is not None and nick_key(obj["from"]) == nick_key(
-                obj["to"]) == nick_key(self.nick):
-            # To ourselves: the server sends what we got, then the echo of what we sent.
-            self.to_self = not self.to_self
-            if self.to_self:
-                line = format_line("private", nick=obj["from"], text=obj["text"])
-        if line is not None and self._of_another_room(obj, kind):
-            line.having(marked=obj["room"])  # shown as text mode would: "#rust <bob> hi"
-        return [line]
-
-    def _of_another_room(self, obj, kind):
-        """Whether an object is a line of a room that is not our current one
-        (a line about a person, such as a rename, is of none)."""
-        room = obj.get("room")
-        if not isinstance(room, str) or room == self.room or kind not in ROOM_LINE_TYPES:
-            return False
-        if kind == "joined" and nick_key(obj.get("nick", "")) == nick_key(self.nick or ""):
-            return False  # ours: that room is current from here on
-        reason = obj.get("reason")
-        return kind != "left" or reason == LEFT_PARTED or (
-            isinstance(reason, str) and reason.startswith(LEFT_WENT_TO.format(room="")))
-
-    def _saw_id(self, obj):
-        message_id, room = obj.get("id"), obj.get("room")
-        if isinstance(room, str) and isinstance(message_id, int) and (
-                message_id > self.last_ids.get(room, 0)):
-            self.last_ids[room] = message_id
-
-    def _mail_block(self):
-        """The offline messages gathered, as the text block that holds them."""
-        if not self.mail:
-            return []
-        mail, self.mail = self.mail, []
-        return ([format_line("offline_start", messages=plural(len(mail), "message"))]
-                + mail + [format_line("offline_end")])
-
-    def _history_end(self, obj):
-        """A block is complete: its lines as text mode has them (a header,
-        the items, the end), or what a reconnect has not seen of it."""
-        items, self.block = self.block, []
-        if self.resuming:
-            return []  # a replay on coming back: the catch-up shows what was missed
-        if self.catching_up:
-            return self._caught_up(items)
-        if self.hidden_history:
-            self.hidden_history -= 1
-            for message_id, line in items:
-                self._saw_id(dict(room=obj.get("room"), id=message_id))
-            if isinstance(obj.get("room"), str):  # empty when we came: all of it is new
-                self.last_ids.setdefault(obj["room"], 0)
-            return []
-        room, ask, self.history_ask = obj.get("room", self.room), self.history_ask, None
-        for message_id, line in items:
-            self._saw_id(dict(room=room, id=message_id))
-        ask = ask or ("last", None)
-        if not items:
-            return [format_line({"last": "no_history", "search": "no_match",
-                                 "after": "no_history_after"}[ask[0]], room=room,
-                                text=ask[1], after=ask[1])]
-        messages = plural(len(items), "message")
-        header = {"last": format_line("history_last", messages=messages, room=room),
-                  "search": format_line("history_search", messages=messages, room=room,
-                                        text=ask[1]),
-                  "after": format_line("history_after", messages=messages, room=room,
-                                       after=ask[1])}[ask[0]]
-        return [header] + [line for _, line in items] + [format_line("history_end")]
-
-    # -- coming back after a reconnect: what was missed, once, in order --
-
-    def _resume(self):
-        """Registered again (in the lobby): back into each room we were in,
-        the current one last; the replays that come are dropped, and what
-        was said in each since the last id we saw there is asked for once
-        they are over (RESUME_TOKEN)."""
-        rooms, current, last_ids = self.resume
-        self.resuming = True
-        commands = [encode_line("/open " + room) for room in rooms if room != LOBBY]
-        if LOBBY not in rooms:
-            commands.append(encode_line("/part " + LOBBY))
-        if current is not None and rooms and current != rooms[-1]:
-            commands.append(encode_line("/open " + current))
-        self.io.send(b"".join(commands) + encode_line("/ping " + RESUME_TOKEN))
-
-    def _resumed(self):
-        """The replays are over: ask for what was missed in each room (one
-        with no id seen has nothing to ask after); return the lines to show."""
-        self.resuming = False
-        rooms, current, last_ids = self.resume
-        self.last_ids.update(last_ids)
-        self.to_catch_up = [(room, last_ids[room]) for room in rooms if room in last_ids]
-        return self._next_catch_up()
-
-    def _next_catch_up(self):
-        """Ask about the next room, or end the catch-up."""
-        if not self.to_catch_up:
-            return self._end_catch_up()
-        self.catching_up = True
-        self.catch_up_refusals = 0
-        self._ask_catch_up()
-        return []
-
-    def _ask_catch_up(self):
-        room, last_id = self.to_catch_up[0]
-        named = "" if room == self.room else room + " "  # (as a v2 server understands it)
-        self.io.send(encode_line("/history %safter %d" % (named, self.last_ids.get(
-            room, last_id))))
-
-    def _caught_up(self, items):
-        """A page of /history #ROOM after: show what was not seen; ask for the
-        next page if it was full; else the next room, and at last the lines
-        that waited, then what was typed while away."""
-        room = self.to_catch_up[0][0]
-        lines = []
-        for message_id, line in items:
-            if message_id > self.last_ids.get(room, 0):
-                lines.append(line)
-                self.last_ids[room] = message_id
-        if lines:
-            lines = ([format_line("notice", text=CAUGHT_UP.format(
-                messages=plural(len(lines), "message"), room=room))]
-                     + lines + [format_line("history_end")])
-        if len(items) >= HISTORY_MAX:
-            self._ask_catch_up()
-            return lines
-        self.to_catch_up.pop(0)
-        return lines + self._next_catch_up()
-
-    def _catch_up_refused(self, obj):
-        """/history after was answered with an error (the history can't be
-        read just now): ask again a little later, a few times; then say what
-        can't be shown and go on, so the user is never left frozen."""
-        self.catch_up_refusals += 1
-        if self.catch_up_refusals < CATCH_UP_TRIES:
-            self.catch_up_retry_at = time.monotonic() + CATCH_UP_RETRY_S
-            return []
-        room = self.to_catch_up.pop(0)[0]
-        return [format_line("notice", text=CATCH_UP_FAILED.format(
-            room=room, reason=obj.get("text", "refused")))] + self._next_catch_up()
-
-    def _retry_catch_up(self):
-        self.catch_up_retry_at = None
-        if self.online and self.catching_up and self.to_catch_up:
-            self._ask_catch_up()
-
-    def _end_catch_up(self):
-        """Caught up (or given up): the live lines that waited, then what
-        was typed while away."""
-        lines = []
-        self.catching_up = False
-        self.catch_up_retry_at = None
-        held, self.held = self.held, []
-        for obj in held:
-            if obj.get("id", 0) > self.last_ids.get(obj.get("room"), 0):
-                lines += self._live_line(obj, obj["type"])
-        self.resume = None
-        if self.unsent:
-            self.io.send(bytes(self.unsent))
-            self.unsent.clear()
-        return lines
-
-    def _json_line(self, text):
-        """--json: pass the server's objects on as they are (a text line sent
-        before /format json was read becomes a notice object); watch for our
-        join and for a refusal."""
-        if not text.startswith("{"):
-            kind, fields = parse_server_line(text)
-            if kind == "notice" and fields["text"] == "format: text":
-                return
-            text = json.dumps(json_object(format_line(kind, **fields) if kind in (
-                "notice", "error") else notice(text)), ensure_ascii=False)
-        try:
-            obj = json.loads(text)
-        except ValueError:
-            return  # not from a chat.py server: nothing a program could use
-        self.io.show(text)
-        if self.registered:
-            return
-        if obj.get("type") == "joined":
-            self.registered = self.was_in = True
-            self.nick_sent = False
-            self.answer_deadline = None
-            self.nick = obj.get("nick", self.nick)
-            if self.reconnecting:
-                self.reconnecting = False
-                self.backoff = RECONNECT_FIRST_S
-                if self.unsent:
-                    self.io.send(bytes(self.unsent))
-                    self.unsent.clear()
-            self.io.ask("line")
-        elif obj.get("type") == "notice" and is_nick_question(obj.get("text", "")):
-            self._greeted()
-        elif obj.get("type") == "error" and self.nick_sent:
-            self.answer_deadline = None
-            self.io.finish(1)  # nobody to ask: the refusal is on stdout
-
     def server_closed(self):
         if self.quitting:
             self.io.finish(0)
@@ -6408,163 +6662,6 @@ class ClientSession:
         plain text): there is no chat to have without TLS."""
         self.io.fail("the server at %s speaks TLS: add --tls (or --cafile, --fingerprint)"
                      % self.where)
-
-    # -- registering --
-
-    def _greeted(self):
-        """The server asked for a nickname (or said nothing for a while)."""
-        if not (self.nick_sent or self.registered):
-            self._ask_for_registration()
-
-    def _ask_for_registration(self):
-        """Ask the user for the next thing registering needs: the room's
-        password (on a terminal) before the nickname."""
-        if self.needs_password and self.password is None and self.interactive:
-            self.io.ask("secret")
-        elif self._awaiting_account_password():
-            self.io.ask("account")  # typed() sends /login NICK PASSWORD
-        elif self.nick and not self.nick_sent:
-            self._send_nick()
-        else:
-            self.io.ask("nick")
-
-    def _awaiting_account_password(self):
-        """--login at a terminal, its password not typed yet: the bare nick
-        must not go (the server would refuse it as someone's account)."""
-        return self.login and self.account_password is None and self.interactive
-
-    def _send_nick(self):
-        """The nick, or /login NICK PASSWORD when the nick is our account."""
-        self.nick_sent = True
-        if not self.interactive and not self.reconnecting:
-            self.answer_deadline = time.monotonic() + CLIENT_ANSWER_WAIT_S
-        if self.login and self.account_password is not None:
-            self.io.send(encode_line("/login %s %s" % (self.nick, self.account_password)))
-        else:
-            self.io.send(self.nick.encode(ENCODING) + b"\n")
-
-    def _send_password(self):
-        self.pass_sent = True
-        self.io.send(b"/pass " + self.password.encode(ENCODING) + b"\n")
-
-    def _unregistered_line(self, text):
-        """Before the join line: watch for the greeting, the answer to our
-        nick and the password's; show what the user needs to see."""
-        kind, fields = line_parts(text)
-        if kind == "joined":
-            self._joined(fields["nick"], text)
-        elif kind == "notice" and fields["text"] == PASSWORD_GREETING:
-            self.needs_password = True  # asked for below, or sent already
-            if self.nick_sent and self.password is None and self.interactive:
-                self.io.ask("secret")
-        elif kind == "notice" and fields["text"] == PASSWORD_ACCEPTED:
-            if not self.nick_sent:
-                self._ask_for_registration()  # the nickname, now
-        elif kind == "notice" and is_nick_question(fields["text"]):
-            if not self.nick_sent and not self._awaiting_account_password():
-                self._show_server_line(text)  # the user is about to answer it
-            self._greeted()
-        elif kind == "error":
-            self._refused(fields["text"], text)
-        else:
-            self._show_server_line(text)
-
-    def _refused(self, reason, text):
-        """An error before registering: ask again where a person can answer."""
-        if reason == PASSWORD_REQUIRED and self.interactive and not self.pass_sent:
-            self.needs_password = True  # the nick went too early: the password first
-            self.nick_sent = False
-            self._ask_for_registration()
-            return
-        if reason == PASSWORD_REQUIRED and self.pass_sent:
-            return  # the answer to a nick sent before the password: it goes again
-        if reason == WRONG_LOGIN:
-            self.pending_account = None
-        self._show_server_line(text)
-        if reason == WRONG_LOGIN and self.login and self.interactive and not self.reconnecting:
-            self.nick_sent = False
-            self.account_password = None
-            self.answer_deadline = None
-            self.io.ask("account")  # --login: the password again, the nick kept
-            return
-        self.answer_deadline = None
-        if self.reconnecting:
-            self._lose_connection()  # the old session may linger on the server: later
-            self._schedule_reconnect("could not register again")
-        elif reason == WRONG_PASSWORD and self.interactive:
-            self.password = None  # the server closes; a new connection asks again
-            self.retry_password = True
-        elif self.interactive:
-            self.nick_sent = False
-            self.nick = None  # refused: the next one is typed
-            self.io.ask("nick")
-        else:
-            self.io.finish(1)  # nobody to ask: the reason is shown
-
-    def _joined(self, nick, text):
-        """Our join line: in the room."""
-        if self.pending_account is not None and nick_key(nick) == nick_key(
-                self.pending_account[0] or nick):
-            self._account_confirmed(nick)
-        self.registered = self.was_in = True
-        self.nick_sent = False
-        self.answer_deadline = None
-        self.nick = nick
-        self.room = LOBBY
-        self.joined = [LOBBY]
-        self.last_ids = {}
-        self._show_server_line(text)
-        if not (self.format_asked or self.json_now or self.json_pipe):
-            self.format_asked = True
-            self.format_deadline = time.monotonic() + CLIENT_FORMAT_WAIT_S
-            self.io.send(b"/format json\n")
-        if self.interactive:
-            self._learn_the_room()
-        if self.reconnecting:
-            self._back_in()
-        if self.wants_line():
-            self.io.ask("line")  # (else once /format json is answered)
-
-    def _learn_the_room(self):
-        """Ask, without showing the answers, who is here (for Tab) and which
-        commands this server offers this user (no operator commands where
-        it has no operators)."""
-        self.setup = True
-        self.hidden_who += 1
-        self.hidden_rooms += 1
-        self.io.send(b"/who\n/rooms\n/help\n/ping " + SETUP_TOKEN.encode(ENCODING) + b"\n")
-
-    # -- --reconnect --
-
-    def _lose_connection(self):
-        self.io.disconnect()
-        self.online = False
-        if self.registered and self.resume is None:  # where to come back to
-            self.resume = (list(self.joined), self.room, dict(self.last_ids))
-        self.registered = False
-
-    def _schedule_reconnect(self, why):
-        """The next attempt, later each time; why (None: say nothing) is shown."""
-        delay = self.backoff * random.uniform(1 - RECONNECT_JITTER, 1 + RECONNECT_JITTER)
-        self.backoff = min(self.backoff * 2, RECONNECT_MAX_S)
-        self.io.reconnect_at(time.monotonic() + delay)
-        if why is not None:
-            self.notice("%s; reconnecting in %.0f s (Ctrl-C to stop)" % (why, delay))
-
-    def _back_in(self):
-        """Registered again after a reconnect: say so, send what waited."""
-        self.reconnecting = False
-        self.backoff = RECONNECT_FIRST_S
-        self.notice("reconnected")
-        if self.resume is not None and self.json_now:
-            self._resume()  # what was typed meanwhile goes once caught up
-            return
-        if self.resume is not None and self.resume[1] not in (LOBBY, None):
-            self.io.send(encode_line("/join " + self.resume[1]))  # its replay says the rest
-        self.resume = None
-        if self.unsent:
-            self.io.send(bytes(self.unsent))
-            self.unsent.clear()
 
     # -- what is shown --
 
@@ -6750,33 +6847,6 @@ class ClientSession:
             self.history_ask = ("search", arg)
         elif word == "/topic" and not arg:
             self.topic_asks += 1
-
-    def _note_account(self, text):
-        """A typed /login or /register: its account is logged in to again
-        after a reconnect (the server's answer confirms it, or forgets it)."""
-        word, _, arg = text.partition(" ")
-        if word.lower() == "/login":
-            nick, _, password = arg.strip().partition(" ")
-            self.pending_account = (nick, password.strip())
-        else:
-            self.pending_account = (None, arg.strip())  # the nick we have then
-
-    def _note_account_answer(self, kind, fields):
-        if self.pending_account is None:
-            return
-        wanted = self.pending_account[0]
-        if kind == "renamed" and wanted and nick_key(fields["new"]) == nick_key(wanted):
-            self._account_confirmed(fields["new"])
-        elif kind == "notice" and fields["text"] == ACCOUNT_MADE.format(nick=self.nick):
-            self._account_confirmed(self.nick)
-        elif kind == "error" and fields["text"] in (WRONG_LOGIN, PASSWORD_TOO_SHORT):
-            self.pending_account = None
-
-    def _account_confirmed(self, nick):
-        if self.pending_account is not None:
-            self.login, self.nick = True, nick
-            self.account_password = self.pending_account[1]
-            self.pending_account = None
 
     def _quitting(self):
         self.quitting = True
