@@ -2607,7 +2607,6 @@ class AccountCommands:
         nick = account[0]
 
         def answer(kept):
-            self.io.resume_input(conn)
             if kept is None:
                 self.io.send(conn, error("network_down"))
             elif isinstance(kept, Exception):
@@ -2618,8 +2617,8 @@ class AccountCommands:
                 self.io.send(conn, format_line("private_echo", nick=nick, text=text).having(
                     **{"from": conn.nick}))
                 self.io.send(conn, notice(OFFLINE_KEPT.format(nick=nick)))
-        self.io.pause_input(conn)  # (several servers: the answer comes back to the loop)
-        self.network.mail(key, conn.nick, text, time.time(), answer)
+        self._ask_network(conn, lambda answered: self.network.mail(
+            key, conn.nick, text, time.time(), answered), answer)
 
     # -- accounts (docs/protocol.md, "Accounts") --
 
@@ -3204,7 +3203,6 @@ class Chat(RoomCommands, AccountCommands, OperatorCommands):
             return
 
         def claimed(taken, online):  # several servers: the nick is claimed in Redis first
-            self.io.resume_input(conn)
             if conn.phase not in (NICKNAME, PASSWORD):
                 if taken is False:
                     self.network.release(nick_key(nick))  # gone meanwhile
@@ -3214,8 +3212,24 @@ class Chat(RoomCommands, AccountCommands, OperatorCommands):
                 self.io.send(conn, error("nick_taken", nick=nick))
             else:
                 self._registered(conn, nick, then, online)
-        self.io.pause_input(conn)
-        self.network.claim(nick_key(nick), RemoteUser(nick, [self.lobby.key]), claimed, force)
+        self._ask_network(conn, lambda answer: self.network.claim(
+            nick_key(nick), RemoteUser(nick, [self.lobby.key]), answer, force), claimed)
+
+    def _ask_network(self, conn, ask, answered):
+        """ask(answer): a question to the network, answered(...) with what it
+        says. conn's input waits for the answer, unless it came at once (one
+        server): then nothing waits, and reading goes on in this pass."""
+        state = []
+
+        def answer(*result):
+            if state:  # it waited
+                self.io.resume_input(conn)
+            state.append(True)
+            answered(*result)
+        ask(answer)
+        if not state:
+            state.append(False)
+            self.io.pause_input(conn)
 
     def _registered(self, conn, nick, then=None, online=None):
         """online: how many Redis counted with the claim (several servers),
@@ -3241,21 +3255,20 @@ class Chat(RoomCommands, AccountCommands, OperatorCommands):
         conn.room = room
         self.io.focus(conn, room)
         self._place(conn)
-        self.io.pause_input(conn)
         self.io.broadcast(room, line)
 
-        def arrived():  # (entered first: it is owed none of what the room had before)
-            if conn.phase == MEMBER and room in conn.rooms:
-                self.io.enter(room, conn)
-                self.io.send(conn, line)
-                self.network.when_watched(room.key, lambda: self._welcomed(conn, room))
-
-        self.io.then(arrived)
+        def arrive(answer):
+            def arrived():  # (entered first: it is owed none of what the room had before)
+                if conn.phase == MEMBER and room in conn.rooms:
+                    self.io.enter(room, conn)
+                    self.io.send(conn, line)
+                    self.network.when_watched(room.key, answer)
+            self.io.then(arrived)
+        self._ask_network(conn, arrive, lambda: self._welcomed(conn, room))
 
     def _welcomed(self, conn, room):
         if conn.phase == MEMBER and room in conn.rooms:
             self._welcome(conn, room)
-            self.io.resume_input(conn)
 
     def _nick_problem(self, nick, conn=None):
         """Return why nick can't be taken (by conn, if renaming), or None."""
@@ -3358,7 +3371,6 @@ class Chat(RoomCommands, AccountCommands, OperatorCommands):
             return
 
         def claimed(taken, online):
-            self.io.resume_input(conn)
             if conn.phase != MEMBER:
                 if taken is False:
                     self.network.release(nick_key(arg))
@@ -3368,9 +3380,8 @@ class Chat(RoomCommands, AccountCommands, OperatorCommands):
                 self.io.send(conn, error("nick_taken", nick=arg))
             else:
                 self._rename(conn, arg)
-        self.io.pause_input(conn)
-        self.network.claim(nick_key(arg), RemoteUser(arg, [room.key for room in conn.rooms]),
-                           claimed)
+        self._ask_network(conn, lambda answer: self.network.claim(
+            nick_key(arg), RemoteUser(arg, [room.key for room in conn.rooms]), answer), claimed)
 
     def _rename(self, conn, arg):
         """conn is now arg: its rooms are told."""
@@ -3560,13 +3571,15 @@ class Pass:
         self.renderings = {}
 
     def for_member(self, conn, offset):
-        """What conn gets of it, from offset on (a latecomer)."""
-        if offset or (self.about_person and len(conn.joined) > 1):
+        """What conn gets of it, from offset on (a latecomer). (The most
+        common case, text in its current room, _deliver takes itself.)"""
+        current = conn.focus is self.room
+        if self.about_person and len(conn.joined) > 1 or offset and not (
+                current and conn.codec is TEXT_CODEC):
             return b"".join(rendered(self.room, line, conn) for start, line in self.lines
                             if start >= offset)  # its own: rare
-        current = conn.focus is self.room
         if current and conn.codec is TEXT_CODEC:
-            return self.data
+            return self.data[offset:] if offset else self.data
         shared = (conn.codec, current)
         chunk = self.renderings.get(shared)
         if chunk is None:
@@ -4569,13 +4582,19 @@ class ChatServer(Acceptor, Reading, NetworkFeed):
         """
         self.chat.commit()  # nothing reaches a socket before it is stored
         this_pass, late = self.fanout.take(room)
-        if not this_pass.data:
+        data = this_pass.data
+        if not data:
             return
+        plain = not this_pass.about_person  # (else one in several rooms may get less)
         failed = []
         for conn in room.members.values():
             if conn.phase == CLOSED:
                 continue  # closed while its leave waits behind the feed (several servers)
-            chunk = this_pass.for_member(conn, late.get(conn, 0) if late else 0)
+            offset = late.get(conn, 0) if late else 0
+            if conn.codec is TEXT_CODEC and conn.focus is room and (plain or len(conn.joined) < 2):
+                chunk = data[offset:] if offset else data  # as said: most members, most passes
+            else:
+                chunk = this_pass.for_member(conn, offset)
             if not chunk:
                 continue
             if (write and not conn.outbuf and not conn.tls
@@ -5474,12 +5493,20 @@ class RedisStore:
     single server keeps in SQLite and several servers do not share goes on
     to the local store. Mailboxes are asked for with a callback (Chat)."""
 
+    # What stays this server's own, in its SQLite file (writing a batch,
+    # the search index's upkeep, a topic's copy): nothing the chat shares.
+    LOCAL = frozenset({"batch", "indexed", "failure", "flush", "usage", "close", "index_some",
+                       "set_topic", "reads_apart", "reader", "close_reader", "db"})
+
     def __init__(self, network, local):
         self.network = network
         self.local = local
 
     def __getattr__(self, name):
-        return getattr(self.local, name)
+        if name in self.LOCAL:
+            return getattr(self.local, name)
+        # Anything else would be one server's alone, silently: say so instead.
+        raise AttributeError("with --redis, the store has no %s of its own" % name)
 
     def account(self, key):
         return self.network.accounts.get(key)
