@@ -2881,12 +2881,16 @@ class OperatorCommands:
         return target, reason
 
     def _moderate(self, conn, target, line):
-        """A moderation line goes to target's rooms (each member once), and
-        to the operator who acted if it is in none of them (conn None: on
-        another server)."""
-        self._tell_about(target.rooms, line)
-        if conn is not None and not set(conn.rooms) & set(target.rooms):
-            self.io.send(conn, line.having(room=target.room.name if target.room else None))
+        """A moderation line goes to target's rooms (each member once; to
+        target alone when it is in none), and to the operator who acted if it
+        is in none of them (conn None: on another server)."""
+        line.having(room=target.room.name if target.room else None)
+        if target.rooms:
+            self._tell_about(target.rooms, line)
+        else:
+            self.io.send(target, line)
+        if conn is not None and conn is not target and not set(conn.rooms) & set(target.rooms):
+            self.io.send(conn, line)
 
     def asked_elsewhere(self, kind, fields):
         """Another server asks: let go of a nick logged in to there, or

@@ -2423,8 +2423,33 @@ class SeveralRoomsRules:
 class SeveralRoomsTest(SeveralRoomsRules, ServerTestCase):
 
     def start_servers(self, **limits):
-        self.start_server(**limits)
+        self.start_server(op_password="0p", **limits)
         return [self.port]
+
+    def test_moderation_of_someone_in_several_rooms_is_told_once(self):
+        alice, bob, carol = self.person("alice"), self.person("bob"), self.person("carol")
+        self.opened(bob, "bob", "#rust", 1)
+        self.opened(carol, "carol", "#rust", 2, bob)
+        alice.send_line("/op 0p")
+        alice.expect("*** alice is now an operator")
+        alice.send_line("/mute bob")  # alice shares #lobby with bob: she sees it there
+        alice.expect("*** bob was muted by alice")
+        self.assertEqual(bob.wait_for("*** bob was muted by alice"),  # about a person:
+                         ["*** alice is now an operator"])  # unmarked, once
+        carol.send_line("/msg #lobby mark")
+        carol.send_line("/msg #rust mark")
+        seen = self.wait_for_each(carol, "#lobby <carol> mark", "<carol> mark")
+        self.assertEqual(seen, ["*** alice is now an operator",  # about a person
+                                "*** bob was muted by alice"])
+        bob.send_line("/part")
+        bob.wait_for("*** bob left (parted)")  # (after carol's marks)
+        bob.expect("*** talking in #lobby now")
+        bob.send_line("/part")
+        bob.expect("*** bob left (parted)", "*** you are in no room: /join ROOM")
+        alice.wait_for("*** bob left (parted)")
+        alice.send_line("/kick bob")  # in no room: bob and the operator are told
+        alice.expect("*** bob was kicked by alice (no reason given)")
+        self.assertEqual(bob.expect_closed(), ["*** bob was kicked by alice (no reason given)"])
 
 
 class ListenerTest(ServerTestCase):
