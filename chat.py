@@ -5366,7 +5366,11 @@ class RedisNetwork:
             if room in self.loading:
                 self.loading[room][0].append(item)  # merged with what is being read
             elif room in self.recents:
-                self.recents[room].append(item)
+                recent = self.recents[room]
+                # (A room's ids only grow: one its history read had already
+                # got, when the feed runs behind that read, is not kept twice.)
+                if not recent or item[0] > recent[-1][0]:
+                    recent.append(item)
         elif kind in ("topic_set", "topic_cleared"):
             self.topics[room] = (fields.get("text"), fields["nick"])
         self._heard_of_user(kind, fields, room, entry["o"])
@@ -5633,6 +5637,15 @@ HELP_TOKEN = "chat.py-client-help"
 JOIN_TOKEN = "chat.py-client-join"
 RESUME_TOKEN = "chat.py-client-resume"   # back after a reconnect: the replays are over
 NEWEST_TOKEN = "chat.py-client-newest"   # in a new room: the next block is the newest id
+CLIENT_TOKENS = frozenset({SETUP_TOKEN, HELP_TOKEN, JOIN_TOKEN, RESUME_TOKEN, NEWEST_TOKEN})
+HIDE = "hide"                  # an awaited answer the user did not ask for: not shown
+
+
+class Awaited(collections.namedtuple("Awaited", "kind what")):
+    """An answer the client waits for (ClientSession.awaited): its kind (a
+    line's kind; "block" for a history block; "move" for our own join, part
+    or "talking in"), and what it was asked for (HIDE, a pong's token, a
+    block's question, a move's (command, the room current then))."""
 NOT_CONNECTED_YET = "not connected: that goes once reconnected"
 CAUGHT_UP = "{messages} in {room} while you were away (times in UTC):"
 # JSON types that are a room's lines (the others are about a person, or ours).
@@ -6019,17 +6032,15 @@ class ClientJson:
         self.format_asked = False
         self.json_now = self.speaks_json = True
         if self.registered and self.resume is None:
-            self.hidden_history += 1
+            self._expect("block", HIDE)
             self.io.send(b"/history 1\n")
         if self.wants_line():
             self.io.ask("line")  # typing waited for the answer
 
     def _live_line(self, obj, kind):
         topic_asked = False
-        if kind == "topic":
-            topic_asked = self.just_joined or self.topic_asks > 0
-            if not self.just_joined and self.topic_asks:
-                self.topic_asks -= 1
+        if kind == "topic":  # the standing topic: on joining, or a typed /topic's answer
+            topic_asked = self.just_joined or bool(self._answered("topic"))
         else:
             self.just_joined = kind == "joined" and (
                 not self.registered or nick_key(obj.get("nick", "")) == nick_key(self.nick))
@@ -6080,17 +6091,17 @@ class ClientJson:
             return []  # a replay on coming back: the catch-up shows what was missed
         if self.catching_up:
             return self._caught_up(items)
-        if self.hidden_history:
-            self.hidden_history -= 1
+        asked = self._answered_block()
+        if asked is not None and asked.what == HIDE:
             for message_id, line in items:
                 self._saw_id(dict(room=obj.get("room"), id=message_id))
             if isinstance(obj.get("room"), str):  # empty when we came: all of it is new
                 self.last_ids.setdefault(obj["room"], 0)
             return []
-        room, ask, self.history_ask = obj.get("room", self.room), self.history_ask, None
+        room = obj.get("room", self.room)
         for message_id, line in items:
             self._saw_id(dict(room=room, id=message_id))
-        ask = ask or ("last", None)
+        ask = asked.what if asked is not None else ("last", None)  # (else a replay)
         if not items:
             return [format_line({"last": "no_history", "search": "no_match",
                                  "after": "no_history_after"}[ask[0]], room=room,
@@ -6395,9 +6406,8 @@ class ClientRegistration:
         """Ask, without showing the answers, who is here (for Tab) and which
         commands this server offers this user (no operator commands where
         it has no operators)."""
-        self.setup = True
-        self.hidden_who += 1
-        self.hidden_rooms += 1
+        for kind, what in (("who", HIDE), ("rooms", HIDE), ("pong", SETUP_TOKEN)):
+            self._expect(kind, what)
         self.io.send(b"/who\n/rooms\n/help\n/ping " + SETUP_TOKEN.encode(ENCODING) + b"\n")
 
     def _note_account(self, text):
@@ -6480,22 +6490,17 @@ class ClientSession(ClientJson, ClientReconnect, ClientRegistration):
         self.needs_password = False        # the server said so
         self.pass_sent = False             # /pass went on this connection
         self.nick_sent = False             # a nick went and awaits its answer
-        self.setup = False                 # the silent /who and /help after joining
-        self.hidden_who = 0                # /who answers not to show
-        self.hidden_rooms = 0              # /rooms answers not to show
-        self.helping = 0                   # typed /help answers still to be finished
-        self.joining = 0                   # typed /join answers still awaited
+        # What the client waits to hear back, in the order it asked (the
+        # server answers a connection's lines in order): Awaited(kind, what).
+        self.awaited = []
         self.silence_deadline = time.monotonic() + CLIENT_GREETING_WAIT_S
         self.answer_deadline = None        # piped: the nickname's answer is due
         # JSON mode: the client asks for it, and shows each object as its text line.
         self.format_asked = False          # /format json sent, not answered yet
         self.format_deadline = None        # ...and typing waits for the answer until then
         self.json_now = False              # ...and answered in JSON, on this connection
-        self.hidden_history = 0            # /history 1 answers (the newest id) not to show
         self.to_self = False               # a private message to ourselves: its echo is next
         self.just_joined = False           # the last object was our join: a topic is its
-        self.topic_asks = 0                # typed /topic (no text) answers still due
-        self.history_ask = None            # what a typed /history or /search asked
         self.block = []                    # a history block's items, until history_end
         self.mail = []                     # offline messages, until something else comes
         self.resuming = False              # back in: replays are dropped until RESUME_TOKEN
@@ -6504,8 +6509,6 @@ class ClientSession(ClientJson, ClientReconnect, ClientRegistration):
         self.catch_up_refusals = 0         # ...answered by an error so often
         self.catch_up_retry_at = None      # ...and asked again at this time
         self.held = []                     # ...here
-        self.moves = []                    # typed /join, /open, /part not answered yet:
-                                           # (command, the current room when typed)
 
     # -- events from ChatClient --
 
@@ -6651,7 +6654,7 @@ class ClientSession(ClientJson, ClientReconnect, ClientRegistration):
         # Not while /format json awaits its answer: a line typed meanwhile
         # (a /join) would be answered between it and the hidden /history 1
         # that follows it, and that answer taken for the hidden one.
-        return (self.registered and not self.quitting and not self.joining
+        return (self.registered and not self.quitting and not self._awaits("pong", JOIN_TOKEN)
                 and not self.format_asked)
 
     def next_deadline(self):
@@ -6696,48 +6699,67 @@ class ClientSession(ClientJson, ClientReconnect, ClientRegistration):
 
     # -- what is shown --
 
+    def _expect(self, kind, what=None):
+        """The server will answer something the client sent with a line of
+        this kind (a block: its history_end; a pong: with what as its token)."""
+        self.awaited.append(Awaited(kind, what))
+
+    def _answered(self, kind, what=None):
+        """The first awaited answer of this kind (and what, if given), now
+        taken as come; None if none is awaited."""
+        for i, awaited in enumerate(self.awaited):
+            if awaited.kind == kind and (what is None or awaited.what == what):
+                return self.awaited.pop(i)
+        return None
+
+    def _answered_block(self):
+        """The awaited block a history_end ends, taken as come; None for a
+        replay (one comes before the pong that goes before /history 1 in a
+        room just entered, and none was asked for)."""
+        for i, awaited in enumerate(self.awaited):
+            if awaited == ("pong", NEWEST_TOKEN):
+                return None
+            if awaited.kind == "block":
+                return self.awaited.pop(i)
+        return None
+
+    def _awaits(self, kind, what=None):
+        return any(a.kind == kind and (what is None or a.what == what) for a in self.awaited)
+
     def _hidden(self, text):
         """Answers to what the client asked by itself are not shown; the
         client's own commands follow the answer to a typed /help."""
         kind, fields = line_parts(text)
-        if kind == "who" and self.hidden_who:
-            self.hidden_who -= 1
+        if kind in ("who", "rooms") and self._answered(kind, HIDE):
             track_nicks(self.nicks, text)
-            return True
-        if kind == "rooms" and self.hidden_rooms:
-            self.hidden_rooms -= 1
             self._note_rooms(kind, fields)
             return True
-        if self.setup and kind == "notice" and fields["text"] in ALL_HELP:
-            self._offer(help_commands([fields["text"]]))
-            return True
-        if kind == "pong" and fields["token"] == RESUME_TOKEN and self.resuming:
-            for line in self._resumed():
-                self._server_text(line)
-            return True
-        if kind == "pong" and fields["token"] == NEWEST_TOKEN:
-            self.hidden_history += 1
+        if kind == "notice" and fields["text"] in ALL_HELP and self._awaits(
+                "pong", SETUP_TOKEN):
+            self._offer(help_commands([fields["text"]]))  # the silent /help on joining
             return True
         if self.resuming and (kind == "talking_in" or (
                 kind == "left" and fields["nick"] == self.nick)):
             self._note_moves(kind, fields, getattr(text, "extra", {}).get("room"))
             return True  # going back into our rooms: not news to the user
-        if kind == "pong" and fields["token"] == SETUP_TOKEN:
-            self.setup = False
-            return True
-        if kind == "pong" and fields["token"] == JOIN_TOKEN and self.joining:
-            self.joining -= 1
-            if self.wants_line():
-                self.io.ask("line")
-            return True
-        if kind == "pong" and fields["token"] == HELP_TOKEN and self.helping:
-            self.helping -= 1
-            for line in CLIENT_HELP:
-                self._show_server_line(notice(line))
+        if kind == "pong" and fields["token"] in CLIENT_TOKENS:
+            if self._answered("pong", fields["token"]) or fields["token"] == RESUME_TOKEN:
+                self._pong(fields["token"])
             return True
         if kind == "opped" and fields["nick"] == self.nick:
             self._offer(OPERATOR_COMMANDS)
         return False
+
+    def _pong(self, token):
+        """A ping of the client's own is answered: what it marked is over."""
+        if token == RESUME_TOKEN and self.resuming:
+            for line in self._resumed():
+                self._server_text(line)
+        elif token == JOIN_TOKEN and self.wants_line():
+            self.io.ask("line")
+        elif token == HELP_TOKEN:
+            for line in CLIENT_HELP:
+                self._show_server_line(notice(line))
 
     def _moved_to(self, room):
         """In another room now (and current): its people are learnt afresh,
@@ -6748,11 +6770,13 @@ class ClientSession(ClientJson, ClientReconnect, ClientRegistration):
         if self.json_now and not self.resuming:
             # After the replay that may follow the join line (the pong
             # says it is over): the room's newest message, not shown.
+            self._expect("pong", NEWEST_TOKEN)
+            self._expect("block", HIDE)
             self.io.send(encode_line("/ping " + NEWEST_TOKEN) + b"/history 1\n")
         self.nicks.clear()
         self.nicks[nick_key(self.nick)] = self.nick
         if self.interactive:
-            self.hidden_who += 1
+            self._expect("who", HIDE)
             self.io.send(b"/who\n")
 
     def _note_rooms(self, kind, fields):
@@ -6768,8 +6792,9 @@ class ClientSession(ClientJson, ClientReconnect, ClientRegistration):
         """Our own moves between rooms, from the server's answers: the rooms
         we are in, and which is current (room: the line's, if known)."""
         own_join = kind == "joined_room" and fields["nick"] == self.nick
-        if self.moves and (own_join or kind in ("talking_in", "no_room", "error")):
-            command, before = self.moves.pop(0)  # the answer to the oldest typed move
+        move = (own_join or kind in ("talking_in", "no_room", "error")) and self._answered("move")
+        if move:  # the answer to the oldest typed move
+            command, before = move.what
             now = fields["room"] if kind != "no_room" and kind != "error" else None
             if command == "/join" and now and before in self.joined and before != now:
                 self.joined.remove(before)  # /join left it (only its others are told)
@@ -6853,7 +6878,7 @@ class ClientSession(ClientJson, ClientReconnect, ClientRegistration):
                 return encode_line("/msg %s %s" % (self.last_private, arg.strip()))
             return b""
         if word == "/help":  # the server's list, then the client's own commands
-            self.helping += 1
+            self._expect("pong", HELP_TOKEN)
             return encode_line(text) + encode_line("/ping " + HELP_TOKEN)
         if word in ("/login", "/register"):
             self._note_account(text)
@@ -6862,8 +6887,8 @@ class ClientSession(ClientJson, ClientReconnect, ClientRegistration):
             # The next line is asked for once the server has answered, so that
             # its prompt names the room we are then in, and what the client
             # asks about the room it entered is asked while it is current.
-            self.moves.append((word, self.room))
-            self.joining += 1
+            self._expect("move", (word, self.room))
+            self._expect("pong", JOIN_TOKEN)
             return encode_line(text) + encode_line("/ping " + JOIN_TOKEN)
         return encode_line(text)
 
@@ -6871,13 +6896,15 @@ class ClientSession(ClientJson, ClientReconnect, ClientRegistration):
         """A typed /history, /search or /topic: its answer (a JSON object)
         is shown as the text line for what was asked."""
         if word == "/history":
-            after = arg.split()
-            self.history_ask = (("after", after[1]) if len(after) == 2
-                                and after[0].lower() == "after" else ("last", None))
+            words = arg.split()
+            if words and words[0].startswith("#"):
+                words = words[1:]  # (one of our rooms: its block names it)
+            self._expect("block", ("after", words[1]) if len(words) == 2
+                         and words[0].lower() == "after" else ("last", None))
         elif word == "/search":
-            self.history_ask = ("search", arg)
+            self._expect("block", ("search", arg))
         elif word == "/topic" and not arg:
-            self.topic_asks += 1
+            self._expect("topic")
 
     def _quitting(self):
         self.quitting = True

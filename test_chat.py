@@ -4881,6 +4881,25 @@ def free_port():
 LOW_PORTS = (20000, 32000)  # below Linux's ephemeral ports (32768-60999) and macOS's (49152-)
 
 
+class FeedCopyTest(unittest.TestCase):
+    """A server's copy of what the feed says, without Redis (RedisNetwork.heard)."""
+
+    def entry(self, message_id, text, room="#rust"):
+        return {"o": "other", "s": 1, "r": chat.nick_key(room), "m": room, "k": "message",
+                "f": {"nick": "bob", "text": text}, "x": {"when": 1.0}, "id": message_id}
+
+    def test_a_message_its_history_read_had_already_got_is_kept_once(self):
+        network = chat.RedisNetwork(chat.RedisAddress("redis://127.0.0.1:1"))
+        key = chat.nick_key("#rust")
+        # The room's history was read (it had id 5), and the feed, running
+        # behind that read, brings id 5 again: kept once; 6 is new.
+        network.recents[key] = collections.deque([(5, 1.0, "bob", "message", "borrow")],
+                                                 maxlen=20)
+        network.heard(self.entry(5, "borrow"))
+        network.heard(self.entry(6, "own"))
+        self.assertEqual([item[0] for item in network.recents[key]], [5, 6])
+
+
 class RedisCase(unittest.TestCase):
     """Real redis-server processes on free ports, in a temporary folder, and
     chat.py servers on them. Skipped, in one line, where there is no redis-server."""
