@@ -710,6 +710,12 @@ class TextCodec:
     name = "text"
 
     @staticmethod
+    def reader(max_line):
+        """What frames the bytes a client sends into lines (a WebSocket's
+        frames, one day, are another)."""
+        return LineReader(max_line)
+
+    @staticmethod
     def command(line):
         """(command, argument) for a line (bytes) a client sent, or None for
         a blank one: (None, TEXT) is a message."""
@@ -1632,7 +1638,7 @@ class Connection:
                  "timers", "peer_done", "sent_total", "on_written", "counted_backlog",
                  "kernel_unsent", "__weakref__")
 
-    def __init__(self, sock, addr, limits, now):
+    def __init__(self, sock, addr, limits, now, codec=None):
         self.sock = sock
         self.addr = addr
         self.ip = peer_ip(addr)
@@ -1646,7 +1652,8 @@ class Connection:
         # The loop's view, which follows the chat's in the rooms' order:
         self.joined = []                   # the Rooms whose lines it gets (FanOut)
         self.focus = None                  # the room whose lines are not marked #ROOM
-        self.reader = LineReader(limits.max_line)
+        self.codec = codec or TEXT_CODEC    # how it speaks: text lines, or JSON (/format)
+        self.reader = self.codec.reader(limits.max_line)
         self.outbuf = bytearray()
         # The loop's read gates: any one of them stops reading this socket.
         self.paused = False                # out of flood-control tokens
@@ -1670,7 +1677,6 @@ class Connection:
         self.op_attempts = 0               # wrong /op passwords so far
         self.account = None                # the key of the account it is logged in to
         self.login_failures = 0            # wrong account passwords so far
-        self.codec = TEXT_CODEC            # how it speaks: text lines, or JSON (/format)
         self.counted = False               # in the max-clients and per-IP counts
         self.events = 0                    # what the selector watches for it
         self.timers = []                   # its pending timers, cancelled when it closes
@@ -3705,8 +3711,7 @@ class Acceptor:
             self.log("%s: %s" % (format_address(addr), exc))
             sock.close()
             return
-        conn = Connection(sock, addr, self.limits, time.monotonic())
-        conn.codec = listener.codec
+        conn = Connection(sock, addr, self.limits, time.monotonic(), listener.codec)
         if listener.tls_context is not None:
             self._start_tls(conn, listener.tls_context)
         self.conns.add(conn)

@@ -229,6 +229,18 @@ class Peer:
                 return lines
             lines.append(got)
 
+    def wait_for_kind(self, kind, **fields):
+        """Skip lines until one of this kind with these fields (as the
+        server's FORMATS make it, wherever the wording changes); return it."""
+        while True:
+            got = self.read_line()
+            if got is None:
+                raise AssertionError("closed before a %s line %r" % (kind, fields))
+            parsed_kind, parsed = chat.parse_server_line(got)
+            if parsed_kind == kind and all(parsed.get(name) == str(value)
+                                           for name, value in fields.items()):
+                return got
+
     def expect_nothing(self, quiet=QUIET):
         """Nothing may arrive for a moment (used only where absence is the point)."""
         if self.lines:
@@ -2130,10 +2142,8 @@ class SeveralRoomsRules:
     def opened(self, peer, nick, room, here, *others):
         """peer (nick) opens room, where others are: all see its join line."""
         peer.send_line("/open " + room)
-        line = "*** %s joined %s (%d here)" % (nick, room, here)
-        peer.wait_for(line)
-        for other in others:
-            other.wait_for(line)
+        for someone in (peer,) + others:  # (by kind and fields: the wording is not the point)
+            someone.wait_for_kind("joined_room", nick=nick, room=room, count=here)
 
     def test_open_enters_a_room_and_stays_in_the_others(self):
         alice, bob = self.person("alice"), self.person("bob")
