@@ -56,6 +56,7 @@ import getpass
 import hashlib
 import heapq
 import hmac
+import http
 import json
 import os
 import queue
@@ -252,6 +253,11 @@ PASSWORD_ENV = "CHAT_PASSWORD"
 OP_PASSWORD_ENV = "CHAT_OP_PASSWORD"
 ACCOUNT_PASSWORD_ENV = "CHAT_ACCOUNT_PASSWORD"
 REDIS_PASSWORD_ENV = "CHAT_REDIS_PASSWORD"
+
+# The web (--web PORT): HTTP and WebSocket in the same loop.
+HTTP_HEAD_MAX = 8192          # bytes of a request's head (line and headers) at most: else 431
+WS_PING_S = 30.0              # a WebSocket silent this long is pinged
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455's, for Sec-WebSocket-Accept
 
 CLIENT_CONNECT_TIMEOUT_S = 10.0
 CLIENT_QUIT_WAIT_S = 10.0     # after /quit, wait this long for the server to close
@@ -543,6 +549,7 @@ ERRORS = {
     "too_many_rooms": ("too_many_rooms", TOO_MANY_ROOMS),
     "not_logged_in": ("not_logged_in", "you are not logged in to an account"),
     "not_banned": ("not_banned", "{address} is not banned"),
+    "web_speaks_json": ("usage", "the web connection speaks JSON"),
     # Something failed: a store, a hash, the chat network.
     "network_down": ("not_sent", NOT_SENT_NETWORK),
     "message_not_stored": ("not_sent", "your message was not stored ({why})"),
@@ -708,6 +715,8 @@ class TextCodec:
     fan-out encodes a pass once per codec, not once per member."""
 
     name = "text"
+    switchable = True         # /format may change it
+    http_first = False        # the chat greets it at once (a web one: once upgraded)
 
     @staticmethod
     def reader(max_line):
@@ -746,7 +755,27 @@ class JsonCodec(TextCodec):
         return json_bytes(line)  # its object names its room
 
 
-TEXT_CODEC, JSON_CODEC = TextCodec(), JsonCodec()
+class WebCodec(JsonCodec):
+    """A web connection (--web): HTTP first, then a WebSocket, each text
+    frame a line in and a JSON object out. It stays JSON: /format text is
+    refused."""
+
+    name = "web"
+    switchable = False
+    http_first = True
+
+    @staticmethod
+    def reader(max_line):
+        return WebReader(max_line)
+
+    @staticmethod
+    def encode(line):
+        return ws_frame(json_bytes(line)[:-1])  # (the object, without its line end)
+
+    encode_marked = encode
+
+
+TEXT_CODEC, JSON_CODEC, WEB_CODEC = TextCodec(), JsonCodec(), WebCodec()
 CODECS = {codec.name: codec for codec in (TEXT_CODEC, JSON_CODEC)}  # for /format
 
 
@@ -1019,6 +1048,14 @@ class LineReader:
     """
 
     __slots__ = ("max_line", "buf", "pos", "discarding", "telnet", "answers")
+    # What a web reader may have for the server after feed(); a line reader never does.
+    request = None            # an HTTP request to answer
+    finished = None           # why the peer is done (its close frame, a protocol error)
+
+    @staticmethod
+    def goodbye():
+        """Bytes that end the connection politely (a WebSocket's close frame)."""
+        return b""
 
     def __init__(self, max_line=MAX_LINE_BYTES):
         self.max_line = max_line
@@ -3043,6 +3080,12 @@ class Chat(RoomCommands, AccountCommands, OperatorCommands):
         if codec is None:
             self.io.send(conn, usage("format"))
             return
+        if not conn.codec.switchable:
+            if codec is not JSON_CODEC:
+                self.io.send(conn, error("web_speaks_json"))
+            else:
+                self.io.send(conn, notice("format: json"))
+            return
         conn.codec = codec
         self.io.send(conn, notice("format: " + codec.name))
 
@@ -3725,7 +3768,7 @@ class Acceptor:
         self._count(conn)
         self.log("%s connected" % conn.name)
         self.call_later(self.limits.register_timeout, self._expire_registration, conn)
-        if not conn.handshake_wait:
+        if not conn.handshake_wait and not conn.codec.http_first:
             self.chat.connected(conn)
 
     def _start_tls(self, conn, context):
@@ -3754,7 +3797,7 @@ class Acceptor:
         else:
             conn.handshake_wait = 0
             self.log("%s: %s established" % (conn.name, conn.sock.version()))
-            if conn.phase == HANDSHAKE:
+            if conn.phase == HANDSHAKE and not conn.codec.http_first:
                 self.chat.connected(conn)
             self.dirty.add(conn)  # what was queued meanwhile goes now
         self._watch(conn)
@@ -3807,7 +3850,8 @@ class Acceptor:
 
     def _expire_registration(self, conn):
         if conn.phase == HANDSHAKE:
-            self.log("%s: TLS handshake timed out" % conn.name)
+            self.log("%s: %s timed out" % (conn.name, "the HTTP request" if (
+                conn.codec.http_first and not conn.handshake_wait) else "TLS handshake"))
             self._forget(conn)
         elif conn.phase in (PASSWORD, NICKNAME):
             self.chat.registration_expired(conn)
@@ -3877,6 +3921,7 @@ class NetworkFeed:
                     room.topic_nick = None
             if room is not None and room.members:
                 self.fanout.broadcast(room, encode_line(line), line)
+                self.stats[line.kind] += 1
         if ours and room_key:
             self._delivered(entry["s"])
 
@@ -3987,11 +4032,17 @@ class Reading:
             return
         if conn.phase == CLOSING:
             return  # a closing connection's input is discarded
-        conn.reader.feed(data)
-        if conn.reader.answers:  # telnet's, out of band: before any line
-            conn.outbuf += conn.reader.answers
-            conn.reader.answers.clear()
+        reader = conn.reader
+        reader.feed(data)
+        if reader.answers:  # telnet's (a web one's: pongs, refusals), out of band
+            conn.outbuf += reader.answers
+            reader.answers.clear()
             self.dirty.add(conn)
+        if reader.request is not None:  # (web: an HTTP request)
+            self._web_request(conn, reader)
+        if reader.finished is not None:  # (web: closed by the peer, or refused)
+            self._web_finished(conn, reader.finished)
+            return
         self._handle_lines(conn)
 
     def _handle_lines(self, conn):
@@ -4066,6 +4117,7 @@ class Reading:
             now = time.monotonic()
             for conn in [conn for conn in self.behind if self._too_slow(conn, now)]:
                 self.log("%s evicted: %d bytes unsent" % (conn.name, len(conn.outbuf)))
+                self.stats["evictions"] += 1
                 self._drop(conn, LEFT_TOO_SLOW)
         if self.backlog > self.limits.max_output:
             return True
@@ -4134,7 +4186,113 @@ class Reading:
             self.deferred[conn] = None  # its lines waiting in the reader, then reads
 
 
-class ChatServer(Acceptor, Reading, NetworkFeed):
+class WebServing:
+    """Part of ChatServer: the web (--web). An HTTP request is answered (the
+    page, /health, /metrics) and closed, or upgraded to a WebSocket, which is
+    then a chat connection like any other (docs/protocol.md, "The web")."""
+
+    def _web_request(self, conn, reader):
+        request, reader.request = reader.request, None
+        if request.method not in ("GET", "HEAD"):
+            self._web_answer(conn, http_answer(405, "Method Not Allowed\n"))
+        elif request.path == "/ws" and request.method == "GET":
+            self._upgrade(conn, reader, request)
+        else:
+            head_only = request.method == "HEAD"
+            if request.path == "/":
+                host = re.sub(r"[^A-Za-z0-9.:\[\]-]", "", request.headers.get("host", ""))
+                answer = http_answer(200, WEB_PAGE, "text/html; charset=utf-8", head_only,
+                                     WEB_PAGE_CSP.format(ws="ws://%s wss://%s" % (host, host)
+                                                         if host else ""))
+            elif request.path == "/health":
+                answer = http_answer(200, "ok\n", head_only=head_only)
+            elif request.path == "/metrics" and conn.ip not in EXEMPT_ADDRESSES:
+                answer = http_answer(403, "Forbidden: /metrics is for this machine only\n")
+            elif request.path == "/metrics":
+                answer = http_answer(200, self._metrics(), "text/plain; version=0.0.4",
+                                     head_only)
+            else:
+                answer = http_answer(404, "Not Found\n", head_only=head_only)
+            self._web_answer(conn, answer)
+
+    def _web_answer(self, conn, answer):
+        """An HTTP answer, then the connection is closed (it never was the chat's)."""
+        conn.outbuf += answer
+        self.dirty.add(conn)
+        self.close(conn)
+
+    def _upgrade(self, conn, reader, request):
+        headers = request.headers
+        key = headers.get("sec-websocket-key")
+        if (headers.get("upgrade", "").lower() != "websocket" or not key
+                or "upgrade" not in headers.get("connection", "").lower()
+                or headers.get("sec-websocket-version") != "13"):
+            self._web_answer(conn, http_answer(400, "Bad Request: a WebSocket handshake "
+                                                    "(RFC 6455, version 13) is expected\n"))
+            return
+        if not origin_allowed(headers.get("origin"), headers.get("host", ""),
+                              self.web_origins):
+            self.log("%s: a WebSocket from the page of %s refused"
+                     % (conn.name, headers.get("origin")))
+            self._web_answer(conn, http_answer(403, "Forbidden: a page of another site\n"))
+            return
+        conn.outbuf += ws_handshake_answer(key)
+        self.dirty.add(conn)
+        reader.start_websocket()
+        self.chat.connected(conn)  # greeted now, in JSON objects
+        if reader.answers:  # (frames that came with the handshake)
+            conn.outbuf += reader.answers
+            reader.answers.clear()
+        self.call_later(WS_PING_S, self._ws_ping, conn)
+
+    def _web_finished(self, conn, why):
+        """The peer closed its WebSocket, or sent what is refused: it leaves."""
+        if conn.phase in (CLOSING, CLOSED):
+            return
+        self.log("%s: %s" % (conn.name, why))
+        self.chat.disconnected(conn, LEFT_CLOSED)
+        self.close(conn)
+
+    def _ws_ping(self, conn):
+        """Ping a WebSocket silent for WS_PING_S (a proxy between may drop it)."""
+        if conn.phase in (CLOSING, CLOSED):
+            return
+        silent = time.monotonic() - conn.reader.heard_at
+        if silent >= WS_PING_S:
+            conn.outbuf += ws_frame(b"", WS_PING)
+            self.dirty.add(conn)
+            silent = 0.0
+        self.call_later(WS_PING_S - silent, self._ws_ping, conn)
+
+    def _metrics(self):
+        """What an operator graphs, in Prometheus's text format."""
+        kinds = collections.Counter(conn.codec.name for conn in self.conns
+                                    if conn.phase not in (CLOSING, CLOSED))
+        store = self.chat.store
+        rows = [("chat_connections", "gauge", "Open connections, by how they speak.",
+                 [('{kind="%s"}' % kind, kinds[kind]) for kind in ("text", "json", "web")]),
+                ("chat_users", "gauge", "Registered users on this server.",
+                 [("", len(self.chat.members))]),
+                ("chat_rooms", "gauge", "Rooms with members on this server.",
+                 [("", sum(1 for room in self.chat.rooms.values() if room.members))]),
+                ("chat_messages_relayed_total", "counter",
+                 "Messages and actions relayed to this server's members since start.",
+                 [("", self.stats["message"] + self.stats["action"])]),
+                ("chat_bytes_sent_total", "counter", "Bytes written to clients since start.",
+                 [("", self.stats["bytes"])]),
+                ("chat_evictions_total", "counter", "Clients evicted as too slow since start.",
+                 [("", self.stats["evictions"])]),
+                ("chat_store_write_seconds_total", "counter",
+                 "Time spent writing history to the store since start.",
+                 [("", round(getattr(store, "write_s", 0.0), 6))])]
+        out = []
+        for name, kind, text, samples in rows:
+            out += ["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind)]
+            out += ["%s%s %s" % (name, labels, value) for labels, value in samples]
+        return "\n".join(out) + "\n"
+
+
+class ChatServer(Acceptor, Reading, NetworkFeed, WebServing):
     """The server: a selectors loop that owns the sockets, and a Chat that
     owns the meaning of lines.
 
@@ -4151,7 +4309,7 @@ class ChatServer(Acceptor, Reading, NetworkFeed):
     def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT, limits=None,
                  log=log_to_stderr, verbose=True, tls_context=None, password=None,
                  op_password=None, store=None, replay=REPLAY_MESSAGES, operators=(),
-                 network=None, motd=(), listeners=()):
+                 network=None, motd=(), listeners=(), web_origins=()):
         self.limits = limits or Limits()
         # The chat's own port first (its address is the server's), then any others.
         self.listeners = [Listener(host, port, tls_context)] + list(listeners)
@@ -4185,6 +4343,8 @@ class ChatServer(Acceptor, Reading, NetworkFeed):
         self.wake_r = self.wake_w = None
         self.workers = {}                  # lane -> its Worker, made when first needed
         self.stopping = False
+        self.stats = collections.Counter()  # since start: lines by kind, bytes, evictions
+        self.web_origins = frozenset(web_origins)  # --web-origin: pages elsewhere allowed
 
     # -- lifecycle --
 
@@ -4194,8 +4354,10 @@ class ChatServer(Acceptor, Reading, NetworkFeed):
         try:
             for listener in self.listeners:
                 if listener.sock is None:
+                    failing = listener
                     listener.bind()
-        except OSError:
+        except OSError as exc:
+            exc.where = (failing.host, failing.port)  # which one, for the one-line answer
             for listener in self.listeners:
                 if listener.sock is not None:
                     listener.sock.close()
@@ -4221,8 +4383,14 @@ class ChatServer(Acceptor, Reading, NetworkFeed):
             self._heartbeat()
         self._open_spare_fd()
         for listener in self.listeners:
-            self.log("listening on %s%s" % (format_address(listener.address), "" if (
-                listener.codec is TEXT_CODEC) else " (%s)" % listener.codec.name), always=True)
+            if listener.codec is WEB_CODEC:
+                self.log("the web page: %s://%s/" % (
+                    "https" if listener.tls_context else "http",
+                    format_address(listener.address)), always=True)
+            else:
+                self.log("listening on %s%s" % (format_address(listener.address), "" if (
+                    listener.codec is TEXT_CODEC) else " (%s)" % listener.codec.name),
+                         always=True)
         return self.address
 
     def serve_forever(self):
@@ -4406,6 +4574,7 @@ class ChatServer(Acceptor, Reading, NetworkFeed):
         see (several servers: the feed's, once it comes back from Redis)."""
         if self.network is None or self.network.down:
             self.fanout.broadcast(room, encode_line(text), text)  # (down: ours only)
+            self.stats[text.kind] += 1
             return
         failed, sender, published = None, None, []
         if text.kind in ("message", "action"):  # refused, or never back: its sender is told
@@ -4455,6 +4624,7 @@ class ChatServer(Acceptor, Reading, NetworkFeed):
             return
         self.chat.disconnected(conn, LEFT_QUIT)  # a member still in the room leaves
         self._uncount(conn)
+        conn.outbuf += conn.reader.goodbye()  # (a WebSocket's close frame)
         conn.phase = CLOSING
         conn.paused = conn.held = conn.full = False  # read on, to notice the peer's close
         conn.close_at = time.monotonic() + delay
@@ -4618,6 +4788,7 @@ class ChatServer(Acceptor, Reading, NetworkFeed):
                 if sent:
                     conn.drained_at = time.monotonic()
                     conn.sent_total += sent
+                    self.stats["bytes"] += sent
                     if conn.on_written:
                         self._written(conn)
                 if sent == len(chunk):
@@ -4664,6 +4835,7 @@ class ChatServer(Acceptor, Reading, NetworkFeed):
                 del conn.outbuf[:sent]
                 conn.drained_at = time.monotonic()
                 conn.sent_total += sent
+                self.stats["bytes"] += sent
                 if conn.behind_since is not None:
                     conn.kernel_unsent = kernel_unsent(conn.sock)
                 if conn.on_written:
@@ -4759,6 +4931,529 @@ class ChatServer(Acceptor, Reading, NetworkFeed):
         self.conns.discard(conn)
         self.dirty.discard(conn)
         self.behind.discard(conn)
+
+
+# --- The web ------------------------------------------------------------------
+# --web PORT: HTTP and WebSocket (RFC 6455) in the same loop, standard
+# library only. A web connection's reader reads an HTTP request first; the
+# server answers it (the page, /health, /metrics) or upgrades it to a
+# WebSocket, after which each text frame is a line, and the WebCodec sends
+# each Line as a JSON object in a text frame. The page is WEB_PAGE, below.
+
+WS_CONTINUATION, WS_TEXT, WS_BINARY, WS_CLOSE, WS_PING, WS_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+WS_NORMAL, WS_GOING_AWAY, WS_PROTOCOL_ERROR, WS_UNSUPPORTED = 1000, 1001, 1002, 1003
+
+
+def ws_frame(payload, opcode=WS_TEXT):
+    """One unmasked, unfragmented frame (the server's)."""
+    size = len(payload)
+    if size < 126:
+        head = bytes((0x80 | opcode, size))
+    elif size < 65536:
+        head = bytes((0x80 | opcode, 126)) + struct.pack(">H", size)
+    else:
+        head = bytes((0x80 | opcode, 127)) + struct.pack(">Q", size)
+    return head + payload
+
+
+def ws_close_frame(code, reason=""):
+    return ws_frame(struct.pack(">H", code) + reason.encode(ENCODING)[:123], WS_CLOSE)
+
+
+def ws_unmask(data, mask):
+    """A client frame's payload, unmasked (XOR with the 4-byte key, repeated)."""
+    size = len(data)
+    if not size:
+        return b""
+    key = (mask * (size // 4 + 1))[:size]
+    return (int.from_bytes(data, "big") ^ int.from_bytes(key, "big")).to_bytes(size, "big")
+
+
+def ws_accept(key):
+    """Sec-WebSocket-Accept for a client's Sec-WebSocket-Key."""
+    import base64  # (only the web needs it)
+    return base64.b64encode(hashlib.sha1((key + WS_GUID).encode("ascii")).digest()).decode()
+
+
+class HttpRequest:
+    """An HTTP request's head: method, path, version, headers (names lower-cased)."""
+
+    __slots__ = ("method", "path", "version", "headers")
+
+    def __init__(self, method, path, version, headers):
+        self.method, self.path, self.version, self.headers = method, path, version, headers
+
+    @classmethod
+    def parse(cls, head):
+        """The request in head (bytes up to the blank line), or None if it is
+        not HTTP/1.x."""
+        try:
+            lines = head.decode("iso-8859-1").split("\r\n")
+            method, target, version = lines[0].split(" ")
+        except (UnicodeDecodeError, ValueError):
+            return None
+        if not version.startswith("HTTP/1."):
+            return None
+        headers = {}
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            if colon:
+                name = name.strip().lower()
+                value = value.strip()
+                headers[name] = headers[name] + ", " + value if name in headers else value
+        path = urllib.parse.urlsplit(target).path or "/"
+        return cls(method, path, version, headers)
+
+
+class WebReader:
+    """A web connection's input, with LineReader's interface (feed, pop_line,
+    has_line, answers): an HTTP request's head first (request, for the server
+    to answer: it calls start_websocket() to upgrade), then WebSocket frames,
+    each text message one line. finished says why the peer is done (its close,
+    or a frame this server refuses), once the answers are written."""
+
+    __slots__ = ("max_line", "buf", "answers", "request", "websocket", "lines", "message",
+                 "too_long", "skip", "finished", "heard_at", "closing")
+
+    def __init__(self, max_line=MAX_LINE_BYTES):
+        self.max_line = max_line
+        self.buf = bytearray()
+        self.answers = bytearray()         # HTTP errors, pongs, close frames: out of band
+        self.request = None                # a request the server has not answered yet
+        self.websocket = False             # upgraded
+        self.lines = collections.deque()   # complete lines (bytes), or TOO_LONG
+        self.message = bytearray()         # a fragmented message so far
+        self.too_long = False              # ...which is past max_line: discarded
+        self.skip = 0                      # payload bytes still to drop (a frame too long)
+        self.finished = None
+        self.heard_at = time.monotonic()   # when a frame last came (for the pings)
+        self.closing = False               # a close frame is sent
+
+    def feed(self, data):
+        self.heard_at = time.monotonic()
+        if self.finished is not None:
+            return
+        self.buf += data
+        if self.websocket:
+            self._frames()
+        elif self.request is None:
+            self._head()
+
+    def _head(self):
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.buf) > HTTP_HEAD_MAX:
+                self.refuse(431)
+            return
+        if end > HTTP_HEAD_MAX:
+            self.refuse(431)
+            return
+        head = bytes(self.buf[:end])
+        del self.buf[:end + 4]
+        self.request = HttpRequest.parse(head)
+        if self.request is None:
+            self.refuse(400)
+
+    def refuse(self, status):
+        """Answer with an error status and be done."""
+        self.answers += http_answer(status, http.HTTPStatus(status).phrase + "\n")
+        self.finished = "HTTP %d" % status
+        self.buf.clear()
+
+    def start_websocket(self):
+        """The request was an accepted WebSocket handshake: frames from now on."""
+        self.request = None
+        self.websocket = True
+        self._frames()
+
+    def goodbye(self):
+        if self.websocket and not self.closing:
+            self.closing = True
+            return ws_close_frame(WS_NORMAL)
+        return b""
+
+    def pop_line(self):
+        return self.lines.popleft() if self.lines else None
+
+    def has_line(self):
+        return bool(self.lines)
+
+    def _fail(self, code, why):
+        """A frame this server refuses: close with code, take nothing more."""
+        if not self.closing:
+            self.closing = True
+            self.answers += ws_close_frame(code)
+        self.finished = why
+        self.buf.clear()
+
+    def _frames(self):
+        """Take every whole frame buf holds (a long payload as it comes)."""
+        buf = self.buf
+        while self.finished is None:
+            if self.skip:  # the rest of a payload too long to keep
+                dropped = min(self.skip, len(buf))
+                del buf[:dropped]
+                self.skip -= dropped
+                if self.skip:
+                    return
+                continue
+            if len(buf) < 2:
+                return
+            first, second = buf[0], buf[1]
+            fin, opcode, size = first & 0x80, first & 0x0F, second & 0x7F
+            start = 2
+            if size == 126:
+                if len(buf) < 4:
+                    return
+                size, start = struct.unpack(">H", buf[2:4])[0], 4
+            elif size == 127:
+                if len(buf) < 10:
+                    return
+                size, start = struct.unpack(">Q", buf[2:10])[0], 10
+            if first & 0x70 or not second & 0x80:  # reserved bits, or a frame not masked
+                self._fail(WS_PROTOCOL_ERROR, "a frame not masked, or with reserved bits")
+                return
+            if opcode >= WS_CLOSE and (size > 125 or not fin):
+                self._fail(WS_PROTOCOL_ERROR, "a control frame too long or fragmented")
+                return
+            if opcode == WS_BINARY or opcode not in (WS_CONTINUATION, WS_TEXT, WS_CLOSE,
+                                                     WS_PING, WS_PONG):
+                self._fail(WS_UNSUPPORTED, "a binary frame")
+                return
+            mask = bytes(buf[start:start + 4])
+            start += 4
+            if opcode < WS_CLOSE and len(self.message) + size > self.max_line:
+                if len(buf) < start:
+                    return
+                del buf[:start]  # too long: its payload is dropped as it comes, not kept
+                self.too_long = True
+                self.skip = size
+                if fin:
+                    self._message_end()
+                continue
+            if len(buf) < start + size:
+                return
+            payload = ws_unmask(bytes(buf[start:start + size]), mask)
+            del buf[:start + size]
+            self._frame(fin, opcode, payload)
+
+    def _frame(self, fin, opcode, payload):
+        if opcode == WS_PING:
+            self.answers += ws_frame(payload, WS_PONG)
+        elif opcode == WS_CLOSE:
+            if not self.closing:
+                self.closing = True
+                code = payload[:2] if len(payload) >= 2 else struct.pack(">H", WS_NORMAL)
+                self.answers += ws_frame(code, WS_CLOSE)
+            self.finished = "closed by the browser"
+        elif opcode in (WS_TEXT, WS_CONTINUATION):
+            self.message += payload
+            if fin:
+                self._message_end()
+
+    def _message_end(self):
+        self.lines.append(TOO_LONG if self.too_long else bytes(self.message))
+        self.message.clear()
+        self.too_long = False
+
+
+# The web client (GET /): one page, its style and script inline and nothing
+# fetched from elsewhere. Text from the chat is only ever set as textContent.
+WEB_STYLE = r''':root{color-scheme:light dark;--bg:#fbfaf7;--fg:#1f2328;--dim:#6b7280;--line:#e5e2da;--side:#f2efe8;--acc:#2f6f5e;--mark:#fff3c4}
+@media (prefers-color-scheme:dark){:root{--bg:#16181b;--fg:#e6e6e3;--dim:#9aa0a6;--line:#2c3035;--side:#1d2024;--acc:#7cc4ac;--mark:#4a4120}}
+*{box-sizing:border-box}
+html,body{margin:0;height:100%;background:var(--bg);color:var(--fg);font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif}
+button,input{font:inherit;color:inherit}
+#login{max-width:22rem;margin:12vh auto;padding:1.5rem}
+#login h1{font-size:1.4rem;margin:0 0 1rem}
+#login label{display:block;margin:.7rem 0 .2rem;color:var(--dim);font-size:.9rem}
+#login input{width:100%;padding:.5rem .6rem;border:1px solid var(--line);border-radius:6px;background:var(--bg)}
+#login button{margin-top:1rem;width:100%;padding:.55rem;border:0;border-radius:6px;background:var(--acc);color:var(--bg);cursor:pointer}
+#login .why{color:#c0392b;min-height:1.3em;margin-top:.6rem}
+#app{display:none;height:100%;grid-template-columns:14rem minmax(0,1fr);grid-template-rows:minmax(0,1fr)}
+#app.on{display:grid}
+nav{background:var(--side);border-right:1px solid var(--line);overflow-y:auto;padding:.6rem}
+nav h2{font-size:.75rem;text-transform:uppercase;letter-spacing:.06em;color:var(--dim);margin:.8rem .3rem .3rem}
+nav ul{list-style:none;margin:0;padding:0}
+nav button{display:flex;width:100%;justify-content:space-between;gap:.4rem;border:0;background:none;padding:.3rem .5rem;border-radius:5px;cursor:pointer;text-align:left;overflow-wrap:anywhere}
+nav button[aria-current=true]{background:var(--bg);font-weight:600}
+nav .n{background:var(--acc);color:var(--bg);border-radius:9px;padding:0 .45rem;font-size:.8rem}
+main{display:grid;grid-template-rows:auto minmax(0,1fr) auto;min-width:0}
+header{padding:.5rem .9rem;border-bottom:1px solid var(--line);min-width:0}
+header h2{margin:0;font-size:1.05rem}
+#topic,#who{color:var(--dim);font-size:.85rem;overflow-wrap:anywhere}
+#log{overflow-y:auto;padding:.5rem .9rem;margin:0;list-style:none;min-width:0}
+#log li{padding:.1rem 0;overflow-wrap:anywhere;white-space:pre-wrap}
+#log time{color:var(--dim);font-size:.8rem;margin-right:.45rem;font-variant-numeric:tabular-nums}
+#log .nick{font-weight:600;margin-right:.35rem}
+#log .notice,#log .history{color:var(--dim)}
+#log .error{color:#c0392b}
+#log .mention{background:var(--mark)}
+#log .earlier{font-size:.75rem;border:1px solid var(--line);border-radius:4px;padding:0 .25rem;margin-right:.35rem}
+form#say{display:flex;gap:.4rem;padding:.5rem .9rem;border-top:1px solid var(--line)}
+form#say input{flex:1;min-width:0;padding:.5rem .6rem;border:1px solid var(--line);border-radius:6px;background:var(--bg)}
+#state{color:var(--dim);font-size:.85rem;padding:0 .9rem}
+@media (max-width:640px){#app{grid-template-columns:minmax(0,1fr);grid-template-rows:auto minmax(0,1fr)}nav{border-right:0;border-bottom:1px solid var(--line);max-height:30vh}}'''
+WEB_SCRIPT = r'''"use strict";
+const $ = (id) => document.getElementById(id);
+const S = {ws: null, nick: "", password: "", roomPassword: "", registered: false, leaving: false,
+  rooms: new Map(), order: [], current: null, view: null, privates: new Map(), others: [],
+  lastIds: {}, resuming: false, catching: [], held: [], backoff: 1000, sent: [], recall: -1,
+  tried: false};
+function el(tag, text, cls) { const e = document.createElement(tag); if (text !== undefined) e.textContent = text; if (cls) e.className = cls; return e; }
+function room(name) { if (!S.rooms.has(name)) S.rooms.set(name, {name, lines: [], unread: 0, topic: null, who: []}); return S.rooms.get(name); }
+function priv(nick) { const key = "@" + nick.toLowerCase(); if (!S.privates.has(key)) S.privates.set(key, {name: nick, lines: [], unread: 0, key}); return S.privates.get(key); }
+function send(line) { if (S.ws && S.ws.readyState === 1) S.ws.send(line); }
+function when(iso) { const d = iso ? new Date(iso) : new Date(); return d.toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"}); }
+function add(target, obj, parts, cls) {
+  target.lines.push({obj, parts, cls});
+  if (target.lines.length > 2000) target.lines.shift();
+  if (S.view === target) draw(); else if (!obj.history && cls !== "notice") { target.unread++; side(); }
+}
+function line(item) {
+  const li = el("li", undefined, item.cls || "");
+  li.appendChild(el("time", when(item.obj.time)));
+  if (item.obj.history) li.appendChild(el("span", "earlier", "earlier"));
+  for (const [text, c] of item.parts) li.appendChild(el("span", text, c));
+  return li;
+}
+function draw() {
+  const log = $("log"), view = S.view; log.replaceChildren();
+  if (!view) return;
+  view.unread = 0;
+  const frag = document.createDocumentFragment();
+  for (const item of view.lines) frag.appendChild(line(item));
+  log.appendChild(frag); log.scrollTop = log.scrollHeight;
+  $("title").textContent = view.key ? "private: " + view.name : view.name;
+  $("topic").textContent = view.key ? "" : (view.topic ? "topic: " + view.topic : "no topic");
+  $("who").textContent = view.key ? "" : (view.who.length ? view.who.length + " here: " + view.who.join(", ") : "");
+  side();
+}
+function entry(label, count, current, onclick) {
+  const b = el("button"); b.appendChild(el("span", label));
+  if (count) b.appendChild(el("span", String(count), "n"));
+  b.setAttribute("aria-current", current ? "true" : "false");
+  if (count) b.setAttribute("aria-label", label + ", " + count + " unread");
+  b.onclick = onclick; const li = el("li"); li.appendChild(b); return li;
+}
+function side() {
+  const mine = $("mine"), others = $("others"), privs = $("privs");
+  mine.replaceChildren(); others.replaceChildren(); privs.replaceChildren();
+  for (const name of S.order) { const r = room(name); mine.appendChild(entry(name, r.unread, S.view === r, () => openRoom(name))); }
+  for (const name of S.others) if (!S.order.includes(name)) others.appendChild(entry(name, 0, false, () => send("/open " + name)));
+  for (const p of S.privates.values()) privs.appendChild(entry(p.name, p.unread, S.view === p, () => { S.view = p; draw(); $("message").focus(); }));
+}
+function openRoom(name) { S.view = room(name); draw(); if (S.current !== name) send("/open " + name); $("message").focus(); }
+function sayNotice(text, cls) { const t = S.view || room(S.current || "#lobby"); add(t, {time: null}, [[text]], cls || "notice"); }
+function saw(obj) { if (typeof obj.id === "number" && obj.room && !(obj.id <= (S.lastIds[obj.room] || 0))) S.lastIds[obj.room] = obj.id; }
+function said(obj) {
+  const r = room(obj.room), mine = obj.nick === S.nick;
+  const mention = !mine && S.nick && obj.text.toLowerCase().includes(S.nick.toLowerCase());
+  const parts = obj.type === "action" ? [["* " + obj.nick + " ", "nick"], [obj.text]] : [[obj.nick, "nick"], [obj.text]];
+  add(r, obj, parts, (obj.history ? "history" : "") + (mention ? " mention" : ""));
+  saw(obj);
+}
+function joined(name) { if (!S.order.includes(name)) S.order.push(name); S.current = name; S.view = room(name); send("/who " + name); draw(); }
+function handle(obj) {
+  const t = obj.type;
+  if (!S.registered) return unregistered(obj);
+  if ((t === "message" || t === "action") && obj.history && S.resuming) return;
+  if ((t === "message" || t === "action") && !obj.history && S.catching.length) { S.held.push(obj); return; }
+  if (t === "message" || t === "action") {
+    return said(obj);
+  }
+  if (t === "history_end") {
+    if (S.catching.length && obj.room === S.catching[0]) { S.catching.shift(); nextCatchUp(); }
+    return;
+  }
+  if (t === "private") {
+    const other = obj.from === S.nick ? obj.to : obj.from, p = priv(other);
+    add(p, obj, [[obj.from, "nick"], [obj.text]], obj.offline ? "history" : "");
+    if (!S.view) { S.view = p; draw(); }
+    return;
+  }
+  if (t === "joined") {
+    if (obj.nick === S.nick && obj.room) return joined(obj.room);
+    const r = room(obj.room); if (!r.who.includes(obj.nick)) r.who.push(obj.nick);
+    add(r, obj, [[obj.nick + " joined" + (obj.room === "#lobby" ? " (" + obj.count + " online)" : " (" + obj.count + " here)")]], "notice");
+    return;
+  }
+  if (t === "left") {
+    const r = room(obj.room); r.who = r.who.filter((n) => n !== obj.nick);
+    if (obj.nick === S.nick) { S.order = S.order.filter((n) => n !== obj.room); side(); }
+    add(r, obj, [[obj.nick + " left (" + obj.reason + ")"]], "notice");
+    return;
+  }
+  if (t === "renamed") {
+    if (obj.old === S.nick) S.nick = obj.new;
+    for (const r of S.rooms.values()) r.who = r.who.map((n) => n === obj.old ? obj.new : n);
+    add(room(obj.room), obj, [[obj.old + " is now known as " + obj.new]], "notice");
+    return;
+  }
+  if (t === "topic") { const r = room(obj.room); r.topic = obj.text; add(r, obj, [[obj.text === null ? (obj.nick ? obj.nick + " cleared the topic" : "no topic") : "topic: " + obj.text + (obj.nick ? " (set by " + obj.nick + ")" : "")]], "notice"); return; }
+  if (t === "who") { const r = room(obj.room); r.who = obj.nicks.map((n) => (obj.operators.includes(n) ? "@" : "") + n + (obj.away && obj.away.includes(n) ? " (away)" : "")); if (S.view === r) draw(); return; }
+  if (t === "rooms") { S.others = obj.rooms.map((r) => r.name); side(); sayNotice(obj.count + " online in " + obj.rooms.map((r) => r.name + " (" + r.count + ")").join(", ")); return; }
+  if (t === "pong") { if (obj.token === "web-resume") resumed(); return; }
+  if (t === "notice" && obj.room !== undefined) { if (obj.room) { S.current = obj.room; S.view = room(obj.room); draw(); } else S.current = null; }
+  if (t === "error") return sayNotice("!!! " + obj.text, "error");
+  if (t === "kicked" || t === "banned" || t === "muted" || t === "unmuted" || t === "opped") {
+    const what = {kicked: " was kicked by ", banned: " was banned by ", muted: " was muted by ", unmuted: " was unmuted by "}[t];
+    return add(room(obj.room || S.current), obj, [[what ? obj.nick + what + obj.by + (obj.reason ? " (" + obj.reason + ")" : "") : obj.nick + " is now an operator"]], "notice");
+  }
+  if (t === "notice") return sayNotice(obj.text);
+}
+function unregistered(obj) {
+  if (obj.type === "notice" && /needs a password/.test(obj.text)) { if (S.roomPassword) send("/pass " + S.roomPassword); return; }
+  if (obj.type === "notice" && /nickname/.test(obj.text) && !S.tried) { S.tried = true; send(S.nick); return; }
+  if (obj.type === "error") {
+    if (obj.code === "nick_registered" && S.password) { S.viaLogin = true; send("/login " + S.nick + " " + S.password); return; }
+    $("why").textContent = obj.text; S.leaving = true; S.ws.close(); showLogin(); return;
+  }
+  if (obj.type === "joined" && obj.nick.toLowerCase() === S.nick.toLowerCase()) {
+    S.registered = true; S.nick = obj.nick; S.backoff = 1000; $("state").textContent = "";
+    $("login").style.display = "none"; $("app").classList.add("on");
+    const back = S.order.length > 0, rooms = S.order.slice(), current = S.current;
+    if (!back) { joined(obj.room); if (S.password && !S.viaLogin) send("/register " + S.password); send("/rooms"); return; }
+    S.resuming = true;
+    for (const name of rooms) if (name !== "#lobby") send("/open " + name);
+    if (!rooms.includes("#lobby")) send("/part #lobby");
+    if (current && current !== rooms[rooms.length - 1]) send("/open " + current);
+    S.order = rooms; send("/ping web-resume");
+  }
+}
+function resumed() { S.resuming = false; S.catching = S.order.filter((n) => S.lastIds[n]); nextCatchUp(); }
+function nextCatchUp() {
+  if (S.catching.length) { const n = S.catching[0]; send("/history " + n + " after " + S.lastIds[n]); return; }
+  const held = S.held; S.held = [];
+  for (const obj of held) if (!(obj.id <= (S.lastIds[obj.room] || 0))) said(obj);
+}
+function connect() {
+  S.tried = false; S.registered = false;
+  const ws = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws");
+  S.ws = ws;
+  ws.onmessage = (ev) => { try { handle(JSON.parse(ev.data)); } catch (e) { console.error(e); } };
+  ws.onclose = () => {
+    if (S.leaving) return;
+    $("state").textContent = "disconnected: reconnecting…";
+    if (!S.order.length) { showLogin(); $("why").textContent = "could not connect"; return; }
+    setTimeout(connect, S.backoff); S.backoff = Math.min(S.backoff * 2, 30000);
+  };
+}
+function showLogin() { $("app").classList.remove("on"); $("login").style.display = "block"; }
+$("enter").onsubmit = (ev) => {
+  ev.preventDefault();
+  S.nick = $("nickname").value.trim(); S.password = $("password").value; S.roomPassword = $("roompassword").value;
+  if (!S.nick) { $("why").textContent = "choose a nickname"; return; }
+  $("why").textContent = ""; S.leaving = false; connect();
+};
+$("say").onsubmit = (ev) => {
+  ev.preventDefault();
+  const box = $("message"), text = box.value;
+  if (!text.trim()) return;
+  S.sent.push(text); S.recall = S.sent.length; box.value = "";
+  if (S.view && S.view.key && !text.startsWith("/")) send("/msg " + S.view.name + " " + text);
+  else { if (/^\/quit\b/i.test(text)) S.leaving = true; send(text); }
+};
+$("message").onkeydown = (ev) => {
+  if (ev.key === "ArrowUp" && S.recall > 0) { S.recall--; ev.target.value = S.sent[S.recall]; ev.preventDefault(); }
+  else if (ev.key === "ArrowDown" && S.recall < S.sent.length) { S.recall++; ev.target.value = S.sent[S.recall] || ""; ev.preventDefault(); }
+};'''
+WEB_PAGE = r'''<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>chat.py</title>
+<style>{style}</style>
+</head>
+<body>
+<section id="login">
+<h1>chat.py</h1>
+<form id="enter">
+<label for="nickname">nickname</label>
+<input id="nickname" name="nickname" autocomplete="username" maxlength="24" required autofocus>
+<label for="password">password (your account's: optional)</label>
+<input id="password" name="password" type="password" aria-label="password" autocomplete="current-password">
+<label for="roompassword">room password (if the server has one)</label>
+<input id="roompassword" name="roompassword" type="password" aria-label="room password">
+<button type="submit">join</button>
+<div class="why" id="why" role="alert"></div>
+</form>
+</section>
+<div id="app">
+<nav aria-label="rooms">
+<h2 id="mine-h">your rooms</h2><ul id="mine" aria-labelledby="mine-h"></ul>
+<h2 id="others-h">other rooms</h2><ul id="others" aria-labelledby="others-h"></ul>
+<h2 id="privs-h">private</h2><ul id="privs" aria-labelledby="privs-h"></ul>
+</nav>
+<main>
+<header><h2 id="title">#lobby</h2><div id="topic"></div><div id="who" aria-live="off"></div></header>
+<ol id="log" aria-live="polite" aria-label="messages"></ol>
+<div>
+<div id="state" role="status"></div>
+<form id="say"><label for="message" hidden>message</label><input id="message" aria-label="message" autocomplete="off" placeholder="message, or /help"></form>
+</div>
+</main>
+</div>
+<script>{script}</script>
+</body>
+</html>'''.replace("{style}", WEB_STYLE).replace("{script}", WEB_SCRIPT)
+
+
+def _csp_hash(text):
+    import base64  # (only the web needs it)
+    return "'sha256-%s'" % base64.b64encode(hashlib.sha256(text.encode(ENCODING)).digest()).decode()
+
+
+# The page may run only its own script and style, and talk only to its server.
+WEB_PAGE_CSP = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self' {ws}; "
+                "img-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+                % (_csp_hash(WEB_SCRIPT), _csp_hash(WEB_STYLE)))
+
+
+# Every web answer has these (docs/protocol.md, "The web"): the page may load
+# nothing from elsewhere, and its script and style are its own, inline.
+def http_answer(status, body=b"", content_type="text/plain; charset=utf-8", head_only=False,
+                csp="default-src 'none'"):
+    """A whole HTTP/1.1 answer, after which the server closes."""
+    if isinstance(body, str):
+        body = body.encode(ENCODING)
+    head = ["HTTP/1.1 %d %s" % (status, http.HTTPStatus(status).phrase),
+            "Content-Type: " + content_type,
+            "Content-Length: %d" % len(body),
+            "Cache-Control: no-store",
+            "Connection: close",
+            "X-Content-Type-Options: nosniff",
+            "Referrer-Policy: no-referrer",
+            "Content-Security-Policy: " + csp]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + (b"" if head_only else body)
+
+
+def ws_handshake_answer(key):
+    return ("HTTP/1.1 101 Switching Protocols\r\n"
+            "Upgrade: websocket\r\n"
+            "Connection: Upgrade\r\n"
+            "Sec-WebSocket-Accept: %s\r\n"
+            "X-Content-Type-Options: nosniff\r\n"
+            "Referrer-Policy: no-referrer\r\n\r\n" % ws_accept(key)).encode("ascii")
+
+
+def origin_allowed(origin, host, allowed=()):
+    """Whether a WebSocket handshake's Origin names the host it came to (or
+    one of --web-origin's): a page elsewhere can't talk for its visitor."""
+    if origin is None:
+        return True  # not a browser's
+    if origin in allowed:
+        return True
+    try:
+        parts = urllib.parse.urlsplit(origin)
+        came_to = urllib.parse.urlsplit("//" + host)
+        default = 443 if parts.scheme == "https" else 80
+        return (parts.scheme in ("http", "https") and parts.hostname is not None
+                and parts.hostname == came_to.hostname
+                and (parts.port or default) == (came_to.port or default))
+    except ValueError:  # a port that is not a number
+        return False
 
 
 # --- Several servers, one chat (Redis) ----------------------------------------
@@ -5509,7 +6204,7 @@ class RedisStore:
     # What stays this server's own, in its SQLite file (writing a batch,
     # the search index's upkeep, a topic's copy): nothing the chat shares.
     LOCAL = frozenset({"batch", "indexed", "failure", "flush", "usage", "close", "index_some",
-                       "set_topic", "reads_apart", "reader", "close_reader", "db"})
+                       "set_topic", "reads_apart", "reader", "close_reader", "db", "write_s"})
 
     def __init__(self, network, local):
         self.network = network
@@ -8383,6 +9078,16 @@ def build_parser():
                              "variable %s)" % OP_PASSWORD_ENV)
     server.add_argument("--operators", type=nick_list, default=(), metavar="NICK,NICK",
                         help="accounts that are operators whenever they are logged in")
+    server.add_argument("--web", type=port_number, metavar="PORT",
+                        help="also serve the web client and its WebSocket on PORT (HTTPS "
+                             "with --tls-cert and --tls-key)")
+    server.add_argument("--web-host", metavar="HOST",
+                        help="the address --web listens on (default: --host)")
+    server.add_argument("--web-origin", type=lambda text: tuple(
+        item.strip() for item in text.split(",") if item.strip()), default=(),
+                        metavar="ORIGIN,ORIGIN",
+                        help="pages of these origins may open a WebSocket too "
+                             "(https://example.org); by default only the page's own")
     server.add_argument("--motd-file", metavar="FILE",
                         help="the message of the day: its lines are said to each "
                              "connection after the greeting")
@@ -8677,15 +9382,19 @@ def run_server(args):
         return 1
     if network is not None:
         store = RedisStore(network, store)
+    listeners = []
+    if args.web is not None:
+        listeners.append(Listener(args.web_host or args.host, args.web, tls_context, WEB_CODEC))
     server = ChatServer(args.host, args.port, limits, verbose=not args.quiet,
                         tls_context=tls_context, password=password, op_password=op_password,
                         store=store, replay=args.replay, operators=args.operators,
-                        network=network, motd=motd)
+                        network=network, motd=motd, listeners=listeners,
+                        web_origins=args.web_origin)
     try:
         server.bind()
     except OSError as exc:  # socket.gaierror is one too: a bad host
-        sys.stderr.write("chat.py: cannot listen on %s: %s\n"
-                         % (format_address((args.host, args.port)), bind_error_text(exc)))
+        sys.stderr.write("chat.py: cannot listen on %s: %s\n" % (format_address(
+            getattr(exc, "where", (args.host, args.port))), bind_error_text(exc)))
         store.close()
         return 2
     log_to_stderr("chat.py server starting (pid %d, Python %s)"

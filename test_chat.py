@@ -13,6 +13,7 @@ import random
 import re
 import collections
 import contextlib
+import hashlib
 import io
 import errno
 import gc
@@ -25,6 +26,7 @@ import signal
 import socket
 import sqlite3
 import string
+import struct
 import subprocess
 import ssl
 import sys
@@ -2489,6 +2491,241 @@ class ListenerTest(ServerTestCase):
                                                                       "hello bot"))
         bot.send_line("/format text")  # a codec like any other: /format changes it
         bot.expect("*** format: text")
+
+
+# --- The web: HTTP and WebSocket ------------------------------------------------
+
+def http_get(port, path, method="GET", headers=(), raw=None):
+    """(status, headers dict, body) of one request to the server at port."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(raw if raw is not None else (
+            "%s %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n%s\r\n" % (
+                method, path, port, "".join("%s: %s\r\n" % h for h in headers))).encode())
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("iso-8859-1").split("\r\n")
+    fields = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        fields[name.strip().lower()] = value.strip()
+    return int(lines[0].split(" ")[1]), fields, body
+
+
+class WsPeer:
+    """A WebSocket client (RFC 6455), written here with the standard library,
+    as a browser speaks to the server."""
+
+    def __init__(self, port, origin=None, host=None):
+        import base64
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        key = base64.b64encode(os.urandom(16)).decode()
+        host = host or "127.0.0.1:%d" % port
+        request = ("GET /ws HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\n"
+                   "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
+                   "Sec-WebSocket-Version: 13\r\n%s\r\n"
+                   % (host, key, "Origin: %s\r\n" % origin if origin else ""))
+        self.sock.sendall(request.encode())
+        self.buf = b""
+        while b"\r\n\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                break
+            self.buf += chunk
+        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        self.status = int(head.split(b" ")[1])
+        self.accept = dict(line.split(": ", 1) for line in head.decode().split("\r\n")[1:]
+                           if ": " in line).get("Sec-WebSocket-Accept")
+        self.expected_accept = base64.b64encode(hashlib.sha1(
+            (key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+
+    def close(self):
+        self.sock.close()
+
+    def send_frame(self, payload, opcode=0x1, fin=True, masked=True):
+        if isinstance(payload, str):
+            payload = payload.encode("utf-8")
+        head = bytes([(0x80 if fin else 0) | opcode])
+        size = len(payload)
+        mark = 0x80 if masked else 0
+        if size < 126:
+            head += bytes([mark | size])
+        elif size < 65536:
+            head += bytes([mark | 126]) + struct.pack(">H", size)
+        else:
+            head += bytes([mark | 127]) + struct.pack(">Q", size)
+        if masked:
+            mask = os.urandom(4)
+            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+            head += mask
+        self.sock.sendall(head + payload)
+
+    def send_line(self, text):
+        self.send_frame(text)
+
+    def _need(self, size):
+        while len(self.buf) < size:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("closed")
+            self.buf += chunk
+
+    def read_frame(self):
+        """(opcode, payload) of the next frame; (None, b"") when closed."""
+        try:
+            self._need(2)
+            size, start = self.buf[1] & 0x7F, 2
+            if size == 126:
+                self._need(4)
+                size, start = struct.unpack(">H", self.buf[2:4])[0], 4
+            elif size == 127:
+                self._need(10)
+                size, start = struct.unpack(">Q", self.buf[2:10])[0], 10
+            self.assert_unmasked = not self.buf[1] & 0x80
+            self._need(start + size)
+        except (EOFError, ConnectionResetError):
+            return None, b""
+        opcode, payload = self.buf[0] & 0x0F, self.buf[start:start + size]
+        self.buf = self.buf[start + size:]
+        return opcode, payload
+
+    def read_json(self):
+        opcode, payload = self.read_frame()
+        if opcode != 0x1:
+            raise AssertionError("expected a text frame, got %r %r" % (opcode, payload))
+        obj = json.loads(payload)
+        obj.pop("time", None)
+        return obj
+
+    def wait_for(self, **fields):
+        """Skip objects until one with these fields; return it."""
+        while True:
+            obj = self.read_json()
+            if all(obj.get(name) == value for name, value in fields.items()):
+                return obj
+
+
+class WebTest(ServerTestCase):
+    """docs/protocol.md, "The web": HTTP answers, and a WebSocket that is a
+    chat connection like any other."""
+
+    def setUp(self):
+        self.web = chat.Listener("127.0.0.1", 0, codec=chat.WEB_CODEC)
+        server = serve_in_thread(self, listeners=[self.web], limits=chat.Limits(max_line=64))
+        self.server, self.port = server, server.address[1]
+        self.web_port = self.web.address[1]
+
+    def ws(self, nick=None, **options):
+        peer = WsPeer(self.web_port, **options)
+        self.addCleanup(peer.close)
+        if nick is not None:
+            self.assertEqual(peer.status, 101)
+            peer.wait_for(type="notice", text="choose a nickname: 1-24 letters, digits, _ or -")
+            peer.send_line(nick)
+            peer.wait_for(type="joined", nick=nick)
+        return peer
+
+    def test_the_page_health_metrics_and_the_other_answers(self):
+        status, headers, body = http_get(self.web_port, "/")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["content-type"], "text/html; charset=utf-8")
+        self.assertEqual(headers["x-content-type-options"], "nosniff")
+        self.assertEqual(headers["referrer-policy"], "no-referrer")
+        self.assertIn("default-src 'none'", headers["content-security-policy"])
+        self.assertIn(b'aria-label="message"', body)
+        self.assertNotIn(b"http://", body.replace(b"http://www.w3.org", b""))  # nothing fetched
+        status, headers, body = http_get(self.web_port, "/", method="HEAD")
+        self.assertEqual((status, body), (200, b""))
+        self.assertGreater(int(headers["content-length"]), 1000)
+        self.assertEqual(http_get(self.web_port, "/health")[::2], (200, b"ok\n"))
+        status, headers, body = http_get(self.web_port, "/metrics")
+        self.assertEqual(status, 200)
+        self.assertIn(b'chat_connections{kind="web"}', body)
+        self.assertIn(b"chat_messages_relayed_total", body)
+        self.assertEqual(http_get(self.web_port, "/nope")[0], 404)
+        status, headers, _ = http_get(self.web_port, "/", method="POST")
+        self.assertEqual((status, headers["x-content-type-options"]), (405, "nosniff"))
+        self.assertEqual(http_get(self.web_port, "/", raw=b"GET / HTTP/1.1\r\nX: " +
+                                  b"y" * 9000 + b"\r\n\r\n")[0], 431)
+
+    def test_a_websocket_user_and_an_nc_user_talk_in_one_room(self):
+        bob = self.ws()
+        self.assertEqual((bob.status, bob.accept), (101, bob.expected_accept))
+        self.assertEqual(bob.read_json(), {"type": "notice", "text": "welcome to chat.py (0 online)"})
+        bob.read_json()
+        bob.send_line("bob")
+        self.assertEqual(bob.read_json(), {"type": "joined", "nick": "bob", "room": "#lobby",
+                                           "count": 1})
+        self.assertTrue(bob.assert_unmasked)  # the server's frames are not masked
+        alice = self.join("alice")
+        bob.wait_for(type="joined", nick="alice")
+        alice.send_line("hi web")
+        alice.expect("<alice> hi web")
+        said = bob.wait_for(type="message")
+        self.assertEqual((said["nick"], said["text"], said["room"]), ("alice", "hi web", "#lobby"))
+        bob.send_line("hi nc")
+        alice.expect("<bob> hi nc")
+        bob.send_line("/format text")
+        self.assertEqual(bob.wait_for(type="error"), {"type": "error", "code": "usage",
+                                                      "text": "the web connection speaks JSON"})
+        bob.send_frame(b"", opcode=0x8)  # the browser closes the page
+        self.assertEqual(bob.read_frame()[0], 0x8)
+        alice.expect("*** bob left (connection closed)")
+
+    def test_frames_fragments_pings_and_limits(self):
+        bob = self.ws("bob")
+        alice = self.join("alice")
+        bob.wait_for(type="joined", nick="alice")
+        bob.send_frame("frag", fin=False)
+        bob.send_frame("mented", opcode=0x0)
+        alice.expect("<bob> fragmented")
+        bob.send_frame(b"are you there", opcode=0x9)
+        frame = bob.read_frame()
+        while frame[0] == 0x1:  # (its own line's echo first)
+            frame = bob.read_frame()
+        self.assertEqual(frame, (0xA, b"are you there"))
+        bob.send_line("x" * 65)  # over --max-line (64 here), as a long line is
+        self.assertEqual(bob.wait_for(type="error")["code"], "line_too_long")
+        bob.send_frame("y" * 40, fin=False)
+        bob.send_frame("y" * 40, opcode=0x0)  # fragments together over the limit
+        self.assertEqual(bob.wait_for(type="error")["code"], "line_too_long")
+        bob.send_line("still here")
+        alice.expect("<bob> still here")
+
+    def test_binary_and_unmasked_frames_close_and_others_are_not_disturbed(self):
+        alice = self.join("alice")
+        bob = self.ws("bob")
+        alice.wait_for("*** bob joined (2 online)")
+        bob.send_frame(b"\x00\x01", opcode=0x2)
+        while True:
+            opcode, payload = bob.read_frame()
+            if opcode != 0x1:
+                break
+        self.assertEqual((opcode, struct.unpack(">H", payload[:2])[0]), (0x8, 1003))
+        alice.expect("*** bob left (connection closed)")
+        carol = self.ws("carol")
+        alice.wait_for("*** carol joined (2 online)")
+        carol.send_frame("unmasked", masked=False)
+        while True:
+            opcode, payload = carol.read_frame()
+            if opcode != 0x1:
+                break
+        self.assertEqual((opcode, struct.unpack(">H", payload[:2])[0]), (0x8, 1002))
+        alice.expect("*** carol left (connection closed)")
+        alice.send_line("/ping fine")
+        alice.expect("*** pong fine")
+
+    def test_an_origin_of_another_site_is_refused(self):
+        self.assertEqual(self.ws(origin="http://evil.example").status, 403)
+        self.assertEqual(self.ws(origin="http://127.0.0.1:%d" % self.web_port).status, 101)
+        self.assertEqual(self.ws(origin="http://127.0.0.1:1").status, 403)
+
+    def test_a_handshake_that_is_not_one_gets_400(self):
+        self.assertEqual(http_get(self.web_port, "/ws")[0], 400)
 
 
 class MotdTest(ServerTestCase):
