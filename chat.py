@@ -772,7 +772,9 @@ class WebCodec(JsonCodec):
     def encode(line):
         return ws_frame(json_bytes(line)[:-1])  # (the object, without its line end)
 
-    encode_marked = encode
+    @staticmethod
+    def encode_marked(line, room):
+        return ws_frame(json_bytes(line)[:-1])  # its object names its room
 
 
 TEXT_CODEC, JSON_CODEC, WEB_CODEC = TextCodec(), JsonCodec(), WebCodec()
@@ -5258,7 +5260,7 @@ function handle(obj) {
   const t = obj.type;
   if (!S.registered) return unregistered(obj);
   if ((t === "message" || t === "action") && obj.history && S.resuming) return;
-  if ((t === "message" || t === "action") && !obj.history && S.catching.length) { S.held.push(obj); return; }
+  if ((t === "message" || t === "action") && !obj.history && (S.resuming || S.catching.length)) { S.held.push(obj); return; }
   if (t === "message" || t === "action") {
     return said(obj);
   }
@@ -6327,6 +6329,7 @@ CLIENT_HELP = (
     "/timestamps          HH:MM before each line, on or off (this client)",
 )
 CLIENT_COMMANDS = help_commands(CLIENT_HELP)
+CLIENT_ONLY = ("/reply", "/timestamps", "/format")  # answered by the client, never sent
 # Tab offers these until the server's /help says which it has for this user.
 SERVER_COMMANDS = help_commands(HELP)
 OPERATOR_COMMANDS = help_commands(HELP_OPERATORS)
@@ -6839,9 +6842,7 @@ class ClientJson:
             if self.reconnecting:
                 self.reconnecting = False
                 self.backoff = RECONNECT_FIRST_S
-                if self.unsent:
-                    self.io.send(bytes(self.unsent))
-                    self.unsent.clear()
+                self._send_unsent()
             self.io.ask("line")
         elif obj.get("type") == "notice" and is_nick_question(obj.get("text", "")):
             self._greeted()
@@ -6943,9 +6944,7 @@ class ClientReconnect:
             if obj.get("id", 0) > self.last_ids.get(obj.get("room"), 0):
                 lines += self._live_line(obj, obj["type"])
         self.resume = None
-        if self.unsent:
-            self.io.send(bytes(self.unsent))
-            self.unsent.clear()
+        self._send_unsent()
         return lines
 
     # -- --reconnect --
@@ -6976,9 +6975,7 @@ class ClientReconnect:
         if self.resume is not None and self.resume[1] not in (LOBBY, None):
             self.io.send(encode_line("/join " + self.resume[1]))  # its replay says the rest
         self.resume = None
-        if self.unsent:
-            self.io.send(bytes(self.unsent))
-            self.unsent.clear()
+        self._send_unsent()
 
 
 class ClientRegistration:
@@ -7176,6 +7173,7 @@ class ClientSession(ClientJson, ClientReconnect, ClientRegistration):
         self.json_pipe = json_pipe         # --json: JSON objects out, as the server sends them
         self.account_password = account_password  # its password: /login again on reconnecting
         self.quitting = False              # /quit sent: the server's close is expected
+        self.leave_when_back = False       # piped input ended while disconnected
         self.pending_account = None        # a typed /login or /register awaiting its answer
         self.quit_deadline = None
         self.last_ids = {}                 # room -> the newest message id seen there
@@ -7325,20 +7323,30 @@ class ClientSession(ClientJson, ClientReconnect, ClientRegistration):
                 self.nick = nick
             self._ask_for_registration()
         elif not self.online or self.reconnecting or self.resume is not None:
-            self.unsent += encode_line(text)  # sent once we are back, and caught up
+            word = text.split(" ", 1)[0].lower()
+            # Sent once we are back, and caught up (the client's own commands now).
+            self.unsent += self._client_command(text) if word in CLIENT_ONLY else encode_line(text)
             if self.interactive and not (self.online and not self.reconnecting):
                 self.notice(NOT_CONNECTED_YET)  # (the typed line is off the screen)
             self.io.ask("line")
         else:
-            data = encode_line(text) if self.json_pipe else self._client_command(text)
+            if self.json_pipe and text.split(" ", 1)[0].lower() == "/format":
+                self.notice("--json keeps the connection in JSON mode")
+                data = b""
+            else:
+                data = encode_line(text) if self.json_pipe else self._client_command(text)
             if data.lower().split(b" ")[0].rstrip(b"\n") == b"/quit":
                 self._quitting()
             self.io.send(data)
 
     def end_of_input(self):
         """Ctrl-D, the end of piped input, or Ctrl-C: leave."""
-        if not self.online:  # disconnected, waiting to reconnect: just leave
-            self.io.finish(0)
+        if not self.online:  # disconnected, waiting to reconnect
+            if (self.unsent and self.reconnect and not self.interactive
+                    and not self.leave_when_back):
+                self.leave_when_back = True  # piped: what it sent goes first, then /quit
+                return
+            self.io.finish(0)  # (a second time, or at a terminal: just leave)
             return
         if self.quit_deadline is not None:
             return
@@ -7560,10 +7568,25 @@ class ClientSession(ClientJson, ClientReconnect, ClientRegistration):
 
     # -- typed lines --
 
+    def _send_unsent(self):
+        """Back, and caught up: what was typed meanwhile goes (then /quit, if
+        piped input ended meanwhile)."""
+        if self.unsent:
+            self.io.send(bytes(self.unsent))
+            self.unsent.clear()
+        if self.leave_when_back:
+            self.leave_when_back = False
+            self._quitting()
+            self.io.send(b"/quit\n")
+
     def _client_command(self, text):
-        """Handle /reply and /timestamps here; return what goes to the server."""
+        """Handle /reply, /timestamps and /format here; return what goes to
+        the server."""
         word, _, arg = text.partition(" ")
         word = word.lower()
+        if word == "/format":  # the client speaks JSON with the server, and shows text
+            self.notice("this client shows text; for JSON objects, run it with --json")
+            return b""
         if word == "/timestamps":
             self.timestamps = not self.timestamps
             self.notice("timestamps %s" % ("on" if self.timestamps else "off"))

@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.parse
 import weakref
 from unittest import mock
 
@@ -2502,11 +2503,15 @@ def http_get(port, path, method="GET", headers=(), raw=None):
             "%s %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n%s\r\n" % (
                 method, path, port, "".join("%s: %s\r\n" % h for h in headers))).encode())
         data = b""
-        while True:
+        while True:  # to the close, or (a server that keeps it open) Content-Length
             chunk = sock.recv(65536)
             if not chunk:
                 break
             data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            found = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            if _ and found and len(body) >= int(found.group(1)):
+                break
     head, _, body = data.partition(b"\r\n\r\n")
     lines = head.decode("iso-8859-1").split("\r\n")
     fields = {}
@@ -2520,15 +2525,15 @@ class WsPeer:
     """A WebSocket client (RFC 6455), written here with the standard library,
     as a browser speaks to the server."""
 
-    def __init__(self, port, origin=None, host=None):
+    def __init__(self, port, origin=None, host=None, path="/ws"):
         import base64
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
         key = base64.b64encode(os.urandom(16)).decode()
         host = host or "127.0.0.1:%d" % port
-        request = ("GET /ws HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\n"
+        request = ("GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\n"
                    "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
                    "Sec-WebSocket-Version: 13\r\n%s\r\n"
-                   % (host, key, "Origin: %s\r\n" % origin if origin else ""))
+                   % (path, host, key, "Origin: %s\r\n" % origin if origin else ""))
         self.sock.sendall(request.encode())
         self.buf = b""
         while b"\r\n\r\n" not in self.buf:
@@ -2574,6 +2579,14 @@ class WsPeer:
                 raise EOFError("closed")
             self.buf += chunk
 
+    def read_message(self):
+        """(opcode, payload) of the next message, its fragments joined."""
+        opcode, payload = self.read_frame()
+        while opcode is not None and not self.fin:
+            more, rest = self.read_frame()
+            payload += rest
+        return opcode, payload
+
     def read_frame(self):
         """(opcode, payload) of the next frame; (None, b"") when closed."""
         try:
@@ -2590,6 +2603,7 @@ class WsPeer:
         except (EOFError, ConnectionResetError):
             return None, b""
         opcode, payload = self.buf[0] & 0x0F, self.buf[start:start + size]
+        self.fin = bool(self.buf[0] & 0x80)
         self.buf = self.buf[start + size:]
         return opcode, payload
 
@@ -2726,6 +2740,203 @@ class WebTest(ServerTestCase):
 
     def test_a_handshake_that_is_not_one_gets_400(self):
         self.assertEqual(http_get(self.web_port, "/ws")[0], 400)
+
+
+CHROMIUM = next((path for path in (shutil.which(name) for name in (
+    "chromium", "chromium-browser", "google-chrome")) if path), None)
+NO_CHROMIUM = ("no chromium (Debian: apt-get install chromium; .ci/run installs it): "
+               "the browser tests are skipped")
+
+
+class Browser:
+    """A headless Chromium, driven over its DevTools protocol with the
+    WebSocket client above: navigate, evaluate JavaScript, wait for the page."""
+
+    def __init__(self, case, width=1024, height=768):
+        folder = tempfile.mkdtemp(prefix="chat-chromium-")
+        case.addCleanup(shutil.rmtree, folder, True)
+        args = [CHROMIUM, "--headless=new", "--remote-debugging-port=0",
+                "--user-data-dir=" + folder, "--no-first-run", "--no-default-browser-check",
+                "--disable-gpu", "--window-size=%d,%d" % (width, height), "about:blank"]
+        if os.geteuid() == 0:
+            args.insert(1, "--no-sandbox")  # (as root it refuses to start with its sandbox)
+        self.proc = start_process(case, args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        port = self._devtools_port(case)
+        status, _, body = http_get(port, "/json/list")
+        page = next(target for target in json.loads(body) if target["type"] == "page")
+        path = urllib.parse.urlsplit(page["webSocketDebuggerUrl"]).path
+        self.devtools = WsPeer(port, path=path)
+        case.addCleanup(self.devtools.close)
+        self.next_id = 0
+
+    def _devtools_port(self, case):
+        deadline = time.monotonic() + 30
+        seen = b""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.proc.stderr, selectors.EVENT_READ)
+            while time.monotonic() < deadline:
+                if selector.select(deadline - time.monotonic()):
+                    chunk = os.read(self.proc.stderr.fileno(), 65536)
+                    if not chunk:
+                        break
+                    seen += chunk
+                    found = re.search(rb"DevTools listening on ws://127\.0\.0\.1:(\d+)/", seen)
+                    if found:
+                        return int(found.group(1))
+        case.fail("chromium did not start: %r" % seen[-500:])
+
+    def call(self, method, **params):
+        self.next_id += 1
+        self.devtools.send_line(json.dumps({"id": self.next_id, "method": method,
+                                            "params": params}))
+        while True:
+            opcode, payload = self.devtools.read_message()
+            if opcode is None:
+                raise AssertionError("chromium closed its DevTools connection")
+            answer = json.loads(payload)
+            if answer.get("id") == self.next_id:
+                if "error" in answer:
+                    raise AssertionError("%s: %s" % (method, answer["error"]))
+                return answer["result"]
+
+    def evaluate(self, expression):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True,
+                           awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise AssertionError("%s: %s" % (expression, result["exceptionDetails"]))
+        return result["result"].get("value")
+
+    def wait_until(self, expression, timeout=TIMEOUT):
+        """Evaluate until it is true (the page works on its own time); return it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError("never true: %s; the log: %r" % (
+                    expression, self.evaluate("document.getElementById('log') && "
+                                              "document.getElementById('log').innerText")))
+            time.sleep(0.05)  # polling the page, bounded by the deadline
+
+    def open(self, url):
+        self.call("Page.navigate", url=url)
+        self.wait_until("document.readyState === 'complete' && !!document.getElementById('enter')")
+
+    def enter(self, nick, password="", room_password=""):
+        self.evaluate("document.getElementById('nickname').value = %s;"
+                      "document.getElementById('password').value = %s;"
+                      "document.getElementById('roompassword').value = %s;"
+                      "document.getElementById('enter').requestSubmit()"
+                      % (json.dumps(nick), json.dumps(password), json.dumps(room_password)))
+        self.wait_until("document.getElementById('app').classList.contains('on')")
+
+    def type(self, text):
+        self.evaluate("document.getElementById('message').value = %s;"
+                      "document.getElementById('say').requestSubmit()" % json.dumps(text))
+
+    def log_has(self, text):
+        return self.wait_until("document.getElementById('log').innerText.includes(%s)"
+                               % json.dumps(text))
+
+
+class BrowserTest(ServerTestCase):
+    """The web page in a real headless Chromium (docs/protocol.md, "The web")."""
+
+    @classmethod
+    def setUpClass(cls):
+        if CHROMIUM is None:
+            raise unittest.SkipTest(NO_CHROMIUM)
+
+    def serve(self, web_port=0, db=None):
+        self.web = chat.Listener("127.0.0.1", web_port, codec=chat.WEB_CODEC)
+        store = chat.SQLiteStore(db) if db else None
+        server = serve_in_thread(self, port=getattr(self, "port_fixed", 0),
+                                 listeners=[self.web], store=store)
+        self.server, self.port = server, server.address[1]
+        self.url = "http://127.0.0.1:%d/" % self.web.address[1]
+        return server
+
+    def test_a_nick_talk_with_an_nc_user_history_and_hostile_text(self):
+        self.serve()
+        alice = self.join("alice")
+        alice.send_line("said before")
+        alice.expect("<alice> said before")
+        browser = Browser(self)
+        browser.open(self.url)
+        browser.enter("ann")
+        alice.expect("*** ann joined (2 online)")
+        browser.log_has("said before")  # the replay on joining, marked
+        self.assertTrue(browser.evaluate(
+            "[...document.querySelectorAll('#log li.history')].some("
+            "li => li.innerText.includes('said before') && li.innerText.includes('earlier'))"))
+        browser.type("hello from the web")
+        alice.expect("<ann> hello from the web")
+        alice.send_line('<img src=x onerror="window.pwned=1"> & <b>bold</b>')
+        browser.log_has('<img src=x onerror="window.pwned=1"> & <b>bold</b>')
+        self.assertEqual(browser.evaluate(
+            "[document.querySelectorAll('#log img, #log b').length, typeof window.pwned]"),
+            [0, "undefined"])
+
+    def test_a_second_room_its_unread_count_and_a_private_message(self):
+        self.serve()
+        alice = self.join("alice")
+        browser = Browser(self)
+        browser.open(self.url)
+        browser.enter("ann")
+        alice.expect("*** ann joined (2 online)")
+        browser.type("/open #rust")
+        browser.wait_until("document.getElementById('title').innerText === '#rust'")
+        alice.send_line("in the lobby, while ann reads #rust")
+        alice.expect("<alice> in the lobby, while ann reads #rust")
+        browser.wait_until("[...document.querySelectorAll('#mine button')].some("
+                           "b => b.innerText.includes('#lobby') && b.innerText.includes('1'))")
+        alice.send_line("/msg ann psst")
+        alice.expect("-> *ann* psst")
+        browser.wait_until("document.getElementById('privs').innerText.includes('alice')")
+        browser.evaluate("[...document.querySelectorAll('#privs button')][0].click()")
+        browser.log_has("psst")
+        browser.type("back at you")  # in a private conversation: a /msg
+        alice.expect("*ann* back at you")
+
+    def test_no_horizontal_scrolling_at_360_pixels(self):
+        self.serve()
+        alice = self.join("alice")
+        browser = Browser(self, width=360, height=740)
+        browser.call("Emulation.setDeviceMetricsOverride", width=360, height=740,
+                     deviceScaleFactor=1, mobile=True)
+        browser.open(self.url)
+        browser.enter("ann")
+        alice.send_line("x" * 300 + " a long line without a break, and " + "y" * 50)
+        browser.log_has("a long line without a break")
+        self.assertLessEqual(browser.evaluate("document.documentElement.scrollWidth"), 360)
+
+    def test_it_reconnects_after_a_restart_and_shows_what_was_missed_once(self):
+        db = os.path.join(tempfile.mkdtemp(prefix="chat-web-"), "chat.db")
+        self.addCleanup(shutil.rmtree, os.path.dirname(db), True)
+        server = self.serve(db=db)
+        web_port, self.port_fixed = self.web.address[1], self.port
+        alice = self.join("alice")
+        browser = Browser(self)
+        browser.open(self.url)
+        browser.enter("ann")
+        alice.expect("*** ann joined (2 online)")
+        alice.send_line("before the restart")
+        browser.log_has("before the restart")
+        alice.close()
+        server.shutdown()
+        browser.wait_until("document.getElementById('state').innerText.includes('reconnecting')")
+        self.serve(web_port=web_port, db=db)
+        bob = self.join("bob")
+        bob.send_line("said while ann was away")
+        bob.wait_for("<bob> said while ann was away")  # (after the lobby's replay)
+        bob.wait_for("*** ann joined (2 online)")
+        bob.send_line("after she came back")
+        browser.log_has("after she came back")
+        text = browser.evaluate("document.getElementById('log').innerText")
+        self.assertEqual(text.count("said while ann was away"), 1, text)
+        self.assertEqual(text.count("before the restart"), 1, text)
+        self.assertLess(text.index("said while ann was away"), text.index("after she came back"))
 
 
 class MotdTest(ServerTestCase):
@@ -3986,6 +4197,28 @@ class ClientSessionTest(unittest.TestCase):
             "*** 1 message in #rust while you were away (local times):", "<cy> missed too",
             "*** end of history", "#rust <cy> live, held"])
         self.assertEqual((session.prompt(), session.joined), ("#lobby> ", ["#lobby", "#rust"]))
+
+    def test_its_own_commands_while_disconnected_and_piped_input_that_ends_then(self):
+        session, shell = self.registered_in_json(reconnect=True)
+        session.server_line(json.dumps({"type": "private", "from": "bob", "to": "al",
+                                        "text": "there?"}))
+        session.typed("line", "/format text")  # the client's: it shows text, speaks JSON
+        self.assertIn("*** this client shows text; for JSON objects, run it with --json",
+                      shell.shown)
+        session.server_closed()
+        shell.sent = b""
+        session.typed("line", "/reply yes")  # while disconnected: a /msg once back
+        session.typed("line", "/timestamps")
+        session.end_of_input()  # piped input ends meanwhile: not yet the end
+        self.assertIsNone(shell.finished)
+        session.connected()
+        session.server_line(json.dumps({"type": "notice", "text": "format: json"}))
+        session.server_line(json.dumps({"type": "joined", "nick": "al", "room": "#lobby",
+                                        "count": 2}))
+        session.server_line(json.dumps({"type": "pong", "token": chat.RESUME_TOKEN}))
+        session.server_line(json.dumps({"type": "history_end", "room": "#lobby", "count": 0}))
+        self.assertTrue(shell.sent.endswith(b"/msg bob yes\n/quit\n"), shell.sent)
+        self.assertNotIn(b"/timestamps", shell.sent)
 
     def test_tab_completes_the_new_commands_and_rooms_after_them(self):
         nicks = {"bob": "bob"}
