@@ -2465,9 +2465,10 @@ class RoomCommands:
     def _cmd_part(self, conn, arg):
         """Leave a room (the current one if none is named)."""
         if arg:
-            room = self._one_of_its_rooms(conn, arg)
+            problem = room_problem(room_name(arg))
+            room = None if problem else self._one_of_its_rooms(conn, arg)
             if room is None:
-                self.io.send(conn, error("not_in_room", room=room_name(arg)))
+                self.io.send(conn, problem or error("not_in_room", room=room_name(arg)))
                 return
         else:
             room = self._current(conn)

@@ -2223,6 +2223,8 @@ class SeveralRoomsRules:
         bob.expect("#lobby *** alice left (parted)")
         alice.send_line("/part #lobby")
         alice.expect("!!! you are not in #lobby")
+        alice.send_line("/part bad!name")
+        self.assertTrue(alice.read_line().startswith("!!! invalid room name: #bad!name"))
         alice.send_line("/part rust")
         alice.expect("*** alice left (parted)", "*** you are in no room: /join ROOM")
         for line in ("hello?", "/me waits", "/topic", "/who", "/history", "/search x", "/part"):
@@ -2740,6 +2742,28 @@ class WebTest(ServerTestCase):
 
     def test_a_handshake_that_is_not_one_gets_400(self):
         self.assertEqual(http_get(self.web_port, "/ws")[0], 400)
+
+
+class WebTlsTest(ServerTestCase):
+    """--web with the server's certificate: HTTPS (the same loop's TLS)."""
+
+    def test_https_with_the_servers_certificate(self):
+        context, _ = chat.server_tls_context(write_file(self, "cert.pem", TEST_CERT),
+                                             write_file(self, "key.pem", TEST_KEY))
+        web = chat.Listener("127.0.0.1", 0, context, chat.WEB_CODEC)
+        server = serve_in_thread(self, listeners=[web])
+        client = ssl.create_default_context(cadata=TEST_CERT)
+        with socket.create_connection(("127.0.0.1", web.address[1]), timeout=TIMEOUT) as raw:
+            with client.wrap_socket(raw, server_hostname="localhost") as sock:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                data = b""
+                while not data.endswith(b"ok\n"):
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+        self.assertTrue(data.startswith(b"HTTP/1.1 200 OK\r\n"), data)
+        self.assertIn(b"\r\nX-Content-Type-Options: nosniff\r\n", data)
 
 
 CHROMIUM = next((path for path in (shutil.which(name) for name in (
