@@ -56,6 +56,7 @@ import getpass
 import hashlib
 import heapq
 import hmac
+import itertools
 import http
 import json
 import os
@@ -362,7 +363,7 @@ PASSWORD_ACCEPTED = "password accepted: choose a nickname"
 WRONG_PASSWORD = "wrong password"
 NOT_IN_ROOM = "you are not in {room}"
 IN_NO_ROOM = "you are in no room: /join ROOM"
-TOO_MANY_ROOMS = "you are in {count} rooms: /part one first"
+TOO_MANY_ROOMS = "you are in {rooms}: /part one first"
 # Several servers (--redis): Redis away, and back.
 NETWORK_DOWN = "the chat network is unreachable: reconnecting"
 NETWORK_BACK = "the chat network is back"
@@ -490,12 +491,20 @@ class Line(str):
 
     def about_person(self, rooms):
         """Copies of this line, one per room (a line about a person, said in
-        every room it is in: see FanOut.rendered): each knows its room, and
-        all of them the rooms it was said in."""
-        among = tuple(room.key for room in rooms)
+        every room it is in): each knows its room, and all of them one id,
+        by which a connection in several of those rooms gets only the first
+        to reach it (see rendered())."""
+        person = "%s.%d" % (PERSON_LINE_PREFIX, next(PERSON_LINE_NUMBERS))
         extra = {name: value for name, value in self.extra.items() if name != "json"}
         return [(room, Line(self, self.kind, self.fields).having(
-            **dict(extra, room=room.name, among=among))) for room in rooms]
+            **dict(extra, room=room.name, person=person))) for room in rooms]
+
+
+# A line about a person has an id that is this process's alone (its copies go
+# through Redis to other servers too).
+PERSON_LINE_PREFIX = os.urandom(6).hex()
+PERSON_LINE_NUMBERS = itertools.count(1)
+PERSON_LINES_KEPT = 64   # per connection: the ids of the last ones it got
 
 
 def format_line(kind, **fields):
@@ -1670,7 +1679,7 @@ class Connection:
     operator state)."""
 
     __slots__ = ("sock", "addr", "ip", "name", "phase", "nick", "key", "room", "rooms",
-                 "focus", "joined", "away", "reader",
+                 "focus", "joined", "away", "seen_people", "reader",
                  "outbuf", "tokens", "refilled", "paused", "held", "full", "counted",
                  "behind_since", "waiting", "events", "drained_at", "tls", "handshake_wait",
                  "close_at", "op", "muted", "op_attempts", "account", "login_failures", "codec",
@@ -1691,6 +1700,7 @@ class Connection:
         # The loop's view, which follows the chat's in the rooms' order:
         self.joined = []                   # the Rooms whose lines it gets (FanOut)
         self.focus = None                  # the room whose lines are not marked #ROOM
+        self.seen_people = None            # ids of the last lines about a person it got
         self.codec = codec or TEXT_CODEC    # how it speaks: text lines, or JSON (/format)
         self.reader = self.codec.reader(limits.max_line)
         self.outbuf = bytearray()
@@ -1727,12 +1737,14 @@ class Room:
     changes members, so that who gets a room's lines and in which order is
     decided in one place."""
 
-    __slots__ = ("name", "key", "members", "topic", "topic_nick", "recent")
+    __slots__ = ("name", "key", "members", "people", "topic", "topic_nick", "recent")
 
     def __init__(self, name, topic=None, topic_nick=None, recent=(), replay=REPLAY_MESSAGES):
         self.name = name
         self.key = nick_key(name)          # room names clash as nicks do
         self.members = {}
+        self.people = 0                    # connections here whose rooms it is (the chat's
+                                           # view: one arriving through Redis is not a member yet)
         self.topic = topic
         self.topic_nick = topic_nick
         self.recent = collections.deque(recent, maxlen=replay)  # (id, time, nick, kind, text)
@@ -2392,7 +2404,7 @@ class RoomCommands:
 
     def forget_if_empty(self, room):
         """A room nobody is in need not be kept in memory (the store keeps it)."""
-        if not room.members and room is not self.lobby:
+        if not room.members and not room.people and room is not self.lobby:
             self.rooms.pop(room.key, None)
             self.network.unwatch(room.key)
 
@@ -2458,7 +2470,7 @@ class RoomCommands:
         if room is not None:
             self._talk_in(conn, room)
         elif len(conn.rooms) >= self.limits.max_joined:
-            self.io.send(conn, error("too_many_rooms", count=len(conn.rooms)))
+            self.io.send(conn, error("too_many_rooms", rooms=plural(len(conn.rooms), "room")))
         else:
             self._enter(conn, self._room(name))
 
@@ -2501,13 +2513,14 @@ class RoomCommands:
             self.io.broadcast(room, format_line("left", nick=conn.nick, reason=reason)
                               .having(room=room.name))
         conn.rooms.remove(room)
+        room.people -= 1
         if conn.room is room:
             conn.room = conn.rooms[-1] if conn.rooms else None
         self.forget_if_empty(room)
 
     def _enter(self, conn, room):
         """conn enters a room it is not in; it becomes current."""
-        here = len(room.members) + 1 + len(self.network.in_room(room.key))
+        here = room.people + 1 + len(self.network.in_room(room.key))
         self._arrive(conn, room, format_line("joined_room", nick=conn.nick, room=room.name,
                                              count=here))
 
@@ -3143,6 +3156,8 @@ class Chat(RoomCommands, AccountCommands, OperatorCommands):
         if conn.phase != MEMBER or self.members.get(conn.key) is not conn:
             return
         rooms, conn.rooms, conn.room = conn.rooms, [], None  # the loop closes it next
+        for room in rooms:
+            room.people -= 1
         del self.members[conn.key]
         line = format_line("left", nick=conn.nick, reason=reason or "")
         self.network.release(conn.key)
@@ -3308,6 +3323,7 @@ class Chat(RoomCommands, AccountCommands, OperatorCommands):
         replay is what was said before it, and conn gets live what comes
         after, none missed or twice."""
         conn.rooms.append(room)
+        room.people += 1
         conn.room = room
         self.io.focus(conn, room)
         self._place(conn)
@@ -3450,7 +3466,11 @@ class Chat(RoomCommands, AccountCommands, OperatorCommands):
         for room in conn.rooms:
             self.io.rekey(room, conn, old_key)  # now, not in order: queued actions use conn.key
         self.io.log("%s is now known as %s" % (old, arg))
-        self._tell_about(conn.rooms, format_line("renamed", old=old, new=arg))
+        line = format_line("renamed", old=old, new=arg)
+        if conn.rooms:
+            self._tell_about(conn.rooms, line)
+        else:
+            self.io.send(conn, line)  # in no room: only itself to tell
 
     def _store_answer(self, write, *args):
         """_store() for a write whose answer matters (False on failure)."""
@@ -3533,25 +3553,28 @@ class FanOut:
 
     What a member gets of a line depends on it (rendered()): text or JSON, a
     text line of a room that is not its current one marked `#ROOM `, a line
-    about a person that is in several of its rooms taken from one of them
-    only. A pass is encoded once per rendering that members share, not once
-    per member."""
+    about a person that is in several of its rooms only the first copy to
+    reach it. A pass is encoded once per rendering that members share, not
+    once per member."""
 
     def __init__(self):
         self.pending = {}                  # room -> this pass's broadcasts (text, bytearray)
         self.lines = {}                    # room -> [(offset in pending, Line)]
         self.late = {}                     # room -> {conn: offset in pending at entry}
         self.size = 0                      # bytes pending, every room
+        self.about_people = set()          # rooms whose pending lines have one about a person
 
     def broadcast(self, room, data, line):
         pending = self.pending.setdefault(room, bytearray())
         self.lines.setdefault(room, []).append((len(pending), line))
         pending.extend(data)
         self.size += len(data)
+        if "person" in line.extra:
+            self.about_people.add(room)
 
     def owed(self, room, offset, conn):
         """What conn gets of room's pending lines from offset on."""
-        if conn.codec is TEXT_CODEC and conn.focus is room and len(conn.joined) <= 1:
+        if conn.codec is TEXT_CODEC and conn.focus is room and room not in self.about_people:
             return bytes(self.pending.get(room, b"")[offset:])  # as said: most often
         return b"".join(rendered(room, line, conn) for start, line in self.lines.get(room, ())
                         if start >= offset)
@@ -3597,17 +3620,22 @@ class FanOut:
         forget them."""
         data = bytes(self.pending.pop(room, b""))
         self.size -= len(data)
+        self.about_people.discard(room)
         return Pass(room, data, self.lines.pop(room, [])), self.late.pop(room, {})
 
 
 def rendered(room, line, conn):
     """The bytes conn gets for line, one of room's broadcasts."""
-    among = line.extra.get("among")
-    if among is not None and len(conn.joined) > 1:  # about a person: from one room only,
-        keys = {joined.key for joined in conn.joined}  # the first they share
-        if next((key for key in among if key in keys), room.key) != room.key:
+    person = line.extra.get("person")
+    if person is not None:  # about a person: the first copy to reach conn, unmarked
+        seen = conn.seen_people
+        if seen is None:
+            seen = conn.seen_people = collections.deque(maxlen=PERSON_LINES_KEPT)
+        if person in seen:
             return b""
-    if among is None and conn.focus is not room:
+        seen.append(person)
+        return conn.codec.encode(line)
+    if conn.focus is not room:
         return conn.codec.encode_marked(line, room)
     return conn.codec.encode(line)
 
@@ -3623,15 +3651,14 @@ class Pass:
         self.room = room
         self.data = data
         self.lines = lines
-        self.about_person = any("among" in line.extra for _, line in lines)
+        self.about_person = any("person" in line.extra for _, line in lines)
         self.renderings = {}
 
     def for_member(self, conn, offset):
         """What conn gets of it, from offset on (a latecomer). (The most
         common case, text in its current room, _deliver takes itself.)"""
         current = conn.focus is self.room
-        if self.about_person and len(conn.joined) > 1 or offset and not (
-                current and conn.codec is TEXT_CODEC):
+        if self.about_person or offset and not (current and conn.codec is TEXT_CODEC):
             return b"".join(rendered(self.room, line, conn) for start, line in self.lines
                             if start >= offset)  # its own: rare
         if current and conn.codec is TEXT_CODEC:
@@ -4767,13 +4794,13 @@ class ChatServer(Acceptor, Reading, NetworkFeed, WebServing):
         data = this_pass.data
         if not data:
             return
-        plain = not this_pass.about_person  # (else one in several rooms may get less)
+        plain = not this_pass.about_person  # (else each member is checked: see rendered())
         failed = []
         for conn in room.members.values():
             if conn.phase == CLOSED:
                 continue  # closed while its leave waits behind the feed (several servers)
             offset = late.get(conn, 0) if late else 0
-            if conn.codec is TEXT_CODEC and conn.focus is room and (plain or len(conn.joined) < 2):
+            if plain and conn.codec is TEXT_CODEC and conn.focus is room:
                 chunk = data[offset:] if offset else data  # as said: most members, most passes
             else:
                 chunk = this_pass.for_member(conn, offset)
@@ -5318,8 +5345,8 @@ function unregistered(obj) {
     const back = S.order.length > 0, rooms = S.order.slice(), current = S.current;
     if (!back) { joined(obj.room); if (S.password && !S.viaLogin) send("/register " + S.password); send("/rooms"); return; }
     S.resuming = true;
-    for (const name of rooms) if (name !== "#lobby") send("/open " + name);
     if (!rooms.includes("#lobby")) send("/part #lobby");
+    for (const name of rooms) if (name !== "#lobby") send("/open " + name);
     if (current && current !== rooms[rooms.length - 1]) send("/open " + current);
     S.order = rooms; send("/ping web-resume");
   }
@@ -6076,9 +6103,9 @@ class RedisNetwork:
                     recent.append(item)
         elif kind in ("topic_set", "topic_cleared"):
             self.topics[room] = (fields.get("text"), fields["nick"])
-        self._heard_of_user(kind, fields, room, entry["o"])
+        self._heard_of_user(kind, fields, room, entry["o"], entry["x"])
 
-    def _heard_of_user(self, kind, fields, room, server):
+    def _heard_of_user(self, kind, fields, room, server, extra):
         """Keep the copy of the other servers' users current from a line of
         the feed (said by server)."""
         if kind in ("joined", "joined_room"):
@@ -6095,7 +6122,7 @@ class RedisNetwork:
             if user is not None:  # (said in each of its rooms: the first moves it)
                 user.nick = fields["new"]
                 self.elsewhere[nick_key(fields["new"])] = user
-        elif kind == "left" and self._leaves_one_room(fields["reason"]):
+        elif kind == "left" and "person" not in extra:  # /part, /join: of one room
             user = self.elsewhere.get(nick_key(fields["nick"]))
             if user is not None and room in user.rooms:
                 user.rooms.remove(room)
@@ -6108,11 +6135,6 @@ class RedisNetwork:
             if user is not None and (user.server == server
                                      or fields.get("reason") == LEFT_SERVER_LOST):
                 del self.elsewhere[nick_key(fields["nick"])]
-
-    @staticmethod
-    def _leaves_one_room(reason):
-        """Whether a leave is of one room (/part, /join), not of the chat."""
-        return reason == LEFT_PARTED or reason.startswith(LEFT_WENT_TO.format(room=""))
 
     def watch(self, key):
         """A room gets a member here: from now on its last messages are kept
@@ -6751,6 +6773,10 @@ class ClientJson:
         if kind in ("message", "action"):
             self._saw_id(obj)
         line = line_from_json(obj, self.nick, topic_asked)
+        if kind == "joined" and self.registered and line is not None and nick_key(
+                obj.get("nick", "")) == nick_key(self.nick or ""):  # /join or /open #lobby
+            line = format_line("joined_room", nick=obj["nick"], room=obj["room"],
+                               count=obj["count"]).having(room=obj["room"])
         if kind == "private" and line is not None and nick_key(obj["from"]) == nick_key(
                 obj["to"]) == nick_key(self.nick):
             # To ourselves: the server sends what we got, then the echo of what we sent.
@@ -6866,9 +6892,8 @@ class ClientReconnect:
         they are over (RESUME_TOKEN)."""
         rooms, current, last_ids = self.resume
         self.resuming = True
-        commands = [encode_line("/open " + room) for room in rooms if room != LOBBY]
-        if LOBBY not in rooms:
-            commands.append(encode_line("/part " + LOBBY))
+        commands = [encode_line("/part " + LOBBY)] if LOBBY not in rooms else []
+        commands += [encode_line("/open " + room) for room in rooms if room != LOBBY]
         if current is not None and rooms and current != rooms[-1]:
             commands.append(encode_line("/open " + current))
         self.io.send(b"".join(commands) + encode_line("/ping " + RESUME_TOKEN))

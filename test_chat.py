@@ -2310,6 +2310,31 @@ class SeveralRoomsRules:
         seen = self.wait_for_each(bob, "#lobby <carol> mark2", "<carol> mark2")
         self.assertEqual(seen, ["*** al left (bye)"])
 
+    def test_a_rename_then_a_part_in_one_packet_is_still_told_once(self):
+        alice, bob = self.person("alice"), self.person("bob")
+        self.opened(bob, "bob", "#a", 1)
+        bob.send_line("/open #lobby")
+        bob.expect("*** talking in #lobby now")
+        bob.send_raw(b"/nick bob2\n/part #lobby\n")  # in one pass: the rename's copies, a part
+        bob.expect("*** bob is now known as bob2", "*** bob2 left (parted)",
+                   "*** talking in #a now")
+        bob.send_line("/nick bob3")  # in one room now, unmarked; and in none: itself
+        bob.expect("*** bob2 is now known as bob3")
+        bob.send_line("/part")
+        bob.expect("*** bob3 left (parted)", "*** you are in no room: /join ROOM")
+        bob.send_line("/nick bob4")
+        bob.expect("*** bob3 is now known as bob4")
+
+    def test_quitting_with_a_reason_that_looks_like_a_part_still_leaves_the_chat(self):
+        alice, bob = self.person("alice"), self.person("bob")
+        bob.send_line("/quit parted")
+        alice.wait_for("*** bob left (parted)")
+        self.until_answered(alice, "/rooms", "*** 1 online in 1 room: #lobby (1)")
+        again = Peer(self.ports[-1])
+        self.addCleanup(again.close)
+        again.send_line("bob")  # the nick is free again, on every server
+        again.wait_for("*** bob joined (2 online)")
+
     def test_who_and_rooms_work_for_any_room_and_count_people(self):
         alice, bob = self.person("alice"), self.person("bob")
         self.opened(bob, "bob", "#rust", 1)
@@ -2440,6 +2465,16 @@ class SeveralRoomsTest(SeveralRoomsRules, ServerTestCase):
     def start_servers(self, **limits):
         self.start_server(op_password="0p", **limits)
         return [self.port]
+
+    def test_a_kicked_member_of_several_rooms_sees_its_kick_once(self):
+        alice, bob = self.person("alice"), self.person("bob")
+        self.opened(bob, "bob", "#a", 1)
+        alice.send_line("/op 0p")
+        alice.expect("*** alice is now an operator")
+        alice.send_line("/kick bob spam")
+        alice.expect("*** bob was kicked by alice (spam)")
+        lines = bob.expect_closed()
+        self.assertEqual(lines.count("*** bob was kicked by alice (spam)"), 1, lines)
 
     def test_moderation_of_someone_in_several_rooms_is_told_once(self):
         alice, bob, carol = self.person("alice"), self.person("bob"), self.person("carol")
@@ -4221,6 +4256,31 @@ class ClientSessionTest(unittest.TestCase):
             "*** 1 message in #rust while you were away (local times):", "<cy> missed too",
             "*** end of history", "#rust <cy> live, held"])
         self.assertEqual((session.prompt(), session.joined), ("#lobby> ", ["#lobby", "#rust"]))
+
+    def test_its_own_join_back_to_the_lobby_is_a_move_and_a_reconnect_parts_first(self):
+        session, shell = self.registered_in_json(reconnect=True)
+        obj = lambda **fields: session.server_line(json.dumps(fields))
+        session.typed("line", "/open #a")
+        obj(type="joined", nick="al", room="#a", count=1)
+        session.typed("line", "/part #lobby")
+        obj(type="left", nick="al", room="#lobby", reason="parted")
+        obj(type="notice", text="talking in #a now", room="#a")
+        session.typed("line", "/open #lobby")
+        obj(type="joined", nick="al", room="#lobby", count=2)  # (JSON: the registration's type)
+        self.assertEqual(shell.shown[-1], "*** al joined #lobby (2 here)")
+        self.assertEqual((session.prompt(), session.joined), ("#lobby> ", ["#a", "#lobby"]))
+        self.assertEqual([a for a in session.awaited if a.kind == "move"], [])
+        session.typed("line", "/part #lobby")
+        obj(type="left", nick="al", room="#lobby", reason="parted")
+        obj(type="notice", text="talking in #a now", room="#a")
+        session.server_closed()
+        shell.sent = b""
+        session.connected()
+        obj(type="notice", text="format: json")
+        obj(type="joined", nick="al", room="#lobby", count=2)
+        # The lobby is parted before anything is opened: at --max-joined, nothing is refused.
+        self.assertTrue(shell.sent.endswith(b"/part #lobby\n/open #a\n/ping "
+                                            + chat.RESUME_TOKEN.encode() + b"\n"), shell.sent)
 
     def test_its_own_commands_while_disconnected_and_piped_input_that_ends_then(self):
         session, shell = self.registered_in_json(reconnect=True)
