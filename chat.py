@@ -8137,6 +8137,35 @@ BENCH_SLOW_READ_STEP_S = 0.1  # --slow-read: a slow client reads this often
 BENCH_BURST_PAUSE_S = 0.5     # --bursty: the pause after each read
 
 
+# --web: a WebSocket handshake (its key need not be secret: the server's
+# answer is checked only for its status).
+BENCH_WEB_HANDSHAKE = (b"GET /ws HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\n"
+                       b"Connection: Upgrade\r\nSec-WebSocket-Key: Y2hhdC5weSBiZW5jaCBrZXk=\r\n"
+                       b"Sec-WebSocket-Version: 13\r\n\r\n")
+
+
+def ws_server_frames(buf):
+    """[(payload, end offset)] of the whole unmasked text frames at buf's
+    start, and where the whole frames end."""
+    frames, pos = [], 0
+    while len(buf) - pos >= 2:
+        size, start = buf[pos + 1] & 0x7F, pos + 2
+        if size == 126:
+            if len(buf) - pos < 4:
+                break
+            size, start = struct.unpack(">H", buf[pos + 2:pos + 4])[0], pos + 4
+        elif size == 127:
+            if len(buf) - pos < 10:
+                break
+            size, start = struct.unpack(">Q", buf[pos + 2:pos + 10])[0], pos + 10
+        if len(buf) < start + size:
+            break
+        if buf[pos] & 0x0F == WS_TEXT:
+            frames.append((bytes(buf[start:start + size]), start + size))
+        pos = start + size
+    return frames, pos
+
+
 class BenchError(Exception):
     """A bench run that can't go on: said in one line, exit code 1."""
 
@@ -8196,8 +8225,8 @@ class Bench:
                                     BENCH_ROOM % (i % args.rooms) if args.rooms > 1 else LOBBY)
                         for i in range(count)]
         for client in self.clients:  # --json-share: spread evenly (0.5: every other one)
-            client.json = int((client.index + 1) * args.json_share) > int(
-                client.index * args.json_share)
+            client.json = args.web or int((client.index + 1) * args.json_share) > int(
+                client.index * args.json_share)  # (a WebSocket speaks JSON)
         self.tag = "bench-%06x" % random.randrange(1 << 24)
         # In each of its messages, as text and as JSON mode sends them.
         self.markers = {False: ("> %s " % self.tag).encode(ENCODING),
@@ -8236,7 +8265,7 @@ class Bench:
             self.phase = "drain"
             if len(self.addresses) > 1:
                 self._say_barrier()
-            elif self.args.rooms > 1:
+            elif self.args.rooms > 1 or self.args.web:
                 self._ping_all()
             self._loop(self._joins_drained)
             self.phase = "messages"
@@ -8341,7 +8370,10 @@ class Bench:
             raise BenchError("cannot connect to %s: %s"
                              % (format_address((self.host, self.port)), os.strerror(err)))
         client.state = "registering"
-        client.sock.sendall(encode_line(client.nick))  # a fresh socket takes a few bytes
+        if self.args.web:  # the handshake, and the nickname right behind it
+            client.sock.sendall(BENCH_WEB_HANDSHAKE % self.host.encode() + self._wire(client.nick))
+        else:
+            client.sock.sendall(encode_line(client.nick))  # a fresh socket takes a few bytes
         self._watch(client, selectors.EVENT_READ)
 
     def _receive(self, client):
@@ -8371,6 +8403,9 @@ class Bench:
 
     def _registering(self, client, data):
         """Before its own join line, parse; after it, count like everyone else."""
+        if self.args.web:
+            self._registering_web(client, data)
+            return
         lines = (client.inbuf + data).split(b"\n")
         client.inbuf = lines.pop()
         for i, line in enumerate(lines):
@@ -8379,13 +8414,13 @@ class Bench:
             if kind == "error":
                 raise BenchError("%s was refused: %s" % (client.nick, text))
             if kind == "joined" and fields["nick"] == client.nick and client.room != LOBBY:
-                client.sock.sendall(encode_line("/join " + client.room))  # on to its room
+                client.sock.sendall(self._wire("/join " + client.room))  # on to its room
                 continue
             if (kind == "joined" and fields["nick"] == client.nick) or (
                     kind == "joined_room" and fields["nick"] == client.nick):
                 client.rank = int(fields["count"])
                 client.state = "in"
-                if client.json:
+                if client.json and not self.args.web:
                     client.sock.sendall(b"/format json\n")  # what comes after: JSON
                 self.in_flight -= 1
                 self.registered += 1
@@ -8398,6 +8433,42 @@ class Bench:
                 elif rest:
                     self._receive_data(client, rest)
                 return
+
+    def _registering_web(self, client, data):
+        """--web: the handshake's answer, then frames of JSON objects, up to its
+        own join's; the bytes after it are counted as everyone's are."""
+        buf = client.inbuf + data
+        if buf.startswith(b"HTTP/"):
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                client.inbuf = buf
+                return
+            if not buf.startswith(b"HTTP/1.1 101"):
+                raise BenchError("%s's WebSocket was refused: %s" % (
+                    client.nick, buf.split(b"\r\n", 1)[0].decode("iso-8859-1")))
+            buf = buf[end + 4:]
+        frames, consumed = ws_server_frames(buf)
+        for payload, end in frames:
+            obj = json.loads(payload)
+            if obj.get("type") == "error":
+                raise BenchError("%s was refused: %s" % (client.nick, obj.get("text")))
+            if obj.get("type") == "joined" and obj.get("nick") == client.nick:
+                if client.room != LOBBY and obj.get("room") != client.room:
+                    client.sock.sendall(self._wire("/join " + client.room))
+                    continue
+                client.rank = int(obj["count"])
+                client.state = "in"
+                self.in_flight -= 1
+                self.registered += 1
+                client.inbuf, rest = b"", buf[end:]
+                if client.slow:
+                    self._watch(client, 0)
+                    if self.args.slow_read:
+                        self._pause(client, BENCH_SLOW_READ_STEP_S)
+                elif rest:
+                    self._receive_data(client, rest)
+                return
+        client.inbuf = buf[consumed:]
 
     def _receive_data(self, client, data):
         if client.observer:
@@ -8463,8 +8534,14 @@ class Bench:
     def _observe(self, client, data):
         """Parse every line: latency and order of messages, notices counted."""
         now = time.monotonic()
-        lines = (client.inbuf + data).split(b"\n")
-        client.inbuf = lines.pop()
+        if self.args.web:  # frames, not lines: each payload one JSON object
+            buf = client.inbuf + data
+            frames, consumed = ws_server_frames(buf)
+            lines = [payload for payload, _ in frames]
+            client.inbuf = buf[consumed:]
+        else:
+            lines = (client.inbuf + data).split(b"\n")
+            client.inbuf = lines.pop()
         client.lines += len(lines)
         if self.phase == "drain":  # the pong, or (several servers) the line after the joins
             pong = self.pongs[client.json]
@@ -8518,7 +8595,7 @@ class Bench:
         return self.registered == len(self.clients)
 
     def _ping_all(self):
-        line = encode_line("/ping " + self.tag)
+        line = self._wire("/ping " + self.tag)
         for client in self.clients:
             if client.state == "in" and not client.slow:
                 client.sock.sendall(line)  # a few bytes to a fresh socket
@@ -8532,7 +8609,7 @@ class Bench:
                       True: ('"text": "drained %s"' % self.tag).encode(ENCODING)}
         for room in {c.room for c in self.clients}:
             speaker = next(c for c in self.clients if c.room == room and not c.slow)
-            speaker.sock.sendall(encode_line("drained " + self.tag))
+            speaker.sock.sendall(self._wire("drained " + self.tag))
 
     def _joins_drained(self):
         """Every reading client has had all join lines: with rooms, its pong
@@ -8540,7 +8617,7 @@ class Bench:
         server of the protocol, /ping or not) it has had the joins after its
         own, up to the last one's."""
         readers = [c for c in self.clients if not c.slow and c.state == "in"]
-        if self.args.rooms > 1 or len(self.addresses) > 1:
+        if self.args.rooms > 1 or len(self.addresses) > 1 or self.args.web:
             return all(c.drained for c in readers)
         last = max(c.rank for c in self.clients)
         return all(c.lines >= last - c.rank + c.json for c in readers)  # (+ format: json)
@@ -8596,7 +8673,17 @@ class Bench:
         if len(text) < self.args.size:
             text += " " + "x" * (self.args.size - len(text) - 1)
         client.seq += 1
-        return encode_line(text)
+        return self._wire(text)
+
+    def _wire(self, text):
+        """A line as this run's clients send it: a text line, or (--web) a
+        masked WebSocket frame (the mask all zeros: masked, and free)."""
+        if not self.args.web:
+            return encode_line(text)
+        payload = text.encode(ENCODING)
+        frame = ws_frame(payload)
+        return frame[:1] + bytes((frame[1] | 0x80,)) + frame[2:len(frame) - len(payload)] + (
+            b"\0\0\0\0" + payload)
 
     def _send_flood(self, client):
         """Keep a flood sender's socket full, building lines only as it drains."""
@@ -8706,6 +8793,7 @@ class Bench:
             "observers": len(observers),
             "rooms": args.rooms,
             "json_clients": sum(c.json for c in self.clients),
+            "web": args.web,
             "history_size": args.history,
             "slow": args.slow,
             "slow_read": args.slow_read,
@@ -8724,15 +8812,17 @@ def percentile(sorted_values, q):
     return sorted_values[min(len(sorted_values), int(rank)) - 1]
 
 
-def start_bench_server(clients, db, keep_all=False):
+def start_bench_server(clients, db, keep_all=False, web=False):
     """Start `chat.py server --port 0 --rate 0 --db DB` as a child; return
-    (process, port)."""
+    (process, port) (web: its --web port)."""
     command = [sys.executable, os.path.abspath(__file__), "server", "--host", DEFAULT_HOST,
                "--port", "0", "--rate", "0", "-q", "--db", db,
                "--max-clients", str(max(MAX_CLIENTS, clients + BENCH_SPARE_CLIENTS)),
                "--max-per-ip", "0"]
     if keep_all:
         command += ["--keep", "0"]  # a filled history is measured, not trimmed
+    if web:
+        command += ["--web", "0"]
     proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     deadline = time.monotonic() + BENCH_SERVER_START_S
@@ -8745,8 +8835,11 @@ def start_bench_server(clients, db, keep_all=False):
             raise BenchError("the server did not start: %s"
                              % ("".join(lines[-3:]).strip() or "no output"))
         lines.append(line)
-        if "listening on " in line:
+        if "listening on " in line and not web:
             port = int(line.rsplit(":", 1)[1])
+            break
+        if "the web page: " in line and web:
+            port = int(line.rstrip().rstrip("/").rsplit(":", 1)[1])
             break
     # Keep reading its stderr so that its log can never fill the pipe and block it;
     # its last lines say what the store cost.
@@ -8944,7 +9037,8 @@ def format_bench_table(result):
             result["slow"], "reading %d B/s" % result["slow_read"] if result["slow_read"]
             else "never reading", result["bursty"], "lines padded to %d bytes" % result["size"]
             if result["size"] else "short lines")
-         + (", %d in JSON mode" % result["json_clients"] if result.get("json_clients") else "")),
+         + (", WebSocket clients" if result.get("web") else ", %d in JSON mode"
+            % result["json_clients"] if result.get("json_clients") else "")),
         ("clients registered", "%d / %d" % (result["registered"], result["clients"])),
         ("registrations/s", "%.0f  (%.2f s)" % (result["registrations_per_s"],
                                                 result["register_s"])),
@@ -9243,6 +9337,9 @@ def build_parser():
                                                "(default %(default)s)")
     bench.add_argument("--size", type=non_negative_int, default=0, metavar="B",
                        help="pad each message to B bytes (default: no padding)")
+    bench.add_argument("--web", action="store_true",
+                       help="the clients are WebSockets (a started server serves --web; with "
+                            "--port, that is the server's web port)")
     bench.add_argument("--json-share", type=share_argument, default=0.0, metavar="F",
                        help="this share of the clients (0 to 1; 0.5: every other one) "
                             "switch to JSON mode after registering (default 0)")
@@ -9281,7 +9378,8 @@ def run_bench(args):
             db = os.path.join(folder, DB_FILE)
             if args.history:
                 fill_history(db, args.history)
-            server, port = start_bench_server(args.clients, db, keep_all=bool(args.history))
+            server, port = start_bench_server(args.clients, db, keep_all=bool(args.history),
+                                              web=args.web)
             host, label = DEFAULT_HOST, "chat.py server (started by the bench)"
         elif args.hosts:
             host, port = args.hosts[0]

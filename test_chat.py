@@ -5129,6 +5129,17 @@ class BenchTest(unittest.TestCase):
         self.assertGreater(result["server_cpu_s"], 0)
         self.assertGreater(result["server_peak_rss"], 1e6)
 
+    def test_websocket_clients_and_a_half_json_room(self):
+        for flags in (("--web",), ("--web", "--rooms", "2"), ("--json-share", "0.5")):
+            code, out, err = self.bench("--clients", "12", "--senders", "3", "--messages", "20",
+                                        *flags)
+            self.assertEqual(code, 0, (flags, err))
+            result = json.loads(out)
+            rooms = 2 if "--rooms" in flags else 1
+            self.assertEqual(result["deliveries_received"], 12 * 3 * 20 // rooms, flags)
+            self.assertIs(result["same_order"], True)
+            self.assertEqual(result["json_clients"], 12 if "--web" in flags else 6)
+
     def test_rooms_spread_the_clients_and_each_gets_its_rooms_lines(self):
         code, out, err = self.bench("--clients", "12", "--senders", "4", "--messages", "20",
                                     "--rooms", "3")
