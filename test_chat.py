@@ -2775,6 +2775,28 @@ class WebTest(ServerTestCase):
         self.assertEqual(self.ws(origin="http://127.0.0.1:%d" % self.web_port).status, 101)
         self.assertEqual(self.ws(origin="http://127.0.0.1:1").status, 403)
 
+    def test_a_silent_websocket_is_pinged_and_a_slow_request_is_closed(self):
+        shorten(self, WS_PING_S=0.2)
+        bob = self.ws("bob")
+        frame = bob.read_frame()
+        while frame[0] == 0x1:
+            frame = bob.read_frame()
+        self.assertEqual(frame, (0x9, b""))  # silent for WS_PING_S: pinged
+        self.server.limits.register_timeout = 0.3
+        with socket.create_connection(("127.0.0.1", self.web_port), timeout=TIMEOUT) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # never finished
+            self.assertEqual(sock.recv(100), b"")  # closed, bounded by the timeout
+
+    def test_web_origin_allows_a_named_site(self):
+        web = chat.Listener("127.0.0.1", 0, codec=chat.WEB_CODEC)
+        serve_in_thread(self, listeners=[web], web_origins=["https://chat.example.org"])
+        peer = WsPeer(web.address[1], origin="https://chat.example.org")
+        self.addCleanup(peer.close)
+        self.assertEqual(peer.status, 101)
+        other = WsPeer(web.address[1], origin="https://elsewhere.example.org")
+        self.addCleanup(other.close)
+        self.assertEqual(other.status, 403)
+
     def test_a_handshake_that_is_not_one_gets_400(self):
         self.assertEqual(http_get(self.web_port, "/ws")[0], 400)
 
@@ -2996,6 +3018,25 @@ class BrowserTest(ServerTestCase):
         self.assertEqual(text.count("said while ann was away"), 1, text)
         self.assertEqual(text.count("before the restart"), 1, text)
         self.assertLess(text.index("said while ann was away"), text.index("after she came back"))
+
+
+class WebProcessTest(unittest.TestCase):
+
+    def test_the_server_prints_the_pages_address(self):
+        proc = start_process(self, [sys.executable, CHAT_PY, "server", "--port", "0", "--web",
+                                    "0", "--db", ":memory:"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        log = []
+        while True:
+            line = proc.stderr.readline().decode()
+            self.assertTrue(line, log)
+            log.append(line)
+            found = re.search(r"the web page: (http://127\.0\.0\.1:(\d+)/)$", line.strip())
+            if found:
+                break
+        self.assertEqual(http_get(int(found.group(2)), "/health")[::2], (200, b"ok\n"))
+        proc.terminate()
+        self.assertEqual(proc.wait(TIMEOUT), 0)
 
 
 class MotdTest(ServerTestCase):
