@@ -4235,7 +4235,7 @@ class WebServing:
                                      WEB_PAGE_CSP.format(ws="ws://%s wss://%s" % (host, host)
                                                          if host else ""))
             elif request.path == "/health":
-                answer = http_answer(200, "ok\n", head_only=head_only)
+                answer = http_answer(200, "ok", head_only=head_only)
             elif request.path == "/metrics" and conn.ip not in EXEMPT_ADDRESSES:
                 answer = http_answer(403, "Forbidden: /metrics is for this machine only\n")
             elif request.path == "/metrics":
@@ -5465,7 +5465,9 @@ def ws_handshake_answer(key):
             "Connection: Upgrade\r\n"
             "Sec-WebSocket-Accept: %s\r\n"
             "X-Content-Type-Options: nosniff\r\n"
-            "Referrer-Policy: no-referrer\r\n\r\n" % ws_accept(key)).encode("ascii")
+            "Referrer-Policy: no-referrer\r\n"
+            "Content-Security-Policy: default-src 'none'\r\n\r\n" % ws_accept(key)
+            ).encode("ascii")
 
 
 def origin_allowed(origin, host, allowed=()):
@@ -7066,7 +7068,7 @@ class ClientRegistration:
             self._greeted()
         elif kind == "error":
             self._refused(fields["text"], text)
-        else:
+        elif not self.reconnecting:  # (coming back: the welcome and its news are old)
             self._show_server_line(text)
 
     def _refused(self, reason, text):
@@ -9471,7 +9473,11 @@ def read_motd(path):
         text = data.decode(ENCODING)
     except UnicodeDecodeError:
         raise ValueError("it is not UTF-8 text")
-    return [clean_text(line).rstrip() for line in text.splitlines()]
+    return [clean_text(ANSI_SEQUENCE.sub("", line)).rstrip() for line in text.splitlines()]
+
+
+# A terminal's escape sequence (colours, cursor moves), taken out whole.
+ANSI_SEQUENCE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]")
 
 
 def run_server(args):
