@@ -5229,7 +5229,9 @@ const $ = (id) => document.getElementById(id);
 const S = {ws: null, nick: "", password: "", roomPassword: "", registered: false, leaving: false,
   rooms: new Map(), order: [], current: null, view: null, privates: new Map(), others: [],
   lastIds: {}, resuming: false, catching: [], held: [], backoff: 1000, sent: [], recall: -1,
-  tried: false};
+  tried: false, roomsAsked: 0};
+// The other rooms, for the side bar: asked again now and then, unseen.
+setInterval(() => { if (S.registered) send("/rooms"); }, 20000);
 function el(tag, text, cls) { const e = document.createElement(tag); if (text !== undefined) e.textContent = text; if (cls) e.className = cls; return e; }
 function room(name) { if (!S.rooms.has(name)) S.rooms.set(name, {name, lines: [], unread: 0, topic: null, who: []}); return S.rooms.get(name); }
 function priv(nick) { const key = "@" + nick.toLowerCase(); if (!S.privates.has(key)) S.privates.set(key, {name: nick, lines: [], unread: 0, key}); return S.privates.get(key); }
@@ -5322,7 +5324,11 @@ function handle(obj) {
   }
   if (t === "topic") { const r = room(obj.room); r.topic = obj.text; add(r, obj, [[obj.text === null ? (obj.nick ? obj.nick + " cleared the topic" : "no topic") : "topic: " + obj.text + (obj.nick ? " (set by " + obj.nick + ")" : "")]], "notice"); return; }
   if (t === "who") { const r = room(obj.room); r.who = obj.nicks.map((n) => (obj.operators.includes(n) ? "@" : "") + n + (obj.away && obj.away.includes(n) ? " (away)" : "")); if (S.view === r) draw(); return; }
-  if (t === "rooms") { S.others = obj.rooms.map((r) => r.name); side(); sayNotice(obj.count + " online in " + obj.rooms.map((r) => r.name + " (" + r.count + ")").join(", ")); return; }
+  if (t === "rooms") {
+    S.others = obj.rooms.map((r) => r.name); side();
+    if (S.roomsAsked > 0) { S.roomsAsked--; sayNotice(obj.count + " online in " + obj.rooms.map((r) => r.name + " (" + r.count + ")").join(", ")); }
+    return;
+  }
   if (t === "pong") { if (obj.token === "web-resume") resumed(); return; }
   if (t === "notice" && obj.room !== undefined) { if (obj.room) { S.current = obj.room; S.view = room(obj.room); draw(); } else S.current = null; }
   if (t === "error") return sayNotice("!!! " + obj.text, "error");
@@ -5382,7 +5388,7 @@ $("say").onsubmit = (ev) => {
   if (!text.trim()) return;
   S.sent.push(text); S.recall = S.sent.length; box.value = "";
   if (S.view && S.view.key && !text.startsWith("/")) send("/msg " + S.view.name + " " + text);
-  else { if (/^\/quit\b/i.test(text)) S.leaving = true; send(text); }
+  else { if (/^\/quit\b/i.test(text)) S.leaving = true; if (/^\/rooms\s*$/i.test(text)) S.roomsAsked++; send(text); }
 };
 $("message").onkeydown = (ev) => {
   if (ev.key === "ArrowUp" && S.recall > 0) { S.recall--; ev.target.value = S.sent[S.recall]; ev.preventDefault(); }
