@@ -7384,6 +7384,9 @@ class ClientSession(ClientJson, ClientReconnect, ClientRegistration):
             return
         if self.quit_deadline is not None:
             return
+        if (self.reconnecting or self.resume is not None) and not self.interactive:
+            self.leave_when_back = True  # going back in: what was typed goes first
+            return
         if self.interactive:
             self.io.erase_input()  # a half-typed line is dropped
             self.notice("leaving...")

@@ -3799,17 +3799,23 @@ class ClientResumeTest(ServerTestCase):
     def setUp(self):
         self.start_server(op_password="sekrit")
 
-    def test_lines_said_while_away_are_shown_once_in_order(self):
+    def operator_bob_and_a_reconnecting_alice(self, move="/join"):
+        """bob, an operator in #rust (to kick alice), and alice, the bundled
+        client with --reconnect, piped, just registered."""
         bob = self.join("bob")
         bob.send_line("/op sekrit")
-        bob.send_line("/join #rust")
+        bob.send_line(move + " #rust")
         bob.wait_for("*** bob joined #rust (1 here)")
-        bob.send_line("said before")
         alice = start_process(self, [sys.executable, CHAT_PY, "client", "--name", "alice",
                                      "--port", str(self.port), "--reconnect"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE)
         read_until(alice, "*** alice joined (2 online)")
+        return bob, alice
+
+    def test_lines_said_while_away_are_shown_once_in_order(self):
+        bob, alice = self.operator_bob_and_a_reconnecting_alice()
+        bob.send_line("said before")
         alice.stdin.write(b"/join #rust\n")
         alice.stdin.flush()
         bob.wait_for("*** alice joined #rust (2 here)")
@@ -3832,24 +3838,8 @@ class ClientResumeTest(ServerTestCase):
             "* bob away 3", "<bob> back"], out)
         self.assertRegex("\n".join(out), r"\*\*\* [34] messages in #rust while you were away ")
 
-
-class ClientRoomsTest(ServerTestCase):
-    """The bundled client in several rooms: lines of the others marked with
-    their room, and --reconnect back in every room, each caught up."""
-
-    def setUp(self):
-        self.start_server(op_password="sekrit")
-
-    def test_reconnect_rejoins_every_room_and_catches_each_up(self):
-        bob = self.join("bob")
-        bob.send_line("/op sekrit")
-        bob.send_line("/open #rust")
-        bob.wait_for("*** bob joined #rust (1 here)")
-        alice = start_process(self, [sys.executable, CHAT_PY, "client", "--name", "alice",
-                                     "--port", str(self.port), "--reconnect"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE)
-        read_until(alice, "*** alice joined (2 online)")
+    def test_in_several_rooms_it_rejoins_every_room_and_catches_each_up(self):
+        bob, alice = self.operator_bob_and_a_reconnecting_alice("/open")
         bob.wait_for("#lobby *** alice joined (2 online)")
         alice.stdin.write(b"/open #rust\n/open #go\n")
         alice.stdin.flush()
@@ -4297,6 +4287,21 @@ class ClientSessionTest(unittest.TestCase):
             "*** 1 message in #rust while you were away (local times):", "<cy> missed too",
             "*** end of history", "#rust <cy> live, held"])
         self.assertEqual((session.prompt(), session.joined), ("#lobby> ", ["#lobby", "#rust"]))
+
+    def test_piped_input_ending_while_it_catches_up_quits_after_what_was_typed(self):
+        session, shell = self.registered_in_json(reconnect=True)
+        session.server_closed()
+        session.connected()
+        session.server_line(json.dumps({"type": "notice", "text": "format: json"}))
+        session.server_line(json.dumps({"type": "joined", "nick": "al", "room": "#lobby",
+                                        "count": 2}))
+        session.server_line(json.dumps({"type": "pong", "token": chat.RESUME_TOKEN}))
+        self.assertTrue(shell.sent.endswith(b"/history after 0\n"), shell.sent)  # catching up
+        session.typed("line", "back again")
+        session.end_of_input()
+        self.assertNotIn(b"/quit", shell.sent)  # not before what was typed
+        session.server_line(json.dumps({"type": "history_end", "room": "#lobby", "count": 0}))
+        self.assertTrue(shell.sent.endswith(b"back again\n/quit\n"), shell.sent)
 
     def test_its_own_join_back_to_the_lobby_is_a_move_and_a_reconnect_parts_first(self):
         session, shell = self.registered_in_json(reconnect=True)
