@@ -331,6 +331,7 @@ FORMATS = {
     "no_room": NOTICE + "you are in no room: /join ROOM",
     "away_set": NOTICE + "you are marked away: {text}",
     "away_back": NOTICE + "you are back",
+    "welcome": NOTICE + "welcome, {nick}",      # an IRC connection's registration
     "is_away": NOTICE + "{nick} is away: {text}",
     "kicked": NOTICE + "{nick} was kicked by {op} ({reason})",
     "banned": NOTICE + "{nick} was banned by {op} ({reason})",
@@ -726,6 +727,8 @@ class TextCodec:
     name = "text"
     switchable = True         # /format may change it
     http_first = False        # the chat greets it at once (a web one: once upgraded)
+    per_member = False        # its bytes for a line are the same for everyone
+    joins_lobby = True        # registering puts it in #lobby (an IRC one: in no room)
 
     @staticmethod
     def reader(max_line):
@@ -741,11 +744,11 @@ class TextCodec:
         return parse_line(text) if text.strip() else None
 
     @staticmethod
-    def encode(line):
+    def encode(line, conn=None):
         return encode_line(line)
 
     @staticmethod
-    def encode_marked(line, room):
+    def encode_marked(line, room, conn=None):
         """A room's line for a connection whose current room is another."""
         return encode_line(room.name + " " + line)
 
@@ -756,11 +759,11 @@ class JsonCodec(TextCodec):
     name = "json"
 
     @staticmethod
-    def encode(line):
+    def encode(line, conn=None):
         return json_bytes(line)
 
     @staticmethod
-    def encode_marked(line, room):
+    def encode_marked(line, room, conn=None):
         return json_bytes(line)  # its object names its room
 
 
@@ -778,11 +781,11 @@ class WebCodec(JsonCodec):
         return WebReader(max_line)
 
     @staticmethod
-    def encode(line):
+    def encode(line, conn=None):
         return ws_frame(json_bytes(line)[:-1])  # (the object, without its line end)
 
     @staticmethod
-    def encode_marked(line, room):
+    def encode_marked(line, room, conn=None):
         return ws_frame(json_bytes(line)[:-1])  # its object names its room
 
 
@@ -967,7 +970,8 @@ def notice(text):
 def error(name, **fields):
     """The error line called name in ERRORS, with its code for JSON mode."""
     code, template = ERRORS[name]
-    return format_line("error", text=template.format(**fields)).having(code=code)
+    return format_line("error", text=template.format(**fields)).having(
+        code=code, name=name, args=fields)  # (name and args: for an IRC numeric)
 
 
 def error_line(text):
@@ -2409,7 +2413,9 @@ class RoomCommands:
             self.network.unwatch(room.key)
 
     def _welcome(self, conn, room):
-        """Just in room: its topic, then its last messages."""
+        """Just in room: its topic, then its last messages (IRC: and its names)."""
+        if conn.codec.per_member:
+            self._cmd_who(conn, room.name)
         if room.topic is not None:
             self.io.send(conn, format_line("topic", room=room.name, text=room.topic,
                                            nick=room.topic_nick))
@@ -3204,6 +3210,8 @@ class Chat(RoomCommands, AccountCommands, OperatorCommands):
             self._check_password(conn, arg)
         else:
             self.io.send(conn, error("password_required"))
+            if conn.codec.per_member:  # (IRC: a missing password closes, as a wrong one)
+                self.io.close(conn)
 
     def _nickname_line(self, conn, command, arg):
         """A nickname (a line, or /nick); /quit is allowed."""
@@ -3284,7 +3292,8 @@ class Chat(RoomCommands, AccountCommands, OperatorCommands):
             else:
                 self._registered(conn, nick, then, online)
         self._ask_network(conn, lambda answer: self.network.claim(
-            nick_key(nick), RemoteUser(nick, [self.lobby.key]), answer, force), claimed)
+            nick_key(nick), RemoteUser(nick, [self.lobby.key] if conn.codec.joins_lobby else []),
+            answer, force), claimed)
 
     def _ask_network(self, conn, ask, answered):
         """ask(answer): a question to the network, answered(...) with what it
@@ -3311,8 +3320,13 @@ class Chat(RoomCommands, AccountCommands, OperatorCommands):
         self.io.log("%s joined from %s" % (nick, conn.name))
         conn.name = nick
         count = self.online() if online is None else online
-        self._arrive(conn, self.lobby, format_line("joined", nick=nick, count=count)
-                     .having(room=self.lobby.name))
+        if conn.codec.joins_lobby:
+            self._arrive(conn, self.lobby, format_line("joined", nick=nick, count=count)
+                         .having(room=self.lobby.name))
+        else:  # (IRC: in no room, announced by the channels it joins)
+            self._place(conn)
+            self.io.send(conn, format_line("welcome", nick=nick).having(
+                motd=self.motd, max_joined=self.limits.max_joined))
         if then is not None:
             then()
 
@@ -3634,10 +3648,10 @@ def rendered(room, line, conn):
         if person in seen:
             return b""
         seen.append(person)
-        return conn.codec.encode(line)
+        return conn.codec.encode(line, conn)
     if conn.focus is not room:
-        return conn.codec.encode_marked(line, room)
-    return conn.codec.encode(line)
+        return conn.codec.encode_marked(line, room, conn)
+    return conn.codec.encode(line, conn)
 
 
 class Pass:
@@ -3658,7 +3672,8 @@ class Pass:
         """What conn gets of it, from offset on (a latecomer). (The most
         common case, text in its current room, _deliver takes itself.)"""
         current = conn.focus is self.room
-        if self.about_person or offset and not (current and conn.codec is TEXT_CODEC):
+        if self.about_person or conn.codec.per_member or offset and not (
+                current and conn.codec is TEXT_CODEC):
             return b"".join(rendered(self.room, line, conn) for start, line in self.lines
                             if start >= offset)  # its own: rare
         if current and conn.codec is TEXT_CODEC:
@@ -4509,7 +4524,7 @@ class ChatServer(Acceptor, Reading, NetworkFeed, WebServing):
         line = notice(SHUTDOWN_NOTICE)
         for conn in self.conns:
             if conn.phase not in (CLOSING, CLOSED) and not conn.handshake_wait:
-                conn.outbuf += conn.codec.encode(line)
+                conn.outbuf += conn.codec.encode(line, conn)
                 self.dirty.add(conn)
         deadline = time.monotonic() + SHUTDOWN_FLUSH_S
         while True:
@@ -4577,7 +4592,7 @@ class ChatServer(Acceptor, Reading, NetworkFeed, WebServing):
         if conn.phase == CLOSED:
             return
         self._catch_up(conn)
-        conn.outbuf += conn.codec.encode(text)
+        conn.outbuf += conn.codec.encode(text, conn)
         self.dirty.add(conn)
 
     def _catch_up(self, conn):
@@ -5492,6 +5507,276 @@ def origin_allowed(origin, host, allowed=()):
                 and (parts.port or default) == (came_to.port or default))
     except ValueError:  # a port that is not a number
         return False
+
+
+# --- IRC ----------------------------------------------------------------------
+# --irc PORT: IRC clients (irssi, WeeChat, bots) in the same chat. The
+# IrcReader turns each IRC line into the chat's own commands (JOIN #a is
+# /open #a, PRIVMSG #a :hi is /msg #a hi...), and the IrcCodec renders each
+# Line as IRC lines for its connection (numerics name the recipient, and a
+# message is not echoed to its sender). A channel is a room. A first part:
+# registration, the welcome and the MOTD, channels, messages, topics,
+# names, list, away, quit, kick, oper; no IRCv3 capabilities yet.
+
+IRC_SERVER = "chat.py"
+IRC_HOST = "chat.py"                  # the host part of every user's prefix
+IRC_LINE_BYTES = 512 + 8191           # a message's body and its tags, at most
+
+
+def irc_parse(line):
+    """(verb, [params]) of an IRC line (bytes), tags and prefix dropped; None if empty."""
+    text = line.decode(ENCODING, "replace")  # (cleaned as the chat's lines, once translated)
+    if text.startswith("@"):
+        text = text.partition(" ")[2]
+    if text.startswith(":"):
+        text = text.partition(" ")[2]
+    text = text.lstrip(" ")
+    if not text:
+        return None
+    head, colon, trailing = text.partition(" :")
+    params = head.split()
+    if colon:
+        params.append(trailing)
+    elif text.endswith(" :"):
+        params.append("")
+    return params[0].upper(), params[1:]
+
+
+class IrcReader(LineReader):
+    """An IRC connection's input: IRC lines in, the chat's lines out (what
+    pop_line() gives); what IRC answers at once (PONG, CAP) goes to answers."""
+
+    __slots__ = ("out", "nick", "user", "capping", "registered")
+
+    def __init__(self, max_line=MAX_LINE_BYTES):
+        super().__init__(max(max_line, IRC_LINE_BYTES))
+        self.out = collections.deque()
+        self.nick = None          # NICK given before USER: sent once registering may go on
+        self.user = False         # USER given
+        self.capping = False      # CAP LS without CAP END yet: registering waits
+        self.registered = False   # the nick went to the chat
+
+    def feed(self, data):
+        """Take what came (no telnet filtering: IRC clients send none), and
+        translate its whole lines now: what IRC answers at once (PONG, CAP)
+        goes out with this read."""
+        self.buf += data
+        while True:
+            line = super().pop_line()
+            if line is None:
+                return
+            if line is TOO_LONG:
+                self.out.append(TOO_LONG)
+                continue
+            parsed = irc_parse(line)
+            if parsed is not None:
+                self._translate(*parsed)
+
+    def has_line(self):
+        return bool(self.out)
+
+    def pop_line(self):
+        return self.out.popleft() if self.out else None
+
+    def _say(self, text):
+        self.out.append(text.encode(ENCODING))
+
+    def _answer(self, text):
+        self.answers += (text + "\r\n").encode(ENCODING)
+
+    def _register_if_ready(self):
+        if self.nick and self.user and not self.capping and not self.registered:
+            self.registered = True
+            self._say("/nick " + self.nick)
+
+    def _translate(self, verb, params):
+        first = params[0] if params else ""
+        rest = params[1] if len(params) > 1 else ""
+        if verb == "CAP":
+            sub = first.upper()
+            if sub == "LS":
+                self.capping = True
+                self._answer(":%s CAP * LS :" % IRC_SERVER)
+            elif sub == "REQ":
+                self._answer(":%s CAP * NAK :%s" % (IRC_SERVER, rest))
+            elif sub == "END":
+                self.capping = False
+                self._register_if_ready()
+        elif verb == "PASS":
+            self._say("/pass " + first)
+        elif verb == "NICK":
+            if self.registered:
+                self._say("/nick " + first)
+            else:
+                self.nick = first
+                self._register_if_ready()
+        elif verb == "USER":
+            self.user = True
+            self._register_if_ready()
+        elif verb == "PING":
+            self._answer(":%s PONG %s :%s" % (IRC_SERVER, IRC_SERVER, first))
+        elif verb == "PONG":
+            pass
+        elif verb == "JOIN":
+            for channel in filter(None, first.split(",")):
+                self._say("/open " + channel)
+        elif verb == "PART":
+            for channel in filter(None, first.split(",")):
+                self._say("/part " + channel)
+        elif verb in ("PRIVMSG", "NOTICE"):
+            for target in filter(None, first.split(",")):
+                if rest.startswith("\x01ACTION ") and target.startswith("#"):
+                    self._say("/open " + target)
+                    self._say("/me " + rest[len("\x01ACTION "):].rstrip("\x01"))
+                elif not rest.startswith("\x01"):  # (other CTCP: not answered)
+                    self._say("/msg %s %s" % (target, rest))
+        elif verb == "QUIT":
+            self._say("/quit " + first)
+        elif verb == "TOPIC":
+            self._say("/open " + first)
+            self._say("/topic" if len(params) < 2 else "/topic " + (rest or "-"))
+        elif verb == "NAMES":
+            for channel in filter(None, first.split(",")):
+                self._say("/who " + channel)
+        elif verb == "LIST":
+            self._say("/rooms")
+        elif verb == "AWAY":
+            self._say("/away " + first)
+        elif verb == "KICK":
+            self._say("/kick %s %s" % (rest, params[2] if len(params) > 2 else ""))
+        elif verb == "OPER":
+            self._say("/op " + rest)
+        elif verb == "MODE":
+            nick = self.nick or "*"
+            if first.startswith("#"):
+                self._answer(":%s 324 %s %s +n" % (IRC_SERVER, nick, first))
+            else:
+                self._answer(":%s 221 %s +" % (IRC_SERVER, nick))
+        elif verb in ("WHO", "WHOIS"):
+            end = "315" if verb == "WHO" else "318"
+            self._answer(":%s %s %s %s :End of /%s list" % (IRC_SERVER, end, self.nick or "*",
+                                                            first, verb))
+        else:  # BAN, UNBAN, MUTE, UNMUTE, BANS are chat.py's own; anything else: 421
+            self._say("/%s %s" % (verb.lower(), " ".join(params)))
+
+
+def _irc_user(nick):
+    return "%s!%s@%s" % (nick, nick, IRC_HOST)
+
+
+# Errors that IRC has a numeric for: (numeric, what goes between the nick and the text).
+IRC_ERRORS = {"nick_taken": ("433", "{nick}"), "nick_kept": ("433", "{nick}"),
+              "nick_registered": ("433", "{nick}"), "nick_too_long": ("432", "*"),
+              "nick_characters": ("432", "{nick}"), "nick_scripts": ("432", "{nick}"),
+              "unknown_command": ("421", "{command}"), "not_registered": ("451", ""),
+              "password_required": ("464", ""), "wrong_password": ("464", ""),
+              "not_in_room": ("442", "{room}"), "no_such_user": ("401", "{nick}"),
+              "muted": ("404", "*"), "operators_only": ("481", ""), "banned": ("465", ""),
+              "usage": ("461", "*"), "in_no_room": ("442", "*")}
+
+
+class IrcCodec(TextCodec):
+    """An IRC connection (--irc). Renders for one connection: not shared."""
+
+    name = "irc"
+    switchable = False
+    per_member = True
+    joins_lobby = False       # an IRC connection is in the channels it JOINs
+
+    @staticmethod
+    def reader(max_line):
+        return IrcReader(max_line)
+
+    @staticmethod
+    def encode(line, conn=None):
+        return b"".join((text + "\r\n").encode(ENCODING) for text in irc_lines(line, conn))
+
+    @staticmethod
+    def encode_marked(line, room, conn=None):
+        return IrcCodec.encode(line, conn)
+
+
+def irc_lines(line, conn):
+    """The IRC lines (str) a Line is for one connection ([]: none)."""
+    kind, f, x = line.kind, line.fields, line.extra
+    me = (conn.nick if conn is not None else None) or "*"
+    server = ":" + IRC_SERVER
+    if kind in ("message", "action"):
+        if f["nick"] == me:
+            return []  # (no echo-message: the sender shows its own)
+        text = f["text"] if kind == "message" else "\x01ACTION %s\x01" % f["text"]
+        return [":%s PRIVMSG %s :%s" % (_irc_user(f["nick"]), x.get("room"), text)]
+    if kind == "private":
+        return [":%s PRIVMSG %s :%s" % (_irc_user(f["nick"]), me, f["text"])]
+    if kind == "welcome":
+        motd = x.get("motd") or ()
+        lines = ["%s 001 %s :Welcome to the chat.py network, %s" % (server, me, me),
+                 "%s 002 %s :Your host is %s" % (server, me, IRC_SERVER),
+                 "%s 003 %s :This server speaks the chat.py protocol too" % (server, me),
+                 "%s 004 %s %s chat.py-3 o n" % (server, me, IRC_SERVER),
+                 "%s 005 %s CASEMAPPING=rfc8265 CHANTYPES=# NICKLEN=%d CHANNELLEN=%d "
+                 "TOPICLEN=%d CHANLIMIT=#:%s NETWORK=chat.py :are supported by this server"
+                 % (server, me, MAX_NICK_CHARS, MAX_ROOM_CHARS + 1, MAX_LINE_BYTES,
+                    x.get("max_joined", ""))]
+        if not motd:
+            return lines + ["%s 422 %s :MOTD File is missing" % (server, me)]
+        return lines + ["%s 375 %s :- %s Message of the day -" % (server, me, IRC_SERVER)] + [
+            "%s 372 %s :- %s" % (server, me, text) for text in motd] + [
+            "%s 376 %s :End of /MOTD command" % (server, me)]
+    if kind in ("joined", "joined_room"):
+        return [":%s JOIN %s" % (_irc_user(f["nick"]), f.get("room") or x.get("room"))]
+    if kind == "left":
+        if "person" in x:
+            return [":%s QUIT :%s" % (_irc_user(f["nick"]), f["reason"])]
+        return [":%s PART %s :%s" % (_irc_user(f["nick"]), x.get("room"), f["reason"])]
+    if kind == "renamed":
+        return [":%s NICK :%s" % (_irc_user(f["old"]), f["new"])]
+    if kind == "topic":
+        return ["%s 332 %s %s :%s" % (server, me, f["room"], f["text"])]
+    if kind == "no_topic":
+        return ["%s 331 %s %s :No topic is set" % (server, me, f["room"])]
+    if kind in ("topic_set", "topic_cleared"):
+        return [":%s TOPIC %s :%s" % (_irc_user(f["nick"]), x.get("room"), f.get("text", ""))]
+    if kind == "who":
+        members = x.get("members", [])
+        names = " ".join(("@" if op else "") + nick for nick, op, away in members)
+        return ["%s 353 %s = %s :%s" % (server, me, f["room"], names),
+                "%s 366 %s %s :End of /NAMES list" % (server, me, f["room"])]
+    if kind == "rooms":
+        rooms = [item.rpartition(" (") for item in filter(None, f["list"].split(", "))]
+        return (["%s 321 %s Channel :Users  Name" % (server, me)]
+                + ["%s 322 %s %s %s :" % (server, me, name, count.rstrip(")"))
+                   for name, _, count in rooms]
+                + ["%s 323 %s :End of /LIST" % (server, me)])
+    if kind in ("kicked", "banned"):
+        return [":%s KICK %s %s :%s" % (_irc_user(f["op"]), x.get("room"), f["nick"],
+                                        f.get("reason", ""))]
+    if kind == "pong":
+        return ["%s PONG %s :%s" % (server, IRC_SERVER, f["token"])]
+    if kind == "away_set":
+        return ["%s 306 %s :You have been marked as being away" % (server, me)]
+    if kind == "away_back":
+        return ["%s 305 %s :You are no longer marked as being away" % (server, me)]
+    if kind == "is_away":
+        return ["%s 301 %s %s :%s" % (server, me, f["nick"], f["text"])]
+    if kind == "history":  # a replay, in the v2 history-line form
+        return ["%s NOTICE %s :%s" % (server, x.get("room") or me, line)]
+    if kind in ("talking_in", "no_room", "private_echo", "history_end", "history_last",
+                "history_after", "history_search", "no_history", "no_history_after",
+                "no_match", "offline_start", "offline_end"):
+        return []
+    if kind == "error":
+        numeric = IRC_ERRORS.get(x.get("name"))
+        if numeric is not None:
+            middle = numeric[1].format(**x.get("args", {})) if numeric[1] else ""
+            return ["%s %s %s%s :%s" % (server, numeric[0], me, " " + middle if middle else "",
+                                        f["text"])]
+    text = line[len(ERROR):] if kind == "error" else line[len(NOTICE):] if line.startswith(
+        NOTICE) else str(line)
+    return ["%s NOTICE %s :%s" % (server, me, text)]
+
+
+IRC_CODEC = IrcCodec()
 
 
 # --- Several servers, one chat (Redis) ----------------------------------------
@@ -9242,6 +9527,12 @@ def build_parser():
                         metavar="ORIGIN,ORIGIN",
                         help="pages of these origins may open a WebSocket too "
                              "(https://example.org); by default only the page's own")
+    server.add_argument("--irc", type=port_number, metavar="PORT",
+                        help="also let IRC clients (irssi, WeeChat, bots) in on PORT")
+    server.add_argument("--ircs", type=port_number, metavar="PORT",
+                        help="the same over TLS (needs --tls-cert and --tls-key)")
+    server.add_argument("--irc-host", metavar="HOST",
+                        help="the address --irc and --ircs listen on (default: --host)")
     server.add_argument("--motd-file", metavar="FILE",
                         help="the message of the day: its lines are said to each "
                              "connection after the greeting")
@@ -9547,6 +9838,14 @@ def run_server(args):
     listeners = []
     if args.web is not None:
         listeners.append(Listener(args.web_host or args.host, args.web, tls_context, WEB_CODEC))
+    if args.irc is not None:
+        listeners.append(Listener(args.irc_host or args.host, args.irc, None, IRC_CODEC))
+    if args.ircs is not None:
+        if tls_context is None:
+            sys.stderr.write("chat.py: --ircs needs --tls-cert and --tls-key\n")
+            store.close()
+            return 2
+        listeners.append(Listener(args.irc_host or args.host, args.ircs, tls_context, IRC_CODEC))
     server = ChatServer(args.host, args.port, limits, verbose=not args.quiet,
                         tls_context=tls_context, password=password, op_password=op_password,
                         store=store, replay=args.replay, operators=args.operators,

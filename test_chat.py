@@ -3039,6 +3039,142 @@ class WebProcessTest(unittest.TestCase):
         self.assertEqual(proc.wait(TIMEOUT), 0)
 
 
+# --- IRC ---------------------------------------------------------------------------
+
+class IrcPeer(Peer):
+    """A raw IRC client: CRLF lines; lines read are IRC lines."""
+
+    def send_line(self, text):
+        self.sock.sendall(text.encode("utf-8") + b"\r\n")
+
+    def read_line(self, timeout=TIMEOUT):
+        line = super().read_line(timeout)
+        return None if line is None else line.rstrip("\r")
+
+    def wait_for_irc(self, pattern):
+        """Skip lines until one matching the regular expression; return it."""
+        while True:
+            line = self.read_line()
+            if line is None:
+                raise AssertionError("closed before %r; saw %r" % (pattern, self.seen[-10:]))
+            if re.search(pattern, line):
+                return line
+
+
+class IrcTest(ServerTestCase):
+    """docs/protocol.md, "IRC" (a first part): registration, channels,
+    messages, and nc and IRC users in one room."""
+
+    def setUp(self):
+        self.irc = chat.Listener("127.0.0.1", 0, codec=chat.IRC_CODEC)
+        server = serve_in_thread(self, listeners=[self.irc], op_password="0p",
+                                 motd=["Be kind."])
+        self.server, self.port = server, server.address[1]
+
+    def irc_user(self, nick, caps=False):
+        peer = IrcPeer(self.irc.address[1])
+        self.addCleanup(peer.close)
+        if caps:
+            peer.send_line("CAP LS 302")
+        peer.send_line("NICK " + nick)
+        peer.send_line("USER %s 0 * :%s" % (nick, nick))
+        if caps:
+            peer.wait_for_irc(r"^:chat\.py CAP \* LS :")
+            peer.send_line("CAP END")
+        peer.wait_for_irc(r"^:chat\.py 001 %s :" % nick)
+        return peer
+
+    def test_registration_welcome_isupport_motd_and_ping(self):
+        ann = self.irc_user("ann", caps=True)
+        isupport = ann.wait_for_irc(r"^:chat\.py 005 ann ")
+        for token in ("CASEMAPPING=rfc8265", "CHANTYPES=#", "NICKLEN=24", "CHANNELLEN=",
+                      "TOPICLEN="):
+            self.assertIn(token, isupport)
+        ann.wait_for_irc(r"^:chat\.py 375 ann ")
+        self.assertEqual(ann.read_line(), ":chat.py 372 ann :- Be kind.")
+        ann.wait_for_irc(r"^:chat\.py 376 ann ")
+        ann.send_line("PING :lag-1")
+        ann.wait_for_irc(r"^:chat\.py PONG chat\.py :lag-1$")
+        bob = self.join("bob")  # an IRC user is in no room: not announced in the lobby
+        bob.send_line("/who")
+        bob.expect("*** 1 in #lobby: bob")
+        bob.send_line("/rooms")
+        bob.expect("*** 2 online in 1 room: #lobby (1)")
+
+    def test_irc_and_nc_users_in_one_channel(self):
+        ann = self.irc_user("ann")
+        bob = self.join("bob")
+        bob.send_line("/join #rust")
+        bob.expect("*** bob joined #rust (1 here)")
+        bob.send_line("said before")
+        bob.expect("<bob> said before")
+        ann.send_line("JOIN #rust,#go")
+        ann.wait_for_irc(r"^:ann!ann@chat\.py JOIN #rust$")
+        bob.expect("*** ann joined #rust (2 here)")
+        ann.wait_for_irc(r"^:chat\.py 353 ann = #rust :(ann bob|bob ann)$")
+        ann.wait_for_irc(r"^:chat\.py NOTICE #rust :\[\d{4}-\d\d-\d\d \d\d:\d\d\] <bob> said before$")
+        ann.wait_for_irc(r"^:ann!ann@chat\.py JOIN #go$")
+        ann.send_line("PRIVMSG #rust :hello from irc")
+        bob.expect("<ann> hello from irc")
+        ann.send_line("PRIVMSG #rust :\x01ACTION waves\x01")
+        bob.expect("* ann waves")
+        bob.send_line("hi ann")
+        bob.expect("<bob> hi ann")
+        ann.wait_for_irc(r"^:bob!bob@chat\.py PRIVMSG #rust :hi ann$")
+        bob.send_line("/msg ann psst")
+        ann.wait_for_irc(r"^:bob!bob@chat\.py PRIVMSG ann :psst$")
+        ann.send_line("PRIVMSG bob :back")
+        bob.expect("-> *ann* psst", "*ann* back")
+        ann.send_line("TOPIC #rust :ownership")
+        bob.expect("*** ann set the topic: ownership")
+        ann.send_line("NICK ann2")
+        bob.expect("*** ann is now known as ann2")
+        ann.wait_for_irc(r"^:ann!ann@chat\.py NICK :ann2$")
+        ann.send_line("PART #rust :bye")
+        bob.expect("*** ann2 left (parted)")
+        ann.send_line("QUIT :gone")
+        self.assertTrue(ann.expect_closed() is not None)
+        bob.send_line("/ping p")
+        bob.expect("*** pong p")
+
+    def test_errors_are_numerics(self):
+        ann = self.irc_user("ann")
+        other = IrcPeer(self.irc.address[1])
+        self.addCleanup(other.close)
+        other.send_line("NICK ann")
+        other.send_line("USER x 0 * :x")
+        other.wait_for_irc(r"^:chat\.py 433 \* ann :nickname ann is taken$")
+        other.send_line("NICK bad!nick")
+        other.wait_for_irc(r"^:chat\.py 432 \* bad!nick :")
+        ann.send_line("PRIVMSG #nowhere :hi")
+        ann.wait_for_irc(r"^:chat\.py 442 ann #nowhere :")
+        ann.send_line("PRIVMSG nobody :hi")
+        ann.wait_for_irc(r"^:chat\.py 401 ann nobody :")
+        ann.send_line("FROB x")
+        ann.wait_for_irc(r"^:chat\.py 421 ann frob :")
+        ann.send_line("KICK #lobby bob")
+        ann.wait_for_irc(r"^:chat\.py 481 ann :")
+
+
+class IrcPasswordTest(ServerTestCase):
+
+    def test_a_missing_password_gets_464_and_the_connection_is_closed(self):
+        irc = chat.Listener("127.0.0.1", 0, codec=chat.IRC_CODEC)
+        serve_in_thread(self, listeners=[irc], password="s3cret")
+        peer = IrcPeer(irc.address[1])
+        self.addCleanup(peer.close)
+        peer.send_line("NICK ann")
+        peer.send_line("USER ann 0 * :ann")
+        lines = peer.expect_closed()
+        self.assertTrue(any(re.match(r":chat\.py 464 \* :", line) for line in lines), lines)
+        good = IrcPeer(irc.address[1])
+        self.addCleanup(good.close)
+        good.send_line("PASS s3cret")
+        good.send_line("NICK ann")
+        good.send_line("USER ann 0 * :ann")
+        good.wait_for_irc(r"^:chat\.py 001 ann ")
+
+
 class MotdTest(ServerTestCase):
     """docs/protocol.md, "Away, and the message of the day": --motd-file."""
 
