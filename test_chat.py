@@ -20,6 +20,7 @@ import gc
 import glob
 import json
 import os
+import select
 import selectors
 import shutil
 import signal
@@ -3154,6 +3155,63 @@ class IrcTest(ServerTestCase):
         ann.wait_for_irc(r"^:chat\.py 421 ann frob :")
         ann.send_line("KICK #lobby bob")
         ann.wait_for_irc(r"^:chat\.py 481 ann :")
+
+
+IRSSI = shutil.which("irssi")
+
+
+class IrssiTest(ServerTestCase):
+    """A real IRC client: irssi (Debian's), on a pseudo-terminal, talks with
+    an nc user in one channel."""
+
+    @classmethod
+    def setUpClass(cls):
+        if IRSSI is None:
+            raise unittest.SkipTest("no irssi (Debian: apt-get install irssi; .ci/run "
+                                    "installs it): the irssi test is skipped")
+
+    def test_irssi_joins_a_channel_and_talks_with_an_nc_user(self):
+        import pty
+        irc = chat.Listener("127.0.0.1", 0, codec=chat.IRC_CODEC)
+        server = serve_in_thread(self, listeners=[irc])
+        self.port = server.address[1]
+        bob = self.join("bob")
+        bob.send_line("/join #rust")
+        bob.expect("*** bob joined #rust (1 here)")
+        bob.send_line("said before irssi came")
+        bob.expect("<bob> said before irssi came")
+        home = tempfile.mkdtemp(prefix="chat-irssi-")
+        self.addCleanup(shutil.rmtree, home, True)
+        master, slave = pty.openpty()
+        self.addCleanup(os.close, master)
+        import fcntl, termios  # Unix only, like the pseudo-terminal itself
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+        proc = start_process(self, [IRSSI, "--home=" + home, "-n", "ann", "-c", "127.0.0.1",
+                                    "-p", str(irc.address[1])],
+                             stdin=slave, stdout=slave, stderr=slave,
+                             env=dict(os.environ, TERM="xterm"), start_new_session=True)
+        os.close(slave)
+        screen = bytearray()
+
+        def until(wanted):
+            deadline = time.monotonic() + TIMEOUT
+            while wanted not in screen:
+                self.assertLess(time.monotonic(), deadline, "%r not on irssi's screen" % wanted)
+                if select.select([master], [], [], 0.1)[0]:
+                    screen.extend(os.read(master, 65536))
+
+        until(b"Welcome to the chat.py network")
+        os.write(master, b"/join #rust\r")
+        bob.expect("*** ann joined #rust (2 here)")
+        until(b"said before irssi came")  # the replay, as a notice
+        os.write(master, b"hello from irssi\r")
+        bob.expect("<ann> hello from irssi")
+        bob.send_line("hi irssi user")
+        bob.expect("<bob> hi irssi user")
+        until(b"hi irssi user")
+        os.write(master, b"/quit leaving now\r")
+        bob.expect("*** ann left (leaving now)")
+        proc.wait(TIMEOUT)
 
 
 class IrcPasswordTest(ServerTestCase):
