@@ -5671,7 +5671,7 @@ IRC_ERRORS = {"nick_taken": ("433", "{nick}"), "nick_kept": ("433", "{nick}"),
               "unknown_command": ("421", "{command}"), "not_registered": ("451", ""),
               "password_required": ("464", ""), "wrong_password": ("464", ""),
               "not_in_room": ("442", "{room}"), "no_such_user": ("401", "{nick}"),
-              "muted": ("404", "*"), "operators_only": ("481", ""), "banned": ("465", ""),
+              "muted": ("404", "*"), "operators_only": ("482", "*"), "banned": ("465", ""),
               "usage": ("461", "*"), "in_no_room": ("442", "*")}
 
 
