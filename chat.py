@@ -5521,6 +5521,8 @@ def origin_allowed(origin, host, allowed=()):
 IRC_SERVER = "chat.py"
 IRC_HOST = "chat.py"                  # the host part of every user's prefix
 IRC_LINE_BYTES = 512 + 8191           # a message's body and its tags, at most
+# The IRCv3 capabilities served (CAP LS), so far.
+IRC_CAPS = ("server-time", "message-tags", "echo-message", "batch", "multi-prefix")
 
 
 def irc_parse(line):
@@ -5546,7 +5548,7 @@ class IrcReader(LineReader):
     """An IRC connection's input: IRC lines in, the chat's lines out (what
     pop_line() gives); what IRC answers at once (PONG, CAP) goes to answers."""
 
-    __slots__ = ("out", "nick", "user", "capping", "registered")
+    __slots__ = ("out", "nick", "user", "capping", "registered", "caps", "nickserv")
 
     def __init__(self, max_line=MAX_LINE_BYTES):
         super().__init__(max(max_line, IRC_LINE_BYTES))
@@ -5555,6 +5557,8 @@ class IrcReader(LineReader):
         self.user = False         # USER given
         self.capping = False      # CAP LS without CAP END yet: registering waits
         self.registered = False   # the nick went to the chat
+        self.caps = set()         # the capabilities acknowledged (CAP REQ)
+        self.nickserv = 0         # NickServ questions whose answers are still to come
 
     def feed(self, data):
         """Take what came (no telnet filtering: IRC clients send none), and
@@ -5589,6 +5593,22 @@ class IrcReader(LineReader):
             self.registered = True
             self._say("/nick " + self.nick)
 
+    def _nickserv(self, text):
+        """Accounts the IRC way: PRIVMSG NickServ :REGISTER|IDENTIFY|HELP."""
+        words = text.split()
+        command = words[0].upper() if words else "HELP"
+        if command == "REGISTER" and len(words) >= 2:
+            self.nickserv += 1
+            self._say("/register " + words[-1])
+        elif command == "IDENTIFY" and len(words) >= 2:
+            self.nickserv += 1
+            nick = words[1] if len(words) >= 3 else (self.nick or "")
+            self._say("/login %s %s" % (nick, words[-1]))
+        else:
+            for line in NICKSERV_HELP:
+                self._answer(":NickServ!NickServ@%s NOTICE %s :%s" % (
+                    IRC_HOST, self.nick or "*", line))
+
     def _translate(self, verb, params):
         first = params[0] if params else ""
         rest = params[1] if len(params) > 1 else ""
@@ -5596,9 +5616,22 @@ class IrcReader(LineReader):
             sub = first.upper()
             if sub == "LS":
                 self.capping = True
-                self._answer(":%s CAP * LS :" % IRC_SERVER)
+                self._answer(":%s CAP %s LS :%s" % (IRC_SERVER, self.nick or "*",
+                                                    " ".join(IRC_CAPS)))
+            elif sub == "LIST":
+                self._answer(":%s CAP %s LIST :%s" % (IRC_SERVER, self.nick or "*",
+                                                      " ".join(sorted(self.caps))))
             elif sub == "REQ":
-                self._answer(":%s CAP * NAK :%s" % (IRC_SERVER, rest))
+                self.capping = self.capping or not self.registered
+                asked = rest.split()
+                wanted = [cap.lstrip("-") for cap in asked]
+                if all(cap in IRC_CAPS for cap in wanted):  # all of them, or none
+                    for cap in asked:
+                        (self.caps.discard if cap.startswith("-") else self.caps.add)(
+                            cap.lstrip("-"))
+                    self._answer(":%s CAP %s ACK :%s" % (IRC_SERVER, self.nick or "*", rest))
+                else:
+                    self._answer(":%s CAP %s NAK :%s" % (IRC_SERVER, self.nick or "*", rest))
             elif sub == "END":
                 self.capping = False
                 self._register_if_ready()
@@ -5628,6 +5661,8 @@ class IrcReader(LineReader):
                 if rest.startswith("\x01ACTION ") and target.startswith("#"):
                     self._say("/open " + target)
                     self._say("/me " + rest[len("\x01ACTION "):].rstrip("\x01"))
+                elif target.lower() == "nickserv" and verb == "PRIVMSG":
+                    self._nickserv(rest)
                 elif not rest.startswith("\x01"):  # (other CTCP: not answered)
                     self._say("/msg %s %s" % (target, rest))
         elif verb == "QUIT":
@@ -5660,6 +5695,11 @@ class IrcReader(LineReader):
             self._say("/%s %s" % (verb.lower(), " ".join(params)))
 
 
+NICKSERV_HELP = ("NickServ keeps chat.py accounts:",
+                 "REGISTER PASSWORD           make your nick an account",
+                 "IDENTIFY [NICK] PASSWORD    log in to your account")
+
+
 def _irc_user(nick):
     return "%s!%s@%s" % (nick, nick, IRC_HOST)
 
@@ -5689,21 +5729,45 @@ class IrcCodec(TextCodec):
 
     @staticmethod
     def encode(line, conn=None):
-        return b"".join((text + "\r\n").encode(ENCODING) for text in irc_lines(line, conn))
+        caps = conn.reader.caps if conn is not None else ()
+        tags = _irc_tags(line, caps)
+        return b"".join((tags + text + "\r\n").encode(ENCODING)
+                        for text in irc_lines(line, conn, caps))
 
     @staticmethod
     def encode_marked(line, room, conn=None):
         return IrcCodec.encode(line, conn)
 
 
-def irc_lines(line, conn):
+def _irc_tags(line, caps):
+    """A line's IRCv3 tags for a connection with these capabilities ("" or "@...; ")."""
+    tags = []
+    when = line.extra.get("when")
+    if "server-time" in caps and when is not None and line.kind in (
+            "message", "action", "private", "history", "joined", "joined_room", "left",
+            "renamed", "topic_set", "topic_cleared"):
+        tags.append("time=" + json_time(when))
+    if "message-tags" in caps and isinstance(line.extra.get("id"), int):
+        tags.append("msgid=%d" % line.extra["id"])
+    if "batch" in caps and "server-time" in caps and line.kind == "history" and not (
+            line.extra.get("offline")):
+        tags.append("batch=history")  # (a replay: inside its BATCH)
+    return "@%s " % ";".join(tags) if tags else ""
+
+
+def irc_lines(line, conn, caps=()):
     """The IRC lines (str) a Line is for one connection ([]: none)."""
     kind, f, x = line.kind, line.fields, line.extra
     me = (conn.nick if conn is not None else None) or "*"
     server = ":" + IRC_SERVER
+    reader = conn.reader if conn is not None else None
+    if reader is not None and reader.nickserv and kind in ("notice", "error"):
+        reader.nickserv -= 1  # the answer to a NickServ question: from NickServ
+        text = f["text"]
+        return [":NickServ!NickServ@%s NOTICE %s :%s" % (IRC_HOST, me, text)]
     if kind in ("message", "action"):
-        if f["nick"] == me:
-            return []  # (no echo-message: the sender shows its own)
+        if f["nick"] == me and "echo-message" not in caps:
+            return []  # (the sender shows its own)
         text = f["text"] if kind == "message" else "\x01ACTION %s\x01" % f["text"]
         return [":%s PRIVMSG %s :%s" % (_irc_user(f["nick"]), x.get("room"), text)]
     if kind == "private":
@@ -5730,7 +5794,13 @@ def irc_lines(line, conn):
             return [":%s QUIT :%s" % (_irc_user(f["nick"]), f["reason"])]
         return [":%s PART %s :%s" % (_irc_user(f["nick"]), x.get("room"), f["reason"])]
     if kind == "renamed":
-        return [":%s NICK :%s" % (_irc_user(f["old"]), f["new"])]
+        lines = [":%s NICK :%s" % (_irc_user(f["old"]), f["new"])] if (
+            f["old"] != f["new"]) else []
+        if reader is not None and reader.nickserv and f["new"] == me:
+            reader.nickserv -= 1  # IDENTIFY answered: logged in
+            lines.append(":NickServ!NickServ@%s NOTICE %s :You are now identified for %s"
+                         % (IRC_HOST, me, me))
+        return lines
     if kind == "topic":
         return ["%s 332 %s %s :%s" % (server, me, f["room"], f["text"])]
     if kind == "no_topic":
@@ -5759,8 +5829,17 @@ def irc_lines(line, conn):
         return ["%s 305 %s :You are no longer marked as being away" % (server, me)]
     if kind == "is_away":
         return ["%s 301 %s %s :%s" % (server, me, f["nick"], f["text"])]
+    if kind == "history" and "server-time" in caps and not x.get("offline"):
+        text = x["text"] if x.get("kind") == "message" else "\x01ACTION %s\x01" % x["text"]
+        return [":%s PRIVMSG %s :%s" % (_irc_user(x["nick"]), x.get("room"), text)]
+    if kind == "history" and "server-time" in caps:  # an offline message, while away
+        return [":%s PRIVMSG %s :%s" % (_irc_user(x["from"]), me, x["text"])]
     if kind == "history":  # a replay, in the v2 history-line form
         return ["%s NOTICE %s :%s" % (server, x.get("room") or me, line)]
+    if kind in ("history_last", "history_after", "history_search") and "batch" in caps:
+        return ["%s BATCH +history chathistory %s" % (server, f["room"])]
+    if kind == "history_end" and "batch" in caps and x.get("count"):
+        return ["%s BATCH -history" % server]
     if kind in ("talking_in", "no_room", "private_echo", "history_end", "history_last",
                 "history_after", "history_search", "no_history", "no_history_after",
                 "no_match", "offline_start", "offline_end"):
