@@ -5548,7 +5548,7 @@ class IrcReader(LineReader):
     """An IRC connection's input: IRC lines in, the chat's lines out (what
     pop_line() gives); what IRC answers at once (PONG, CAP) goes to answers."""
 
-    __slots__ = ("out", "nick", "user", "capping", "registered", "caps", "nickserv")
+    __slots__ = ("out", "nick", "user", "capping", "registered", "caps", "nickserv", "whos")
 
     def __init__(self, max_line=MAX_LINE_BYTES):
         super().__init__(max(max_line, IRC_LINE_BYTES))
@@ -5559,6 +5559,7 @@ class IrcReader(LineReader):
         self.registered = False   # the nick went to the chat
         self.caps = set()         # the capabilities acknowledged (CAP REQ)
         self.nickserv = 0         # NickServ questions whose answers are still to come
+        self.whos = 0             # WHO #channel asked: its /who answer is a WHO reply
 
     def feed(self, data):
         """Take what came (no telnet filtering: IRC clients send none), and
@@ -5687,6 +5688,9 @@ class IrcReader(LineReader):
                 self._answer(":%s 324 %s %s +n" % (IRC_SERVER, nick, first))
             else:
                 self._answer(":%s 221 %s +" % (IRC_SERVER, nick))
+        elif verb == "WHO" and first.startswith("#"):
+            self.whos += 1
+            self._say("/who " + first)
         elif verb in ("WHO", "WHOIS"):
             end = "315" if verb == "WHO" else "318"
             self._answer(":%s %s %s %s :End of /%s list" % (IRC_SERVER, end, self.nick or "*",
@@ -5807,6 +5811,12 @@ def irc_lines(line, conn, caps=()):
         return ["%s 331 %s %s :No topic is set" % (server, me, f["room"])]
     if kind in ("topic_set", "topic_cleared"):
         return [":%s TOPIC %s :%s" % (_irc_user(f["nick"]), x.get("room"), f.get("text", ""))]
+    if kind == "who" and reader is not None and reader.whos:
+        reader.whos -= 1  # the answer to WHO #channel: one 352 each, then 315
+        return ["%s 352 %s %s %s %s %s %s %s%s :0 %s" % (
+            server, me, f["room"], nick, IRC_HOST, IRC_SERVER, nick, "G" if away else "H",
+            "@" if op else "", nick) for nick, op, away in x.get("members", [])] + [
+            "%s 315 %s %s :End of /WHO list" % (server, me, f["room"])]
     if kind == "who":
         members = x.get("members", [])
         names = " ".join(("@" if op else "") + nick for nick, op, away in members)
