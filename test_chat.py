@@ -3181,12 +3181,18 @@ class IrcTest(ServerTestCase):
         ann.wait_for_irc(r"^:NickServ!NickServ@chat\.py NOTICE ann :IDENTIFY \[NICK\] PASSWORD")
         ann.send_line("QUIT")
         ann.expect_closed()
+        bob = self.join("bob")
+        bob.send_line("/msg ann while you were out")
+        bob.expect("-> *ann* while you were out",
+                   "*** ann is offline: they will get it when they log in")
         again = self.irc_user("guest")
         again.send_line("PRIVMSG NickServ :IDENTIFY ann wrong-password")
         again.wait_for_irc(r"^:NickServ!NickServ@chat\.py NOTICE guest :wrong nick or password$")
         again.send_line("PRIVMSG NickServ :IDENTIFY ann sekrit-password")
         again.wait_for_irc(r"^:guest!guest@chat\.py NICK :ann$")
         again.wait_for_irc(r"^:NickServ!NickServ@chat\.py NOTICE ann :You are now identified")
+        again.wait_for_irc(r"^:chat\.py NOTICE ann :\[\d{4}-\d\d-\d\d \d\d:\d\d\] "
+                           r"\*bob\* while you were out$")  # offline messages, the v2 form
 
     def test_errors_are_numerics(self):
         ann = self.irc_user("ann")
