@@ -5522,7 +5522,8 @@ IRC_SERVER = "chat.py"
 IRC_HOST = "chat.py"                  # the host part of every user's prefix
 IRC_LINE_BYTES = 512 + 8191           # a message's body and its tags, at most
 # The IRCv3 capabilities served (CAP LS), so far.
-IRC_CAPS = ("server-time", "message-tags", "echo-message", "batch", "multi-prefix")
+IRC_CAPS = ("server-time", "message-tags", "echo-message", "batch", "multi-prefix", "sasl")
+IRC_CAP_VALUES = {"sasl": "PLAIN"}    # (shown in CAP LS 302 as sasl=PLAIN)
 
 
 def irc_parse(line):
@@ -5548,7 +5549,8 @@ class IrcReader(LineReader):
     """An IRC connection's input: IRC lines in, the chat's lines out (what
     pop_line() gives); what IRC answers at once (PONG, CAP) goes to answers."""
 
-    __slots__ = ("out", "nick", "user", "capping", "registered", "caps", "nickserv", "whos")
+    __slots__ = ("out", "nick", "user", "capping", "registered", "caps", "nickserv", "whos",
+                 "sasl")
 
     def __init__(self, max_line=MAX_LINE_BYTES):
         super().__init__(max(max_line, IRC_LINE_BYTES))
@@ -5560,6 +5562,7 @@ class IrcReader(LineReader):
         self.caps = set()         # the capabilities acknowledged (CAP REQ)
         self.nickserv = 0         # NickServ questions whose answers are still to come
         self.whos = 0             # WHO #channel asked: its /who answer is a WHO reply
+        self.sasl = None          # "mechanism" (PLAIN asked), or "login" (sent: answer due)
 
     def feed(self, data):
         """Take what came (no telnet filtering: IRC clients send none), and
@@ -5594,6 +5597,41 @@ class IrcReader(LineReader):
             self.registered = True
             self._say("/nick " + self.nick)
 
+    def _authenticate(self, data):
+        """SASL PLAIN: the account's nick and password log in (the chat's
+        /login); its answer is 903, or 904 (then NICK registers as usual)."""
+        nick = self.nick or "*"
+        if "sasl" not in self.caps or self.registered:
+            self._answer(":%s 904 %s :SASL authentication failed" % (IRC_SERVER, nick))
+        elif self.sasl is None:
+            if data.upper() == "PLAIN":
+                self.sasl = "mechanism"
+                self._answer("AUTHENTICATE +")
+            else:
+                self._answer(":%s 908 %s PLAIN :are available SASL mechanisms" % (IRC_SERVER, nick))
+                self._answer(":%s 904 %s :SASL authentication failed" % (IRC_SERVER, nick))
+        elif data == "*":
+            self.sasl = None
+            self._answer(":%s 906 %s :SASL authentication aborted" % (IRC_SERVER, nick))
+        else:
+            import base64  # (only SASL needs it)
+            try:
+                _, account, password = base64.b64decode(data).decode(ENCODING).split("\0")
+            except ValueError:  # (binascii.Error and UnicodeDecodeError are ValueErrors)
+                self.sasl = None
+                self._answer(":%s 904 %s :SASL authentication failed" % (IRC_SERVER, nick))
+                return
+            self.sasl = "login"
+            self.registered = True  # (by the login: NICK waits for its answer)
+            self._say("/login %s %s" % (account, password))
+
+    def sasl_failed(self):
+        """The login was refused: registering goes on with NICK, at CAP END."""
+        self.sasl = None
+        self.registered = False
+        if not self.capping:
+            self._register_if_ready()
+
     def _nickserv(self, text):
         """Accounts the IRC way: PRIVMSG NickServ :REGISTER|IDENTIFY|HELP."""
         words = text.split()
@@ -5617,8 +5655,9 @@ class IrcReader(LineReader):
             sub = first.upper()
             if sub == "LS":
                 self.capping = True
-                self._answer(":%s CAP %s LS :%s" % (IRC_SERVER, self.nick or "*",
-                                                    " ".join(IRC_CAPS)))
+                self._answer(":%s CAP %s LS :%s" % (IRC_SERVER, self.nick or "*", " ".join(
+                    cap + ("=" + IRC_CAP_VALUES[cap] if cap in IRC_CAP_VALUES and params[1:2] == ["302"]
+                           else "") for cap in IRC_CAPS)))
             elif sub == "LIST":
                 self._answer(":%s CAP %s LIST :%s" % (IRC_SERVER, self.nick or "*",
                                                       " ".join(sorted(self.caps))))
@@ -5638,6 +5677,8 @@ class IrcReader(LineReader):
                 self._register_if_ready()
         elif verb == "PASS":
             self._say("/pass " + first)
+        elif verb == "AUTHENTICATE":
+            self._authenticate(first)
         elif verb == "NICK":
             if self.registered:
                 self._say("/nick " + first)
@@ -5765,6 +5806,9 @@ def irc_lines(line, conn, caps=()):
     me = (conn.nick if conn is not None else None) or "*"
     server = ":" + IRC_SERVER
     reader = conn.reader if conn is not None else None
+    if reader is not None and reader.sasl == "login" and kind == "error":
+        reader.sasl_failed()
+        return ["%s 904 %s :SASL authentication failed" % (server, me)]
     if reader is not None and reader.nickserv and kind in ("notice", "error"):
         reader.nickserv -= 1  # the answer to a NickServ question: from NickServ
         text = f["text"]
@@ -5778,7 +5822,13 @@ def irc_lines(line, conn, caps=()):
         return [":%s PRIVMSG %s :%s" % (_irc_user(f["nick"]), me, f["text"])]
     if kind == "welcome":
         motd = x.get("motd") or ()
-        lines = ["%s 001 %s :Welcome to the chat.py network, %s" % (server, me, me),
+        lines = []
+        if reader is not None and reader.sasl == "login":
+            reader.sasl = None
+            lines = ["%s 900 %s %s %s :You are now logged in as %s" % (
+                         server, me, _irc_user(me), me, me),
+                     "%s 903 %s :SASL authentication successful" % (server, me)]
+        lines += ["%s 001 %s :Welcome to the chat.py network, %s" % (server, me, me),
                  "%s 002 %s :Your host is %s" % (server, me, IRC_SERVER),
                  "%s 003 %s :This server speaks the chat.py protocol too" % (server, me),
                  "%s 004 %s %s chat.py-3 o n" % (server, me, IRC_SERVER),

@@ -3194,6 +3194,34 @@ class IrcTest(ServerTestCase):
         again.wait_for_irc(r"^:chat\.py NOTICE ann :\[\d{4}-\d\d-\d\d \d\d:\d\d\] "
                            r"\*bob\* while you were out$")  # offline messages, the v2 form
 
+    def test_sasl_plain_logs_in_to_an_account_and_a_wrong_password_falls_back(self):
+        import base64
+        owner = self.join("ann")
+        owner.send_line("/register sekrit-password")
+        owner.expect("*** ann is now your account: next time, /login ann PASSWORD")
+        owner.send_line("/quit")
+        owner.expect_closed()
+        for password, nick_after in (("wrong-password", "guest"), ("sekrit-password", "ann")):
+            peer = IrcPeer(self.irc.address[1])
+            self.addCleanup(peer.close)
+            peer.send_line("CAP LS 302")
+            peer.send_line("NICK guest")
+            peer.send_line("USER guest 0 * :guest")
+            self.assertIn("sasl=PLAIN", peer.wait_for_irc(r"^:chat\.py CAP \* LS :"))
+            peer.send_line("CAP REQ :sasl")
+            peer.wait_for_irc(r"^:chat\.py CAP guest ACK :sasl$")
+            peer.send_line("AUTHENTICATE PLAIN")
+            peer.wait_for_irc(r"^AUTHENTICATE \+$")
+            peer.send_line("AUTHENTICATE " + base64.b64encode(
+                ("\0ann\0" + password).encode()).decode())
+            if nick_after == "ann":
+                peer.wait_for_irc(r"^:chat\.py 900 ann ann!ann@chat\.py ann :")
+                peer.wait_for_irc(r"^:chat\.py 903 ann :SASL authentication successful$")
+            else:
+                peer.wait_for_irc(r"^:chat\.py 904 \* :SASL authentication failed$")
+            peer.send_line("CAP END")
+            peer.wait_for_irc(r"^:chat\.py 001 %s :" % nick_after)
+
     def test_errors_are_numerics(self):
         ann = self.irc_user("ann")
         other = IrcPeer(self.irc.address[1])
