@@ -39,6 +39,9 @@ The file, top to bottom:
                    must not hold the loop), Listener, ChatServer (with its
                    parts Acceptor, Reading, NetworkFeed: accept, TLS, read,
                    write, slow readers, timers, the feed, shutdown)
+    The web        --web: WebReader (HTTP, then WebSocket frames), the page
+                   (WEB_PAGE), WebCodec; WebServing answers and upgrades
+    IRC            --irc: IrcReader (IRC lines to the chat's commands), IrcCodec
     Several servers  RedisLink, RedisNetwork, RedisHistory: --redis, one
                    chat of several servers through one Redis stream
     Client         ClientSession (its decisions; parts ClientJson,
