@@ -499,11 +499,14 @@ class Line(str):
         by which a connection in several of those rooms gets only the first
         to reach it (see rendered())."""
         person = "%s.%d" % (PERSON_LINE_PREFIX, next(PERSON_LINE_NUMBERS))
-        extra = {name: value for name, value in self.extra.items() if name != "json"}
+        extra = {name: value for name, value in self.extra.items()
+                 if name not in RENDERED_EXTRAS}
         return [(room, Line(self, self.kind, self.fields).having(
             **dict(extra, room=room.name, person=person))) for room in rooms]
 
 
+# What a Line's extra caches of its renderings: never copied or sent on.
+RENDERED_EXTRAS = frozenset({"json", "irc"})
 # A line about a person has an id that is this process's alone (its copies go
 # through Redis to other servers too).
 PERSON_LINE_PREFIX = os.urandom(6).hex()
@@ -5778,13 +5781,29 @@ class IrcCodec(TextCodec):
     @staticmethod
     def encode(line, conn=None):
         caps = conn.reader.caps if conn is not None else ()
+        shared = conn is not None and line.kind in IRC_SHARED_KINDS and not (
+            conn.reader.nickserv or conn.reader.sasl)
+        if shared:  # a room's line: the same bytes for every member with these
+            key = (frozenset(caps), line.fields.get("nick") == conn.nick)  # caps and echo
+            cache = line.extra.setdefault("irc", {})
+            if key in cache:
+                return cache[key]
         tags = _irc_tags(line, caps)
-        return b"".join((tags + text + "\r\n").encode(ENCODING)
+        data = b"".join((tags + text + "\r\n").encode(ENCODING)
                         for text in irc_lines(line, conn, caps))
+        if shared:
+            cache[key] = data
+        return data
 
     @staticmethod
     def encode_marked(line, room, conn=None):
         return IrcCodec.encode(line, conn)
+
+
+# A room's broadcasts: what irc_lines makes of them depends only on the
+# connection's capabilities and whether it said the line (IrcCodec caches it).
+IRC_SHARED_KINDS = frozenset({"message", "action", "joined", "joined_room", "left",
+                              "topic_set", "topic_cleared", "kicked", "banned"})
 
 
 def _irc_tags(line, caps):
@@ -6374,7 +6393,8 @@ class RedisNetwork:
 
     def _publish_command(self, room_key, room_name, line):
         self.seq += 1
-        extra = {name: value for name, value in line.extra.items() if name != "json"}
+        extra = {name: value for name, value in line.extra.items()
+                 if name not in RENDERED_EXTRAS}
         entry = json.dumps({"o": self.server_id, "s": self.seq, "r": room_key,
                             "m": room_name, "k": line.kind, "f": line.fields, "x": extra},
                            ensure_ascii=False)

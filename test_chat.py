@@ -3169,9 +3169,14 @@ class IrcTest(ServerTestCase):
         ann.wait_for_irc(r"^@time=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z;msgid=1;batch=history "
                          r":bob!bob@chat\.py PRIVMSG #rust :old one$")
         ann.wait_for_irc(r"^:chat\.py BATCH -history$")
+        cy = self.irc_user("cy")  # without capabilities: the same line, without tags
+        cy.send_line("JOIN #rust")
+        ann.wait_for_irc(r"^:cy!cy@chat\.py JOIN #rust$")
         ann.send_line("PRIVMSG #rust :echoed")
+        cy.wait_for_irc(r"^:ann!ann@chat\.py PRIVMSG #rust :echoed$")
         ann.wait_for_irc(r"^@time=[^;]+;msgid=2 :ann!ann@chat\.py PRIVMSG #rust :echoed$")
-        bob.expect("*** ann joined #rust (2 here)", "<ann> echoed")
+        bob.expect("*** ann joined #rust (2 here)", "*** cy joined #rust (3 here)",
+                   "<ann> echoed")
 
     def test_nickserv_registers_and_identifies(self):
         ann = self.irc_user("ann")
@@ -6549,7 +6554,9 @@ class RedisFaultTest(RedisCase):
         self.quick_outages()
         url = self.start_redis()
         alice = self.alice_on(self.serve_on_redis(url))
-        chat.BlockingRedis(chat.RedisAddress(url)).call("SCRIPT", "FLUSH")
+        flusher = chat.BlockingRedis(chat.RedisAddress(url))
+        flusher.call("SCRIPT", "FLUSH")
+        flusher.close()
         alice.send_line("lost?")
         alice.wait_for("!!! " + chat.NOT_SENT_NETWORK)  # told, then back with the scripts
         alice.wait_for("*** " + chat.NETWORK_BACK)
