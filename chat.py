@@ -384,6 +384,7 @@ class Command(collections.namedtuple("Command", "name usage help who network")):
 
 
 MEMBERS, OPERATORS, TO_BECOME_OPERATOR = "members", "operators", "to become one"
+IRC_CLIENTS = "irc clients"   # what IRC's verbs ask of the chat (no /help line; others: 421)
 
 # Every command, in the order /help lists them. Adding one is a row here, a
 # _cmd_ method of Chat, and the FORMATS and ERRORS of its answers.
@@ -440,6 +441,7 @@ COMMAND_TABLE = (
     Command("mute", "/mute NICK", (("/mute NICK", "NICK's lines reach no one"),),
             OPERATORS, False),
     Command("unmute", "/unmute NICK", (("/unmute NICK", "undo /mute"),), OPERATORS, False),
+    Command("chathistory", None, (), IRC_CLIENTS, True),
 )
 COMMANDS = {command.name: command for command in COMMAND_TABLE}
 USAGE = {command.name: command.usage for command in COMMAND_TABLE if command.usage}
@@ -517,6 +519,14 @@ PERSON_LINES_KEPT = 64   # per connection: the ids of the last ones it got
 def format_line(kind, **fields):
     """Return one server line of the given kind (a Line: its text is the str)."""
     return Line(FORMATS[kind].format(**fields), kind, fields)
+
+
+def history_line(row, room):
+    """A stored message (id, time, nick, kind, text) of room, as a history line."""
+    message_id, when, nick, kind, text = row
+    return format_line("history", time=time.strftime(HISTORY_TIME, time.gmtime(when)),
+                       line=format_line(kind, nick=nick, text=text)).having(
+        id=message_id, room=room, nick=nick, kind=kind, text=text, when=when)
 
 
 # Every error the server sends, by name: its JSON code (docs/protocol.md,
@@ -757,6 +767,11 @@ class TextCodec:
     def encode_marked(line, room, conn=None):
         """A room's line for a connection whose current room is another."""
         return encode_line(room.name + " " + line)
+
+    @staticmethod
+    def replays(conn):
+        """Whether joining a room sends conn the room's last messages."""
+        return True
 
 
 class JsonCodec(TextCodec):
@@ -2051,6 +2066,24 @@ class SQLiteStore:
             "SELECT id, time, nick, kind, text FROM messages WHERE room = ? AND id > ?"
             " ORDER BY id LIMIT ?", (room, after, count)).fetchall()
 
+    def window(self, room, low, high, count, newest):
+        """At most count messages of room with ids above low and below high
+        (None: no bound), oldest first: the newest of them, or the oldest."""
+        if count <= 0:
+            return []
+        rows = self.db.execute(
+            "SELECT id, time, nick, kind, text FROM messages WHERE room = ? AND id > ?"
+            " AND id < ? ORDER BY id %s LIMIT ?" % ("DESC" if newest else ""),
+            (room, low, MAX_MESSAGE_ID if high is None else high, count)).fetchall()
+        return rows[::-1] if newest else rows
+
+    def id_before(self, room, when):
+        """The id of room's newest message said before when (0: none): read
+        newest first, as the times asked for are mostly recent ones."""
+        row = self.db.execute("SELECT id FROM messages WHERE room = ? AND time < ?"
+                              " ORDER BY id DESC LIMIT 1", (room, when)).fetchone()
+        return row[0] if row else 0
+
     def search(self, room, text, count):
         """The last count messages of room whose text contains text, in any
         case, oldest first. Of what is written: flush() first."""
@@ -2347,6 +2380,9 @@ class LocalNetwork:
         """What reads history off the loop (None: read it on the loop)."""
         return self.store.reader if self.store.reads_apart else None
 
+    def close_reader(self):
+        """(The store's readers are the store's to close.)"""
+
     # -- mailboxes --
 
     def mail(self, key, sender, text, when, answer):
@@ -2425,7 +2461,7 @@ class RoomCommands:
         if room.topic is not None:
             self.io.send(conn, format_line("topic", room=room.name, text=room.topic,
                                            nick=room.topic_nick))
-        if room.recent:
+        if room.recent and conn.codec.replays(conn):
             self._history_block(conn, room, format_line(
                 "history_last", messages=plural(len(room.recent), "message"), room=room.name),
                 room.recent)
@@ -2433,14 +2469,45 @@ class RoomCommands:
     def _history_block(self, conn, room, header, rows):
         """A header, the messages, the end (in JSON: the messages, marked as
         history, and history_end with their count)."""
-        room = room.name
         self.io.send(conn, header)
-        for message_id, when, nick, kind, text in rows:
-            self.io.send(conn, format_line(
-                "history", time=time.strftime(HISTORY_TIME, time.gmtime(when)),
-                line=format_line(kind, nick=nick, text=text)).having(
-                    id=message_id, room=room, nick=nick, kind=kind, text=text, when=when))
-        self.io.send(conn, format_line("history_end").having(room=room, count=len(rows)))
+        for row in rows:
+            self.io.send(conn, history_line(row, room.name))
+        self.io.send(conn, format_line("history_end").having(room=room.name, count=len(rows)))
+
+    def _cmd_chathistory(self, conn, arg):
+        """IRC's CHATHISTORY SUBCOMMAND TARGET REFERENCE [REFERENCE] LIMIT
+        (draft/chathistory): one batch of a room's messages, oldest first.
+        A nick's is empty: private messages are not kept."""
+        words = arg.split()
+        sub = words[0].upper() if words else "*"
+        wanted = 5 if sub == "BETWEEN" else 4
+        if sub not in CHATHISTORY_SUBCOMMANDS:
+            self.io.send(conn, irc_fail("CHATHISTORY", "UNKNOWN_COMMAND", sub, "Unknown command"))
+            return
+        if len(words) < wanted:
+            self.io.send(conn, irc_fail("CHATHISTORY", "NEED_MORE_PARAMS", sub,
+                                        "Missing parameters"))
+            return
+        target, limit = words[1], decimal_number(words[wanted - 1], MAX_MESSAGE_ID)
+        refs = [None if word == "*" and sub == "LATEST" else chathistory_ref(word)
+                for word in words[2:wanted - 1]]
+        if not limit or (None in refs and sub != "LATEST"):
+            self.io.send(conn, irc_fail("CHATHISTORY", "INVALID_PARAMS", sub,
+                                        "Invalid reference or limit"))
+            return
+        if not target.startswith("#"):
+            self.io.send(conn, irc_line("chathistory", target=target, rows=()))
+            return
+        room = self._one_of_its_rooms(conn, target)
+        if room is None:
+            self.io.send(conn, irc_fail("CHATHISTORY", "INVALID_TARGET", sub + " " + target,
+                                        "You are not in that channel"))
+            return
+        limit = min(limit, HISTORY_MAX)
+        self._read_history(
+            conn, lambda store: chathistory_rows(store, room.key, sub, refs, limit),
+            lambda rows: self.io.send(conn, irc_line("chathistory", target=room.name,
+                                                     rows=rows)))
 
     def _room_named(self, conn, arg, command):
         """The name of the room arg names (#rust, or rust), or None after
@@ -3140,6 +3207,11 @@ class Chat(RoomCommands, AccountCommands, OperatorCommands):
         self.io.log("database: %s" % self.store.usage(), always=True)
         self.store.close()
 
+    def close_readers(self):
+        """A worker thread ends: what it read the history with is closed."""
+        self.store.close_reader()
+        self.network.close_reader()
+
     def _index(self):
         """Let the worker bring the search index up to date, a batch per job."""
         def indexed(more):
@@ -3245,7 +3317,7 @@ class Chat(RoomCommands, AccountCommands, OperatorCommands):
             self._say(conn, "message", arg)
             return
         known = COMMANDS.get(command)
-        if known is None:
+        if known is None or (known.who == IRC_CLIENTS and conn.codec is not IRC_CODEC):
             self.io.send(conn, error("unknown_command", command=command))
         elif known.who == OPERATORS and not conn.op:  # (before the store is read: a
             self.io.send(conn, error("operators_only"))  # non-operator costs it nothing)
@@ -4700,7 +4772,7 @@ class ChatServer(Acceptor, Reading, NetworkFeed, WebServing):
         worker = self.workers.get(lane)
         if worker is None:
             worker = self.workers[lane] = Worker(
-                self.wake, at_exit=self.chat.store.close_reader, name="worker-" + lane)
+                self.wake, at_exit=self.chat.close_readers, name="worker-" + lane)
         if conn is not None:
             conn.waiting = True
             self._watch(conn)
@@ -5527,9 +5599,69 @@ def origin_allowed(origin, host, allowed=()):
 IRC_SERVER = "chat.py"
 IRC_HOST = "chat.py"                  # the host part of every user's prefix
 IRC_LINE_BYTES = 512 + 8191           # a message's body and its tags, at most
-# The IRCv3 capabilities served (CAP LS), so far.
-IRC_CAPS = ("server-time", "message-tags", "echo-message", "batch", "multi-prefix", "sasl")
+# The IRCv3 capabilities served (CAP LS).
+IRC_CAPS = ("server-time", "message-tags", "echo-message", "batch", "multi-prefix", "sasl",
+            "draft/chathistory")
 IRC_CAP_VALUES = {"sasl": "PLAIN"}    # (shown in CAP LS 302 as sasl=PLAIN)
+IRC_BATCHES = itertools.count(1)      # a chathistory batch's reference tag: h1, h2...
+CHATHISTORY_SUBCOMMANDS = ("LATEST", "BEFORE", "AFTER", "AROUND", "BETWEEN")
+CHATHISTORY_TIMESTAMP = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,3}))?Z?")
+
+
+def irc_line(kind, **fields):
+    """A line only IRC connections are sent (it has no text of its own)."""
+    return Line("", kind, fields)
+
+
+def irc_fail(command, code, context, text):
+    """An IRCv3 standard reply: FAIL COMMAND CODE CONTEXT :TEXT."""
+    return irc_line("fail", command=command, code=code, context=context, text=text)
+
+
+def chathistory_ref(word):
+    """A CHATHISTORY reference, msgid=ID or timestamp=2026-12-01T14:03:05.123Z:
+    ("msgid", ID) or ("timestamp", milliseconds since 1970); None if neither."""
+    name, _, value = word.partition("=")
+    if name == "msgid":
+        number = decimal_number(value, MAX_MESSAGE_ID)
+        return None if number is None else ("msgid", number)
+    found = CHATHISTORY_TIMESTAMP.fullmatch(value) if name == "timestamp" else None
+    if found is None:
+        return None
+    try:
+        seconds = calendar.timegm(time.strptime(found.group(1), "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:  # (a month 13...)
+        return None
+    return "timestamp", seconds * 1000 + int((found.group(2) or "0").ljust(3, "0"))
+
+
+def chathistory_rows(store, room, sub, refs, limit):
+    """The messages (rows, oldest first) a CHATHISTORY subcommand asks of a
+    room's history. A timestamp is turned into ids by the messages' times,
+    to the millisecond that server-time shows: "after" it is from the next
+    millisecond on, "before" it below it."""
+    def after(ref):  # the id the messages after ref are above
+        kind, value = ref
+        return value if kind == "msgid" else store.id_before(room, (value + 1) / 1000)
+
+    def before(ref):  # the id the messages before ref are below
+        kind, value = ref
+        return value if kind == "msgid" else store.id_before(room, value / 1000) + 1
+
+    if sub == "LATEST":
+        return store.window(room, 0 if refs[0] is None else after(refs[0]), None, limit, True)
+    if sub == "BEFORE":
+        return store.window(room, 0, before(refs[0]), limit, True)
+    if sub == "AFTER":
+        return store.window(room, after(refs[0]), None, limit, False)
+    if sub == "AROUND":  # half before it, the rest from it on (a msgid's own message too)
+        edge = before(refs[0])
+        earlier = store.window(room, 0, edge, limit // 2, True)
+        return earlier + store.window(room, edge - 1, None, limit - len(earlier), False)
+    first, second = refs  # BETWEEN: counted from the first, either way
+    if before(first) <= before(second):
+        return store.window(room, after(first), before(second), limit, False)
+    return store.window(room, after(second), before(first), limit, True)
 
 
 def irc_parse(line):
@@ -5735,6 +5867,8 @@ class IrcReader(LineReader):
                 self._answer(":%s 324 %s %s +n" % (IRC_SERVER, nick, first))
             else:
                 self._answer(":%s 221 %s +" % (IRC_SERVER, nick))
+        elif verb == "CHATHISTORY":
+            self._say("/chathistory " + " ".join(params))
         elif verb == "WHO" and first.startswith("#"):
             self.whos += 1
             self._say("/who " + first)
@@ -5799,6 +5933,11 @@ class IrcCodec(TextCodec):
     def encode_marked(line, room, conn=None):
         return IrcCodec.encode(line, conn)
 
+    @staticmethod
+    def replays(conn):
+        """A client with draft/chathistory asks for what it wants instead."""
+        return "draft/chathistory" not in conn.reader.caps
+
 
 # A room's broadcasts: what irc_lines makes of them depends only on the
 # connection's capabilities and whether it said the line (IrcCodec caches it).
@@ -5816,7 +5955,9 @@ def _irc_tags(line, caps):
         tags.append("time=" + json_time(when))
     if "message-tags" in caps and isinstance(line.extra.get("id"), int):
         tags.append("msgid=%d" % line.extra["id"])
-    if "batch" in caps and "server-time" in caps and line.kind == "history" and not (
+    if "batch" in caps and "batch" in line.extra:
+        tags.append("batch=" + line.extra["batch"])  # (a CHATHISTORY answer's)
+    elif "batch" in caps and "server-time" in caps and line.kind == "history" and not (
             line.extra.get("offline")):
         tags.append("batch=history")  # (a replay: inside its BATCH)
     return "@%s " % ";".join(tags) if tags else ""
@@ -5855,9 +5996,10 @@ def irc_lines(line, conn, caps=()):
                  "%s 003 %s :This server speaks the chat.py protocol too" % (server, me),
                  "%s 004 %s %s chat.py-3 o n" % (server, me, IRC_SERVER),
                  "%s 005 %s CASEMAPPING=rfc8265 CHANTYPES=# NICKLEN=%d CHANNELLEN=%d "
-                 "TOPICLEN=%d CHANLIMIT=#:%s NETWORK=chat.py :are supported by this server"
+                 "TOPICLEN=%d CHANLIMIT=#:%s NETWORK=chat.py CHATHISTORY=%d "
+                 "MSGREFTYPES=msgid,timestamp :are supported by this server"
                  % (server, me, MAX_NICK_CHARS, MAX_ROOM_CHARS + 1, MAX_LINE_BYTES,
-                    x.get("max_joined", ""))]
+                    x.get("max_joined", ""), HISTORY_MAX)]
         if not motd:
             return lines + ["%s 422 %s :MOTD File is missing" % (server, me)]
         return lines + ["%s 375 %s :- %s Message of the day -" % (server, me, IRC_SERVER)] + [
@@ -5911,7 +6053,17 @@ def irc_lines(line, conn, caps=()):
         return ["%s 305 %s :You are no longer marked as being away" % (server, me)]
     if kind == "is_away":
         return ["%s 301 %s %s :%s" % (server, me, f["nick"], f["text"])]
-    if kind == "history" and "server-time" in caps and not x.get("offline"):
+    if kind == "chathistory":  # its messages in a batch, each with its own tags
+        batch = "h%d" % next(IRC_BATCHES)
+        lines = ["%s BATCH +%s chathistory %s" % (server, batch, f["target"])] if (
+            "batch" in caps) else []
+        for row in f["rows"]:
+            message = history_line(row, f["target"]).having(batch=batch)
+            lines += [_irc_tags(message, caps) + text for text in irc_lines(message, conn, caps)]
+        return lines + (["%s BATCH -%s" % (server, batch)] if "batch" in caps else [])
+    if kind == "fail":
+        return ["FAIL %s %s %s :%s" % (f["command"], f["code"], f["context"], f["text"])]
+    if kind == "history" and ("server-time" in caps or "batch" in x) and not x.get("offline"):
         text = x["text"] if x.get("kind") == "message" else "\x01ACTION %s\x01" % x["text"]
         return [":%s PRIVMSG %s :%s" % (_irc_user(x["nick"]), x.get("room"), text)]
     if kind == "history" and "server-time" in caps:  # an offline message, while away
@@ -6674,6 +6826,13 @@ class RedisNetwork:
             history = self.history.reader = RedisHistory(self.address)
         return history
 
+    def close_reader(self):
+        """The calling worker thread's connection, if it made one, is closed."""
+        history = getattr(self.history, "reader", None)
+        if history is not None:
+            history.redis.close()
+            self.history.reader = None
+
 
 class RedisStore:
     """The store with --redis: accounts and bans in Redis, read from the
@@ -6759,6 +6918,31 @@ class RedisHistory:
     def after(self, room, after, count):
         return history_rows(self._call("XRANGE", REDIS_HISTORY + room,
                                             "%d-0" % (after + 1), "+", "COUNT", count))
+
+    def window(self, room, low, high, count, newest):
+        """As SQLiteStore.window: the stream's ids are the messages' ids."""
+        first, last = "%d-0" % (low + 1), "+" if high is None else "%d-0" % (high - 1)
+        if count <= 0 or (high is not None and high - 1 < low + 1):
+            return []
+        if newest:
+            return history_rows(self._call("XREVRANGE", REDIS_HISTORY + room, last, first,
+                                           "COUNT", count))[::-1]
+        return history_rows(self._call("XRANGE", REDIS_HISTORY + room, first, last,
+                                       "COUNT", count))
+
+    def id_before(self, room, when):
+        """As SQLiteStore.id_before: the stream read newest first, a
+        thousand at a time, until a message older than when."""
+        upper = "+"
+        while True:
+            rows = history_rows(self._call("XREVRANGE", REDIS_HISTORY + room, upper, "-",
+                                           "COUNT", 1000))
+            for row in rows:
+                if row[1] < when:
+                    return row[0]
+            if len(rows) < 1000:
+                return 0
+            upper = "%d-0" % (rows[-1][0] - 1)
 
     def search(self, room, text, count):
         """The last count messages whose text holds text (case ignored):

@@ -3246,6 +3246,127 @@ class IrcTest(ServerTestCase):
         ann.wait_for_irc(r"^:chat\.py 482 ann \* :")
 
 
+class ChathistoryRules:
+    """draft/chathistory on the rooms' history (docs/protocol.md, "IRC"):
+    every subcommand, by msgid and by timestamp, its errors, and no replay
+    on JOIN for a client that asks instead. Run on a file (ChathistoryTest)
+    and on Redis (ChathistoryRedisTest)."""
+
+    CAPS = "server-time message-tags batch draft/chathistory"
+
+    def irc_with_history(self, irc_port, nick):
+        peer = IrcPeer(irc_port)
+        self.addCleanup(peer.close)
+        peer.send_line("CAP LS 302")
+        peer.send_line("NICK " + nick)
+        peer.send_line("USER %s 0 * :%s" % (nick, nick))
+        self.assertIn("draft/chathistory", peer.wait_for_irc(r"^:chat\.py CAP \* LS :"))
+        peer.send_line("CAP REQ :" + self.CAPS)
+        peer.wait_for_irc(r"^:chat\.py CAP %s ACK :" % nick)
+        peer.send_line("CAP END")
+        isupport = peer.wait_for_irc(r"^:chat\.py 005 %s " % nick)
+        self.assertIn(" CHATHISTORY=500 ", isupport)
+        self.assertIn(" MSGREFTYPES=msgid,timestamp ", isupport)
+        return peer
+
+    def batch(self, peer, request):
+        """CHATHISTORY request: [(msgid, time, text)] of its batch, in order."""
+        peer.send_line("CHATHISTORY " + request)
+        opening = peer.wait_for_irc(r"^:chat\.py BATCH \+")
+        reference, kind, target = opening.split()[2:]
+        self.assertEqual((kind, target), ("chathistory", request.split()[1]))
+        found = []
+        while True:
+            line = peer.read_line()
+            if line == ":chat.py BATCH -" + reference[1:]:
+                return found
+            tags, _, rest = line.partition(" ")
+            tags = dict(tag.split("=", 1) for tag in tags[1:].split(";"))
+            self.assertEqual(tags["batch"], reference[1:], line)
+            self.assertRegex(rest, r"^:bob!bob@chat\.py PRIVMSG #rust :")
+            found.append((int(tags["msgid"]), tags["time"], rest.split(" :", 1)[1]))
+
+    def test_every_subcommand_by_msgid_and_by_timestamp(self):
+        irc_port, tcp_port = self.start_chat_with_irc()
+        bob = Peer(tcp_port)
+        self.addCleanup(bob.close)
+        bob.send_line("bob")
+        bob.wait_for_kind("joined")
+        bob.send_line("/join #rust")
+        bob.expect("*** bob joined #rust (1 here)")
+        for number in range(1, 7):
+            bob.send_line("m%d" % number)
+            bob.expect("<bob> m%d" % number)
+        ann = self.irc_with_history(irc_port, "ann")
+        ann.send_line("JOIN #rust")
+        ann.wait_for_irc(r"^:chat\.py 366 ann #rust ")
+        ann.send_line("PING :after-join")  # no replay: ann asks for what it wants
+        self.assertEqual(ann.wait_for_irc(r"PRIVMSG|PONG"),
+                         ":chat.py PONG chat.py :after-join")
+        every = self.batch(ann, "LATEST #rust * 100")
+        self.assertEqual([text for _, _, text in every], ["m1", "m2", "m3", "m4", "m5", "m6"])
+        ids = [msgid for msgid, _, _ in every]
+        self.assertEqual(ids, sorted(ids))
+
+        def texts(request):
+            return [text for _, _, text in self.batch(ann, request)]
+        self.assertEqual(texts("LATEST #rust * 2"), ["m5", "m6"])
+        self.assertEqual(texts("LATEST #rust msgid=%d 100" % ids[0]),
+                         ["m2", "m3", "m4", "m5", "m6"])
+        self.assertEqual(texts("BEFORE #rust msgid=%d 100" % ids[2]), ["m1", "m2"])
+        self.assertEqual(texts("AFTER #rust msgid=%d 1" % ids[3]), ["m5"])
+        self.assertEqual(texts("AROUND #rust msgid=%d 3" % ids[2]), ["m2", "m3", "m4"])
+        self.assertEqual(texts("BETWEEN #rust msgid=%d msgid=%d 2" % (ids[0], ids[4])),
+                         ["m2", "m3"])
+        self.assertEqual(texts("BETWEEN #rust msgid=%d msgid=%d 2" % (ids[5], ids[0])),
+                         ["m4", "m5"])
+        # By timestamp, to the millisecond server-time shows (some may share one).
+        stamp = every[2][1]
+        later = [text for _, when, text in every if when > stamp]
+        earlier = [text for _, when, text in every if when < stamp]
+        self.assertEqual(texts("AFTER #rust timestamp=%s 100" % stamp), later)
+        self.assertEqual(texts("BEFORE #rust timestamp=%s 100" % stamp), earlier)
+        self.assertEqual(texts("LATEST #rust timestamp=%s 100" % stamp), later)
+        self.assertEqual(texts("BETWEEN #rust timestamp=2000-01-01T00:00:00.000Z "
+                               "timestamp=%s 100" % stamp), earlier)
+        self.assertEqual(texts("AFTER #rust timestamp=2999-01-01T00:00:00.000Z 100"), [])
+
+    def test_errors_an_unjoined_channel_and_a_nick(self):
+        irc_port, _ = self.start_chat_with_irc()
+        ann = self.irc_with_history(irc_port, "ann")
+        ann.send_line("JOIN #rust")
+        ann.wait_for_irc(r"^:chat\.py 366 ann #rust ")
+        ann.send_line("CHATHISTORY FROB #rust * 5")
+        ann.wait_for_irc(r"^FAIL CHATHISTORY UNKNOWN_COMMAND FROB :")
+        ann.send_line("CHATHISTORY LATEST #rust")
+        ann.wait_for_irc(r"^FAIL CHATHISTORY NEED_MORE_PARAMS LATEST :")
+        ann.send_line("CHATHISTORY BEFORE #rust * 5")
+        ann.wait_for_irc(r"^FAIL CHATHISTORY INVALID_PARAMS BEFORE :")
+        ann.send_line("CHATHISTORY AFTER #rust msgid=1 0")
+        ann.wait_for_irc(r"^FAIL CHATHISTORY INVALID_PARAMS AFTER :")
+        ann.send_line("CHATHISTORY LATEST #go * 5")
+        ann.wait_for_irc(r"^FAIL CHATHISTORY INVALID_TARGET LATEST #go :")
+        self.assertEqual(self.batch(ann, "LATEST bob * 5"), [])
+        self.assertEqual(self.batch(ann, "LATEST #rust * 5"), [])
+
+
+class ChathistoryTest(ChathistoryRules, ServerTestCase):
+
+    def start_chat_with_irc(self):
+        folder = tempfile.mkdtemp(prefix="chat-history-", dir=WORK_DIR)
+        irc = chat.Listener("127.0.0.1", 0, codec=chat.IRC_CODEC)
+        store = chat.SQLiteStore(os.path.join(folder, "chat.db"))
+        server = serve_in_thread(self, listeners=[irc], store=store)
+        self.port = server.address[1]
+        return irc.address[1], self.port
+
+    def test_a_text_client_does_not_have_the_command(self):
+        self.start_chat_with_irc()
+        bob = self.join("bob")
+        bob.send_line("/chathistory LATEST #lobby * 5")
+        bob.expect("!!! unknown command /chathistory (try /help)")
+
+
 IRSSI = shutil.which("irssi")
 
 
@@ -6249,6 +6370,17 @@ class SeveralRoomsRedisTest(SeveralRoomsRules, RedisCase):
     def start_servers(self, **limits):
         url = self.start_redis()
         return [self.serve_on_redis(url, **limits), self.serve_on_redis(url, **limits)]
+
+
+class ChathistoryRedisTest(ChathistoryRules, RedisCase):
+
+    def start_chat_with_irc(self):
+        network = chat.RedisNetwork(chat.RedisAddress(self.start_redis()))
+        network.load()
+        irc = chat.Listener("127.0.0.1", 0, codec=chat.IRC_CODEC)
+        server = serve_in_thread(self, network=network, listeners=[irc], store=chat.RedisStore(
+            network, chat.SQLiteStore(":memory:")))
+        return irc.address[1], server.address[1]
 
 
 class LostServerTest(RedisCase):
