@@ -442,6 +442,8 @@ COMMAND_TABLE = (
             OPERATORS, False),
     Command("unmute", "/unmute NICK", (("/unmute NICK", "undo /mute"),), OPERATORS, False),
     Command("chathistory", None, (), IRC_CLIENTS, True),
+    Command("whois", None, (), IRC_CLIENTS, False),
+    Command("in", None, (), IRC_CLIENTS, False),  # /in #ROOM /COMMAND: IRC names the room
 )
 COMMANDS = {command.name: command for command in COMMAND_TABLE}
 USAGE = {command.name: command.usage for command in COMMAND_TABLE if command.usage}
@@ -772,6 +774,11 @@ class TextCodec:
     def replays(conn):
         """Whether joining a room sends conn the room's last messages."""
         return True
+
+    @staticmethod
+    def caps(conn):
+        """The IRCv3 capabilities conn asked for (none but IRC's)."""
+        return ()
 
 
 class JsonCodec(TextCodec):
@@ -3320,7 +3327,8 @@ class Chat(RoomCommands, AccountCommands, OperatorCommands):
         if known is None or (known.who == IRC_CLIENTS and conn.codec is not IRC_CODEC):
             self.io.send(conn, error("unknown_command", command=command))
         elif known.who == OPERATORS and not conn.op:  # (before the store is read: a
-            self.io.send(conn, error("operators_only"))  # non-operator costs it nothing)
+            self.io.send(conn, error("operators_only", command=command))  # non-operator
+            # costs it nothing)
         else:
             getattr(self, "_cmd_" + command)(conn, arg)
 
@@ -3419,6 +3427,8 @@ class Chat(RoomCommands, AccountCommands, OperatorCommands):
         conn.room = room
         self.io.focus(conn, room)
         self._place(conn)
+        if conn.away is not None:  # (for IRC's away-notify)
+            line.having(away=conn.away)
         self.io.broadcast(room, line)
 
         def arrive(answer):
@@ -3601,6 +3611,47 @@ class Chat(RoomCommands, AccountCommands, OperatorCommands):
             self.io.send(conn, format_line("away_back", text=None))
         else:
             self.io.send(conn, format_line("away_set", text=arg))
+        self.away_changed(conn.nick, conn.away, [room.key for room in conn.rooms], conn)
+
+    def away_changed(self, nick, away, room_keys, skip=None):
+        """nick went away (or came back: away None): IRC clients with
+        away-notify in one of its rooms are told, each once (the others see
+        it in /who)."""
+        told, line = {skip}, irc_line("away_changed", nick=nick, text=away)
+        for key in room_keys:
+            room = self.rooms.get(key)
+            for member in list(room.members.values()) if room is not None else ():
+                if member not in told and "away-notify" in member.codec.caps(member):
+                    told.add(member)
+                    self.io.send(member, line)
+
+    def _cmd_whois(self, conn, arg):
+        """IRC's WHOIS NICK: where NICK is, and whether away or an operator."""
+        nick = arg.split()[-1].split(",")[0] if arg.split() else ""
+        key = nick_key(nick)
+        member, remote = self.members.get(key), self.network.elsewhere.get(key)
+        if member is not None:
+            found = dict(nick=member.nick, rooms=[room.name for room in member.rooms],
+                         op=member.op, away=member.away, account=member.account is not None)
+        elif remote is not None:  # (whether it is logged in, its server alone knows)
+            found = dict(nick=remote.nick, op=remote.op, away=remote.away, account=False,
+                         rooms=[self.network.known_name(room, room) for room in remote.rooms])
+        else:
+            found = None
+        self.io.send(conn, irc_line("whois", nick=nick or "*", found=found))
+
+    def _cmd_in(self, conn, arg):
+        """/in #ROOM /COMMAND ...: the command in one of conn's rooms (IRC
+        names the channel in each verb; the chat acts on the current room)."""
+        name, _, rest = arg.partition(" ")
+        room = self._one_of_its_rooms(conn, name) if name else None
+        if room is None:
+            self.io.send(conn, error("not_in_room", room=room_name(name or "#")))
+            return
+        if conn.room is not room:
+            self._talk_in(conn, room)
+        command, arg = parse_line(rest.strip())
+        self._member_line(conn, command, arg)
 
     def _cmd_help(self, conn, arg):
         lines = list(HELP)
@@ -4027,6 +4078,9 @@ class NetworkFeed:
         if kind in CONTROL_KINDS:
             if entry["o"] != network.server_id and kind in ("moderate", "takeover"):
                 self.chat.asked_elsewhere(kind, fields)
+            elif kind == "away" and fields["key"] in network.elsewhere:
+                user = network.elsewhere[fields["key"]]
+                self.chat.away_changed(user.nick, user.away, user.rooms)
             return
         line = format_line(kind, **fields).having(**entry["x"])
         if entry["id"]:
@@ -5601,7 +5655,7 @@ IRC_HOST = "chat.py"                  # the host part of every user's prefix
 IRC_LINE_BYTES = 512 + 8191           # a message's body and its tags, at most
 # The IRCv3 capabilities served (CAP LS).
 IRC_CAPS = ("server-time", "message-tags", "echo-message", "batch", "multi-prefix", "sasl",
-            "draft/chathistory")
+            "away-notify", "draft/chathistory")
 IRC_CAP_VALUES = {"sasl": "PLAIN"}    # (shown in CAP LS 302 as sasl=PLAIN)
 IRC_BATCHES = itertools.count(1)      # a chathistory batch's reference tag: h1, h2...
 CHATHISTORY_SUBCOMMANDS = ("LATEST", "BEFORE", "AFTER", "AROUND", "BETWEEN")
@@ -5688,7 +5742,7 @@ class IrcReader(LineReader):
     pop_line() gives); what IRC answers at once (PONG, CAP) goes to answers."""
 
     __slots__ = ("out", "nick", "user", "capping", "registered", "caps", "nickserv", "whos",
-                 "sasl")
+                 "sasl", "kicking")
 
     def __init__(self, max_line=MAX_LINE_BYTES):
         super().__init__(max(max_line, IRC_LINE_BYTES))
@@ -5701,6 +5755,7 @@ class IrcReader(LineReader):
         self.nickserv = 0         # NickServ questions whose answers are still to come
         self.whos = 0             # WHO #channel asked: its /who answer is a WHO reply
         self.sasl = None          # "mechanism" (PLAIN asked), or "login" (sent: answer due)
+        self.kicking = None       # the channel of the last KICK
 
     def feed(self, data):
         """Take what came (no telnet filtering: IRC clients send none), and
@@ -5839,8 +5894,7 @@ class IrcReader(LineReader):
         elif verb in ("PRIVMSG", "NOTICE"):
             for target in filter(None, first.split(",")):
                 if rest.startswith("\x01ACTION ") and target.startswith("#"):
-                    self._say("/open " + target)
-                    self._say("/me " + rest[len("\x01ACTION "):].rstrip("\x01"))
+                    self._say("/in %s /me %s" % (target, rest[len("\x01ACTION "):].rstrip("\x01")))
                 elif target.lower() == "nickserv" and verb == "PRIVMSG":
                     self._nickserv(rest)
                 elif not rest.startswith("\x01"):  # (other CTCP: not answered)
@@ -5848,8 +5902,7 @@ class IrcReader(LineReader):
         elif verb == "QUIT":
             self._say("/quit " + first)
         elif verb == "TOPIC":
-            self._say("/open " + first)
-            self._say("/topic" if len(params) < 2 else "/topic " + (rest or "-"))
+            self._say("/in %s /topic%s" % (first, "" if len(params) < 2 else " " + (rest or "-")))
         elif verb == "NAMES":
             for channel in filter(None, first.split(",")):
                 self._say("/who " + channel)
@@ -5858,6 +5911,7 @@ class IrcReader(LineReader):
         elif verb == "AWAY":
             self._say("/away " + first)
         elif verb == "KICK":
+            self.kicking = first  # (a refusal names the channel: 482)
             self._say("/kick %s %s" % (rest, params[2] if len(params) > 2 else ""))
         elif verb == "OPER":
             self._say("/op " + rest)
@@ -5872,10 +5926,10 @@ class IrcReader(LineReader):
         elif verb == "WHO" and first.startswith("#"):
             self.whos += 1
             self._say("/who " + first)
-        elif verb in ("WHO", "WHOIS"):
-            end = "315" if verb == "WHO" else "318"
-            self._answer(":%s %s %s %s :End of /%s list" % (IRC_SERVER, end, self.nick or "*",
-                                                            first, verb))
+        elif verb == "WHOIS":
+            self._say("/whois " + " ".join(params))
+        elif verb == "WHO":
+            self._answer(":%s 315 %s %s :End of /WHO list" % (IRC_SERVER, self.nick or "*", first))
         else:  # BAN, UNBAN, MUTE, UNMUTE, BANS are chat.py's own; anything else: 421
             self._say("/%s %s" % (verb.lower(), " ".join(params)))
 
@@ -5896,7 +5950,8 @@ IRC_ERRORS = {"nick_taken": ("433", "{nick}"), "nick_kept": ("433", "{nick}"),
               "unknown_command": ("421", "{command}"), "not_registered": ("451", ""),
               "password_required": ("464", ""), "wrong_password": ("464", ""),
               "not_in_room": ("442", "{room}"), "no_such_user": ("401", "{nick}"),
-              "muted": ("404", "*"), "operators_only": ("482", "*"), "banned": ("465", ""),
+              "muted": ("404", "*"), "operators_only": ("481", ""), "banned": ("465", ""),
+              "room_invalid": ("403", "{room}"),
               "usage": ("461", "*"), "in_no_room": ("442", "*")}
 
 
@@ -5937,6 +5992,10 @@ class IrcCodec(TextCodec):
     def replays(conn):
         """A client with draft/chathistory asks for what it wants instead."""
         return "draft/chathistory" not in conn.reader.caps
+
+    @staticmethod
+    def caps(conn):
+        return conn.reader.caps
 
 
 # A room's broadcasts: what irc_lines makes of them depends only on the
@@ -6006,7 +6065,15 @@ def irc_lines(line, conn, caps=()):
             "%s 372 %s :- %s" % (server, me, text) for text in motd] + [
             "%s 376 %s :End of /MOTD command" % (server, me)]
     if kind in ("joined", "joined_room"):
-        return [":%s JOIN %s" % (_irc_user(f["nick"]), f.get("room") or x.get("room"))]
+        lines = [":%s JOIN %s" % (_irc_user(f["nick"]), f.get("room") or x.get("room"))]
+        if x.get("away") is not None and "away-notify" in caps:
+            lines.append(":%s AWAY :%s" % (_irc_user(f["nick"]), x["away"]))
+        return lines
+    if kind == "away_changed":
+        return [":%s AWAY%s" % (_irc_user(f["nick"]), "" if f["text"] is None
+                                else " :" + f["text"])]
+    if kind == "whois":
+        return whois_lines(server, me, f["nick"], f["found"])
     if kind == "left":
         if "person" in x:
             return [":%s QUIT :%s" % (_irc_user(f["nick"]), f["reason"])]
@@ -6078,6 +6145,9 @@ def irc_lines(line, conn, caps=()):
                 "history_after", "history_search", "no_history", "no_history_after",
                 "no_match", "offline_start", "offline_end"):
         return []
+    if kind == "error" and x.get("args", {}).get("command") == "kick" and reader is not None:
+        return ["%s 482 %s %s :You're not channel operator (chat.py operators only)" % (
+            server, me, reader.kicking or "*")]
     if kind == "error":
         numeric = IRC_ERRORS.get(x.get("name"))
         if numeric is not None:
@@ -6090,6 +6160,26 @@ def irc_lines(line, conn, caps=()):
 
 
 IRC_CODEC = IrcCodec()
+
+
+def whois_lines(server, me, nick, found):
+    """WHOIS NICK's answer: 311, 319, 312, 301, 313, 330, then 318 (401 if unknown)."""
+    if found is None:
+        return ["%s 401 %s %s :No such nick" % (server, me, nick),
+                "%s 318 %s %s :End of /WHOIS list" % (server, me, nick)]
+    nick = found["nick"]
+    lines = ["%s 311 %s %s %s %s * :%s" % (server, me, nick, nick, IRC_HOST, nick)]
+    if found["rooms"]:
+        lines.append("%s 319 %s %s :%s" % (server, me, nick, " ".join(
+            ("@" if found["op"] else "") + room for room in found["rooms"])))
+    lines.append("%s 312 %s %s %s :chat.py" % (server, me, nick, IRC_SERVER))
+    if found["away"] is not None:
+        lines.append("%s 301 %s %s :%s" % (server, me, nick, found["away"]))
+    if found["op"]:
+        lines.append("%s 313 %s %s :is a chat.py operator" % (server, me, nick))
+    if found["account"]:
+        lines.append("%s 330 %s %s %s :is logged in as" % (server, me, nick, nick))
+    return lines + ["%s 318 %s %s :End of /WHOIS list" % (server, me, nick)]
 
 
 # --- Several servers, one chat (Redis) ----------------------------------------

@@ -643,7 +643,8 @@ class ClientDisplayTest(unittest.TestCase):
 
     def test_the_clients_commands_come_from_the_servers_help(self):
         self.assertEqual(set(chat.SERVER_COMMANDS + chat.OPERATOR_COMMANDS + ("/op",)),
-                         {"/" + name for name in chat.COMMANDS if name != "pass"})
+                         {"/" + name for name, command in chat.COMMANDS.items()
+                          if name != "pass" and command.who != chat.IRC_CLIENTS})
         for name in chat.COMMANDS:  # each row of the table has its handler
             self.assertTrue(callable(getattr(chat.Chat, "_cmd_" + name, None)), name)
 
@@ -3243,7 +3244,51 @@ class IrcTest(ServerTestCase):
         ann.send_line("FROB x")
         ann.wait_for_irc(r"^:chat\.py 421 ann frob :")
         ann.send_line("KICK #lobby bob")  # no channel operators: chat.py's, or 482
-        ann.wait_for_irc(r"^:chat\.py 482 ann \* :")
+        ann.wait_for_irc(r"^:chat\.py 482 ann #lobby :")
+        ann.send_line("MUTE bob")  # the other operators' commands: 481
+        ann.wait_for_irc(r"^:chat\.py 481 ann :operators only$")
+        ann.send_line("JOIN #bad!name")
+        ann.wait_for_irc(r"^:chat\.py 403 ann #bad!name :")
+        ann.send_line("TOPIC #elsewhere :not joined by this")  # 442, and still not in it
+        ann.wait_for_irc(r"^:chat\.py 442 ann #elsewhere :")
+        ann.send_line("PRIVMSG #elsewhere :\x01ACTION waves\x01")
+        ann.wait_for_irc(r"^:chat\.py 442 ann #elsewhere :")
+        ann.send_line("NAMES #elsewhere")
+        ann.wait_for_irc(r"^:chat\.py 353 ann = #elsewhere :$")
+
+    def test_whois_and_away_notify(self):
+        ann = IrcPeer(self.irc.address[1])
+        self.addCleanup(ann.close)
+        ann.send_line("CAP REQ :away-notify")
+        ann.send_line("NICK ann")
+        ann.send_line("USER ann 0 * :ann")
+        ann.wait_for_irc(r"^:chat\.py CAP \* ACK :away-notify$")
+        ann.send_line("CAP END")
+        ann.send_line("JOIN #rust")
+        ann.wait_for_irc(r"^:chat\.py 366 ann #rust ")
+        bob = self.join("bob")
+        bob.send_line("/join #rust")
+        ann.wait_for_irc(r"^:bob!bob@chat\.py JOIN #rust$")
+        bob.send_line("/away lunch")
+        ann.wait_for_irc(r"^:bob!bob@chat\.py AWAY :lunch$")
+        ann.send_line("WHOIS bob")
+        self.assertEqual(ann.wait_for_irc(r"^:chat\.py 311 "),
+                         ":chat.py 311 ann bob bob chat.py * :bob")
+        self.assertEqual(ann.read_line(), ":chat.py 319 ann bob :#rust")
+        self.assertEqual(ann.read_line(), ":chat.py 312 ann bob chat.py :chat.py")
+        self.assertEqual(ann.read_line(), ":chat.py 301 ann bob :lunch")
+        self.assertEqual(ann.read_line(), ":chat.py 318 ann bob :End of /WHOIS list")
+        bob.send_line("/away")
+        ann.wait_for_irc(r"^:bob!bob@chat\.py AWAY$")
+        cy = self.join("cy")
+        cy.send_line("/away zzz")
+        cy.expect("*** you are marked away: zzz")
+        cy.send_line("/join #rust")  # an away user joins: JOIN, then AWAY
+        self.assertEqual(ann.wait_for_irc(r"^:cy!"), ":cy!cy@chat.py JOIN #rust")
+        self.assertEqual(ann.read_line(), ":cy!cy@chat.py AWAY :zzz")
+        ann.send_line("WHOIS nobody")
+        ann.wait_for_irc(r"^:chat\.py 401 ann nobody :")
+        ann.wait_for_irc(r"^:chat\.py 318 ann nobody :")
 
 
 class ChathistoryRules:
@@ -6381,6 +6426,35 @@ class ChathistoryRedisTest(ChathistoryRules, RedisCase):
         server = serve_in_thread(self, network=network, listeners=[irc], store=chat.RedisStore(
             network, chat.SQLiteStore(":memory:")))
         return irc.address[1], server.address[1]
+
+
+class IrcRedisTest(RedisCase):
+    """IRC users on one server, others on another: away-notify and WHOIS."""
+
+    def test_away_notify_and_whois_of_a_user_of_another_server(self):
+        url = self.start_redis()
+        irc = chat.Listener("127.0.0.1", 0, codec=chat.IRC_CODEC)
+        network = chat.RedisNetwork(chat.RedisAddress(url))
+        network.load()
+        serve_in_thread(self, network=network, listeners=[irc], store=chat.RedisStore(
+            network, chat.SQLiteStore(":memory:")))
+        bob = self.alice_on(self.serve_on_redis(url))  # (named alice by the helper)
+        bob.send_line("/join #rust")
+        bob.wait_for("*** alice joined #rust (1 here)")
+        ann = IrcPeer(irc.address[1])
+        self.addCleanup(ann.close)
+        for line in ("CAP REQ :away-notify", "NICK ann", "USER ann 0 * :ann", "CAP END",
+                     "JOIN #rust"):
+            ann.send_line(line)
+        ann.wait_for_irc(r"^:chat\.py 353 ann = #rust :(ann alice|alice ann)$")
+        bob.wait_for("*** ann joined #rust (2 here)")
+        bob.send_line("/away lunch")
+        ann.wait_for_irc(r"^:alice!alice@chat\.py AWAY :lunch$")
+        ann.send_line("WHOIS alice")
+        ann.wait_for_irc(r"^:chat\.py 319 ann alice :#rust$")  # (/join: the lobby left)
+        ann.wait_for_irc(r"^:chat\.py 301 ann alice :lunch$")
+        bob.send_line("/away")
+        ann.wait_for_irc(r"^:alice!alice@chat\.py AWAY$")
 
 
 class LostServerTest(RedisCase):
