@@ -3324,7 +3324,7 @@ class Chat(RoomCommands, AccountCommands, OperatorCommands):
             self._say(conn, "message", arg)
             return
         known = COMMANDS.get(command)
-        if known is None or (known.who == IRC_CLIENTS and conn.codec is not IRC_CODEC):
+        if known is None or (known.who == IRC_CLIENTS and not isinstance(conn.codec, IrcCodec)):
             self.io.send(conn, error("unknown_command", command=command))
         elif known.who == OPERATORS and not conn.op:  # (before the store is read: a
             self.io.send(conn, error("operators_only", command=command))  # non-operator
@@ -4413,10 +4413,15 @@ class WebServing:
                      % (conn.name, headers.get("origin")))
             self._web_answer(conn, http_answer(403, "Forbidden: a page of another site\n"))
             return
-        conn.outbuf += ws_handshake_answer(key)
+        offered = [name.strip().lower()
+                   for name in headers.get("sec-websocket-protocol", "").split(",")]
+        irc = WS_IRC_SUBPROTOCOL in offered  # a web IRC client: IRC lines, not JSON
+        conn.outbuf += ws_handshake_answer(key, WS_IRC_SUBPROTOCOL if irc else None)
         self.dirty.add(conn)
+        if irc:
+            conn.codec, conn.reader = WEB_IRC_CODEC, WebIrcReader(reader)
         reader.start_websocket()
-        self.chat.connected(conn)  # greeted now, in JSON objects
+        self.chat.connected(conn)  # greeted now, in JSON objects (or IRC lines)
         if reader.answers:  # (frames that came with the handshake)
             conn.outbuf += reader.answers
             reader.answers.clear()
@@ -5612,15 +5617,16 @@ def http_answer(status, body=b"", content_type="text/plain; charset=utf-8", head
     return ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + (b"" if head_only else body)
 
 
-def ws_handshake_answer(key):
+def ws_handshake_answer(key, subprotocol=None):
     return ("HTTP/1.1 101 Switching Protocols\r\n"
             "Upgrade: websocket\r\n"
             "Connection: Upgrade\r\n"
-            "Sec-WebSocket-Accept: %s\r\n"
+            "Sec-WebSocket-Accept: %s\r\n%s"
             "X-Content-Type-Options: nosniff\r\n"
             "Referrer-Policy: no-referrer\r\n"
-            "Content-Security-Policy: default-src 'none'\r\n\r\n" % ws_accept(key)
-            ).encode("ascii")
+            "Content-Security-Policy: default-src 'none'\r\n\r\n" % (
+                ws_accept(key), "Sec-WebSocket-Protocol: %s\r\n" % subprotocol
+                if subprotocol else "")).encode("ascii")
 
 
 def origin_allowed(origin, host, allowed=()):
@@ -5652,7 +5658,9 @@ def origin_allowed(origin, host, allowed=()):
 
 IRC_SERVER = "chat.py"
 IRC_HOST = "chat.py"                  # the host part of every user's prefix
-IRC_LINE_BYTES = 512 + 8191           # a message's body and its tags, at most
+IRC_BODY_BYTES = 510                  # an IRC line without its tags and CRLF, at most
+IRC_TAGS_BYTES = 8191                 # its tags (with the @), at most
+IRC_LINE_BYTES = IRC_TAGS_BYTES + 1 + IRC_BODY_BYTES
 # The IRCv3 capabilities served (CAP LS).
 IRC_CAPS = ("server-time", "message-tags", "echo-message", "batch", "multi-prefix", "sasl",
             "away-notify", "draft/chathistory")
@@ -5742,10 +5750,11 @@ class IrcReader(LineReader):
     pop_line() gives); what IRC answers at once (PONG, CAP) goes to answers."""
 
     __slots__ = ("out", "nick", "user", "capping", "registered", "caps", "nickserv", "whos",
-                 "sasl", "kicking")
+                 "sasl", "kicking", "chat_max")
 
     def __init__(self, max_line=MAX_LINE_BYTES):
         super().__init__(max(max_line, IRC_LINE_BYTES))
+        self.chat_max = max_line  # (a message's text is held to the chat's limit)
         self.out = collections.deque()
         self.nick = None          # NICK given before USER: sent once registering may go on
         self.user = False         # USER given
@@ -5766,12 +5775,21 @@ class IrcReader(LineReader):
             line = super().pop_line()
             if line is None:
                 return
-            if line is TOO_LONG:
-                self.out.append(TOO_LONG)
-                continue
-            parsed = irc_parse(line)
-            if parsed is not None:
-                self._translate(*parsed)
+            self._take(line)
+
+    def _take(self, line):
+        """One IRC line (bytes, without its line end), translated; one over
+        IRC's limits (510 bytes and the tags' 8191) is refused: 417."""
+        if line is TOO_LONG:
+            self.out.append(TOO_LONG)
+            return
+        tags, body = (line.split(b" ", 1) + [b""])[:2] if line.startswith(b"@") else (b"", line)
+        if len(tags) > IRC_TAGS_BYTES or len(body.lstrip(b" ")) > IRC_BODY_BYTES:
+            self.out.append(TOO_LONG)
+            return
+        parsed = irc_parse(line)
+        if parsed is not None:
+            self._translate(*parsed)
 
     def has_line(self):
         return bool(self.out)
@@ -5780,7 +5798,9 @@ class IrcReader(LineReader):
         return self.out.popleft() if self.out else None
 
     def _say(self, text):
-        self.out.append(text.encode(ENCODING))
+        """A line for the chat, which it takes only up to --max-line, as anyone's."""
+        line = text.encode(ENCODING)
+        self.out.append(TOO_LONG if len(line) > self.chat_max else line)
 
     def _answer(self, text):
         self.answers += (text + "\r\n").encode(ENCODING)
@@ -5951,7 +5971,7 @@ IRC_ERRORS = {"nick_taken": ("433", "{nick}"), "nick_kept": ("433", "{nick}"),
               "password_required": ("464", ""), "wrong_password": ("464", ""),
               "not_in_room": ("442", "{room}"), "no_such_user": ("401", "{nick}"),
               "muted": ("404", "*"), "operators_only": ("481", ""), "banned": ("465", ""),
-              "room_invalid": ("403", "{room}"),
+              "room_invalid": ("403", "{room}"), "line_too_long": ("417", ""),
               "usage": ("461", "*"), "in_no_room": ("442", "*")}
 
 
@@ -6159,7 +6179,63 @@ def irc_lines(line, conn, caps=()):
     return ["%s NOTICE %s :%s" % (server, me, text)]
 
 
-IRC_CODEC = IrcCodec()
+class WebIrcReader(IrcReader):
+    """A WebSocket that speaks IRC (the text.ircv3.net subprotocol): its web
+    reader unframes the messages, each an IRC line, which this translates;
+    what IRC answers at once goes back framed."""
+
+    __slots__ = ("web",)
+
+    def __init__(self, web):
+        super().__init__(web.max_line)
+        web.max_line = max(web.max_line, IRC_LINE_BYTES)
+        self.web = web
+
+    def feed(self, data):
+        web = self.web
+        web.feed(data)
+        while True:
+            line = web.pop_line()
+            if line is None:
+                break
+            for text in [line] if line is TOO_LONG else line.split(b"\n"):
+                self._take(text if text is TOO_LONG else text.rstrip(b"\r"))  # (one a
+                # message; a line end is forgiven)
+        self.answers += web.answers  # (pongs and close frames)
+        web.answers.clear()
+
+    def _answer(self, text):
+        self.answers += ws_frame(text.encode(ENCODING))
+
+    def goodbye(self):
+        return self.web.goodbye()
+
+    @property
+    def finished(self):
+        return self.web.finished
+
+    @property
+    def heard_at(self):
+        return self.web.heard_at
+
+
+class WebIrcCodec(IrcCodec):
+    """A web IRC client's WebSocket (text.ircv3.net): each IRC line a frame."""
+
+    name = "webirc"
+
+    @staticmethod
+    def encode(line, conn=None):
+        return b"".join(ws_frame(text) for text in IrcCodec.encode(line, conn).split(b"\r\n")
+                        if text)
+
+    @staticmethod
+    def encode_marked(line, room, conn=None):
+        return WebIrcCodec.encode(line, conn)
+
+
+IRC_CODEC, WEB_IRC_CODEC = IrcCodec(), WebIrcCodec()
+WS_IRC_SUBPROTOCOL = "text.ircv3.net"
 
 
 def whois_lines(server, me, nick, found):

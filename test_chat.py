@@ -2564,15 +2564,16 @@ class WsPeer:
     """A WebSocket client (RFC 6455), written here with the standard library,
     as a browser speaks to the server."""
 
-    def __init__(self, port, origin=None, host=None, path="/ws"):
+    def __init__(self, port, origin=None, host=None, path="/ws", protocols=None):
         import base64
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
         key = base64.b64encode(os.urandom(16)).decode()
         host = host or "127.0.0.1:%d" % port
         request = ("GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\n"
                    "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
-                   "Sec-WebSocket-Version: 13\r\n%s\r\n"
-                   % (path, host, key, "Origin: %s\r\n" % origin if origin else ""))
+                   "Sec-WebSocket-Version: 13\r\n%s%s\r\n"
+                   % (path, host, key, "Origin: %s\r\n" % origin if origin else "",
+                      "Sec-WebSocket-Protocol: %s\r\n" % protocols if protocols else ""))
         self.sock.sendall(request.encode())
         self.buf = b""
         while b"\r\n\r\n" not in self.buf:
@@ -2582,8 +2583,9 @@ class WsPeer:
             self.buf += chunk
         head, _, self.buf = self.buf.partition(b"\r\n\r\n")
         self.status = int(head.split(b" ")[1])
-        self.accept = dict(line.split(": ", 1) for line in head.decode().split("\r\n")[1:]
-                           if ": " in line).get("Sec-WebSocket-Accept")
+        self.headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n")[1:]
+                            if ": " in line)
+        self.accept = self.headers.get("Sec-WebSocket-Accept")
         self.expected_accept = base64.b64encode(hashlib.sha1(
             (key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
 
@@ -2681,6 +2683,40 @@ class WebTest(ServerTestCase):
             peer.send_line(nick)
             peer.wait_for(type="joined", nick=nick)
         return peer
+
+    def test_the_ircv3_subprotocol_speaks_irc_a_line_a_frame(self):
+        bob = self.join("bob")
+        bob.send_line("/join #rust")
+        bob.expect("*** bob joined #rust (1 here)")
+        wendy = self.ws(protocols="binary.ircv3.net, text.ircv3.net")
+        self.assertEqual(wendy.status, 101)
+        self.assertEqual(wendy.headers.get("Sec-WebSocket-Protocol"), "text.ircv3.net")
+
+        def irc_frame(pattern):
+            while True:
+                opcode, payload = wendy.read_frame()
+                self.assertEqual(opcode, 0x1, payload)
+                line = payload.decode()
+                self.assertNotIn("\n", line)
+                if re.search(pattern, line):
+                    return line
+        for line in ("CAP LS 302", "NICK wendy", "USER wendy 0 * :Wendy", "CAP END"):
+            wendy.send_line(line)
+        self.assertIn("draft/chathistory", irc_frame(r"^:chat\.py CAP \* LS :"))
+        irc_frame(r"^:chat\.py 001 wendy :")
+        wendy.send_line("JOIN #rust\r\n")  # (a line end is forgiven)
+        irc_frame(r"^:chat\.py 353 wendy = #rust :(bob wendy|wendy bob)$")
+        bob.expect("*** wendy joined #rust (2 here)")
+        bob.send_line("hi wendy")
+        irc_frame(r"^:bob!bob@chat\.py PRIVMSG #rust :hi wendy$")
+        wendy.send_line("PRIVMSG #rust :" + "long " * 30)  # past --max-line 64: refused
+        irc_frame(r"^:chat\.py 417 wendy :line too long \(max 64 bytes\)$")
+        wendy.send_line("PRIVMSG #rust :short")
+        bob.expect("<bob> hi wendy", "<wendy> short")
+        wendy.send_line("PING :web")
+        irc_frame(r"^:chat\.py PONG chat\.py :web$")
+        wendy.send_line("QUIT :bye")
+        bob.expect("*** wendy left (bye)")
 
     def test_the_page_health_metrics_and_the_other_answers(self):
         status, headers, body = http_get(self.web_port, "/")
@@ -3255,6 +3291,12 @@ class IrcTest(ServerTestCase):
         ann.wait_for_irc(r"^:chat\.py 442 ann #elsewhere :")
         ann.send_line("NAMES #elsewhere")
         ann.wait_for_irc(r"^:chat\.py 353 ann = #elsewhere :$")
+        ann.send_line("PRIVMSG #lobby :" + "x" * 500)  # IRC's 510 bytes: refused, 417
+        ann.wait_for_irc(r"^:chat\.py 417 ann :")
+        ann.send_line("@" + "a" * 8200 + " PING :tags")  # tags past 8191 bytes: 417 too
+        ann.wait_for_irc(r"^:chat\.py 417 ann :")
+        ann.send_line("@" + "a=b;" * 2000 + " PING :tags")  # 8001 bytes of tags: taken
+        ann.wait_for_irc(r"^:chat\.py PONG chat\.py :tags$")
 
     def test_whois_and_away_notify(self):
         ann = IrcPeer(self.irc.address[1])
