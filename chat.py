@@ -8943,6 +8943,8 @@ BENCH_ROOM = "#bench%d"        # --rooms: client i talks in room i % K
 BENCH_MESSAGE = "%s %d %d %.6f"
 BENCH_SLOW_READ_STEP_S = 0.1  # --slow-read: a slow client reads this often
 BENCH_BURST_PAUSE_S = 0.5     # --bursty: the pause after each read
+# --irc: the numerics that refuse a registration or a JOIN (422, no MOTD, does not).
+BENCH_IRC_REFUSALS = frozenset(b"403 405 432 433 436 451 461 464 465 471 473 474 475".split())
 
 
 # --web: a WebSocket handshake (its key need not be secret: the server's
@@ -8983,7 +8985,7 @@ class BenchClient:
 
     __slots__ = ("index", "nick", "room", "sock", "sender", "slow", "bursty", "observer",
                  "state", "inbuf", "rank", "lines", "messages", "tail", "outbuf", "seq",
-                 "next_send", "next_read", "events", "order", "drained", "json")
+                 "next_send", "next_read", "events", "order", "drained", "json", "kind")
 
     def __init__(self, index, sender, slow, bursty, observer, room=LOBBY):
         self.index = index
@@ -9008,6 +9010,7 @@ class BenchClient:
         self.order = []            # observers: (sender, seq) of each message seen
         self.drained = False       # has had the answer to its ping after registering
         self.json = False          # --json-share: in JSON mode once registered
+        self.kind = "text"         # how it speaks: text, json (once registered), irc
 
 
 class Bench:
@@ -9035,17 +9038,28 @@ class Bench:
         for client in self.clients:  # --json-share: spread evenly (0.5: every other one)
             client.json = args.web or int((client.index + 1) * args.json_share) > int(
                 client.index * args.json_share)  # (a WebSocket speaks JSON)
+            if args.mix:  # --mix text,json,irc: client i speaks the (i mod 3)th
+                client.json = args.mix[client.index % len(args.mix)] == "json"
+            client.kind = "irc" if args.irc or (
+                args.mix and args.mix[client.index % len(args.mix)] == "irc") else (
+                "json" if client.json else "text")
+        self.irc_address = getattr(server, "irc_address", None) or self.addresses[0]
         self.tag = "bench-%06x" % random.randrange(1 << 24)
         # In each of its messages, as text and as JSON mode sends them.
-        self.markers = {False: ("> %s " % self.tag).encode(ENCODING),
-                        True: ('"text": "%s ' % self.tag).encode(ENCODING)}
+        self.markers = {"text": ("> %s " % self.tag).encode(ENCODING),
+                        "json": ('"text": "%s ' % self.tag).encode(ENCODING),
+                        "irc": (" :%s " % self.tag).encode(ENCODING)}
         # After registering, each client pings; its pong says everything sent
         # to it before (the joins) has arrived.
-        self.pongs = {False: format_line("pong", token=self.tag).encode(ENCODING),
-                      True: ('"type": "pong", "token": "%s"' % self.tag).encode(ENCODING)}
+        self.pongs = {"text": format_line("pong", token=self.tag).encode(ENCODING),
+                      "json": ('"type": "pong", "token": "%s"' % self.tag).encode(ENCODING),
+                      "irc": (" :%s\r\n" % self.tag).encode(ENCODING)}
+        self.irc_nicks = {client.nick.encode(ENCODING) for client in self.clients
+                          if client.kind == "irc"}
         senders = collections.Counter(c.room for c in self.clients if c.sender)
         self.expected = {room: senders[room] * args.messages for room in
                          {c.room for c in self.clients}}  # messages each member gets
+        # (IRC has no echo: a sender of IRC gets the others' messages alone)
         self.pausing = []              # slow and bursty readers, read on a schedule
         self.by_nick = {client.nick: client for client in self.clients}
         self.recv_buffer = bytearray(BENCH_RECV_BYTES)
@@ -9073,7 +9087,7 @@ class Bench:
             self.phase = "drain"
             if len(self.addresses) > 1:
                 self._say_barrier()
-            elif self.args.rooms > 1 or self.args.web:
+            elif self._drained_by_ping():
                 self._ping_all()
             self._loop(self._joins_drained)
             self.phase = "messages"
@@ -9144,7 +9158,8 @@ class Bench:
             self._connect(client)
 
     def _connect(self, client):
-        host, port = self.addresses[client.index % len(self.addresses)]
+        host, port = self.irc_address if client.kind == "irc" else self.addresses[
+            client.index % len(self.addresses)]
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
@@ -9178,8 +9193,13 @@ class Bench:
             raise BenchError("cannot connect to %s: %s"
                              % (format_address((self.host, self.port)), os.strerror(err)))
         client.state = "registering"
-        if self.args.web:  # the handshake, and the nickname right behind it
-            client.sock.sendall(BENCH_WEB_HANDSHAKE % self.host.encode() + self._wire(client.nick))
+        if client.kind == "irc":  # (JOIN right behind, as a bot sends it: one round trip)
+            client.sock.sendall(("NICK %s\r\nUSER %s 0 * :%s\r\n" % (
+                client.nick, client.nick, client.nick)).encode(ENCODING)
+                + self._wire("/join " + client.room, client))
+        elif self.args.web:  # the handshake, and the nickname right behind it
+            client.sock.sendall(BENCH_WEB_HANDSHAKE % self.host.encode()
+                                + self._wire(client.nick, client))
         else:
             client.sock.sendall(encode_line(client.nick))  # a fresh socket takes a few bytes
         self._watch(client, selectors.EVENT_READ)
@@ -9211,6 +9231,9 @@ class Bench:
 
     def _registering(self, client, data):
         """Before its own join line, parse; after it, count like everyone else."""
+        if client.kind == "irc":
+            self._registering_irc(client, data)
+            return
         if self.args.web:
             self._registering_web(client, data)
             return
@@ -9222,7 +9245,7 @@ class Bench:
             if kind == "error":
                 raise BenchError("%s was refused: %s" % (client.nick, text))
             if kind == "joined" and fields["nick"] == client.nick and client.room != LOBBY:
-                client.sock.sendall(self._wire("/join " + client.room))  # on to its room
+                client.sock.sendall(self._wire("/join " + client.room, client))  # on to its room
                 continue
             if (kind == "joined" and fields["nick"] == client.nick) or (
                     kind == "joined_room" and fields["nick"] == client.nick):
@@ -9262,7 +9285,7 @@ class Bench:
                 raise BenchError("%s was refused: %s" % (client.nick, obj.get("text")))
             if obj.get("type") == "joined" and obj.get("nick") == client.nick:
                 if client.room != LOBBY and obj.get("room") != client.room:
-                    client.sock.sendall(self._wire("/join " + client.room))
+                    client.sock.sendall(self._wire("/join " + client.room, client))
                     continue
                 client.rank = int(obj["count"])
                 client.state = "in"
@@ -9278,6 +9301,34 @@ class Bench:
                 return
         client.inbuf = buf[consumed:]
 
+    def _registering_irc(self, client, data):
+        """IRC: NICK, USER and JOIN went; its own JOIN coming back makes it
+        in (an IRC user is in no room before: on chat.py, and on any IRC
+        server)."""
+        lines = (client.inbuf + data).split(b"\n")
+        client.inbuf = lines.pop()
+        nick = client.nick.encode(ENCODING)
+        for i, line in enumerate(lines):
+            words = line.rstrip(b"\r").split(b" ", 3)
+            if words[0] == b"ERROR" or (len(words) > 2 and words[1] in BENCH_IRC_REFUSALS):
+                raise BenchError("%s was refused: %s" % (
+                    client.nick, line.decode(ENCODING, "replace").strip()))
+            if words[0] == b"PING":
+                client.sock.sendall(b"PONG " + b" ".join(words[1:]) + b"\r\n")
+            elif len(words) > 2 and words[1] == b"JOIN" and words[0][1:].split(b"!")[0] == nick:
+                client.state = "in"
+                self.in_flight -= 1
+                self.registered += 1
+                rest = b"\n".join(lines[i + 1:] + [client.inbuf])
+                client.inbuf = b""
+                if client.slow:
+                    self._watch(client, 0)
+                    if self.args.slow_read:
+                        self._pause(client, BENCH_SLOW_READ_STEP_S)
+                elif rest:
+                    self._receive_data(client, rest)
+                return
+
     def _receive_data(self, client, data):
         if client.observer:
             self._observe(client, data)
@@ -9288,10 +9339,10 @@ class Bench:
     def _count(self, client, size):
         """Count what a counting client read into recv_buffer: lines, and the
         run's own messages (by their tag, which a read may split)."""
-        buffer, marker = self.recv_buffer, self.markers[client.json]
+        buffer, marker = self.recv_buffer, self.markers[client.kind]
         client.lines += buffer.count(b"\n", 0, size)
         if self.phase == "drain":
-            pong = self.pongs[client.json]
+            pong = self.pongs[client.kind]
             edge = len(pong) - 1
             client.drained = client.drained or pong in client.tail + buffer[:size]
             client.tail = bytes((client.tail + buffer[max(0, size - edge):size])[-edge:])
@@ -9342,7 +9393,7 @@ class Bench:
     def _observe(self, client, data):
         """Parse every line: latency and order of messages, notices counted."""
         now = time.monotonic()
-        if self.args.web:  # frames, not lines: each payload one JSON object
+        if self.args.web and client.kind != "irc":  # frames: each payload one JSON object
             buf = client.inbuf + data
             frames, consumed = ws_server_frames(buf)
             lines = [payload for payload, _ in frames]
@@ -9352,8 +9403,8 @@ class Bench:
             client.inbuf = lines.pop()
         client.lines += len(lines)
         if self.phase == "drain":  # the pong, or (several servers) the line after the joins
-            pong = self.pongs[client.json]
-            client.drained = client.drained or any(pong in line for line in lines)
+            pong = self.pongs[client.kind]  # (IRC's ends with its line end)
+            client.drained = client.drained or any(pong in line + b"\n" for line in lines)
             return
         if self.phase not in ("messages", "evictions"):
             return
@@ -9361,6 +9412,8 @@ class Bench:
         for line in lines:
             if client.json:
                 line = self._json_as_text(line)
+            elif client.kind == "irc":
+                line = self._irc_as_text(line)
             if line.startswith(MESSAGE_OPENING):
                 fields = line.split(b" ", 5)
                 try:
@@ -9388,6 +9441,17 @@ class Bench:
             return encode_line(format_line("left", nick=obj["nick"], reason=obj["reason"]))[:-1]
         return encode_line(format_line("message", nick=obj["nick"], text=obj["text"]))[:-1]
 
+    def _irc_as_text(self, line):
+        """An observer of IRC: its messages and leaves as text lines (a PING
+        from the server answered)."""
+        source, _, rest = line.rstrip(b"\r").partition(b" ")
+        nick = source[1:].split(b"!")[0]
+        if rest.startswith(b"PRIVMSG "):
+            return b"<" + nick + b"> " + rest.split(b" :", 1)[-1]
+        if rest.startswith((b"QUIT ", b"PART ")) and rest.endswith(b":" + LEFT_TOO_SLOW.encode()):
+            return NOTICE.encode() + nick + LEFT_TOO_SLOW_SUFFIX
+        return b""
+
     def _closed(self, client):
         if client.state == "registering":
             raise BenchError("the server closed %s's connection before it registered"
@@ -9403,10 +9467,9 @@ class Bench:
         return self.registered == len(self.clients)
 
     def _ping_all(self):
-        line = self._wire("/ping " + self.tag)
         for client in self.clients:
             if client.state == "in" and not client.slow:
-                client.sock.sendall(line)  # a few bytes to a fresh socket
+                client.sock.sendall(self._wire("/ping " + self.tag, client))  # a few bytes
 
     def _say_barrier(self):
         """Several servers: a pong says nothing of the other servers' joins,
@@ -9417,7 +9480,7 @@ class Bench:
                       True: ('"text": "drained %s"' % self.tag).encode(ENCODING)}
         for room in {c.room for c in self.clients}:
             speaker = next(c for c in self.clients if c.room == room and not c.slow)
-            speaker.sock.sendall(self._wire("drained " + self.tag))
+            speaker.sock.sendall(self._wire("drained " + self.tag, speaker))
 
     def _joins_drained(self):
         """Every reading client has had all join lines: with rooms, its pong
@@ -9425,10 +9488,21 @@ class Bench:
         server of the protocol, /ping or not) it has had the joins after its
         own, up to the last one's."""
         readers = [c for c in self.clients if not c.slow and c.state == "in"]
-        if self.args.rooms > 1 or len(self.addresses) > 1 or self.args.web:
+        if self._drained_by_ping() or len(self.addresses) > 1:
             return all(c.drained for c in readers)
         last = max(c.rank for c in self.clients)
         return all(c.lines >= last - c.rank + c.json for c in readers)  # (+ format: json)
+
+    def _drained_by_ping(self):
+        """Whether each reader's pong says when it has had the joins (with
+        rooms, the web, or IRC, whose joins say no count)."""
+        return self.args.rooms > 1 or self.args.web or any(
+            c.kind == "irc" for c in self.clients)
+
+    def _expected(self, client):
+        """The run's messages client gets: its room's (IRC: not its own)."""
+        own = self.args.messages if client.sender and client.kind == "irc" else 0
+        return self.expected[client.room] - own
 
     # -- phase 2: the messages --
 
@@ -9481,11 +9555,16 @@ class Bench:
         if len(text) < self.args.size:
             text += " " + "x" * (self.args.size - len(text) - 1)
         client.seq += 1
-        return self._wire(text)
+        return self._wire(text, client)
 
-    def _wire(self, text):
-        """A line as this run's clients send it: a text line, or (--web) a
-        masked WebSocket frame (the mask all zeros: masked, and free)."""
+    def _wire(self, text, client):
+        """A line as this run's client sends it: a text line, an IRC one, or
+        (--web) a masked WebSocket frame (the mask all zeros: masked, and free)."""
+        if client.kind == "irc":
+            command, arg = parse_line(text)
+            return ("JOIN %s\r\n" % arg if command == "join" else "PING :%s\r\n" % arg
+                    if command == "ping" else "PRIVMSG %s :%s\r\n" % (client.room, arg)
+                    ).encode(ENCODING)
         if not self.args.web:
             return encode_line(text)
         payload = text.encode(ENCODING)
@@ -9541,7 +9620,7 @@ class Bench:
         if any(c.seq < self.args.messages or c.outbuf for c in self.clients
                if c.sender and c.state == "in"):
             return False
-        return all(c.messages >= self.expected[c.room] for c in self.clients
+        return all(c.messages >= self._expected(c) for c in self.clients
                    if not c.slow and c.state == "in")
 
     # -- reporting --
@@ -9553,7 +9632,7 @@ class Bench:
         if self.phase == "drain":
             return "%d/%d settled" % (sum(c.drained for c in receivers), len(receivers))
         got = sum(c.messages for c in receivers)
-        return "%d/%d delivered" % (got, sum(self.expected[c.room] for c in receivers))
+        return "%d/%d delivered" % (got, sum(self._expected(c) for c in receivers))
 
     def _progress(self, force=False, end=False):
         now = time.monotonic()
@@ -9572,12 +9651,14 @@ class Bench:
     def _collect(self, started, registered_at, messages_started, finished):
         args = self.args
         receivers = [c for c in self.clients if not c.slow and c.nick not in self.closed_early]
-        expected = sum(self.expected[c.room] for c in self.clients if not c.slow)
+        expected = sum(self._expected(c) for c in self.clients if not c.slow)
         received = sum(c.messages for c in receivers)
         observers = [c for c in self.clients if c.observer and c.state == "in"]
         orders = {}  # room -> the orders its observers saw
-        for client in observers:
-            orders.setdefault(client.room, []).append(client.order)
+        unechoed = {c.index for c in observers if c.sender and c.kind == "irc"}  # (IRC: its
+        for client in observers:  # own are not sent back: the others' orders are compared)
+            orders.setdefault(client.room, []).append(
+                [item for item in client.order if item[0] not in unechoed])
         latencies = sorted(self.latencies)
         register_s = max(registered_at - started, 1e-9)
         message_s = max(finished - messages_started, 1e-9)
@@ -9601,6 +9682,7 @@ class Bench:
             "observers": len(observers),
             "rooms": args.rooms,
             "json_clients": sum(c.json for c in self.clients),
+            "irc_clients": sum(c.kind == "irc" for c in self.clients),
             "web": args.web,
             "history_size": args.history,
             "slow": args.slow,
@@ -9620,9 +9702,10 @@ def percentile(sorted_values, q):
     return sorted_values[min(len(sorted_values), int(rank)) - 1]
 
 
-def start_bench_server(clients, db, keep_all=False, web=False):
+def start_bench_server(clients, db, keep_all=False, web=False, irc=False):
     """Start `chat.py server --port 0 --rate 0 --db DB` as a child; return
-    (process, port) (web: its --web port)."""
+    (process, port) (web: its --web port; irc: its --irc address is the
+    process's irc_address)."""
     command = [sys.executable, os.path.abspath(__file__), "server", "--host", DEFAULT_HOST,
                "--port", "0", "--rate", "0", "-q", "--db", db,
                "--max-clients", str(max(MAX_CLIENTS, clients + BENCH_SPARE_CLIENTS)),
@@ -9631,10 +9714,12 @@ def start_bench_server(clients, db, keep_all=False, web=False):
         command += ["--keep", "0"]  # a filled history is measured, not trimmed
     if web:
         command += ["--web", "0"]
+    if irc:
+        command += ["--irc", "0"]
     proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     deadline = time.monotonic() + BENCH_SERVER_START_S
-    lines = []
+    lines, port = [], None
     while True:
         line = proc.stderr.readline().decode(ENCODING, "replace")  # bounded: see below
         if not line or time.monotonic() > deadline:
@@ -9643,11 +9728,13 @@ def start_bench_server(clients, db, keep_all=False, web=False):
             raise BenchError("the server did not start: %s"
                              % ("".join(lines[-3:]).strip() or "no output"))
         lines.append(line)
-        if "listening on " in line and not web:
+        if "listening on " in line and line.rstrip().endswith(" (irc)"):
+            proc.irc_address = (DEFAULT_HOST, int(line.split()[-2].rsplit(":", 1)[1]))
+        elif "listening on " in line and not web:
             port = int(line.rsplit(":", 1)[1])
-            break
-        if "the web page: " in line and web:
+        elif "the web page: " in line and web:
             port = int(line.rstrip().rstrip("/").rsplit(":", 1)[1])
+        if port is not None and (not irc or hasattr(proc, "irc_address")):
             break
     # Keep reading its stderr so that its log can never fill the pipe and block it;
     # its last lines say what the store cost.
@@ -10154,6 +10241,12 @@ def build_parser():
     bench.add_argument("--web", action="store_true",
                        help="the clients are WebSockets (a started server serves --web; with "
                             "--port, that is the server's web port)")
+    bench.add_argument("--irc", action="store_true",
+                       help="the clients speak IRC (to the started server's --irc port, "
+                            "or to --port: any IRC server, such as ngIRCd)")
+    bench.add_argument("--mix", type=mix_argument, default=(), metavar="K,K,...",
+                       help="client i speaks the (i mod n)th of these: text, json, irc "
+                            "(text,json,irc: a third each)")
     bench.add_argument("--json-share", type=share_argument, default=0.0, metavar="F",
                        help="this share of the clients (0 to 1; 0.5: every other one) "
                             "switch to JSON mode after registering (default 0)")
@@ -10193,7 +10286,7 @@ def run_bench(args):
             if args.history:
                 fill_history(db, args.history)
             server, port = start_bench_server(args.clients, db, keep_all=bool(args.history),
-                                              web=args.web)
+                                              web=args.web, irc=args.irc or "irc" in args.mix)
             host, label = DEFAULT_HOST, "chat.py server (started by the bench)"
         elif args.hosts:
             host, port = args.hosts[0]
@@ -10228,8 +10321,20 @@ def run_bench(args):
     return 0 if bench_complete(result) else 1
 
 
+def mix_argument(text):
+    """--mix: a list of text, json and irc."""
+    kinds = tuple(text.split(","))
+    if not kinds or any(kind not in ("text", "json", "irc") for kind in kinds):
+        raise argparse.ArgumentTypeError("a list of text, json and irc: %r" % text)
+    return kinds
+
+
 def bench_flags_problem(args):
     """Return what is wrong with the bench's flags, or None."""
+    if (args.irc or args.mix) and (args.web or args.hosts or (
+            args.mix and (args.host is not None or args.port is not None))):
+        return ("--irc and --mix are not for --web or --hosts (and --mix measures the "
+                "server the bench starts)")
     if args.history and (args.host is not None or args.port is not None or args.hosts):
         return ("--history fills the server the bench starts: not with --host, --port "
                 "or --hosts")

@@ -5677,6 +5677,24 @@ class BenchTest(unittest.TestCase):
             self.assertIs(result["same_order"], True)
             self.assertEqual(result["json_clients"], 12 if "--web" in flags else 6)
 
+    def test_irc_clients_and_a_room_of_a_third_each(self):
+        for flags in (("--irc",), ("--irc", "--rooms", "2"), ("--mix", "text,json,irc")):
+            code, out, err = self.bench("--clients", "12", "--senders", "3", "--messages", "20",
+                                        *flags)
+            self.assertEqual(code, 0, (flags, err))
+            result = json.loads(out)
+            rooms = 2 if "--rooms" in flags else 1
+            # IRC has no echo: an IRC sender gets the other senders' messages alone.
+            irc_senders = 3 if "--irc" in flags else 1  # (--mix: client 2 of 0, 1, 2)
+            self.assertEqual(result["deliveries_received"],
+                             12 * 3 * 20 // rooms - irc_senders * 20, flags)
+            self.assertIs(result["same_order"], True)
+            self.assertEqual(result["irc_clients"], 12 if "--irc" in flags else 4)
+            self.assertEqual(result["json_clients"], 0 if "--irc" in flags else 4)
+        code, out, err = run_chat("bench", "--mix", "text,irc", "--web")
+        self.assertEqual(code, 2)
+        self.assertIn("--irc and --mix are not for --web", err)
+
     def test_rooms_spread_the_clients_and_each_gets_its_rooms_lines(self):
         code, out, err = self.bench("--clients", "12", "--senders", "4", "--messages", "20",
                                     "--rooms", "3")
