@@ -5726,9 +5726,18 @@ def chathistory_rows(store, room, sub, refs, limit):
     return store.window(room, after(second), before(first), limit, True)
 
 
+# IRC's formatting (bold, colours with their numbers, italics...): taken out
+# whole, as the chat's cleaning would leave a colour's digits ("04red").
+IRC_FORMATTING = re.compile("\x03(?:[0-9]{1,2}(?:,[0-9]{1,2})?)?"
+                            "|\x04(?:[0-9a-fA-F]{6}(?:,[0-9a-fA-F]{6})?)?"
+                            "|[\x02\x0f\x11\x16\x1d\x1e\x1f]")
+
+
 def irc_parse(line):
-    """(verb, [params]) of an IRC line (bytes), tags and prefix dropped; None if empty."""
-    text = line.decode(ENCODING, "replace")  # (cleaned as the chat's lines, once translated)
+    """(verb, [params]) of an IRC line (bytes), tags, prefix and formatting
+    dropped; None if empty."""
+    text = IRC_FORMATTING.sub("", line.decode(ENCODING, "replace"))  # (cleaned as the
+    # chat's lines, once translated)
     if text.startswith("@"):
         text = text.partition(" ")[2]
     if text.startswith(":"):
@@ -5950,8 +5959,10 @@ class IrcReader(LineReader):
             self._say("/whois " + " ".join(params))
         elif verb == "WHO":
             self._answer(":%s 315 %s %s :End of /WHO list" % (IRC_SERVER, self.nick or "*", first))
-        else:  # BAN, UNBAN, MUTE, UNMUTE, BANS are chat.py's own; anything else: 421
-            self._say("/%s %s" % (verb.lower(), " ".join(params)))
+        elif verb == "FORMAT":  # (an IRC connection speaks IRC)
+            self._answer(":%s 421 %s FORMAT :Unknown command" % (IRC_SERVER, self.nick or "*"))
+        else:  # BAN, UNBAN, MUTE, UNMUTE, BANS are chat.py's own, and any command of
+            self._say("/%s %s" % (verb.lower(), " ".join(params)))  # the chat's; else 421
 
 
 NICKSERV_HELP = ("NickServ keeps chat.py accounts:",

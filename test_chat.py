@@ -3156,6 +3156,8 @@ class IrcTest(ServerTestCase):
         bob.expect("<ann> hello from irc")
         ann.send_line("PRIVMSG #rust :\x01ACTION waves\x01")
         bob.expect("* ann waves")
+        ann.send_line("PRIVMSG #rust :\x02bold\x02 \x0304,01red\x03 \x1dit\x1d\x0f \x1b[2J")
+        bob.expect("<ann> bold red it [2J")  # formatting out whole; an escape is not one
         bob.send_line("hi ann")
         bob.expect("<bob> hi ann")
         ann.wait_for_irc(r"^:bob!bob@chat\.py PRIVMSG #rust :hi ann$")
