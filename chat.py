@@ -2433,9 +2433,10 @@ class RoomCommands:
             room = self._current(conn)
             if room is None:
                 return
-        here = [(m.nick, m.op, m.away is not None) for m in room.members.values()]
-        here += self.network.in_room(room.key)
-        here.sort(key=lambda member: nick_key(member[0]))
+        keyed = [(m.key, (m.nick, m.op, m.away is not None)) for m in room.members.values()]
+        keyed += [(nick_key(member[0]), member) for member in self.network.in_room(room.key)]
+        keyed.sort(key=lambda item: item[0])  # (by the keys it has: a big room's /who,
+        here = [member for _, member in keyed]  # an IRC JOIN's names, is not slow)
         nicks = [("@" if op else "") + nick + (AWAY_MARK if away else "")
                  for nick, op, away in here]
         line = format_line("who", count=len(nicks), room=room.name, nicks=", ".join(nicks))
@@ -3788,7 +3789,7 @@ class Pass:
     share (made when first needed): per codec, as said and marked with the
     room's name (text as said is the bytes already made)."""
 
-    __slots__ = ("room", "data", "lines", "about_person", "renderings")
+    __slots__ = ("room", "data", "lines", "about_person", "renderings", "speakers")
 
     def __init__(self, room, data, lines):
         self.room = room
@@ -3796,18 +3797,28 @@ class Pass:
         self.lines = lines
         self.about_person = any("person" in line.extra for _, line in lines)
         self.renderings = {}
+        self.speakers = False              # (see said_by(): not yet known)
+
+    def said_by(self, kinds):
+        """The nicks whose lines these are, if every line is of these kinds
+        (else None): what a codec that renders per member (IRC) may share."""
+        if self.speakers is False:
+            self.speakers = None if any(line.kind not in kinds for _, line in self.lines) else {
+                line.fields.get("nick") for _, line in self.lines}
+        return self.speakers
 
     def for_member(self, conn, offset):
         """What conn gets of it, from offset on (a latecomer). (The most
         common case, text in its current room, _deliver takes itself.)"""
-        current = conn.focus is self.room
-        if self.about_person or conn.codec.per_member or offset and not (
-                current and conn.codec is TEXT_CODEC):
+        current, codec = conn.focus is self.room, conn.codec
+        group = codec.pass_group(conn, self) if codec.per_member else ()
+        if self.about_person or group is None or offset and not (
+                current and codec is TEXT_CODEC):
             return b"".join(rendered(self.room, line, conn) for start, line in self.lines
                             if start >= offset)  # its own: rare
-        if current and conn.codec is TEXT_CODEC:
+        if current and codec is TEXT_CODEC:
             return self.data[offset:] if offset else self.data
-        shared = (conn.codec, current)
+        shared = (codec, current, group)
         chunk = self.renderings.get(shared)
         if chunk is None:
             chunk = self.renderings[shared] = b"".join(
@@ -5759,7 +5770,7 @@ class IrcReader(LineReader):
     pop_line() gives); what IRC answers at once (PONG, CAP) goes to answers."""
 
     __slots__ = ("out", "nick", "user", "capping", "registered", "caps", "nickserv", "whos",
-                 "sasl", "kicking", "chat_max")
+                 "sasl", "kicking", "chat_max", "caps_key", "held")
 
     def __init__(self, max_line=MAX_LINE_BYTES):
         super().__init__(max(max_line, IRC_LINE_BYTES))
@@ -5770,10 +5781,12 @@ class IrcReader(LineReader):
         self.capping = False      # CAP LS without CAP END yet: registering waits
         self.registered = False   # the nick went to the chat
         self.caps = set()         # the capabilities acknowledged (CAP REQ)
+        self.caps_key = frozenset()  # ...the same, to key renderings by
         self.nickserv = 0         # NickServ questions whose answers are still to come
         self.whos = 0             # WHO #channel asked: its /who answer is a WHO reply
         self.sasl = None          # "mechanism" (PLAIN asked), or "login" (sent: answer due)
         self.kicking = None       # the channel of the last KICK
+        self.held = None          # logged in by SASL before CAP END: what waits for it
 
     def feed(self, data):
         """Take what came (no telnet filtering: IRC clients send none), and
@@ -5813,6 +5826,10 @@ class IrcReader(LineReader):
 
     def _answer(self, text):
         self.answers += (text + "\r\n").encode(ENCODING)
+
+    def _release(self, data):
+        """IRC lines (bytes) held back, out now."""
+        self.answers += data
 
     def _register_if_ready(self):
         if self.nick and self.user and not self.capping and not self.registered:
@@ -5891,22 +5908,27 @@ class IrcReader(LineReader):
                     for cap in asked:
                         (self.caps.discard if cap.startswith("-") else self.caps.add)(
                             cap.lstrip("-"))
+                    self.caps_key = frozenset(self.caps)
                     self._answer(":%s CAP %s ACK :%s" % (IRC_SERVER, self.nick or "*", rest))
                 else:
                     self._answer(":%s CAP %s NAK :%s" % (IRC_SERVER, self.nick or "*", rest))
             elif sub == "END":
                 self.capping = False
+                if self.held is not None:  # the welcome, and what followed it
+                    self._release(bytes(self.held))
+                    self.held = None
                 self._register_if_ready()
         elif verb == "PASS":
             self._say("/pass " + first)
         elif verb == "AUTHENTICATE":
             self._authenticate(first)
         elif verb == "NICK":
-            if self.registered:
+            if self.registered and self.user and not self.capping:
                 self._say("/nick " + first)
-            else:
+            elif not self.registered:
                 self.nick = first
                 self._register_if_ready()
+            # (else logged in by SASL while registering: the account's nick it is)
         elif verb == "USER":
             self.user = True
             self._register_if_ready()
@@ -6001,11 +6023,12 @@ class IrcCodec(TextCodec):
     @staticmethod
     def encode(line, conn=None):
         caps = conn.reader.caps if conn is not None else ()
+        holding = conn is not None and conn.reader.held is not None  # (SASL: until CAP END)
         shared = conn is not None and line.kind in IRC_SHARED_KINDS and not (
             conn.reader.nickserv or conn.reader.sasl)
-        if shared:  # a room's line: the same bytes for every member with these
-            key = (frozenset(caps), line.fields.get("nick") == conn.nick)  # caps and echo
-            cache = line.extra.setdefault("irc", {})
+        if shared and not holding:  # a room's line: the same bytes for every
+            key = (conn.reader.caps_key, line.fields.get("nick") == conn.nick)  # member with
+            cache = line.extra.setdefault("irc", {})  # these caps and echo
             if key in cache:
                 return cache[key]
         tags = _irc_tags(line, caps)
@@ -6013,6 +6036,9 @@ class IrcCodec(TextCodec):
                         for text in irc_lines(line, conn, caps))
         if shared:
             cache[key] = data
+        if holding:
+            conn.reader.held += data
+            return b""
         return data
 
     @staticmethod
@@ -6027,6 +6053,19 @@ class IrcCodec(TextCodec):
     @staticmethod
     def caps(conn):
         return conn.reader.caps
+
+    @staticmethod
+    def pass_group(conn, room_pass):
+        """Which members get the same bytes of a room's pass as conn: those
+        with its capabilities, when the pass is only room lines none of which
+        is conn's own (echo) and no NickServ or SASL answer is due; else None
+        (rendered for conn alone)."""
+        reader = conn.reader
+        speakers = room_pass.said_by(IRC_SHARED_KINDS)
+        if (speakers is None or conn.nick in speakers or reader.nickserv or reader.sasl
+                or reader.held is not None):
+            return None
+        return reader.caps_key
 
 
 # A room's broadcasts: what irc_lines makes of them depends only on the
@@ -6075,12 +6114,13 @@ def irc_lines(line, conn, caps=()):
         return [":%s PRIVMSG %s :%s" % (_irc_user(f["nick"]), me, f["text"])]
     if kind == "welcome":
         motd = x.get("motd") or ()
-        lines = []
+        lines, held = [], False
         if reader is not None and reader.sasl == "login":
             reader.sasl = None
             lines = ["%s 900 %s %s %s :You are now logged in as %s" % (
                          server, me, _irc_user(me), me, me),
                      "%s 903 %s :SASL authentication successful" % (server, me)]
+            held = reader.capping  # the welcome waits for CAP END (these go out now)
         lines += ["%s 001 %s :Welcome to the chat.py network, %s" % (server, me, me),
                  "%s 002 %s :Your host is %s" % (server, me, IRC_SERVER),
                  "%s 003 %s :This server speaks the chat.py protocol too" % (server, me),
@@ -6091,10 +6131,16 @@ def irc_lines(line, conn, caps=()):
                  % (server, me, MAX_NICK_CHARS, MAX_ROOM_CHARS + 1, MAX_LINE_BYTES,
                     x.get("max_joined", ""), HISTORY_MAX)]
         if not motd:
-            return lines + ["%s 422 %s :MOTD File is missing" % (server, me)]
-        return lines + ["%s 375 %s :- %s Message of the day -" % (server, me, IRC_SERVER)] + [
-            "%s 372 %s :- %s" % (server, me, text) for text in motd] + [
-            "%s 376 %s :End of /MOTD command" % (server, me)]
+            lines.append("%s 422 %s :MOTD File is missing" % (server, me))
+        else:
+            lines += ["%s 375 %s :- %s Message of the day -" % (server, me, IRC_SERVER)] + [
+                "%s 372 %s :- %s" % (server, me, text) for text in motd] + [
+                "%s 376 %s :End of /MOTD command" % (server, me)]
+        if held:
+            reader.held = bytearray("".join(text + "\r\n" for text in lines[2:]).encode(
+                ENCODING))
+            return lines[:2]
+        return lines
     if kind in ("joined", "joined_room"):
         lines = [":%s JOIN %s" % (_irc_user(f["nick"]), f.get("room") or x.get("room"))]
         if x.get("away") is not None and "away-notify" in caps:
@@ -6129,11 +6175,18 @@ def irc_lines(line, conn, caps=()):
             server, me, f["room"], nick, IRC_HOST, IRC_SERVER, nick, "G" if away else "H",
             "@" if op else "", nick) for nick, op, away in x.get("members", [])] + [
             "%s 315 %s %s :End of /WHO list" % (server, me, f["room"])]
-    if kind == "who":
-        members = x.get("members", [])
-        names = " ".join(("@" if op else "") + nick for nick, op, away in members)
-        return ["%s 353 %s = %s :%s" % (server, me, f["room"], names),
-                "%s 366 %s %s :End of /NAMES list" % (server, me, f["room"])]
+    if kind == "who":  # 353s of at most IRC_BODY_BYTES each, then 366
+        head = "%s 353 %s = %s :" % (server, me, f["room"])
+        lines, names, size = [], [], len(head)
+        for nick, op, away in x.get("members", []):
+            name = ("@" if op else "") + nick
+            if names and size + 1 + len(name.encode(ENCODING)) > IRC_BODY_BYTES:
+                lines.append(head + " ".join(names))
+                names, size = [], len(head)
+            names.append(name)
+            size += len(name.encode(ENCODING)) + 1
+        return lines + [head + " ".join(names),
+                        "%s 366 %s %s :End of /NAMES list" % (server, me, f["room"])]
     if kind == "rooms":
         rooms = [item.rpartition(" (") for item in filter(None, f["list"].split(", "))]
         return (["%s 321 %s Channel :Users  Name" % (server, me)]
@@ -6217,6 +6270,11 @@ class WebIrcReader(IrcReader):
 
     def _answer(self, text):
         self.answers += ws_frame(text.encode(ENCODING))
+
+    def _release(self, data):
+        for line in data.split(b"\r\n"):
+            if line:
+                self.answers += ws_frame(line)
 
     def goodbye(self):
         return self.web.goodbye()
@@ -9487,8 +9545,8 @@ class Bench:
         but a message does. Every client is in once its own join came back
         through the chat's one order, so a line said now comes after every
         join, everywhere: one client in each room says it."""
-        self.pongs = {False: ("> drained %s" % self.tag).encode(ENCODING),
-                      True: ('"text": "drained %s"' % self.tag).encode(ENCODING)}
+        self.pongs = {"text": ("> drained %s" % self.tag).encode(ENCODING),
+                      "json": ('"text": "drained %s"' % self.tag).encode(ENCODING)}
         for room in {c.room for c in self.clients}:
             speaker = next(c for c in self.clients if c.room == room and not c.slow)
             speaker.sock.sendall(self._wire("drained " + self.tag, speaker))

@@ -3261,6 +3261,10 @@ class IrcTest(ServerTestCase):
             if nick_after == "ann":
                 peer.wait_for_irc(r"^:chat\.py 900 ann ann!ann@chat\.py ann :")
                 peer.wait_for_irc(r"^:chat\.py 903 ann :SASL authentication successful$")
+                peer.send_line("NICK guest2")  # (registering still: the account's nick stays)
+                peer.send_line("PING :before-cap-end")  # no welcome before CAP END
+                self.assertEqual(peer.wait_for_irc(r" PONG | 001 "),
+                                 ":chat.py PONG chat.py :before-cap-end")
             else:
                 peer.wait_for_irc(r"^:chat\.py 904 \* :SASL authentication failed$")
             peer.send_line("CAP END")
@@ -3299,6 +3303,25 @@ class IrcTest(ServerTestCase):
         ann.wait_for_irc(r"^:chat\.py 417 ann :")
         ann.send_line("@" + "a=b;" * 2000 + " PING :tags")  # 8001 bytes of tags: taken
         ann.wait_for_irc(r"^:chat\.py PONG chat\.py :tags$")
+
+    def test_names_of_a_big_channel_come_in_lines_of_at_most_512_bytes(self):
+        nicks = ["member%02d-%s" % (number, "x" * 12) for number in range(60)]
+        for nick in nicks:
+            peer = self.irc_user(nick)
+            peer.send_line("JOIN #big")
+            peer.wait_for_irc(r"^:%s!\S+ JOIN #big$" % nick)
+        ann = self.irc_user("ann")
+        ann.send_line("JOIN #big")
+        seen = []
+        while True:
+            line = ann.wait_for_irc(r"^:chat\.py (353|366) ann ")
+            if " 366 " in line:
+                break
+            self.assertLessEqual(len(line.encode()) + 2, 512)
+            self.assertTrue(line.startswith(":chat.py 353 ann = #big :"), line)
+            seen += line.split(" :", 1)[1].split()
+        self.assertEqual(sorted(seen), sorted(nicks + ["ann"]))
+        self.assertGreater(len(seen), 0)
 
     def test_whois_and_away_notify(self):
         ann = IrcPeer(self.irc.address[1])
@@ -3469,24 +3492,30 @@ class IrssiTest(ServerTestCase):
             raise unittest.SkipTest("no irssi (Debian: apt-get install irssi; .ci/run "
                                     "installs it): the irssi test is skipped")
 
-    def test_irssi_joins_a_channel_and_talks_with_an_nc_user(self):
+    def test_irssi_logs_in_by_sasl_joins_two_channels_and_talks_with_an_nc_user(self):
         import pty
         irc = chat.Listener("127.0.0.1", 0, codec=chat.IRC_CODEC)
         server = serve_in_thread(self, listeners=[irc])
         self.port = server.address[1]
+        owner = self.join("ann")  # ann's account, which irssi logs in to (the README's way)
+        owner.send_line("/register sekrit-password")
+        owner.expect("*** ann is now your account: next time, /login ann PASSWORD")
+        owner.send_line("/quit")
+        owner.expect_closed()
         bob = self.join("bob")
         bob.send_line("/join #rust")
         bob.expect("*** bob joined #rust (1 here)")
         bob.send_line("said before irssi came")
         bob.expect("<bob> said before irssi came")
+        bob.send_line("/open #go")
+        bob.expect("*** bob joined #go (1 here)")
         home = tempfile.mkdtemp(prefix="chat-irssi-")
         self.addCleanup(shutil.rmtree, home, True)
         master, slave = pty.openpty()
         self.addCleanup(os.close, master)
         import fcntl, termios  # Unix only, like the pseudo-terminal itself
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
-        proc = start_process(self, [IRSSI, "--home=" + home, "-n", "ann", "-c", "127.0.0.1",
-                                    "-p", str(irc.address[1])],
+        proc = start_process(self, [IRSSI, "--home=" + home, "-n", "guest"],
                              stdin=slave, stdout=slave, stderr=slave,
                              env=dict(os.environ, TERM="xterm"), start_new_session=True)
         os.close(slave)
@@ -3499,16 +3528,31 @@ class IrssiTest(ServerTestCase):
                 if select.select([master], [], [], 0.1)[0]:
                     screen.extend(os.read(master, 65536))
 
-        until(b"Welcome to the chat.py network")
-        os.write(master, b"/join #rust\r")
-        bob.expect("*** ann joined #rust (2 here)")
-        until(b"said before irssi came")  # the replay, as a notice
-        os.write(master, b"hello from irssi\r")
+        def type_line(text):
+            os.write(master, text.encode() + b"\r")
+
+        until(b"Irssi")
+        type_line("/network add -sasl_mechanism PLAIN -sasl_username ann "
+                  "-sasl_password sekrit-password chatpy")
+        type_line("/server add -network chatpy 127.0.0.1 %d" % irc.address[1])
+        type_line("/connect chatpy")
+        until(b"You are now logged in as ann")
+        until(b"Welcome to the chat.py network, ann")
+        type_line("/join #rust")
+        bob.expect("#rust *** ann joined #rust (2 here)")  # (bob talks in #go, opened last)
+        until(b"said before irssi came")  # the replay (with server-time: bob's PRIVMSG)
+        type_line("/join #go")
+        bob.expect("*** ann joined #go (2 here)")
+        type_line("hello from irssi")  # (in #go, the window it joined last)
         bob.expect("<ann> hello from irssi")
         bob.send_line("hi irssi user")
         bob.expect("<bob> hi irssi user")
         until(b"hi irssi user")
-        os.write(master, b"/quit leaving now\r")
+        bob.send_line("/msg #rust over in rust")
+        bob.expect("#rust <bob> over in rust")
+        type_line("/window goto #rust")
+        until(b"over in rust")
+        type_line("/quit leaving now")
         bob.expect("*** ann left (leaving now)")
         proc.wait(TIMEOUT)
 
