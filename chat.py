@@ -4958,6 +4958,10 @@ class ChatServer(Acceptor, Reading, NetworkFeed, WebServing):
         if not data:
             return
         plain = not this_pass.about_person  # (else each member is checked: see rendered())
+        # IRC members share the pass by capabilities (see IrcCodec.pass_group),
+        # checked here inline: this loop runs once per member per pass.
+        speakers = this_pass.said_by(IRC_SHARED_KINDS) if plain else None
+        irc_chunks = {}
         failed = []
         for conn in room.members.values():
             if conn.phase == CLOSED:
@@ -4965,6 +4969,12 @@ class ChatServer(Acceptor, Reading, NetworkFeed, WebServing):
             offset = late.get(conn, 0) if late else 0
             if plain and conn.codec is TEXT_CODEC and conn.focus is room:
                 chunk = data[offset:] if offset else data  # as said: most members, most passes
+            elif (speakers is not None and conn.codec is IRC_CODEC and not offset
+                  and conn.nick not in speakers and not conn.reader.nickserv
+                  and not conn.reader.sasl and conn.reader.held is None):
+                chunk = irc_chunks.get(conn.reader.caps_key)
+                if chunk is None:
+                    chunk = irc_chunks[conn.reader.caps_key] = this_pass.for_member(conn, 0)
             else:
                 chunk = this_pass.for_member(conn, offset)
             if not chunk:
