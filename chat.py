@@ -3633,7 +3633,9 @@ class Chat(RoomCommands, AccountCommands, OperatorCommands):
         member, remote = self.members.get(key), self.network.elsewhere.get(key)
         if member is not None:
             found = dict(nick=member.nick, rooms=[room.name for room in member.rooms],
-                         op=member.op, away=member.away, account=member.account is not None)
+                         op=member.op, away=member.away, account=member.account is not None,
+                         user=getattr(member.reader, "username", None),  # (IRC's USER)
+                         real=getattr(member.reader, "realname", None))
         elif remote is not None:  # (whether it is logged in, its server alone knows)
             found = dict(nick=remote.nick, op=remote.op, away=remote.away, account=False,
                          rooms=[self.network.known_name(room, room) for room in remote.rooms])
@@ -5684,7 +5686,7 @@ IRC_TAGS_BYTES = 8191                 # its tags (with the @), at most
 IRC_LINE_BYTES = IRC_TAGS_BYTES + 1 + IRC_BODY_BYTES
 # The IRCv3 capabilities served (CAP LS).
 IRC_CAPS = ("server-time", "message-tags", "echo-message", "batch", "multi-prefix", "sasl",
-            "away-notify", "draft/chathistory")
+            "away-notify", "userhost-in-names", "draft/chathistory")
 IRC_CAP_VALUES = {"sasl": "PLAIN"}    # (shown in CAP LS 302 as sasl=PLAIN)
 IRC_BATCHES = itertools.count(1)      # a chathistory batch's reference tag: h1, h2...
 CHATHISTORY_SUBCOMMANDS = ("LATEST", "BEFORE", "AFTER", "AROUND", "BETWEEN")
@@ -5780,7 +5782,7 @@ class IrcReader(LineReader):
     pop_line() gives); what IRC answers at once (PONG, CAP) goes to answers."""
 
     __slots__ = ("out", "nick", "user", "capping", "registered", "caps", "nickserv", "whos",
-                 "sasl", "kicking", "chat_max", "caps_key", "held")
+                 "sasl", "kicking", "chat_max", "caps_key", "held", "username", "realname")
 
     def __init__(self, max_line=MAX_LINE_BYTES):
         super().__init__(max(max_line, IRC_LINE_BYTES))
@@ -5797,6 +5799,7 @@ class IrcReader(LineReader):
         self.sasl = None          # "mechanism" (PLAIN asked), or "login" (sent: answer due)
         self.kicking = None       # the channel of the last KICK
         self.held = None          # logged in by SASL before CAP END: what waits for it
+        self.username = self.realname = None  # USER's, for WHOIS
 
     def feed(self, data):
         """Take what came (no telnet filtering: IRC clients send none), and
@@ -5840,6 +5843,19 @@ class IrcReader(LineReader):
     def _release(self, data):
         """IRC lines (bytes) held back, out now."""
         self.answers += data
+
+    def _need_more(self, verb, params):
+        """A verb without what it needs: 461; PRIVMSG and NOTICE say which (411,
+        412). (NOTICE is never answered with an error, as IRC has it.)"""
+        if verb == "NOTICE":
+            return
+        nick = self.nick or "*"
+        if verb == "PRIVMSG":
+            self._answer(":%s %s %s :%s" % (IRC_SERVER, "412", nick, "No text to send")
+                         if params else ":%s 411 %s :No recipient given (PRIVMSG)" % (
+                             IRC_SERVER, nick))
+        else:
+            self._answer(":%s 461 %s %s :Not enough parameters" % (IRC_SERVER, nick, verb))
 
     def _register_if_ready(self):
         if self.nick and self.user and not self.capping and not self.registered:
@@ -5922,7 +5938,10 @@ class IrcReader(LineReader):
                     self._answer(":%s CAP %s ACK :%s" % (IRC_SERVER, self.nick or "*", rest))
                 else:
                     self._answer(":%s CAP %s NAK :%s" % (IRC_SERVER, self.nick or "*", rest))
-            elif sub == "END":
+            elif sub != "END":
+                self._answer(":%s 410 %s %s :Invalid CAP command" % (
+                    IRC_SERVER, self.nick or "*", first))
+            else:
                 self.capping = False
                 if self.held is not None:  # the welcome, and what followed it
                     self._release(bytes(self.held))
@@ -5940,8 +5959,14 @@ class IrcReader(LineReader):
                 self._register_if_ready()
             # (else logged in by SASL while registering: the account's nick it is)
         elif verb == "USER":
+            if not self.user and len(params) >= 4:  # (WHOIS shows them)
+                self.username, self.realname = clean_text(first)[:MAX_NICK_CHARS], clean_text(
+                    params[3])[:MAX_NICK_CHARS * 4]
             self.user = True
             self._register_if_ready()
+        elif (verb == "PING" and not params) or (
+                verb in ("PRIVMSG", "NOTICE") and not (params[1:] and params[1])):
+            self._need_more(verb, params)
         elif verb == "PING":
             self._answer(":%s PONG %s :%s" % (IRC_SERVER, IRC_SERVER, first))
         elif verb == "PONG":
@@ -6188,8 +6213,9 @@ def irc_lines(line, conn, caps=()):
     if kind == "who":  # 353s of at most IRC_BODY_BYTES each, then 366
         head = "%s 353 %s = %s :" % (server, me, f["room"])
         lines, names, size = [], [], len(head)
+        full = "userhost-in-names" in caps
         for nick, op, away in x.get("members", []):
-            name = ("@" if op else "") + nick
+            name = ("@" if op else "") + (_irc_user(nick) if full else nick)
             if names and size + 1 + len(name.encode(ENCODING)) > IRC_BODY_BYTES:
                 lines.append(head + " ".join(names))
                 names, size = [], len(head)
@@ -6242,6 +6268,8 @@ def irc_lines(line, conn, caps=()):
     if kind == "error" and x.get("args", {}).get("command") == "kick" and reader is not None:
         return ["%s 482 %s %s :You're not channel operator (chat.py operators only)" % (
             server, me, reader.kicking or "*")]
+    if kind == "error" and x.get("name") == "unknown_command":  # (as IRC says it)
+        return ["%s 421 %s %s :Unknown command" % (server, me, x["args"]["command"].upper())]
     if kind == "error":
         numeric = IRC_ERRORS.get(x.get("name"))
         if numeric is not None:
@@ -6323,7 +6351,8 @@ def whois_lines(server, me, nick, found):
         return ["%s 401 %s %s :No such nick" % (server, me, nick),
                 "%s 318 %s %s :End of /WHOIS list" % (server, me, nick)]
     nick = found["nick"]
-    lines = ["%s 311 %s %s %s %s * :%s" % (server, me, nick, nick, IRC_HOST, nick)]
+    lines = ["%s 311 %s %s %s %s * :%s" % (server, me, nick, found.get("user") or nick,
+                                             IRC_HOST, found.get("real") or nick)]
     if found["rooms"]:
         lines.append("%s 319 %s %s :%s" % (server, me, nick, " ".join(
             ("@" if found["op"] else "") + room for room in found["rooms"])))

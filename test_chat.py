@@ -3283,8 +3283,16 @@ class IrcTest(ServerTestCase):
         ann.wait_for_irc(r"^:chat\.py 442 ann #nowhere :")
         ann.send_line("PRIVMSG nobody :hi")
         ann.wait_for_irc(r"^:chat\.py 401 ann nobody :")
+        ann.send_line("PRIVMSG #lobby")
+        ann.wait_for_irc(r"^:chat\.py 412 ann :No text to send$")
+        ann.send_line("PRIVMSG")
+        ann.wait_for_irc(r"^:chat\.py 411 ann :")
+        ann.send_line("PING")
+        ann.wait_for_irc(r"^:chat\.py 461 ann PING :")
+        ann.send_line("CAP FROB")
+        ann.wait_for_irc(r"^:chat\.py 410 ann FROB :")
         ann.send_line("FROB x")
-        ann.wait_for_irc(r"^:chat\.py 421 ann frob :")
+        ann.wait_for_irc(r"^:chat\.py 421 ann FROB :Unknown command$")
         ann.send_line("KICK #lobby bob")  # no channel operators: chat.py's, or 482
         ann.wait_for_irc(r"^:chat\.py 482 ann #lobby :")
         ann.send_line("MUTE bob")  # the other operators' commands: 481
@@ -3297,6 +3305,9 @@ class IrcTest(ServerTestCase):
         ann.wait_for_irc(r"^:chat\.py 442 ann #elsewhere :")
         ann.send_line("NAMES #elsewhere")
         ann.wait_for_irc(r"^:chat\.py 353 ann = #elsewhere :$")
+        ann.send_line("CAP REQ userhost-in-names")
+        ann.send_line("JOIN #full")
+        ann.wait_for_irc(r"^:chat\.py 353 ann = #full :ann!ann@chat\.py$")
         ann.send_line("PRIVMSG #lobby :" + "x" * 500)  # IRC's 510 bytes: refused, 417
         ann.wait_for_irc(r"^:chat\.py 417 ann :")
         ann.send_line("@" + "a" * 8200 + " PING :tags")  # tags past 8191 bytes: 417 too
@@ -3338,6 +3349,9 @@ class IrcTest(ServerTestCase):
         ann.wait_for_irc(r"^:bob!bob@chat\.py JOIN #rust$")
         bob.send_line("/away lunch")
         ann.wait_for_irc(r"^:bob!bob@chat\.py AWAY :lunch$")
+        ann.send_line("WHOIS ann")  # (USER's name and real name)
+        self.assertEqual(ann.wait_for_irc(r"^:chat\.py 311 "),
+                         ":chat.py 311 ann ann ann chat.py * :ann")
         ann.send_line("WHOIS bob")
         self.assertEqual(ann.wait_for_irc(r"^:chat\.py 311 "),
                          ":chat.py 311 ann bob bob chat.py * :bob")
