@@ -3546,6 +3546,7 @@ class IrssiTest(ServerTestCase):
             os.write(master, text.encode() + b"\r")
 
         until(b"Irssi")
+        type_line("/set cmd_queue_speed 0")  # (irssi paces its lines past five: 2.2 s each)
         type_line("/network add -sasl_mechanism PLAIN -sasl_username ann "
                   "-sasl_password sekrit-password chatpy")
         type_line("/server add -network chatpy 127.0.0.1 %d" % irc.address[1])
