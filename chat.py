@@ -2489,7 +2489,7 @@ class RoomCommands:
         words = arg.split()
         sub = words[0].upper() if words else "*"
         wanted = 5 if sub == "BETWEEN" else 4
-        if sub not in CHATHISTORY_SUBCOMMANDS:
+        if sub not in CHATHISTORY_SUBCOMMANDS and words:
             self.io.send(conn, irc_fail("CHATHISTORY", "UNKNOWN_COMMAND", sub, "Unknown command"))
             return
         if len(words) < wanted:
@@ -2499,7 +2499,8 @@ class RoomCommands:
         target, limit = words[1], decimal_number(words[wanted - 1], MAX_MESSAGE_ID)
         refs = [None if word == "*" and sub == "LATEST" else chathistory_ref(word)
                 for word in words[2:wanted - 1]]
-        if not limit or (None in refs and sub != "LATEST"):
+        if not limit or any(ref is None and not (word == "*" and sub == "LATEST")
+                            for ref, word in zip(refs, words[2:])):
             self.io.send(conn, irc_fail("CHATHISTORY", "INVALID_PARAMS", sub,
                                         "Invalid reference or limit"))
             return
@@ -3179,6 +3180,9 @@ class Chat(RoomCommands, AccountCommands, OperatorCommands):
                 self.LINE_HANDLERS[conn.phase](self, conn, command, arg)
 
     def _cmd_format(self, conn, arg):
+        if isinstance(conn.codec, IrcCodec):  # (IRC it stays)
+            self.io.send(conn, error("unknown_command", command="format"))
+            return
         codec = CODECS.get(arg.lower())
         if codec is None:
             self.io.send(conn, usage("format"))
@@ -4431,13 +4435,14 @@ class WebServing:
         irc = WS_IRC_SUBPROTOCOL in offered  # a web IRC client: IRC lines, not JSON
         conn.outbuf += ws_handshake_answer(key, WS_IRC_SUBPROTOCOL if irc else None)
         self.dirty.add(conn)
-        if irc:
-            conn.codec, conn.reader = WEB_IRC_CODEC, WebIrcReader(reader)
         reader.start_websocket()
+        if irc:  # (frames that came with the handshake are IRC lines: translated now)
+            conn.codec, conn.reader = WEB_IRC_CODEC, WebIrcReader(reader)
+            conn.reader.feed(b"")
         self.chat.connected(conn)  # greeted now, in JSON objects (or IRC lines)
-        if reader.answers:  # (frames that came with the handshake)
-            conn.outbuf += reader.answers
-            reader.answers.clear()
+        if conn.reader.answers:  # (frames that came with the handshake)
+            conn.outbuf += conn.reader.answers
+            conn.reader.answers.clear()
         self.call_later(WS_PING_S, self._ws_ping, conn)
 
     def _web_finished(self, conn, why):
@@ -5689,6 +5694,7 @@ IRC_CAPS = ("server-time", "message-tags", "echo-message", "batch", "multi-prefi
             "away-notify", "userhost-in-names", "draft/chathistory")
 IRC_CAP_VALUES = {"sasl": "PLAIN"}    # (shown in CAP LS 302 as sasl=PLAIN)
 IRC_BATCHES = itertools.count(1)      # a chathistory batch's reference tag: h1, h2...
+IRC_HELD_MAX = 64 * 1024              # held for CAP END after a SASL login, at most
 CHATHISTORY_SUBCOMMANDS = ("LATEST", "BEFORE", "AFTER", "AROUND", "BETWEEN")
 CHATHISTORY_TIMESTAMP = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,3}))?Z?")
 
@@ -5852,7 +5858,7 @@ class IrcReader(LineReader):
         nick = self.nick or "*"
         if verb == "PRIVMSG":
             self._answer(":%s %s %s :%s" % (IRC_SERVER, "412", nick, "No text to send")
-                         if params else ":%s 411 %s :No recipient given (PRIVMSG)" % (
+                         if params and params[0] else ":%s 411 %s :No recipient given (PRIVMSG)" % (
                              IRC_SERVER, nick))
         else:
             self._answer(":%s 461 %s %s :Not enough parameters" % (IRC_SERVER, nick, verb))
@@ -5919,7 +5925,7 @@ class IrcReader(LineReader):
         if verb == "CAP":
             sub = first.upper()
             if sub == "LS":
-                self.capping = True
+                self.capping = self.capping or not self.registered
                 self._answer(":%s CAP %s LS :%s" % (IRC_SERVER, self.nick or "*", " ".join(
                     cap + ("=" + IRC_CAP_VALUES[cap] if cap in IRC_CAP_VALUES and params[1:2] == ["302"]
                            else "") for cap in IRC_CAPS)))
@@ -5940,7 +5946,7 @@ class IrcReader(LineReader):
                     self._answer(":%s CAP %s NAK :%s" % (IRC_SERVER, self.nick or "*", rest))
             elif sub != "END":
                 self._answer(":%s 410 %s %s :Invalid CAP command" % (
-                    IRC_SERVER, self.nick or "*", first))
+                    IRC_SERVER, self.nick or "*", first or "*"))
             else:
                 self.capping = False
                 if self.held is not None:  # the welcome, and what followed it
@@ -5964,7 +5970,7 @@ class IrcReader(LineReader):
                     params[3])[:MAX_NICK_CHARS * 4]
             self.user = True
             self._register_if_ready()
-        elif (verb == "PING" and not params) or (
+        elif (verb in ("PING", "TOPIC", "KICK", "OPER") and not params) or (
                 verb in ("PRIVMSG", "NOTICE") and not (params[1:] and params[1])):
             self._need_more(verb, params)
         elif verb == "PING":
@@ -6012,6 +6018,8 @@ class IrcReader(LineReader):
         elif verb == "WHO" and first.startswith("#"):
             self.whos += 1
             self._say("/who " + first)
+        elif verb == "WHOIS" and not params:
+            self._answer(":%s 431 %s :No nickname given" % (IRC_SERVER, self.nick or "*"))
         elif verb == "WHOIS":
             self._say("/whois " + " ".join(params))
         elif verb == "WHO":
@@ -6069,10 +6077,14 @@ class IrcCodec(TextCodec):
         tags = _irc_tags(line, caps)
         data = b"".join((tags + text + "\r\n").encode(ENCODING)
                         for text in irc_lines(line, conn, caps))
-        if shared:
+        if shared and not holding:
             cache[key] = data
         if holding:
-            conn.reader.held += data
+            reader = conn.reader
+            reader.held += data
+            if len(reader.held) > IRC_HELD_MAX:  # (no CAP END coming): out it goes
+                data, reader.held = bytes(reader.held), None
+                return data
             return b""
         return data
 
@@ -6133,6 +6145,8 @@ def irc_lines(line, conn, caps=()):
     me = (conn.nick if conn is not None else None) or "*"
     server = ":" + IRC_SERVER
     reader = conn.reader if conn is not None else None
+    if reader is not None and conn.nick is not None:
+        reader.nick = conn.nick  # (what the reader answers itself names it so)
     if reader is not None and reader.sasl == "login" and kind == "error":
         reader.sasl_failed()
         return ["%s 904 %s :SASL authentication failed" % (server, me)]
@@ -6212,13 +6226,13 @@ def irc_lines(line, conn, caps=()):
             "%s 315 %s %s :End of /WHO list" % (server, me, f["room"])]
     if kind == "who":  # 353s of at most IRC_BODY_BYTES each, then 366
         head = "%s 353 %s = %s :" % (server, me, f["room"])
-        lines, names, size = [], [], len(head)
+        lines, names, size = [], [], len(head.encode(ENCODING))
         full = "userhost-in-names" in caps
         for nick, op, away in x.get("members", []):
             name = ("@" if op else "") + (_irc_user(nick) if full else nick)
             if names and size + 1 + len(name.encode(ENCODING)) > IRC_BODY_BYTES:
                 lines.append(head + " ".join(names))
-                names, size = [], len(head)
+                names, size = [], len(head.encode(ENCODING))
             names.append(name)
             size += len(name.encode(ENCODING)) + 1
         return lines + [head + " ".join(names),

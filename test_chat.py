@@ -2564,7 +2564,8 @@ class WsPeer:
     """A WebSocket client (RFC 6455), written here with the standard library,
     as a browser speaks to the server."""
 
-    def __init__(self, port, origin=None, host=None, path="/ws", protocols=None):
+    def __init__(self, port, origin=None, host=None, path="/ws", protocols=None,
+                 first_frames=()):
         import base64
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
         key = base64.b64encode(os.urandom(16)).decode()
@@ -2574,7 +2575,8 @@ class WsPeer:
                    "Sec-WebSocket-Version: 13\r\n%s%s\r\n"
                    % (path, host, key, "Origin: %s\r\n" % origin if origin else "",
                       "Sec-WebSocket-Protocol: %s\r\n" % protocols if protocols else ""))
-        self.sock.sendall(request.encode())
+        self.sock.sendall(request.encode() + b"".join(
+            self.frame(line.encode()) for line in first_frames))
         self.buf = b""
         while b"\r\n\r\n" not in self.buf:
             chunk = self.sock.recv(65536)
@@ -2595,6 +2597,10 @@ class WsPeer:
     def send_frame(self, payload, opcode=0x1, fin=True, masked=True):
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
+        self.sock.sendall(self.frame(payload, opcode, fin, masked))
+
+    @staticmethod
+    def frame(payload, opcode=0x1, fin=True, masked=True):
         head = bytes([(0x80 if fin else 0) | opcode])
         size = len(payload)
         mark = 0x80 if masked else 0
@@ -2608,7 +2614,7 @@ class WsPeer:
             mask = os.urandom(4)
             payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
             head += mask
-        self.sock.sendall(head + payload)
+        return head + payload
 
     def send_line(self, text):
         self.send_frame(text)
@@ -2702,6 +2708,11 @@ class WebTest(ServerTestCase):
                     return line
         for line in ("CAP LS 302", "NICK wendy", "USER wendy 0 * :Wendy", "CAP END"):
             wendy.send_line(line)
+        sent_at_once = WsPeer(self.web_port, protocols="text.ircv3.net", first_frames=[
+            "NICK early", "USER early 0 * :Early"])  # frames in the handshake's own write
+        self.addCleanup(sent_at_once.close)
+        while b" 001 early " not in sent_at_once.read_frame()[1]:
+            pass
         self.assertIn("draft/chathistory", irc_frame(r"^:chat\.py CAP \* LS :"))
         irc_frame(r"^:chat\.py 001 wendy :")
         wendy.send_line("JOIN #rust\r\n")  # (a line end is forgiven)
@@ -3269,6 +3280,39 @@ class IrcTest(ServerTestCase):
                 peer.wait_for_irc(r"^:chat\.py 904 \* :SASL authentication failed$")
             peer.send_line("CAP END")
             peer.wait_for_irc(r"^:chat\.py 001 %s :" % nick_after)
+
+    def test_a_sasl_client_may_join_before_cap_end_and_cap_ls_later_is_no_stop(self):
+        import base64
+        owner = self.join("ann")
+        owner.send_line("/register sekrit-password")
+        owner.expect("*** ann is now your account: next time, /login ann PASSWORD")
+        owner.send_line("/quit")
+        owner.expect_closed()
+        peer = IrcPeer(self.irc.address[1])
+        self.addCleanup(peer.close)
+        for line in ("CAP LS 302", "NICK guest", "USER guest 0 * :guest", "CAP REQ :sasl",
+                     "AUTHENTICATE PLAIN"):
+            peer.send_line(line)
+        peer.wait_for_irc(r"^AUTHENTICATE \+$")
+        peer.send_line("AUTHENTICATE " + base64.b64encode(b"\0ann\0sekrit-password").decode())
+        peer.wait_for_irc(r"^:chat\.py 903 ann :")
+        peer.send_line("JOIN #early")  # before CAP END: its answers wait for it
+        peer.send_line("CAP END")
+        peer.wait_for_irc(r"^:chat\.py 001 ann :")
+        peer.wait_for_irc(r"^:ann!ann@chat\.py JOIN #early$")
+        peer.send_line("CAP LS 302")  # registered: a later CAP LS holds nothing up
+        peer.send_line("NICK ann2")
+        peer.wait_for_irc(r"^:ann!ann@chat\.py NICK :ann2$")
+        peer.send_line("TOPIC")
+        peer.wait_for_irc(r"^:chat\.py 461 ann2 TOPIC :")
+        peer.send_line("CHATHISTORY LATEST #early garbage 2")
+        peer.wait_for_irc(r"^FAIL CHATHISTORY INVALID_PARAMS LATEST :")
+        peer.send_line("WHOIS")
+        peer.wait_for_irc(r"^:chat\.py 431 ann2 :")
+        peer.send_line("FORMAT json")
+        peer.wait_for_irc(r"^:chat\.py 421 ann2 FORMAT :")
+        peer.send_line("IN #early /format json")
+        peer.wait_for_irc(r"^:chat\.py 421 ann2 FORMAT :")
 
     def test_errors_are_numerics(self):
         ann = self.irc_user("ann")
