@@ -9372,20 +9372,25 @@ class Bench:
             if (kind == "joined" and fields["nick"] == client.nick) or (
                     kind == "joined_room" and fields["nick"] == client.nick):
                 client.rank = int(fields["count"])
-                client.state = "in"
                 if client.json and not self.args.web:
                     client.sock.sendall(b"/format json\n")  # what comes after: JSON
-                self.in_flight -= 1
-                self.registered += 1
                 rest = b"\n".join(lines[i + 1:] + [client.inbuf])
                 client.inbuf = b""
-                if client.slow:
-                    self._watch(client, 0)  # a slow client never reads again, or slowly
-                    if self.args.slow_read:
-                        self._pause(client, BENCH_SLOW_READ_STEP_S)
-                elif rest:
-                    self._receive_data(client, rest)
+                self._now_in(client, rest)
                 return
+
+    def _now_in(self, client, rest):
+        """client's own join came back: it is in, and what came after it is
+        read as everyone's is."""
+        client.state = "in"
+        self.in_flight -= 1
+        self.registered += 1
+        if client.slow:
+            self._watch(client, 0)  # a slow client never reads again, or slowly
+            if self.args.slow_read:
+                self._pause(client, BENCH_SLOW_READ_STEP_S)
+        elif rest:
+            self._receive_data(client, rest)
 
     def _registering_web(self, client, data):
         """--web: the handshake's answer, then frames of JSON objects, up to its
@@ -9410,16 +9415,8 @@ class Bench:
                     client.sock.sendall(self._wire("/join " + client.room, client))
                     continue
                 client.rank = int(obj["count"])
-                client.state = "in"
-                self.in_flight -= 1
-                self.registered += 1
-                client.inbuf, rest = b"", buf[end:]
-                if client.slow:
-                    self._watch(client, 0)
-                    if self.args.slow_read:
-                        self._pause(client, BENCH_SLOW_READ_STEP_S)
-                elif rest:
-                    self._receive_data(client, rest)
+                client.inbuf = b""
+                self._now_in(client, buf[end:])
                 return
         client.inbuf = buf[consumed:]
 
@@ -9438,17 +9435,9 @@ class Bench:
             if words[0] == b"PING":
                 client.sock.sendall(b"PONG " + b" ".join(words[1:]) + b"\r\n")
             elif len(words) > 2 and words[1] == b"JOIN" and words[0][1:].split(b"!")[0] == nick:
-                client.state = "in"
-                self.in_flight -= 1
-                self.registered += 1
                 rest = b"\n".join(lines[i + 1:] + [client.inbuf])
                 client.inbuf = b""
-                if client.slow:
-                    self._watch(client, 0)
-                    if self.args.slow_read:
-                        self._pause(client, BENCH_SLOW_READ_STEP_S)
-                elif rest:
-                    self._receive_data(client, rest)
+                self._now_in(client, rest)
                 return
 
     def _receive_data(self, client, data):
