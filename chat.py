@@ -3262,6 +3262,8 @@ class Chat(RoomCommands, AccountCommands, OperatorCommands):
         for room in rooms:
             if room.members.get(conn.key) is conn:  # (not yet, while arriving over the network)
                 self.io.leave(room, conn)
+        if not rooms:  # (the other servers learn it from its rooms, else)
+            self.network.tell("roomless", what="left", nick=conn.nick, reason=reason or "")
         if reason is not None:
             self._tell_about(rooms, line)
             self.io.log("%s left (%s)" % (conn.nick, reason))
@@ -3416,6 +3418,7 @@ class Chat(RoomCommands, AccountCommands, OperatorCommands):
                          .having(room=self.lobby.name))
         else:  # (IRC: in no room, announced by the channels it joins)
             self._place(conn)
+            self.network.tell("roomless", what="joined", nick=nick, count=0)  # (see there)
             self.io.send(conn, format_line("welcome", nick=nick).having(
                 motd=self.motd, max_joined=self.limits.max_joined))
         if then is not None:
@@ -3577,7 +3580,8 @@ class Chat(RoomCommands, AccountCommands, OperatorCommands):
         if conn.rooms:
             self._tell_about(conn.rooms, line)
         else:
-            self.io.send(conn, line)  # in no room: only itself to tell
+            self.io.send(conn, line)  # in no room: only itself (and the other servers)
+            self.network.tell("roomless", what="renamed", old=old, new=arg)
 
     def _store_answer(self, write, *args):
         """_store() for a write whose answer matters (False on failure)."""
@@ -6405,7 +6409,7 @@ REDIS_MAIL = REDIS_PREFIX + "mail:"           # + account key: its waiting messa
 # Feed entries for the servers, not a room: a changed account or ban (every
 # server's copy), a moderation or a login that the target's server carries out.
 # (And "away": a user's /away, for every server's copy of who is online.)
-CONTROL_KINDS = frozenset({"account", "ban", "moderate", "takeover", "away"})
+CONTROL_KINDS = frozenset({"account", "ban", "moderate", "takeover", "away", "roomless"})
 
 # KEYS: the presence hash; ARGV: a nick key, a server. The nick is freed only
 # if that server holds it (a login elsewhere may have taken it over).
@@ -6892,6 +6896,8 @@ class RedisNetwork:
                     continue
                 self.say_about(user, format_line("left", nick=user.nick,
                                                  reason=LEFT_SERVER_LOST))
+                if not user.rooms:
+                    self.tell("roomless", what="left", nick=user.nick, reason=LEFT_SERVER_LOST)
                 self.commands.call(None, "HDEL", REDIS_PRESENCE, key)
         self.commands.call(announce, "HGETALL", REDIS_PRESENCE)
 
@@ -6981,6 +6987,10 @@ class RedisNetwork:
                 self._changed(kind, fields["key"], fields)
             elif kind == "away" and fields["key"] in self.elsewhere:
                 self.elsewhere[fields["key"]].away = fields["away"]
+            elif kind == "roomless" and entry["o"] != self.server_id:
+                about = dict(fields)  # a user in no room arrived, was renamed or left
+                self._heard_of_user(about.pop("what"), about, None, entry["o"],
+                                    {"person": "roomless"})
             return
         if room and room not in self.names:
             self.names[room] = entry["m"]  # its spelling, for /rooms
@@ -7010,7 +7020,7 @@ class RedisNetwork:
             user = self.elsewhere.get(key)
             if user is None or user.server != server:  # new (or a login took it over)
                 user = self.elsewhere[key] = RemoteUser(fields["nick"], [], server)
-            if room not in user.rooms:
+            if room is not None and room not in user.rooms:  # (None: it is in no room)
                 user.rooms.append(room)
         elif kind == "renamed":
             user = self.elsewhere.pop(nick_key(fields["old"]), None)

@@ -6621,6 +6621,48 @@ class IrcRedisTest(RedisCase):
         bob.send_line("/away")
         ann.wait_for_irc(r"^:alice!alice@chat\.py AWAY$")
 
+    def test_an_irc_user_in_no_channel_is_known_to_the_other_servers(self):
+        url = self.start_redis()
+        irc = chat.Listener("127.0.0.1", 0, codec=chat.IRC_CODEC)
+        network = chat.RedisNetwork(chat.RedisAddress(url))
+        network.load()
+        serve_in_thread(self, network=network, listeners=[irc], store=chat.RedisStore(
+            network, chat.SQLiteStore(":memory:")))
+        bob = self.alice_on(self.serve_on_redis(url))  # (named alice by the helper)
+        ann = IrcPeer(irc.address[1])
+        self.addCleanup(ann.close)
+        for line in ("NICK ann", "USER ann 0 * :ann"):
+            ann.send_line(line)
+        ann.wait_for_irc(r"^:chat\.py 001 ann ")
+        deadline = time.monotonic() + TIMEOUT
+        while True:  # (ann's arrival reaches the other server through Redis)
+            bob.send_line("/msg ann hello")
+            line = bob.read_line()
+            if line == "-> *ann* hello":
+                break
+            self.assertEqual(line, "!!! no such user: ann")
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.05)  # polling another server's copy, bounded
+        ann.wait_for_irc(r"^:alice!alice@chat\.py PRIVMSG ann :hello$")
+        ann.send_line("NICK ann2")
+        ann.wait_for_irc(r"^:ann!ann@chat\.py NICK :ann2$")
+        ann.send_line("PING :renamed")  # (its rename is on its way to the feed)
+        ann.wait_for_irc(r"PONG")
+        bob.send_line("/msg ann2 again")
+        bob.expect("-> *ann2* again")
+        ann.wait_for_irc(r"^:alice!alice@chat\.py PRIVMSG ann2 :again$")
+        ann.send_line("QUIT :bye")
+        ann.expect_closed()
+        deadline = time.monotonic() + TIMEOUT
+        while True:  # its nick is free on the other server again
+            bob.send_line("/nick ann2")
+            line = bob.read_line()
+            if line == "*** alice is now known as ann2":
+                break
+            self.assertEqual(line, "!!! nickname ann2 is taken")
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.05)  # polling another server's copy, bounded
+
 
 class LostServerTest(RedisCase):
 
