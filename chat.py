@@ -3506,7 +3506,8 @@ class Chat(RoomCommands, AccountCommands, OperatorCommands):
         if target_nick.startswith("#"):  # /msg #ROOM: said in one of its rooms
             room = self._one_of_its_rooms(conn, target_nick)
             if room is None:
-                self.io.send(conn, error("not_in_room", room=room_name(target_nick)))
+                self.io.send(conn, error("not_in_room", room=room_name(target_nick),
+                                         sending=True))  # (IRC: 404, cannot send there)
             else:
                 self._say(conn, "message", text, room)
             return
@@ -3657,7 +3658,8 @@ class Chat(RoomCommands, AccountCommands, OperatorCommands):
         name, _, rest = arg.partition(" ")
         room = self._one_of_its_rooms(conn, name) if name else None
         if room is None:
-            self.io.send(conn, error("not_in_room", room=room_name(name or "#")))
+            self.io.send(conn, error("not_in_room", room=room_name(name or "#"), sending=(
+                rest.startswith("/me ") or not rest.startswith("/"))))
             return
         if conn.room is not room:
             self._talk_in(conn, room)
@@ -6286,6 +6288,9 @@ def irc_lines(line, conn, caps=()):
     if kind == "error" and x.get("args", {}).get("command") == "kick" and reader is not None:
         return ["%s 482 %s %s :You're not channel operator (chat.py operators only)" % (
             server, me, reader.kicking or "*")]
+    if kind == "error" and x.get("name") == "not_in_room" and x["args"].get("sending"):
+        return ["%s 404 %s %s :Cannot send to channel (you are not in it)" % (
+            server, me, x["args"]["room"])]
     if kind == "error" and x.get("name") == "unknown_command":  # (as IRC says it)
         return ["%s 421 %s %s :Unknown command" % (server, me, x["args"]["command"].upper())]
     if kind == "error":
