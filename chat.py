@@ -747,6 +747,7 @@ class TextCodec:
     http_first = False        # the chat greets it at once (a web one: once upgraded)
     per_member = False        # its bytes for a line are the same for everyone
     joins_lobby = True        # registering puts it in #lobby (an IRC one: in no room)
+    greets = True             # greeted with prompts (an IRC client: its welcome, 001...)
 
     @staticmethod
     def reader(max_line):
@@ -3162,6 +3163,8 @@ class Chat(RoomCommands, AccountCommands, OperatorCommands):
     def connected(self, conn):
         """A connection the chat may talk to: greet it."""
         conn.phase = NICKNAME if self.password is None else PASSWORD
+        if not conn.codec.greets:
+            return
         greeting = [text.format(count=self.online()) for text in GREETING]
         greeting[1:1] = self.motd
         if conn.phase == PASSWORD:
@@ -5794,7 +5797,8 @@ class IrcReader(LineReader):
     pop_line() gives); what IRC answers at once (PONG, CAP) goes to answers."""
 
     __slots__ = ("out", "nick", "user", "capping", "registered", "caps", "nickserv", "whos",
-                 "sasl", "kicking", "chat_max", "caps_key", "held", "username", "realname")
+                 "sasl", "kicking", "chat_max", "caps_key", "held", "username", "realname",
+                 "wanted")
 
     def __init__(self, max_line=MAX_LINE_BYTES):
         super().__init__(max(max_line, IRC_LINE_BYTES))
@@ -5812,6 +5816,7 @@ class IrcReader(LineReader):
         self.kicking = None       # the channel of the last KICK
         self.held = None          # logged in by SASL before CAP END: what waits for it
         self.username = self.realname = None  # USER's, for WHOIS
+        self.wanted = None        # the first NICK it gave (IDENTIFY PASSWORD logs in to it)
 
     def feed(self, data):
         """Take what came (no telnet filtering: IRC clients send none), and
@@ -5917,8 +5922,8 @@ class IrcReader(LineReader):
             self.nickserv += 1
             self._say("/register " + words[-1])
         elif command == "IDENTIFY" and len(words) >= 2:
-            self.nickserv += 1
-            nick = words[1] if len(words) >= 3 else (self.nick or "")
+            self.nickserv += 1  # (the nick it registered with: 433 may have made it NICK_)
+            nick = words[1] if len(words) >= 3 else (self.wanted or self.nick or "")
             self._say("/login %s %s" % (nick, words[-1]))
         else:
             for line in NICKSERV_HELP:
@@ -5968,6 +5973,7 @@ class IrcReader(LineReader):
                 self._say("/nick " + first)
             elif not self.registered:
                 self.nick = first
+                self.wanted = self.wanted or first
                 self._register_if_ready()
             # (else logged in by SASL while registering: the account's nick it is)
         elif verb == "USER":
@@ -6019,6 +6025,8 @@ class IrcReader(LineReader):
                 self._answer(":%s 324 %s %s +n" % (IRC_SERVER, nick, first))
             else:
                 self._answer(":%s 221 %s +" % (IRC_SERVER, nick))
+        elif verb in ("NICKSERV", "NS"):  # (the shortcut many clients and users have)
+            self._nickserv(" ".join(params))
         elif verb == "CHATHISTORY":
             self._say("/chathistory " + " ".join(params))
         elif verb == "WHO" and first.startswith("#"):
@@ -6064,6 +6072,7 @@ class IrcCodec(TextCodec):
     switchable = False
     per_member = True
     joins_lobby = False       # an IRC connection is in the channels it JOINs
+    greets = False
 
     @staticmethod
     def reader(max_line):
@@ -6291,6 +6300,10 @@ def irc_lines(line, conn, caps=()):
     if kind == "error" and x.get("name") == "not_in_room" and x["args"].get("sending"):
         return ["%s 404 %s %s :Cannot send to channel (you are not in it)" % (
             server, me, x["args"]["room"])]
+    if kind == "error" and x.get("name") == "nick_registered":  # (IRC's ways to log in)
+        nick = x["args"]["nick"]
+        return ["%s 433 %s %s :%s is registered: log in by SASL, or /msg NickServ IDENTIFY "
+                "%s PASSWORD" % (server, me, nick, nick, nick)]
     if kind == "error" and x.get("name") == "unknown_command":  # (as IRC says it)
         return ["%s 421 %s %s :Unknown command" % (server, me, x["args"]["command"].upper())]
     if kind == "error":

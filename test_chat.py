@@ -3240,10 +3240,17 @@ class IrcTest(ServerTestCase):
         bob.send_line("/msg ann while you were out")
         bob.expect("-> *ann* while you were out",
                    "*** ann is offline: they will get it when they log in")
-        again = self.irc_user("guest")
-        again.send_line("PRIVMSG NickServ :IDENTIFY ann wrong-password")
+        again = IrcPeer(self.irc.address[1])  # as a client does: ann is taken, so ann_
+        self.addCleanup(again.close)
+        again.send_line("NICK ann")
+        again.send_line("USER ann 0 * :ann")
+        self.assertEqual(again.read_line(), ":chat.py 433 * ann :ann is registered: log in by "
+                         "SASL, or /msg NickServ IDENTIFY ann PASSWORD")  # (no nc greeting)
+        again.send_line("NICK guest")
+        again.wait_for_irc(r"^:chat\.py 001 guest ")
+        again.send_line("PRIVMSG NickServ :IDENTIFY wrong-password")
         again.wait_for_irc(r"^:NickServ!NickServ@chat\.py NOTICE guest :wrong nick or password$")
-        again.send_line("PRIVMSG NickServ :IDENTIFY ann sekrit-password")
+        again.send_line("NS IDENTIFY sekrit-password")  # (the nick it asked for first)
         again.wait_for_irc(r"^:guest!guest@chat\.py NICK :ann$")
         again.wait_for_irc(r"^:NickServ!NickServ@chat\.py NOTICE ann :You are now identified")
         again.wait_for_irc(r"^:chat\.py NOTICE ann :\[\d{4}-\d\d-\d\d \d\d:\d\d\] "
