@@ -5798,7 +5798,7 @@ class IrcReader(LineReader):
 
     __slots__ = ("out", "nick", "user", "capping", "registered", "caps", "nickserv", "whos",
                  "sasl", "kicking", "chat_max", "caps_key", "held", "username", "realname",
-                 "wanted")
+                 "wanted", "who_nicks")
 
     def __init__(self, max_line=MAX_LINE_BYTES):
         super().__init__(max(max_line, IRC_LINE_BYTES))
@@ -5817,6 +5817,7 @@ class IrcReader(LineReader):
         self.held = None          # logged in by SASL before CAP END: what waits for it
         self.username = self.realname = None  # USER's, for WHOIS
         self.wanted = None        # the first NICK it gave (IDENTIFY PASSWORD logs in to it)
+        self.who_nicks = 0        # WHO NICK asked: its /whois answer is a WHO reply
 
     def feed(self, data):
         """Take what came (no telnet filtering: IRC clients send none), and
@@ -6036,7 +6037,10 @@ class IrcReader(LineReader):
             self._answer(":%s 431 %s :No nickname given" % (IRC_SERVER, self.nick or "*"))
         elif verb == "WHOIS":
             self._say("/whois " + " ".join(params))
-        elif verb == "WHO":
+        elif verb == "WHO" and first and "*" not in first:  # WHO NICK: its whois, as a 352
+            self.who_nicks += 1
+            self._say("/whois " + first)
+        elif verb == "WHO":  # (masks: nobody matches)
             self._answer(":%s 315 %s %s :End of /WHO list" % (IRC_SERVER, self.nick or "*", first))
         elif verb == "FORMAT":  # (an IRC connection speaks IRC)
             self._answer(":%s 421 %s FORMAT :Unknown command" % (IRC_SERVER, self.nick or "*"))
@@ -6213,6 +6217,14 @@ def irc_lines(line, conn, caps=()):
     if kind == "away_changed":
         return [":%s AWAY%s" % (_irc_user(f["nick"]), "" if f["text"] is None
                                 else " :" + f["text"])]
+    if kind == "whois" and reader is not None and reader.who_nicks:
+        reader.who_nicks -= 1  # the answer to WHO NICK: its 352 (if it is here), then 315
+        found = f["found"]
+        lines = [] if found is None else ["%s 352 %s %s %s %s %s %s %s%s :0 %s" % (
+            server, me, (found["rooms"] or ["*"])[0], found.get("user") or found["nick"],
+            IRC_HOST, IRC_SERVER, found["nick"], "G" if found["away"] is not None else "H",
+            "*" if found["op"] else "", found.get("real") or found["nick"])]
+        return lines + ["%s 315 %s %s :End of /WHO list" % (server, me, f["nick"])]
     if kind == "whois":
         return whois_lines(server, me, f["nick"], f["found"])
     if kind == "left":

@@ -3418,6 +3418,13 @@ class IrcTest(ServerTestCase):
         cy.send_line("/join #rust")  # an away user joins: JOIN, then AWAY
         self.assertEqual(ann.wait_for_irc(r"^:cy!"), ":cy!cy@chat.py JOIN #rust")
         self.assertEqual(ann.read_line(), ":cy!cy@chat.py AWAY :zzz")
+        ann.send_line("WHO bob")  # a nick's WHO: 352 (G: away; its first channel), 315
+        self.assertEqual(ann.wait_for_irc(r"^:chat\.py (352|315) "),
+                         ":chat.py 352 ann #rust bob chat.py chat.py bob H :0 bob")
+        self.assertEqual(ann.read_line(), ":chat.py 315 ann bob :End of /WHO list")
+        ann.send_line("WHO nobody")
+        self.assertEqual(ann.wait_for_irc(r"^:chat\.py (352|315) "),
+                         ":chat.py 315 ann nobody :End of /WHO list")
         ann.send_line("WHOIS nobody")
         ann.wait_for_irc(r"^:chat\.py 401 ann nobody :")
         ann.wait_for_irc(r"^:chat\.py 318 ann nobody :")
