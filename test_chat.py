@@ -6599,28 +6599,34 @@ class SeveralRoomsRedisTest(SeveralRoomsRules, RedisCase):
 class ChathistoryRedisTest(ChathistoryRules, RedisCase):
 
     def start_chat_with_irc(self):
-        network = chat.RedisNetwork(chat.RedisAddress(self.start_redis()))
-        network.load()
-        irc = chat.Listener("127.0.0.1", 0, codec=chat.IRC_CODEC)
-        server = serve_in_thread(self, network=network, listeners=[irc], store=chat.RedisStore(
-            network, chat.SQLiteStore(":memory:")))
-        return irc.address[1], server.address[1]
+        return serve_irc_on_redis(self, self.start_redis())
+
+
+def serve_irc_on_redis(case, url):
+    """A server in this process on that Redis, with an IRC listener: (its IRC
+    port, its TCP port)."""
+    network = chat.RedisNetwork(chat.RedisAddress(url))
+    network.load()
+    irc = chat.Listener("127.0.0.1", 0, codec=chat.IRC_CODEC)
+    server = serve_in_thread(case, network=network, listeners=[irc], store=chat.RedisStore(
+        network, chat.SQLiteStore(":memory:")))
+    return irc.address[1], server.address[1]
 
 
 class IrcRedisTest(RedisCase):
     """IRC users on one server, others on another: away-notify and WHOIS."""
 
-    def test_away_notify_and_whois_of_a_user_of_another_server(self):
+    def irc_here_and_bob_there(self):
+        """(the IRC port of one server, bob registered on another) on one Redis."""
         url = self.start_redis()
-        irc = chat.Listener("127.0.0.1", 0, codec=chat.IRC_CODEC)
-        network = chat.RedisNetwork(chat.RedisAddress(url))
-        network.load()
-        serve_in_thread(self, network=network, listeners=[irc], store=chat.RedisStore(
-            network, chat.SQLiteStore(":memory:")))
-        bob = self.alice_on(self.serve_on_redis(url))  # (named alice by the helper)
+        irc_port, _ = serve_irc_on_redis(self, url)
+        return irc_port, self.alice_on(self.serve_on_redis(url))  # (named alice by the helper)
+
+    def test_away_notify_and_whois_of_a_user_of_another_server(self):
+        irc_port, bob = self.irc_here_and_bob_there()
         bob.send_line("/join #rust")
         bob.wait_for("*** alice joined #rust (1 here)")
-        ann = IrcPeer(irc.address[1])
+        ann = IrcPeer(irc_port)
         self.addCleanup(ann.close)
         for line in ("CAP REQ :away-notify", "NICK ann", "USER ann 0 * :ann", "CAP END",
                      "JOIN #rust"):
@@ -6636,51 +6642,35 @@ class IrcRedisTest(RedisCase):
         ann.wait_for_irc(r"^:alice!alice@chat\.py AWAY$")
 
     def test_an_irc_user_in_no_channel_is_known_to_the_other_servers(self):
-        url = self.start_redis()
-        irc = chat.Listener("127.0.0.1", 0, codec=chat.IRC_CODEC)
-        network = chat.RedisNetwork(chat.RedisAddress(url))
-        network.load()
-        serve_in_thread(self, network=network, listeners=[irc], store=chat.RedisStore(
-            network, chat.SQLiteStore(":memory:")))
-        bob = self.alice_on(self.serve_on_redis(url))  # (named alice by the helper)
-        ann = IrcPeer(irc.address[1])
+        irc_port, bob = self.irc_here_and_bob_there()
+        ann = IrcPeer(irc_port)
         self.addCleanup(ann.close)
         for line in ("NICK ann", "USER ann 0 * :ann"):
             ann.send_line(line)
         ann.wait_for_irc(r"^:chat\.py 001 ann ")
-        deadline = time.monotonic() + TIMEOUT
-        while True:  # (ann's arrival reaches the other server through Redis)
-            bob.send_line("/msg ann hello")
-            line = bob.read_line()
-            if line == "-> *ann* hello":
-                break
-            self.assertEqual(line, "!!! no such user: ann")
-            self.assertLess(time.monotonic(), deadline)
-            time.sleep(0.05)  # polling another server's copy, bounded
+
+        def until_answered(line, answer, meanwhile):
+            """Send line until answer comes, not meanwhile: what ann's server did
+            reaches bob's through Redis (polled, bounded)."""
+            deadline = time.monotonic() + TIMEOUT
+            while True:
+                bob.send_line(line)
+                got = bob.read_line()
+                if got == answer:
+                    return
+                self.assertEqual(got, meanwhile)
+                self.assertLess(time.monotonic(), deadline)
+                time.sleep(0.05)  # polling another server's copy, bounded
+        until_answered("/msg ann hello", "-> *ann* hello", "!!! no such user: ann")
         ann.wait_for_irc(r"^:alice!alice@chat\.py PRIVMSG ann :hello$")
         ann.send_line("NICK ann2")
         ann.wait_for_irc(r"^:ann!ann@chat\.py NICK :ann2$")
-        deadline = time.monotonic() + TIMEOUT
-        while True:  # (the rename reaches the other server through Redis)
-            bob.send_line("/msg ann2 again")
-            line = bob.read_line()
-            if line == "-> *ann2* again":
-                break
-            self.assertEqual(line, "!!! no such user: ann2")
-            self.assertLess(time.monotonic(), deadline)
-            time.sleep(0.05)  # polling another server's copy, bounded
+        until_answered("/msg ann2 again", "-> *ann2* again", "!!! no such user: ann2")
         ann.wait_for_irc(r"^:alice!alice@chat\.py PRIVMSG ann2 :again$")
         ann.send_line("QUIT :bye")
         ann.expect_closed()
-        deadline = time.monotonic() + TIMEOUT
-        while True:  # its nick is free on the other server again
-            bob.send_line("/nick ann2")
-            line = bob.read_line()
-            if line == "*** alice is now known as ann2":
-                break
-            self.assertEqual(line, "!!! nickname ann2 is taken")
-            self.assertLess(time.monotonic(), deadline)
-            time.sleep(0.05)  # polling another server's copy, bounded
+        until_answered("/nick ann2", "*** alice is now known as ann2",  # its nick: free again
+                       "!!! nickname ann2 is taken")
 
 
 class LostServerTest(RedisCase):
